@@ -1,0 +1,176 @@
+"""The public surface: `load(model_dir)` -> Model with `logits`, `generate` and text helpers."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infire_jax import mesh as mesh_lib
+from infire_jax.checkpoint import hf
+from infire_jax.config import ModelConfig, load_config
+from infire_jax.engine import generation
+from infire_jax.engine.programs import PlacedModel, Programs
+from infire_jax.engine.sampling import SamplingParams
+from infire_jax.models import FAMILIES
+from infire_jax.sharding import DEFAULT_RULES, Layout
+
+__all__ = ["load", "Model", "place_model"]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: str) -> Any:
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def stage_slots(num_layers: int, stages: int) -> tuple[int, ...]:
+    """Slot of each layer when `stages` pipeline stages get ceil(L/stages) slots each and layers
+    are spread as evenly as possible (stage sizes differ by at most one; padding slots sit at the
+    end of the short stages)."""
+    per = -(-num_layers // stages)
+    slots, layer = [], 0
+    for s in range(stages):
+        count = num_layers // stages + (s < num_layers % stages)
+        slots += [s * per + j for j in range(count)]
+        layer += count
+    return tuple(slots)
+
+
+def _flat_abstract(module: nnx.Module) -> tuple[Any, dict, dict]:
+    graphdef, state = nnx.split(module)
+    flat = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    return graphdef, state, flat
+
+
+def place_model(
+    model_dir: str | pathlib.Path,
+    layout: Layout,
+    *,
+    dtype: str = "float32",
+    compute_dtype: str = "float32",
+    cfg: ModelConfig | None = None,
+) -> PlacedModel:
+    """Build the model abstractly for `layout`, then read the checkpoint straight into sharded arrays."""
+    cfg = cfg or load_config(model_dir)
+    module_cls, tensor_map = FAMILIES[cfg.family]
+    slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
+    abstract = nnx.eval_shape(
+        lambda: module_cls(cfg, layer_slots=slots, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype))
+    )
+    graphdef, state, flat = _flat_abstract(abstract)
+    specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
+    shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
+    ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    arrays = hf.load_into(model_dir, specs, shardings, tensor_map(cfg, slots), ignore=ignore)
+    for p, var in flat.items():
+        var.set_value(arrays[p])
+    return PlacedModel(graphdef, state, layout)
+
+
+def _layout(mesh_spec: str, rules: Mapping[str, Any] | None) -> Layout:
+    return Layout(mesh_lib.make_mesh(mesh_spec), dict(rules or DEFAULT_RULES))
+
+
+class Model:
+    """A loaded model on one layout (colocated prefill and decode)."""
+
+    def __init__(self, placed: PlacedModel, model_dir: pathlib.Path | None = None, *, decode_steps: int = 8):
+        self.placed = placed
+        self.cfg: ModelConfig = placed.cfg
+        self.model_dir = model_dir
+        self.programs = Programs(placed, decode_steps=decode_steps)
+        self._tokenizer = None
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.max_position_embeddings
+
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Full-sequence logits, float32 (B, T, vocab), for int32 tokens (B, T) with no padding."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or tokens.shape[1] == 0:
+            raise generation.RequestError(f"tokens must be a non-empty (batch, length) array, got shape {tokens.shape}")
+        for row in tokens:
+            generation.validate_prompt(row, self.cfg.vocab_size, self.context_length, 0)
+        return self.programs.logits(tokens.astype(np.int32))
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        stop_token_ids: Sequence[int] = (),
+    ) -> list[list[int]]:
+        """New tokens for each prompt. Request i draws with seed `seed + i`; a row ends after
+        max_new_tokens or after emitting one of stop_token_ids (kept in the output)."""
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 1 or (prompts and isinstance(prompts[0], (int, np.integer))):
+            raise generation.RequestError("prompts must be a list of token-id lists (one per request), not one flat list")
+        params = [
+            SamplingParams(max_new_tokens, temperature, top_k, top_p, (seed + i) % 2**32, tuple(stop_token_ids))
+            for i in range(len(prompts))
+        ]
+        arrays = [
+            generation.validate_prompt(p, self.cfg.vocab_size, self.context_length, max_new_tokens) for p in prompts
+        ]
+        if not arrays:
+            return []
+        return generation.generate(self.programs, arrays, params)
+
+    # ---- text helpers ----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        """The `tokenizers.Tokenizer` of the checkpoint (tokenizer.json)."""
+        if self._tokenizer is None:
+            path = (self.model_dir or pathlib.Path(".")) / "tokenizer.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no tokenizer.json in {self.model_dir}; pass token ids instead of text")
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        bos = self.cfg.bos_token_id
+        return ([bos] if bos is not None else []) + ids
+
+    def generate_text(self, prompts: Sequence[str], *, max_new_tokens: int, **sampling: Any) -> list[str]:
+        """Text in, text out; stops at the model's EOS tokens unless stop_token_ids is given."""
+        sampling.setdefault("stop_token_ids", self.cfg.eos_token_ids)
+        outs = self.generate([self.encode(p) for p in prompts], max_new_tokens=max_new_tokens, **sampling)
+        stop = set(sampling["stop_token_ids"])
+        return [self.tokenizer.decode([t for t in o if t not in stop]) for o in outs]
+
+
+def load(
+    model_dir: str | pathlib.Path,
+    *,
+    mesh: str = "tp=1",
+    dtype: str = "float32",
+    compute_dtype: str = "float32",
+    rules: Mapping[str, Any] | None = None,
+    decode_steps: int = 8,
+) -> Model:
+    """Load an HF checkpoint directory onto a mesh ("tp=2", "pp=2,tp=2@0-3", ...).
+
+    dtype is the storage dtype of the weights, compute_dtype the dtype of activations; rules maps
+    logical axes to mesh axes (default: sharding.DEFAULT_RULES)."""
+    model_dir = pathlib.Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    _dtype(dtype), _dtype(compute_dtype)
+    layout = _layout(mesh, rules)
+    placed = place_model(model_dir, layout, dtype=dtype, compute_dtype=compute_dtype)
+    return Model(placed, model_dir, decode_steps=decode_steps)

@@ -1,0 +1,154 @@
+"""Hugging Face safetensors -> sharded parameters, one tensor (and one device shard) at a time.
+
+Each parameter is built with `jax.make_array_from_callback`: for every device shard the callback
+reads just the HF tensors that land in it from the memory-mapped files, so the whole model never
+sits in one host buffer. Before anything is read, the checkpoint's tensor names and shapes are
+checked against what the model expects, and every problem is reported in one error.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+from typing import Any, Callable, Iterable
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+__all__ = ["CheckpointError", "list_tensors", "load_into"]
+
+# Tensors some exporters write that carry no parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+    """Checkpoint files that do not match the model (missing, extra or mis-shaped tensors)."""
+
+
+def _files(model_dir: pathlib.Path) -> list[pathlib.Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors files in {model_dir}")
+    return files
+
+
+def list_tensors(model_dir: str | pathlib.Path) -> dict[str, tuple[pathlib.Path, tuple[int, ...], str]]:
+    """name -> (file, shape, dtype) from the safetensors headers (no tensor data is read)."""
+    out = {}
+    for path in _files(pathlib.Path(model_dir)):
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    out[name] = (path, tuple(sl.get_shape()), sl.get_dtype())
+        except Exception as e:  # safetensors raises its own error types for torn files
+            raise CheckpointError(f"cannot read {path}: {e}") from None
+    return out
+
+
+def check_tensors(
+    present: dict[str, tuple[pathlib.Path, tuple[int, ...], str]],
+    expected: dict[str, tuple[int, ...]],
+    ignore: Iterable[str] = (),
+) -> None:
+    """One error that lists every missing, unexpected and mis-shaped tensor."""
+    ignore = set(ignore)
+    missing = sorted(set(expected) - set(present))
+    extra = sorted(
+        n for n in set(present) - set(expected) if n not in ignore and not n.endswith(_IGNORED_SUFFIXES)
+    )
+    shapes = sorted(
+        f"{n}: checkpoint {present[n][1]}, model expects {expected[n]}"
+        for n in set(expected) & set(present)
+        if present[n][1] != tuple(expected[n])
+    )
+    if missing or extra or shapes:
+        parts = []
+        for title, items in (("missing tensors", missing), ("unexpected tensors", extra), ("wrong shapes", shapes)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                parts.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
+        raise CheckpointError("checkpoint does not match the model config:\n" + "\n".join(parts))
+
+
+class _Reader:
+    """Open safetensors handles, kept for the duration of one load."""
+
+    def __init__(self, present: dict[str, tuple[pathlib.Path, tuple[int, ...], str]]):
+        self._present = present
+        self._handles: dict[pathlib.Path, Any] = {}
+
+    def read(self, name: str, dtype: np.dtype) -> np.ndarray:
+        path = self._present[name][0]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="numpy").__enter__()
+        return _convert(self._handles[path].get_tensor(name), dtype)
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def _convert(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if a.dtype == dtype:
+        return a
+    if dtype == ml_dtypes.bfloat16 or a.dtype == ml_dtypes.bfloat16:
+        return a.astype(np.float32).astype(dtype)
+    return a.astype(dtype)
+
+
+def load_into(
+    model_dir: str | pathlib.Path,
+    abstract: dict[tuple[str, ...], jax.ShapeDtypeStruct],
+    shardings: dict[tuple[str, ...], jax.sharding.Sharding],
+    tensor_map: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]],
+    ignore: Iterable[str] = (),
+    on_tensor: Callable[[str], None] | None = None,
+) -> dict[tuple[str, ...], jax.Array]:
+    """Build every parameter in `abstract` (path -> shape/dtype) from the HF tensors of `tensor_map`.
+
+    tensor_map: HF name -> (parameter path, leading index into the parameter, HF shape). Parts of a
+    parameter no tensor maps to (pipeline padding slots) are zeros."""
+    present = list_tensors(model_dir)
+    check_tensors(present, {n: s for n, (_, _, s) in tensor_map.items()}, ignore)
+    sources: dict[tuple[str, ...], list[tuple[str, tuple[int, ...]]]] = collections.defaultdict(list)
+    for name, (path, index, _) in tensor_map.items():
+        if path not in abstract:
+            raise KeyError(f"tensor map names parameter {path} that the model does not have")
+        sources[path].append((name, index))
+    reader = _Reader(present)
+    out = {}
+    try:
+        for path, spec in abstract.items():
+            dtype = np.dtype(spec.dtype)
+
+            def shard(idx: tuple[slice, ...], path=path, spec=spec, dtype=dtype) -> np.ndarray:
+                idx = tuple(idx) + (slice(None),) * (len(spec.shape) - len(idx))
+                ranges = [range(*s.indices(n)) for s, n in zip(idx, spec.shape)]
+                buf = np.zeros([len(r) for r in ranges], dtype)
+                for name, lead in sources[path]:
+                    k = len(lead)
+                    if not all(i in r for i, r in zip(lead, ranges)):
+                        continue
+                    part = reader.read(name, dtype).reshape(spec.shape[k:])[idx[k:]]
+                    buf[tuple(r.index(i) for i, r in zip(lead, ranges))] = part
+                return buf
+
+            out[path] = jax.make_array_from_callback(spec.shape, shardings[path], shard)
+            if on_tensor:
+                on_tensor("/".join(path))
+    finally:
+        reader.close()
+    return out

@@ -1,0 +1,58 @@
+"""Grouped-query attention of new tokens over an optional KV cache plus themselves.
+
+One function serves prefill (no cache), decode (one new token over the cache) and chunked prefill
+(several new tokens over a cache): the new tokens sit at positions start[b] + t, cache entries at
+positions < start[b] are visible, and the new tokens see each other causally. The new keys/values are
+returned for the caller to store, so the cache is written once per step (in place) after all layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from infire_jax.sharding import constrain
+
+__all__ = ["gqa_attention"]
+
+_NEG = -1e30
+
+
+def gqa_attention(
+    q: jax.Array,  # (B, T, H, hd), already rotated and scaled
+    k_new: jax.Array,  # (B, T, KV, hd)
+    v_new: jax.Array,  # (B, T, KV, hd)
+    start: jax.Array,  # (B,) number of valid cache entries = position of the first new token
+    k_cache: jax.Array | None = None,  # (B, KV, S, hd)
+    v_cache: jax.Array | None = None,
+    *,
+    window: int | None = None,  # chunked-local attention: only keys in the same window of positions
+) -> jax.Array:
+    b, t, h, hd = q.shape
+    kv = k_new.shape[2]
+    qg = q.reshape(b, t, kv, h // kv, hd)
+    qg = constrain(qg, ("batch", "seq", "kv_heads", None, "head_dim"))
+    pos_new = start[:, None] + jnp.arange(t)[None, :]  # (B, T)
+
+    s_new = jnp.einsum("btkgd,bskd->bkgts", qg, k_new)
+    mask_new = jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :]  # (1, T, T) causal
+    if window is not None:
+        mask_new = mask_new & (pos_new[:, :, None] // window == pos_new[:, None, :] // window)
+    s_new = jnp.where(mask_new[:, None, None], s_new, _NEG)
+    scores = [s_new]
+    if k_cache is not None:
+        s_cache = jnp.einsum("btkgd,bksd->bkgts", qg, k_cache)
+        pos_cache = jnp.arange(k_cache.shape[2])
+        mask = pos_cache[None, None, :] < start[:, None, None]  # (B, 1, S)
+        if window is not None:
+            mask = mask & (pos_cache[None, None, :] // window == pos_new[:, :, None] // window)
+        s_cache = jnp.where(mask[:, None, None], s_cache, _NEG)
+        scores.insert(0, s_cache)
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    if k_cache is not None:
+        s = k_cache.shape[2]
+        out = jnp.einsum("bkgts,bksd->btkgd", probs[..., :s], v_cache)
+        out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., s:], v_new)
+    else:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v_new)
+    return out.reshape(b, t, h, hd)

@@ -1,0 +1,185 @@
+"""Dense Llama / Qwen2 / Qwen3 decoder in Flax NNX.
+
+Every parameter declares its logical axes; the layers are stacked on a leading "layers" axis of
+`num_slots` entries and run by one scan. Slots beyond the real layers (padding so pipeline stages
+are equal) are skipped by `lax.cond` and hold zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infire_jax.config import ModelConfig
+from infire_jax.models import layers
+from infire_jax.models.attention import gqa_attention
+from infire_jax.sharding import constrain
+
+__all__ = ["Llama", "hf_tensor_map"]
+
+
+def _param(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
+class Llama(nnx.Module):
+    """Decoder-only transformer with GQA, RMSNorm, SwiGLU and rotary embeddings."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        layer_slots: tuple[int, ...] | None = None,
+        param_dtype: Any = jnp.float32,
+        compute_dtype: Any = jnp.float32,
+    ):
+        self.cfg = cfg
+        self.layer_slots = tuple(layer_slots or range(cfg.num_layers))
+        num_slots = max(self.layer_slots) + 1
+        self.active = tuple(s in set(self.layer_slots) for s in range(num_slots))
+        self.compute_dtype = compute_dtype
+        v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
+        h, kv, hd, n = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, num_slots
+        p = lambda shape, axes: _param(shape, axes, param_dtype)  # noqa: E731
+
+        self.embed = p((v, d), ("vocab", "embed"))
+        self.final_norm = p((d,), ("norm",))
+        if not cfg.tie_word_embeddings:
+            self.lm_head = p((v, d), ("vocab", "embed"))
+        stack = dict(
+            attn_norm=p((n, d), ("layers", "norm")),
+            wq=p((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+            wk=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
+            wv=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
+            wo=p((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+            mlp_norm=p((n, d), ("layers", "norm")),
+            w_gate_up=p((n, 2, f, d), ("layers", "fused", "mlp", "embed")),
+            w_down=p((n, d, f), ("layers", "embed", "mlp")),
+        )
+        if cfg.qkv_bias:
+            stack |= dict(
+                bq=p((n, h, hd), ("layers", "heads", "head_dim")),
+                bk=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
+                bv=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
+            )
+        if cfg.o_bias:
+            stack["bo"] = p((n, d), ("layers", "norm"))
+        if cfg.qk_norm:
+            stack |= dict(q_norm=p((n, hd), ("layers", "head_dim")), k_norm=p((n, hd), ("layers", "head_dim")))
+        self.layers = nnx.Dict(stack)
+        inv_freq, self.rope_scale = layers.rope_inv_freq(hd, cfg.rope_theta, cfg.rope or None)
+        self.inv_freq = tuple(float(f) for f in inv_freq)  # static: a tuple, not array data
+
+    # KV cache layout: (layers, batch, kv_heads, seq, head_dim) for k and for v.
+    kv_logical_axes = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
+
+    def kv_shape(self, batch: int, seq: int) -> tuple[int, ...]:
+        c = self.cfg
+        return (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        x = jnp.take(layers.materialize(self.embed[...], self.compute_dtype), tokens, axis=0)
+        return constrain(x, ("batch", "seq", "embed"))
+
+    def _layer(self, w: dict[str, Any], x: jax.Array, start: jax.Array, cos, sin, k_cache, v_cache):
+        c = self.cfg
+        b, t, _ = x.shape
+        h = layers.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+        q = layers.dense(h, w["wq"], "btd,khd->btkh", w.get("bq"))
+        k = layers.dense(h, w["wk"], "btd,khd->btkh", w.get("bk"))
+        v = layers.dense(h, w["wv"], "btd,khd->btkh", w.get("bv"))
+        q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+        k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+        if c.qk_norm:
+            q = layers.rms_norm(q, w["q_norm"], c.rms_norm_eps)
+            k = layers.rms_norm(k, w["k_norm"], c.rms_norm_eps)
+        q = layers.apply_rope(q, cos, sin) * (c.head_dim**-0.5)
+        k = layers.apply_rope(k, cos, sin)
+        attn = gqa_attention(q, k, v, start, k_cache, v_cache)
+        attn = constrain(attn, ("batch", "seq", "heads", "head_dim"))
+        x = x + constrain(layers.dense(attn, w["wo"], "btkh,dkh->btd", w.get("bo")), ("batch", "seq", "embed"))
+        h = layers.rms_norm(x, w["mlp_norm"], c.rms_norm_eps)
+        x = x + constrain(layers.gated_mlp(h, w["w_gate_up"], w["w_down"]), ("batch", "seq", "embed"))
+        return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+
+    def __call__(
+        self,
+        tokens: jax.Array,  # (B, T) int32
+        start: jax.Array,  # (B,) position of tokens[:, 0] = valid entries in the cache
+        k_cache: jax.Array | None = None,  # (L, B, KV, S, hd)
+        v_cache: jax.Array | None = None,
+        run_layers: Callable | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Hidden states (B, T, D) after the final norm and the new K/V of every layer, (L, B, KV, T, hd)."""
+        x = self.embed_tokens(tokens)
+        positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
+        cos, sin = layers.rope_tables(positions, self.inv_freq, self.rope_scale, self.compute_dtype)
+        stacked = {name: var[...] for name, var in self.layers.items()}
+        b, t = tokens.shape
+        kv_zeros = jnp.zeros((b, self.cfg.num_kv_heads, t, self.cfg.head_dim), x.dtype)
+
+        def body(x, xs):
+            w, active, kc, vc = xs
+            return jax.lax.cond(
+                active,
+                lambda x: self._layer(w, x, start, cos, sin, kc, vc),
+                lambda x: (x, (kv_zeros, kv_zeros)),
+                x,
+            )
+
+        xs = (stacked, jnp.asarray(self.active), k_cache, v_cache)
+        x, (k_new, v_new) = (run_layers or jax.lax.scan)(body, x, xs)
+        return layers.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), k_new, v_new
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        head = self.embed if self.cfg.tie_word_embeddings else self.lm_head
+        out = layers.dense(hidden, head[...], "...d,vd->...v")
+        return constrain(out, ("batch", "seq", "vocab")[-out.ndim :])
+
+
+def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]]:
+    """HF tensor name -> (parameter path, index into that parameter, the tensor's HF shape).
+
+    The loader reshapes each HF tensor into the indexed part of the parameter (e.g. q_proj
+    (H*hd, D) -> wq[slot] (H, hd, D); gate_proj -> w_gate_up[slot, 0])."""
+    c = cfg
+    h, kv, hd, d, f, v = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size, c.vocab_size
+    out = {
+        "model.embed_tokens.weight": (("embed",), (), (v, d)),
+        "model.norm.weight": (("final_norm",), (), (d,)),
+    }
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = (("lm_head",), (), (v, d))
+    for i, s in enumerate(layer_slots):
+        pre = f"model.layers.{i}."
+        out |= {
+            pre + "input_layernorm.weight": (("layers", "attn_norm"), (s,), (d,)),
+            pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (s,), (d,)),
+            pre + "self_attn.q_proj.weight": (("layers", "wq"), (s,), (h * hd, d)),
+            pre + "self_attn.k_proj.weight": (("layers", "wk"), (s,), (kv * hd, d)),
+            pre + "self_attn.v_proj.weight": (("layers", "wv"), (s,), (kv * hd, d)),
+            pre + "self_attn.o_proj.weight": (("layers", "wo"), (s,), (d, h * hd)),
+            pre + "mlp.gate_proj.weight": (("layers", "w_gate_up"), (s, 0), (f, d)),
+            pre + "mlp.up_proj.weight": (("layers", "w_gate_up"), (s, 1), (f, d)),
+            pre + "mlp.down_proj.weight": (("layers", "w_down"), (s,), (d, f)),
+        }
+        if c.qkv_bias:
+            out |= {
+                pre + "self_attn.q_proj.bias": (("layers", "bq"), (s,), (h * hd,)),
+                pre + "self_attn.k_proj.bias": (("layers", "bk"), (s,), (kv * hd,)),
+                pre + "self_attn.v_proj.bias": (("layers", "bv"), (s,), (kv * hd,)),
+            }
+        if c.o_bias:
+            out[pre + "self_attn.o_proj.bias"] = (("layers", "bo"), (s,), (d,))
+        if c.qk_norm:
+            out |= {
+                pre + "self_attn.q_norm.weight": (("layers", "q_norm"), (s,), (hd,)),
+                pre + "self_attn.k_norm.weight": (("layers", "k_norm"), (s,), (hd,)),
+            }
+    return out

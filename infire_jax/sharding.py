@@ -1,0 +1,137 @@
+"""Logical axis names -> mesh axes: one rules table per deployment.
+
+Model code names only logical axes ("embed", "heads", "layers", ...). A deployment maps each to a
+mesh axis (or None = replicated). A logical dimension whose size the mesh axis does not divide is
+replicated instead (e.g. kv_heads=2 on tp=4: K/V projections are replicated and every tp peer
+computes all KV heads, which is cheaper than splitting a head across devices), and a mesh axis is
+used at most once per array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+__all__ = [
+    "DEFAULT_RULES",
+    "Layout",
+    "logical_spec",
+    "constrain",
+    "use_layout",
+    "current_layout",
+]
+
+MeshAxes = str | tuple[str, ...] | None
+
+# The Megatron layout: heads / MLP columns / vocab split on tp; layers split on pp; batch on dp.
+DEFAULT_RULES: dict[str, MeshAxes] = {
+    "batch": "dp",
+    "layers": "pp",
+    "vocab": "tp",
+    "embed": None,
+    "heads": "tp",
+    "kv_heads": "tp",
+    "head_dim": None,
+    "mlp": "tp",
+    "experts": "ep",
+    "expert_mlp": "tp",
+    "norm": None,
+    "seq": None,
+    "cache_seq": None,
+    "fused": None,
+    "latent": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """A mesh plus the rules table that places logical axes on it."""
+
+    mesh: jax.sharding.Mesh
+    rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+
+    def axis_size(self, logical: str) -> int:
+        """How many ways a logical axis is split (1 when replicated)."""
+        axes = self.rules.get(logical)
+        axes = (axes,) if isinstance(axes, str) else (axes or ())
+        size = 1
+        for a in axes:
+            size *= self.mesh.shape[a]
+        return size
+
+    def spec(self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> P:
+        return logical_spec(logical_axes, self.rules, self.mesh, shape)
+
+    def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(logical_axes, shape))
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+
+def logical_spec(
+    logical_axes: Sequence[str | None],
+    rules: Mapping[str, MeshAxes],
+    mesh: jax.sharding.Mesh,
+    shape: Sequence[int] | None = None,
+) -> P:
+    """PartitionSpec for an array whose dimensions carry these logical names."""
+    used: set[str] = set()
+    out: list[MeshAxes] = []
+    for i, name in enumerate(logical_axes):
+        if name is not None and name not in rules:
+            raise KeyError(f"logical axis {name!r} has no entry in the rules table {sorted(rules)}")
+        axes = rules.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if mesh.shape[a] > 1 and a not in used)
+        size = 1
+        for a in axes:
+            size *= mesh.shape[a]
+        if shape is not None and shape[i] % size:
+            axes = ()  # not divisible: replicate this dimension rather than split unevenly
+        used.update(axes)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+_LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("infire_layout", default=None)
+
+
+@contextlib.contextmanager
+def use_layout(layout: Layout | None) -> Iterator[Layout | None]:
+    """Make `layout` the one that `constrain` applies while tracing model code."""
+    token = _LAYOUT.set(layout)
+    try:
+        yield layout
+    finally:
+        _LAYOUT.reset(token)
+
+
+def current_layout() -> Layout | None:
+    return _LAYOUT.get()
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Sharding constraint by logical names; a no-op outside a layout (single device, tests)."""
+    layout = _LAYOUT.get()
+    if layout is None or layout.mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, layout.sharding(logical_axes, x.shape))
+
+
+def tree_shardings(tree: Any, axes_tree: Any, layout: Layout) -> Any:
+    """NamedShardings for a pytree of arrays/ShapeDtypeStructs given a matching tree of logical axes."""
+    return jax.tree.map(
+        lambda x, axes: layout.sharding(axes, x.shape),
+        tree,
+        axes_tree,
+        is_leaf=lambda a: isinstance(a, tuple) and all(isinstance(n, (str, type(None))) for n in a),
+    )
