@@ -31,17 +31,16 @@ def _dtype(name: str) -> Any:
     return _DTYPES[name]
 
 
-def stage_slots(num_layers: int, stages: int) -> tuple[int, ...]:
+def stage_slots(num_layers: int, stages: int) -> tuple[int, tuple[int, ...]]:
     """Slot of each layer when `stages` pipeline stages get ceil(L/stages) slots each and layers
     are spread as evenly as possible (stage sizes differ by at most one; padding slots sit at the
-    end of the short stages)."""
+    end of the short stages). Returns (number of slots, slot of each layer)."""
     per = -(-num_layers // stages)
-    slots, layer = [], 0
+    slots = []
     for s in range(stages):
         count = num_layers // stages + (s < num_layers % stages)
         slots += [s * per + j for j in range(count)]
-        layer += count
-    return tuple(slots)
+    return per * stages, tuple(slots)
 
 
 def _flat_abstract(module: nnx.Module) -> tuple[Any, dict, dict]:
@@ -61,9 +60,11 @@ def place_model(
     """Build the model abstractly for `layout`, then read the checkpoint straight into sharded arrays."""
     cfg = cfg or load_config(model_dir)
     module_cls, tensor_map = FAMILIES[cfg.family]
-    slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
+    num_slots, slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
     abstract = nnx.eval_shape(
-        lambda: module_cls(cfg, layer_slots=slots, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype))
+        lambda: module_cls(
+            cfg, layer_slots=slots, num_slots=num_slots, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype)
+        )
     )
     graphdef, state, flat = _flat_abstract(abstract)
     specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}

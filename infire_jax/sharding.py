@@ -32,6 +32,7 @@ MeshAxes = str | tuple[str, ...] | None
 DEFAULT_RULES: dict[str, MeshAxes] = {
     "batch": "dp",
     "layers": "pp",
+    "stages": "pp",  # per-stage state of the decode pipeline ring
     "vocab": "tp",
     "embed": None,
     "heads": "tp",

@@ -45,7 +45,7 @@ def generate(programs: Programs, prompts: Sequence[np.ndarray], params: Sequence
     """Generate for a static batch of validated prompts. A row stops at max_new_tokens or right after
     one of its stop tokens (which is included in its output, as in HF generate)."""
     n = len(prompts)
-    b = bucket(n)
+    b = programs.batch_bucket(n)
     lengths = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
     t = bucket(int(lengths.max()), 16)
     tokens = np.zeros((b, t), np.int32)
@@ -58,22 +58,27 @@ def generate(programs: Programs, prompts: Sequence[np.ndarray], params: Sequence
         programs.put(tokens, ("batch", "seq")), programs.put(lengths, ("batch",)), sp,
     )
     max_new = max(p.max_new_tokens for p in params)
-    steps = programs.decode_steps
-    s = bucket(max(t, int(lengths.max()) + _round_up(max_new, steps)))
+    pp, steps = programs.stages, programs.decode_steps
+    s = bucket(max(t, int(lengths.max()) + _round_up(max_new, steps) + 1))
     k, v = programs.extend_cache_fn(b, t, s)(k, v)
     outputs: list[list[int]] = [[int(x)] for x in np.asarray(first)[:n]]
     done = [_finished(o, p) for o, p in zip(outputs, params)]
-    tok, ln = first, programs.put(lengths, ("batch",))
+    ring = programs.init_ring(first, lengths)
+    ticks, tick0, mb = steps * pp, 0, b // pp
     while not all(done):
-        fn = programs.decode_fn(b, s, steps)
-        toks, k, v, tok, ln = programs._timed(("decode", b, s, steps), fn, state, k, v, tok, ln, sp)
-        toks = np.asarray(toks)
-        for i in range(n):
-            for x in toks[i]:
-                if done[i]:
-                    break
-                outputs[i].append(int(x))
-                done[i] = _finished(outputs[i], params[i])
+        fn = programs.decode_fn(b, s, ticks)
+        emitted, k, v, ring = programs._timed(("decode", b, s, ticks), fn, state, k, v, ring, sp, np.int32(tick0))
+        emitted = np.asarray(emitted)
+        for j in range(ticks):
+            i = tick0 + j
+            if i < pp - 1:
+                continue  # the pipeline is still filling: the last stage has nothing yet
+            r0 = ((i - pp + 1) % pp) * mb
+            for row in range(r0, min(r0 + mb, n)):
+                if not done[row]:
+                    outputs[row].append(int(emitted[j, row - r0]))
+                    done[row] = _finished(outputs[row], params[row])
+        tick0 += ticks
     return outputs
 
 

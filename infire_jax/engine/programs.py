@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infire_jax.engine import pipeline
 from infire_jax.engine.sampling import sample
 from infire_jax.sharding import Layout, use_layout
 
@@ -97,15 +98,27 @@ class Programs:
         return len(self._cache)
 
     # ---- programs --------------------------------------------------------------------------
+    @property
+    def stages(self) -> int:
+        return self.layout.mesh.shape["pp"]
+
+    def batch_bucket(self, n: int) -> int:
+        """Padded batch size: a power of two, and a multiple of the pipeline depth."""
+        return -(-bucket(n) // self.stages) * self.stages
+
+    def _run_prefill(self, state, tokens):
+        return pipeline.prefill(
+            self.placed.graphdef, state, self.layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32), self.stages
+        )
+
     def forward_fn(self, b: int, t: int):
         """(state, tokens (b, t)) -> logits (b, t, vocab): the whole sequence, no cache."""
         graphdef, layout = self.placed.graphdef, self.layout
 
         def forward(state, tokens):
+            h, _, _ = self._run_prefill(state, tokens)
             with use_layout(layout):
-                model = nnx.merge(graphdef, state)
-                h, _, _ = model(tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
-                return model.logits(h).astype(jnp.float32)
+                return nnx.merge(graphdef, state).logits(h).astype(jnp.float32)
 
         vocab = self.placed.cfg.vocab_size
         return self._compiled(
@@ -123,11 +136,10 @@ class Programs:
         graphdef, layout = self.placed.graphdef, self.layout
 
         def prefill(state, tokens, lengths, sp):
+            h, k, v = self._run_prefill(state, tokens)
             with use_layout(layout):
-                model = nnx.merge(graphdef, state)
-                h, k, v = model(tokens, jnp.zeros((tokens.shape[0],), jnp.int32))
                 last = h[jnp.arange(tokens.shape[0]), lengths - 1]
-                logits = model.logits(last).astype(jnp.float32)
+                logits = nnx.merge(graphdef, state).logits(last).astype(jnp.float32)
                 return sample(logits, lengths, sp), logits, k, v
 
         vocab = self.placed.cfg.vocab_size
@@ -154,51 +166,46 @@ class Programs:
             ("extend", b, t, s), lambda: jax.jit(extend, in_shardings=(src, src), out_shardings=(dst, dst))
         )
 
-    def decode_fn(self, b: int, s: int, steps: int, with_logits: bool = False):
-        """(state, k, v (L, b, KV, s, hd), tokens (b,), lengths (b,), sampling) ->
-        (tokens (b, steps), k, v, last tokens, lengths[, logits (steps, b, vocab)]).
+    def ring_shardings(self, b: int) -> dict[str, Any]:
+        pp, d = self.stages, self.placed.cfg.hidden_size
+        return dict(
+            recv=self._sh(("stages", None, None, "embed"), (pp, b // pp, 1, d)),
+            tokens=self._sh(("stages", None), (pp, b)),
+            lengths=self._sh(("stages", None), (pp, b)),
+        )
 
-        Each step feeds tokens at position `lengths`, writes their K/V there and samples the next."""
+    def init_ring(self, first: jax.Array, lengths: np.ndarray) -> dict[str, jax.Array]:
+        b = lengths.shape[0]
+        ring = pipeline.init_ring(
+            b, self.stages, self.placed.cfg.hidden_size, np.asarray(first), lengths, self.placed.module.compute_dtype
+        )
+        return jax.device_put(ring, self.ring_shardings(b))
+
+    def decode_fn(self, b: int, s: int, ticks: int):
+        """(state, k, v (L, b, KV, s, hd), ring, sampling, tick0) -> (tokens (ticks, b / pp), k, v, ring).
+
+        Each tick runs one decode step of one in-flight microbatch on every stage (see pipeline.py)."""
         graphdef, layout = self.placed.graphdef, self.layout
 
-        def decode(state, k_cache, v_cache, tokens, lengths, sp):
-            with use_layout(layout):
-                model = nnx.merge(graphdef, state)
-                rows = jnp.arange(tokens.shape[0])
-
-                def step(carry, _):
-                    kc, vc, tok, ln = carry
-                    h, kn, vn = model(tok[:, None], ln, kc, vc)
-                    kc = kc.at[:, rows, :, ln, :].set(kn[:, :, :, 0].transpose(1, 0, 2, 3))
-                    vc = vc.at[:, rows, :, ln, :].set(vn[:, :, :, 0].transpose(1, 0, 2, 3))
-                    logits = model.logits(h[:, 0]).astype(jnp.float32)
-                    nxt = sample(logits, ln + 1, sp)
-                    return (kc, vc, nxt, ln + 1), ((nxt, logits) if with_logits else nxt)
-
-                (kc, vc, tok, ln), ys = jax.lax.scan(step, (k_cache, v_cache, tokens, lengths), None, length=steps)
-                toks = ys[0] if with_logits else ys
-                out = (toks.T, kc, vc, tok, ln)
-                return out + (ys[1],) if with_logits else out
+        def decode(state, k_cache, v_cache, ring, sp, tick0):
+            return pipeline.decode(graphdef, state, layout, k_cache, v_cache, ring, sp, tick0, ticks)
 
         kv = self.kv_sharding(b, s)
-        row = self._sh(("batch",), (b,))
-        outs = (self._sh(("batch", None), (b, steps)), kv, kv, row, row)
-        if with_logits:
-            outs += (self._sh((None, "batch", "vocab"), (steps, b, self.placed.cfg.vocab_size)),)
+        ring = self.ring_shardings(b)
         return self._compiled(
-            ("decode", b, s, steps, with_logits),
+            ("decode", b, s, ticks),
             lambda: jax.jit(
                 decode,
-                in_shardings=(self._state_shardings, kv, kv, row, row, self._sampling_shardings(b)),
-                out_shardings=outs,
-                donate_argnums=(1, 2),
+                in_shardings=(self._state_shardings, kv, kv, ring, self._sampling_shardings(b), self.layout.replicated),
+                out_shardings=(self.layout.replicated, kv, kv, ring),
+                donate_argnums=(1, 2, 3),
             ),
         )
 
     # ---- host-side drivers -----------------------------------------------------------------
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         b, t = tokens.shape
-        bb, tb = bucket(b), bucket(t, 16)
+        bb, tb = self.batch_bucket(b), bucket(t, 16)
         padded = np.zeros((bb, tb), np.int32)
         padded[:b, :t] = tokens
         fn = self.forward_fn(bb, tb)

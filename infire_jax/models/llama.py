@@ -7,7 +7,7 @@ are equal) are skipped by `lax.cond` and hold zeros.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,12 +35,13 @@ class Llama(nnx.Module):
         cfg: ModelConfig,
         *,
         layer_slots: tuple[int, ...] | None = None,
+        num_slots: int | None = None,
         param_dtype: Any = jnp.float32,
         compute_dtype: Any = jnp.float32,
     ):
         self.cfg = cfg
         self.layer_slots = tuple(layer_slots or range(cfg.num_layers))
-        num_slots = max(self.layer_slots) + 1
+        num_slots = num_slots or max(self.layer_slots) + 1
         self.active = tuple(s in set(self.layer_slots) for s in range(num_slots))
         self.compute_dtype = compute_dtype
         v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
@@ -108,34 +109,52 @@ class Llama(nnx.Module):
         x = x + constrain(layers.gated_mlp(h, w["w_gate_up"], w["w_down"]), ("batch", "seq", "embed"))
         return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
 
+    def context(self, start: jax.Array, t: int) -> dict[str, jax.Array]:
+        """Per-row inputs every layer needs (batch-major, so a pipeline can cut microbatches)."""
+        positions = start[:, None] + jnp.arange(t)[None, :]
+        cos, sin = layers.rope_tables(positions, self.inv_freq, self.rope_scale, self.compute_dtype)
+        return dict(start=start, cos=cos, sin=sin)
+
+    def stack(
+        self,
+        x: jax.Array,
+        ctx: dict[str, jax.Array],
+        k_cache: jax.Array | None = None,
+        v_cache: jax.Array | None = None,
+        active: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x."""
+        b, t, _ = x.shape
+        kv_zeros = jnp.zeros((b, self.cfg.num_kv_heads, t, self.cfg.head_dim), x.dtype)
+
+        def body(x, xs):
+            w, on, kc, vc = xs
+            return jax.lax.cond(
+                on,
+                lambda x: self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc),
+                lambda x: (x, (kv_zeros, kv_zeros)),
+                x,
+            )
+
+        stacked = {name: var[...] for name, var in self.layers.items()}
+        active = jnp.asarray(self.active) if active is None else active
+        x, (k_new, v_new) = jax.lax.scan(body, x, (stacked, active, k_cache, v_cache))
+        return x, k_new, v_new
+
+    def norm(self, x: jax.Array) -> jax.Array:
+        return layers.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+
     def __call__(
         self,
         tokens: jax.Array,  # (B, T) int32
         start: jax.Array,  # (B,) position of tokens[:, 0] = valid entries in the cache
         k_cache: jax.Array | None = None,  # (L, B, KV, S, hd)
         v_cache: jax.Array | None = None,
-        run_layers: Callable | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Hidden states (B, T, D) after the final norm and the new K/V of every layer, (L, B, KV, T, hd)."""
         x = self.embed_tokens(tokens)
-        positions = start[:, None] + jnp.arange(tokens.shape[1])[None, :]
-        cos, sin = layers.rope_tables(positions, self.inv_freq, self.rope_scale, self.compute_dtype)
-        stacked = {name: var[...] for name, var in self.layers.items()}
-        b, t = tokens.shape
-        kv_zeros = jnp.zeros((b, self.cfg.num_kv_heads, t, self.cfg.head_dim), x.dtype)
-
-        def body(x, xs):
-            w, active, kc, vc = xs
-            return jax.lax.cond(
-                active,
-                lambda x: self._layer(w, x, start, cos, sin, kc, vc),
-                lambda x: (x, (kv_zeros, kv_zeros)),
-                x,
-            )
-
-        xs = (stacked, jnp.asarray(self.active), k_cache, v_cache)
-        x, (k_new, v_new) = (run_layers or jax.lax.scan)(body, x, xs)
-        return layers.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps), k_new, v_new
+        x, k_new, v_new = self.stack(x, self.context(start, tokens.shape[1]), k_cache, v_cache)
+        return self.norm(x), k_new, v_new
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         head = self.embed if self.cfg.tie_word_embeddings else self.lm_head
