@@ -84,7 +84,8 @@ def prefill(
             s = _stage_index(pp)
             x_all = model.embed_tokens(tokens)
             ctx_all = model.context(start, t)
-            kv_shape = (active.shape[0], b, model.cfg.num_kv_heads, t, model.cfg.head_dim)
+            k_shape, v_shape = model.kv_shapes(b, t)
+            k_shape, v_shape = (active.shape[0],) + k_shape[1:], (active.shape[0],) + v_shape[1:]
 
             def tick(carry, i):
                 recv, kbuf, vbuf, out = carry
@@ -103,8 +104,8 @@ def prefill(
 
             init = (
                 jnp.zeros((mb, t, x_all.shape[-1]), x_all.dtype),
-                jnp.zeros(kv_shape, x_all.dtype),
-                jnp.zeros(kv_shape, x_all.dtype),
+                jnp.zeros(k_shape, x_all.dtype),
+                jnp.zeros(v_shape, x_all.dtype),
                 jnp.zeros(x_all.shape, x_all.dtype),
             )
             (_, kbuf, vbuf, out), _ = jax.lax.scan(tick, init, jnp.arange(m_count + pp - 1))

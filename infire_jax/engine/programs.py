@@ -65,9 +65,9 @@ class Programs:
     def _sh(self, axes: tuple, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
         return self.layout.sharding(axes, shape)
 
-    def kv_sharding(self, batch: int, seq: int) -> jax.sharding.NamedSharding:
+    def kv_shardings(self, batch: int, seq: int) -> tuple[jax.sharding.NamedSharding, jax.sharding.NamedSharding]:
         m = self.placed.module
-        return self._sh(m.kv_logical_axes, m.kv_shape(batch, seq))
+        return tuple(self._sh(m.kv_logical_axes, shape) for shape in m.kv_shapes(batch, seq))
 
     def _sampling_shardings(self, b: int) -> dict[str, Any]:
         return {k: self._sh(("batch",), (b,)) for k in SAMPLING_KEYS}
@@ -143,27 +143,27 @@ class Programs:
                 return sample(logits, lengths, sp), logits, k, v
 
         vocab = self.placed.cfg.vocab_size
-        kv = self.kv_sharding(b, t)
+        k_sh, v_sh = self.kv_shardings(b, t)
         row = self._sh(("batch",), (b,))
         return self._compiled(
             ("prefill", b, t),
             lambda: jax.jit(
                 prefill,
                 in_shardings=(self._state_shardings, self._sh(("batch", "seq"), (b, t)), row, self._sampling_shardings(b)),
-                out_shardings=(row, self._sh(("batch", "vocab"), (b, vocab)), kv, kv),
+                out_shardings=(row, self._sh(("batch", "vocab"), (b, vocab)), k_sh, v_sh),
             ),
         )
 
     def extend_cache_fn(self, b: int, t: int, s: int):
         """Pad prefill K/V (L, b, KV, t, hd) to a decode cache of s positions."""
-        src, dst = self.kv_sharding(b, t), self.kv_sharding(b, s)
+        src, dst = self.kv_shardings(b, t), self.kv_shardings(b, s)
 
         def extend(k, v):
             pad = [(0, 0)] * 3 + [(0, s - t), (0, 0)]
             return jnp.pad(k, pad), jnp.pad(v, pad)
 
         return self._compiled(
-            ("extend", b, t, s), lambda: jax.jit(extend, in_shardings=(src, src), out_shardings=(dst, dst))
+            ("extend", b, t, s), lambda: jax.jit(extend, in_shardings=src, out_shardings=dst)
         )
 
     def ring_shardings(self, b: int) -> dict[str, Any]:
@@ -190,14 +190,14 @@ class Programs:
         def decode(state, k_cache, v_cache, ring, sp, tick0):
             return pipeline.decode(graphdef, state, layout, k_cache, v_cache, ring, sp, tick0, ticks)
 
-        kv = self.kv_sharding(b, s)
+        k_sh, v_sh = self.kv_shardings(b, s)
         ring = self.ring_shardings(b)
         return self._compiled(
             ("decode", b, s, ticks),
             lambda: jax.jit(
                 decode,
-                in_shardings=(self._state_shardings, kv, kv, ring, self._sampling_shardings(b), self.layout.replicated),
-                out_shardings=(self.layout.replicated, kv, kv, ring),
+                in_shardings=(self._state_shardings, k_sh, v_sh, ring, self._sampling_shardings(b), self.layout.replicated),
+                out_shardings=(self.layout.replicated, k_sh, v_sh, ring),
                 donate_argnums=(1, 2, 3),
             ),
         )

@@ -76,12 +76,14 @@ class Llama(nnx.Module):
         inv_freq, self.rope_scale = layers.rope_inv_freq(hd, cfg.rope_theta, cfg.rope or None)
         self.inv_freq = tuple(float(f) for f in inv_freq)  # static: a tuple, not array data
 
-    # KV cache layout: (layers, batch, kv_heads, seq, head_dim) for k and for v.
+    # KV cache layout: (layers, batch, kv_heads, seq, head_dim) for k and for v. Every family
+    # caches a pair of arrays with these logical axes (MLA: the latent and the rope key).
     kv_logical_axes = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
-    def kv_shape(self, batch: int, seq: int) -> tuple[int, ...]:
+    def kv_shapes(self, batch: int, seq: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         c = self.cfg
-        return (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
+        shape = (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
+        return shape, shape
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(layers.materialize(self.embed[...], self.compute_dtype), tokens, axis=0)
