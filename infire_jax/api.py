@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from infire_jax import mesh as mesh_lib
-from infire_jax.checkpoint import hf
+from infire_jax.checkpoint import hf, store
 from infire_jax.config import ModelConfig, load_config
 from infire_jax.engine import generation
 from infire_jax.engine.programs import PlacedModel, Programs
@@ -57,7 +57,8 @@ def place_model(
     compute_dtype: str = "float32",
     cfg: ModelConfig | None = None,
 ) -> PlacedModel:
-    """Build the model abstractly for `layout`, then read the checkpoint straight into sharded arrays."""
+    """Build the model abstractly for `layout`, then read the checkpoint (HF safetensors, or a
+    directory written by Model.save) straight into sharded arrays."""
     cfg = cfg or load_config(model_dir)
     module_cls, tensor_map = FAMILIES[cfg.family]
     num_slots, slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
@@ -67,6 +68,9 @@ def place_model(
         )
     )
     graphdef, state, flat = _flat_abstract(abstract)
+    if store.is_saved_model(model_dir):
+        store.restore(model_dir, state, layout, slots)
+        return PlacedModel(graphdef, state, layout)
     specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
     shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
     ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
@@ -128,6 +132,10 @@ class Model:
         if not arrays:
             return []
         return generation.generate(self.programs, arrays, params)
+
+    def save(self, path: str | pathlib.Path) -> pathlib.Path:
+        """Save the loaded parameters with orbax (restorable by `load(path)` on any mesh)."""
+        return store.save(self.placed, path, self.model_dir)
 
     # ---- text helpers ----------------------------------------------------------------------
     @property

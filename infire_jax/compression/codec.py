@@ -14,9 +14,8 @@ Formats (``Compressed.kind``):
 ``palette12`` runtime format, fixed 12 bits per weight: a 4-bit index into a palette of the 16 most
               common exponents (stored in ascending order), packed two per byte along the last axis
               (so leading axes can be sharded/sliced untouched; layout in pack_nibbles), plus the
-              sign+mantissa byte. Positions whose exponent is not
-              in the palette are listed as sparse escapes (flat index + full uint16 pattern); their
-              packed index is 0.
+              sign+mantissa byte. Positions whose exponent is not in the palette are listed as
+              sparse escapes (ascending flat index + full uint16 pattern); their packed index is 0.
 ``raw``       the uint16 bit patterns, used when compression would not pay (e.g. random bits).
 """
 
@@ -140,10 +139,24 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
+def _code_table(lengths: np.ndarray) -> np.ndarray:
+    """(symbol, length) rows of the used symbols: ~2 bytes per exponent instead of a 256-byte table."""
+    used = np.flatnonzero(lengths)
+    return np.stack([used, lengths[used]], axis=1).astype(np.uint8)
+
+
+def _code_lengths(table: np.ndarray) -> np.ndarray:
+    if len(np.unique(table[:, 0])) != len(table):
+        raise ValueError("invalid huffman table: a symbol is listed twice")
+    lengths = np.zeros(256, np.uint8)
+    lengths[table[:, 0]] = table[:, 1]
+    return lengths
+
+
 def _check_kraft(lengths: np.ndarray) -> None:
     used = lengths[lengths > 0].astype(np.int64)
-    if used.size and (used.max() > 24 or sum(1 << (24 - int(l)) for l in used) > 1 << 24):
-        raise ValueError("invalid huffman table: code lengths exceed 24 bits or overfill the code space")
+    if used.size == 0 or used.max() > 24 or sum(1 << (24 - int(l)) for l in used) > 1 << 24:
+        raise ValueError("invalid huffman table: empty, code lengths over 24 bits, or overfull code space")
 
 
 def _encode_huffman(exp: np.ndarray, sm: np.ndarray, chunk_symbols: int) -> Compressed:
@@ -179,18 +192,18 @@ def _encode_huffman(exp: np.ndarray, sm: np.ndarray, chunk_symbols: int) -> Comp
     return Compressed(
         "huffman",
         exp.shape,
-        {"code_lengths": lengths, "chunk_offsets": offsets, "stream": stream, "sign_mant": sm},
+        {"code_table": _code_table(lengths), "chunk_offsets": offsets, "stream": stream, "sign_mant": sm},
         {"chunk_symbols": chunk_symbols},
     )
 
 
 def _decode_huffman_exp(c: Compressed) -> np.ndarray:
-    lengths, stream = c.arrays["code_lengths"], c.arrays["stream"]
+    lengths, stream = _code_lengths(c.arrays["code_table"]), c.arrays["stream"]
     offsets = c.arrays["chunk_offsets"].astype(np.int64)
     cs, n = c.meta["chunk_symbols"], c.size
-    _check_kraft(lengths)
     if n == 0:
         return np.zeros(c.shape, np.uint8)
+    _check_kraft(lengths)
     L = int(lengths.max())
     codes = canonical_codes(lengths)
     # Table indexed by the next L stream bits -> (symbol, code length). Unassigned slots (if the
@@ -329,12 +342,11 @@ def encode(
 
 
 def _encode_parts(exp, sm, bits, kind, allow_raw, chunk_symbols=DEFAULT_CHUNK_SYMBOLS) -> Compressed:
-    raw = lambda: Compressed("raw", exp.shape, {"bits": bits if bits is not None else join_bits(exp, sm)})
-    if exp.size == 0:
-        return raw()
-    c = _encode_huffman(exp, sm, chunk_symbols) if kind == "huffman" else _encode_palette12(exp, sm)
-    if allow_raw and c.nbytes >= 2 * exp.size:
-        return raw()
+    c = None
+    if exp.size:
+        c = _encode_huffman(exp, sm, chunk_symbols) if kind == "huffman" else _encode_palette12(exp, sm)
+    if c is None or (allow_raw and c.nbytes >= 2 * exp.size):
+        return Compressed("raw", exp.shape, {"bits": bits if bits is not None else join_bits(exp, sm)})
     return c
 
 
@@ -376,7 +388,7 @@ def transcode_to_palette12(c: Compressed, *, allow_raw: bool = True) -> Compress
 
 _U1, _U2, _U4, _U8 = (np.dtype(t) for t in (np.uint8, np.uint16, np.uint32, np.uint64))
 _SCHEMA = {  # kind -> {array name: allowed dtypes}
-    "huffman": {"code_lengths": (_U1,), "chunk_offsets": (_U4, _U8), "stream": (_U1,), "sign_mant": (_U1,)},
+    "huffman": {"code_table": (_U1,), "chunk_offsets": (_U4, _U8), "stream": (_U1,), "sign_mant": (_U1,)},
     "palette12": {"palette": (_U1,), "packed_idx": (_U1,), "sign_mant": (_U1,),
                   "escape_idx": (_U4, _U8), "escape_val": (_U2,)},
     "raw": {"bits": (_U2,)},
@@ -404,7 +416,8 @@ def validate(c: Compressed) -> None:
         cs = c.meta.get("chunk_symbols", 0)
         if cs < 1:
             raise ValueError("huffman payload lacks a positive chunk_symbols parameter")
-        expect["code_lengths"] = (256,)
+        if a["code_table"].ndim != 2 or a["code_table"].shape[1] != 2 or len(a["code_table"]) > 256:
+            raise ValueError(f"huffman code_table must be (k <= 256, 2), got {a['code_table'].shape}")
         expect["chunk_offsets"] = (-(-n // cs),)
     if c.kind == "palette12":
         packed = (1,) if not c.shape else c.shape[:-1] + ((c.shape[-1] + 1) // 2,)
@@ -413,8 +426,9 @@ def validate(c: Compressed) -> None:
             raise ValueError(f"palette must be 1-d with at most {PALETTE_SIZE} entries, got {a['palette'].shape}")
         if a["escape_idx"].shape != a["escape_val"].shape or a["escape_idx"].ndim != 1:
             raise ValueError("escape_idx and escape_val must be 1-d arrays of equal length")
-        if a["escape_idx"].size and int(a["escape_idx"].max()) >= n:
-            raise ValueError("escape index out of range for the tensor size")
+        e = a["escape_idx"]
+        if e.size and (int(e[-1]) >= n or np.any(e[1:] <= e[:-1])):
+            raise ValueError("escape indices must be strictly increasing and within the tensor size")
     for name, shape in expect.items():
         if tuple(a[name].shape) != tuple(shape):
             raise ValueError(f"{c.kind} array {name!r} has shape {a[name].shape}, expected {tuple(shape)}")

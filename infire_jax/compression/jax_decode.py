@@ -9,19 +9,15 @@ which is exactly bf16 -> f32 for every pattern, NaN payloads and subnormals incl
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from infire_jax.compression.codec import (
-    NIBBLE_BLOCK,
-    PALETTE_SIZE,
-    Compressed,
-    palette_is_range,
-    transcode_to_palette12,
-)
+from infire_jax.compression import codec
+from infire_jax.compression.codec import NIBBLE_BLOCK, PALETTE_SIZE, Compressed
 
 
 def unpack_nibbles(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -56,7 +52,7 @@ def decode_palette12_f32(
                 >= size (padding) are dropped. escape_val: uint16 (E,) full bf16 patterns.
     shape:      optional check of the logical shape; it is otherwise taken from ``sign_mant``.
     palette_is_range: static promise that palette[i] == palette[0] + i (see codec.palette_is_range);
-                replaces the 16-entry gather by an add, which XLA vectorises (~2x faster on CPU).
+                replaces the 16-entry gather by an add, which XLA vectorises (~1.5x faster on CPU).
     """
     if shape is not None and tuple(shape) != tuple(sign_mant.shape):
         raise ValueError(f"shape {tuple(shape)} does not match sign_mant shape {tuple(sign_mant.shape)}")
@@ -88,7 +84,8 @@ class Palette12Weight:
     escapes are (L, E) with indices relative to the slice, padded to a common E with the index
     ``slice size`` (dropped by the scatter). ``lax.scan`` over the weight thus hands each step an
     ordinary single-slice weight. The logical shape is read from ``sign_mant`` rather than stored
-    as static metadata, so it stays right for slices (scan) and local shards alike.
+    as static metadata, so it stays right for slices (scan) and local shards alike. The only static
+    field, ``palette_is_range``, selects the gather-free decode path.
     """
 
     packed_idx: jax.Array
@@ -96,6 +93,7 @@ class Palette12Weight:
     palette: jax.Array
     escape_idx: jax.Array
     escape_val: jax.Array
+    palette_is_range: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -107,7 +105,7 @@ class Palette12Weight:
 
     def decode_f32(self) -> jax.Array:
         """float32 weight; vmaps over leading stacked axes if the palette has them."""
-        fn = decode_palette12_f32
+        fn = functools.partial(decode_palette12_f32, palette_is_range=self.palette_is_range)
         for _ in range(self.palette.ndim - 1):
             fn = jax.vmap(fn)
         return fn(self.packed_idx, self.sign_mant, self.palette, self.escape_idx, self.escape_val)
@@ -120,7 +118,7 @@ def palette12_from_numpy(c: Compressed, stacked_axis0: bool = False) -> Palette1
     and the palette/escapes are laid out per slice so the weight can be scanned over axis 0.
     """
     if c.kind != "palette12":
-        c = transcode_to_palette12(c, allow_raw=False)
+        c = codec.transcode_to_palette12(c, allow_raw=False)
     a = c.arrays
     palette = np.zeros(PALETTE_SIZE, np.uint8)
     palette[: a["palette"].size] = a["palette"]
@@ -144,4 +142,5 @@ def palette12_from_numpy(c: Compressed, stacked_axis0: bool = False) -> Palette1
         idx[layer, rank] = esc_idx - layer * per
         val[layer, rank] = esc_val
         leaves = (np.broadcast_to(palette, (n_slices, PALETTE_SIZE)), idx, val)
-    return Palette12Weight(jnp.asarray(a["packed_idx"]), jnp.asarray(a["sign_mant"]), *map(jnp.asarray, leaves))
+    arrays = (a["packed_idx"], a["sign_mant"], *leaves)
+    return Palette12Weight(*map(jnp.asarray, arrays), palette_is_range=codec.palette_is_range(a["palette"]))

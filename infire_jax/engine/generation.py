@@ -41,9 +41,12 @@ def _round_up(n: int, k: int) -> int:
     return -(-n // k) * k
 
 
-def generate(programs: Programs, prompts: Sequence[np.ndarray], params: Sequence[SamplingParams]) -> list[list[int]]:
+def generate(
+    programs: Programs, prompts: Sequence[np.ndarray], params: Sequence[SamplingParams], with_logits: bool = False
+) -> list[list[int]] | tuple[list[list[int]], list[list[np.ndarray]]]:
     """Generate for a static batch of validated prompts. A row stops at max_new_tokens or right after
-    one of its stop tokens (which is included in its output, as in HF generate)."""
+    one of its stop tokens (which is included in its output, as in HF generate). with_logits also
+    returns the logits each token was drawn from (for tests and analysis)."""
     n = len(prompts)
     b = programs.batch_bucket(n)
     lengths = np.array([len(p) for p in prompts] + [1] * (b - n), np.int32)
@@ -53,7 +56,7 @@ def generate(programs: Programs, prompts: Sequence[np.ndarray], params: Sequence
         tokens[i, : len(p)] = p
     sp = programs.put_sampling(pack_params(params, b))
     state = programs.placed.state
-    first, _, k, v = programs._timed(
+    first, first_logits, k, v = programs._timed(
         ("prefill", b, t), programs.prefill_fn(b, t), state,
         programs.put(tokens, ("batch", "seq")), programs.put(lengths, ("batch",)), sp,
     )
@@ -62,12 +65,17 @@ def generate(programs: Programs, prompts: Sequence[np.ndarray], params: Sequence
     s = bucket(max(t, int(lengths.max()) + _round_up(max_new, steps) + 1))
     k, v = programs.extend_cache_fn(b, t, s)(k, v)
     outputs: list[list[int]] = [[int(x)] for x in np.asarray(first)[:n]]
+    logits: list[list[np.ndarray]] = [[row] for row in np.asarray(first_logits)[:n]] if with_logits else []
     done = [_finished(o, p) for o, p in zip(outputs, params)]
     ring = programs.init_ring(first, lengths)
     ticks, tick0, mb = steps * pp, 0, b // pp
     while not all(done):
-        fn = programs.decode_fn(b, s, ticks)
-        emitted, k, v, ring = programs._timed(("decode", b, s, ticks), fn, state, k, v, ring, sp, np.int32(tick0))
+        fn = programs.decode_fn(b, s, ticks, with_logits)
+        emitted, k, v, ring = programs._timed(
+            ("decode", b, s, ticks, with_logits), fn, state, k, v, ring, sp, np.int32(tick0)
+        )
+        if with_logits:
+            emitted, step_logits = np.asarray(emitted[0]), np.asarray(emitted[1])
         emitted = np.asarray(emitted)
         for j in range(ticks):
             i = tick0 + j
@@ -77,9 +85,11 @@ def generate(programs: Programs, prompts: Sequence[np.ndarray], params: Sequence
             for row in range(r0, min(r0 + mb, n)):
                 if not done[row]:
                     outputs[row].append(int(emitted[j, row - r0]))
+                    if with_logits:
+                        logits[row].append(step_logits[j, row - r0])
                     done[row] = _finished(outputs[row], params[row])
         tick0 += ticks
-    return outputs
+    return (outputs, logits) if with_logits else outputs
 
 
 def _finished(out: list[int], p: SamplingParams) -> bool:

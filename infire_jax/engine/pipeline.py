@@ -135,10 +135,11 @@ def decode(
     sampling: dict,
     tick0: jax.Array,
     ticks: int,
-) -> tuple[jax.Array, jax.Array, jax.Array, dict]:
+    with_logits: bool = False,
+) -> tuple[Any, jax.Array, jax.Array, dict]:
     """Run `ticks` pipeline ticks from global tick `tick0`. Returns the tokens the last stage sampled,
     (ticks, B / pp) — tick i's belong to microbatch (i - pp + 1) mod pp, valid once i >= pp - 1 —
-    the updated caches and ring."""
+    (with their logits (ticks, B / pp, vocab) as a pair if with_logits), the caches and the ring."""
     pp = layout.mesh.shape[PP]
     active_all = jnp.asarray(nnx.merge(graphdef, state).active)
     b = k_cache.shape[1]
@@ -173,12 +174,12 @@ def decode(
                 exit_valid = (i >= pp - 1) & (s == 0)
                 old = _rows(toks, m_exit * mb, mb)
                 toks = jax.lax.dynamic_update_slice_in_dim(toks, jnp.where(exit_valid, got, old), m_exit * mb, 0)
-                return (kc, vc, _ring(y, pp), toks, lens), nxt
+                return (kc, vc, _ring(y, pp), toks, lens), ((nxt, logits) if with_logits else nxt)
 
             carry = (k_cache, v_cache, ring["recv"], ring["tokens"], ring["lengths"])
             (kc, vc, recv, toks, lens), emitted = jax.lax.scan(tick, carry, tick0 + jnp.arange(ticks))
             new_ring = dict(recv=recv[None], tokens=toks[None], lengths=lens[None])
-            return emitted[None], kc, vc, new_ring
+            return jax.tree.map(lambda e: e[None], emitted), kc, vc, new_ring
 
     ring_spec = {k: P(PP) for k in ring}
     specs = (stage_specs(state, layout), P(PP), P(PP), ring_spec, {k: P() for k in sampling}, P(), P(PP))
@@ -186,4 +187,4 @@ def decode(
         layout, staged, (state, k_cache, v_cache, ring, sampling, tick0, active_all), specs,
         (P(PP), P(PP), P(PP), ring_spec),
     )
-    return emitted[-1], kc, vc, ring
+    return jax.tree.map(lambda e: e[-1], emitted), kc, vc, ring

@@ -181,19 +181,19 @@ class Programs:
         )
         return jax.device_put(ring, self.ring_shardings(b))
 
-    def decode_fn(self, b: int, s: int, ticks: int):
+    def decode_fn(self, b: int, s: int, ticks: int, with_logits: bool = False):
         """(state, k, v (L, b, KV, s, hd), ring, sampling, tick0) -> (tokens (ticks, b / pp), k, v, ring).
 
         Each tick runs one decode step of one in-flight microbatch on every stage (see pipeline.py)."""
         graphdef, layout = self.placed.graphdef, self.layout
 
         def decode(state, k_cache, v_cache, ring, sp, tick0):
-            return pipeline.decode(graphdef, state, layout, k_cache, v_cache, ring, sp, tick0, ticks)
+            return pipeline.decode(graphdef, state, layout, k_cache, v_cache, ring, sp, tick0, ticks, with_logits)
 
         k_sh, v_sh = self.kv_shardings(b, s)
         ring = self.ring_shardings(b)
         return self._compiled(
-            ("decode", b, s, ticks),
+            ("decode", b, s, ticks, with_logits),
             lambda: jax.jit(
                 decode,
                 in_shardings=(self._state_shardings, k_sh, v_sh, ring, self._sampling_shardings(b), self.layout.replicated),

@@ -1,0 +1,86 @@
+"""orbax save/restore of a loaded model, independent of the layout it was loaded with.
+
+The saved form is canonical: stacked layer parameters hold exactly the real layers (no pipeline
+padding slots), so a model saved from pp=2 restores onto tp=4 or pp=3. Restoring reads each array
+straight onto the target mesh, then places layers into the target's pipeline slots on device.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+__all__ = ["MARKER", "is_saved_model", "save", "restore"]
+
+MARKER = "infire_jax_checkpoint.json"
+_COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def is_saved_model(path: str | pathlib.Path) -> bool:
+    return (pathlib.Path(path) / MARKER).is_file()
+
+
+def _is_stacked(var: nnx.Variable) -> bool:
+    axes = var.get_metadata().get("logical_axes") or ()
+    return bool(axes) and axes[0] == "layers"
+
+
+def _flat(state: Any) -> dict[str, nnx.Variable]:
+    return {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+
+
+def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Write the model's parameters (canonical layer order) and its config/tokenizer files."""
+    path = pathlib.Path(path).absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} exists; choose a new directory for the saved model")
+    slots = np.asarray(placed.module.layer_slots)
+    tree = {}
+    for name, var in _flat(placed.state).items():
+        value = var.get_value()
+        tree[name] = value[slots] if _is_stacked(var) else value
+    path.mkdir(parents=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path / "params", tree)
+    ckpt.wait_until_finished()
+    for name in _COPIED:
+        if source_dir and (pathlib.Path(source_dir) / name).is_file():
+            shutil.copy(pathlib.Path(source_dir) / name, path / name)
+    dtypes = sorted({str(v.dtype) for v in tree.values()})
+    (path / MARKER).write_text(json.dumps({"format": "orbax-canonical-v1", "dtypes": dtypes}, indent=1))
+    return path
+
+
+def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_slots: tuple[int, ...]) -> None:
+    """Fill `abstract_state` (an nnx.State of ShapeDtypeStructs for the target layout) in place."""
+    path = pathlib.Path(path).absolute()
+    flat = _flat(abstract_state)
+    num_layers = len(layer_slots)
+    target = {}
+    for name, var in flat.items():
+        v = var.get_value()
+        shape = (num_layers,) + v.shape[1:] if _is_stacked(var) else v.shape
+        axes = var.get_metadata()["logical_axes"]
+        target[name] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=layout.sharding(axes, shape))
+    try:
+        restored = ocp.StandardCheckpointer().restore(path / "params", target)
+    except Exception as e:  # orbax raises a variety of types for structure/shape mismatches
+        raise ValueError(f"cannot restore {path}: it does not match this model config ({e})") from None
+    slots = jnp.asarray(layer_slots)
+    for name, var in flat.items():
+        v = var.get_value()
+        sharding = layout.sharding(var.get_metadata()["logical_axes"], v.shape)
+        value = restored[name]
+        if _is_stacked(var):
+            value = jax.jit(
+                lambda c, shape=v.shape: jnp.zeros(shape, c.dtype).at[slots].set(c), out_shardings=sharding
+            )(value)
+        var.set_value(value)
