@@ -18,7 +18,7 @@ from infire_jax.engine import generation
 from infire_jax.engine.programs import PlacedModel, Programs
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.models import FAMILIES
-from infire_jax.sharding import DEFAULT_RULES, Layout
+from infire_jax.sharding import DEFAULT_RULES, Layout, load_deployment
 
 __all__ = ["load", "Model", "place_model"]
 
@@ -170,16 +170,20 @@ def load(
     dtype: str = "float32",
     compute_dtype: str = "float32",
     rules: Mapping[str, Any] | None = None,
+    deployment: str | None = None,
     decode_steps: int = 8,
 ) -> Model:
     """Load an HF checkpoint directory onto a mesh ("tp=2", "pp=2,tp=2@0-3", ...).
 
     dtype is the storage dtype of the weights, compute_dtype the dtype of activations; rules maps
-    logical axes to mesh axes (default: sharding.DEFAULT_RULES)."""
+    logical axes to mesh axes (default: sharding.DEFAULT_RULES); deployment names a JSON file in
+    configs/deployments/ (or a path) that gives both mesh and rules."""
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     _dtype(dtype), _dtype(compute_dtype)
+    if deployment is not None:
+        mesh, rules = load_deployment(deployment)
     layout = _layout(mesh, rules)
     placed = place_model(model_dir, layout, dtype=dtype, compute_dtype=compute_dtype)
     return Model(placed, model_dir, decode_steps=decode_steps)

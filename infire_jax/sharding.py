@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
+import pathlib
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -24,7 +26,10 @@ __all__ = [
     "constrain",
     "use_layout",
     "current_layout",
+    "load_deployment",
 ]
+
+DEPLOYMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "deployments"
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -101,6 +106,22 @@ def logical_spec(
     while out and out[-1] is None:
         out.pop()
     return P(*out)
+
+
+def load_deployment(name_or_path: str | pathlib.Path) -> tuple[str, dict[str, MeshAxes]]:
+    """(mesh spec, rules table) of a deployment JSON: a path, or a name in configs/deployments/."""
+    path = pathlib.Path(name_or_path)
+    if not path.is_file():
+        path = DEPLOYMENTS_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in DEPLOYMENTS_DIR.glob("*.json"))
+        raise FileNotFoundError(f"no deployment {name_or_path!r}: give a JSON path or one of {known}")
+    spec = json.loads(path.read_text())
+    rules = dict(DEFAULT_RULES) | {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("rules", {}).items()}
+    unknown = [k for k in spec.get("rules", {}) if k not in DEFAULT_RULES]
+    if unknown:
+        raise ValueError(f"deployment {path}: unknown logical axes {unknown}; known: {sorted(DEFAULT_RULES)}")
+    return spec["mesh"], rules
 
 
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("infire_layout", default=None)
