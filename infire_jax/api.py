@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import inspect
 import pathlib
 from typing import Any, Mapping, Sequence
 
@@ -62,19 +62,25 @@ def place_model(
     cfg = cfg or load_config(model_dir)
     module_cls, tensor_map = FAMILIES[cfg.family]
     num_slots, slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
+    layout_kwargs = dict(layer_slots=slots, num_slots=num_slots)
+    tp_ways = layout.axis_size("kv_heads")
+    if "kv_repeat" in inspect.signature(module_cls.__init__).parameters and cfg.num_kv_heads < tp_ways and tp_ways % cfg.num_kv_heads == 0:
+        layout_kwargs["kv_repeat"] = tp_ways // cfg.num_kv_heads  # each tp device holds one KV head
     abstract = nnx.eval_shape(
         lambda: module_cls(
-            cfg, layer_slots=slots, num_slots=num_slots, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype)
+            cfg, **layout_kwargs, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype)
         )
     )
     graphdef, state, flat = _flat_abstract(abstract)
     if store.is_saved_model(model_dir):
-        store.restore(model_dir, state, layout, slots)
+        store.restore(model_dir, state, layout, slots, layout_kwargs.get("kv_repeat", 1))
         return PlacedModel(graphdef, state, layout)
     specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
     shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
     ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-    arrays = hf.load_into(model_dir, specs, shardings, tensor_map(cfg, slots), ignore=ignore)
+    map_kwargs = {"kv_repeat": layout_kwargs["kv_repeat"]} if "kv_repeat" in layout_kwargs else {}
+    tmap = tensor_map(cfg, slots, **map_kwargs)
+    arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore)
     for p, var in flat.items():
         var.set_value(arrays[p])
     return PlacedModel(graphdef, state, layout)

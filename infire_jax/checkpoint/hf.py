@@ -113,21 +113,22 @@ def load_into(
     model_dir: str | pathlib.Path,
     abstract: dict[tuple[str, ...], jax.ShapeDtypeStruct],
     shardings: dict[tuple[str, ...], jax.sharding.Sharding],
-    tensor_map: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]],
+    tensor_map: dict[str, tuple],
     ignore: Iterable[str] = (),
     on_tensor: Callable[[str], None] | None = None,
 ) -> dict[tuple[str, ...], jax.Array]:
     """Build every parameter in `abstract` (path -> shape/dtype) from the HF tensors of `tensor_map`.
 
-    tensor_map: HF name -> (parameter path, leading index into the parameter, HF shape). Parts of a
-    parameter no tensor maps to (pipeline padding slots) are zeros."""
+    tensor_map: HF name -> (parameter path, leading index into the parameter, HF shape[, transform
+    applied to the HF array before the reshape]). Parts of a parameter no tensor maps to (pipeline
+    padding slots) are zeros."""
     present = list_tensors(model_dir)
-    check_tensors(present, {n: s for n, (_, _, s) in tensor_map.items()}, ignore)
-    sources: dict[tuple[str, ...], list[tuple[str, tuple[int, ...]]]] = collections.defaultdict(list)
-    for name, (path, index, _) in tensor_map.items():
+    check_tensors(present, {n: entry[2] for n, entry in tensor_map.items()}, ignore)
+    sources: dict[tuple[str, ...], list[tuple[str, tuple[int, ...], Callable | None]]] = collections.defaultdict(list)
+    for name, (path, index, _, *transform) in tensor_map.items():
         if path not in abstract:
             raise KeyError(f"tensor map names parameter {path} that the model does not have")
-        sources[path].append((name, index))
+        sources[path].append((name, index, transform[0] if transform else None))
     reader = _Reader(present)
     out = {}
     try:
@@ -138,11 +139,12 @@ def load_into(
                 idx = tuple(idx) + (slice(None),) * (len(spec.shape) - len(idx))
                 ranges = [range(*s.indices(n)) for s, n in zip(idx, spec.shape)]
                 buf = np.zeros([len(r) for r in ranges], dtype)
-                for name, lead in sources[path]:
+                for name, lead, transform in sources[path]:
                     k = len(lead)
                     if not all(i in r for i, r in zip(lead, ranges)):
                         continue
-                    part = reader.read(name, dtype).reshape(spec.shape[k:])[idx[k:]]
+                    part = reader.read(name, dtype)
+                    part = (transform(part) if transform else part).reshape(spec.shape[k:])[idx[k:]]
                     buf[tuple(r.index(i) for i, r in zip(lead, ranges))] = part
                 return buf
 

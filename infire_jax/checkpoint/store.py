@@ -43,10 +43,15 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
     if path.exists():
         raise FileExistsError(f"{path} exists; choose a new directory for the saved model")
     slots = np.asarray(placed.module.layer_slots)
+    repeat = _kv_repeat(placed.module)
     tree = {}
     for name, var in _flat(placed.state).items():
         value = var.get_value()
-        tree[name] = value[slots] if _is_stacked(var) else value
+        value = value[slots] if _is_stacked(var) else value
+        axes = var.get_metadata()["logical_axes"]
+        if repeat > 1 and "kv_heads" in axes:  # canonical form: each KV head once
+            value = jax.lax.slice_in_dim(value, 0, None, repeat, axes.index("kv_heads"))
+        tree[name] = value
     path.mkdir(parents=True)
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(path / "params", tree)
@@ -59,7 +64,11 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
     return path
 
 
-def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_slots: tuple[int, ...]) -> None:
+def _kv_repeat(module: Any) -> int:
+    return getattr(module, "kv_heads", module.cfg.num_kv_heads) // module.cfg.num_kv_heads
+
+
+def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_slots: tuple[int, ...], kv_repeat: int = 1) -> None:
     """Fill `abstract_state` (an nnx.State of ShapeDtypeStructs for the target layout) in place."""
     path = pathlib.Path(path).absolute()
     flat = _flat(abstract_state)
@@ -69,6 +78,9 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
         v = var.get_value()
         shape = (num_layers,) + v.shape[1:] if _is_stacked(var) else v.shape
         axes = var.get_metadata()["logical_axes"]
+        if kv_repeat > 1 and "kv_heads" in axes:
+            i = axes.index("kv_heads")
+            shape = shape[:i] + (shape[i] // kv_repeat,) + shape[i + 1 :]
         target[name] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=layout.sharding(axes, shape))
     try:
         restored = ocp.StandardCheckpointer().restore(path / "params", target)
@@ -79,6 +91,9 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
         v = var.get_value()
         sharding = layout.sharding(var.get_metadata()["logical_axes"], v.shape)
         value = restored[name]
+        axes = var.get_metadata()["logical_axes"]
+        if kv_repeat > 1 and "kv_heads" in axes:
+            value = jnp.repeat(value, kv_repeat, axis=axes.index("kv_heads"))
         if _is_stacked(var):
             value = jax.jit(
                 lambda c, shape=v.shape: jnp.zeros(shape, c.dtype).at[slots].set(c), out_shardings=sharding

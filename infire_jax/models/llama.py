@@ -36,16 +36,21 @@ class Llama(nnx.Module):
         *,
         layer_slots: tuple[int, ...] | None = None,
         num_slots: int | None = None,
+        kv_repeat: int = 1,
         param_dtype: Any = jnp.float32,
         compute_dtype: Any = jnp.float32,
     ):
+        """kv_repeat > 1 stores each KV head that many times (consecutively), so that kv_heads *
+        kv_repeat can be split evenly over tensor-parallel devices when kv_heads < tp: every device
+        then holds (and caches) just the KV head its query heads use, instead of all of them."""
         self.cfg = cfg
+        self.kv_heads = cfg.num_kv_heads * kv_repeat
         self.layer_slots = tuple(layer_slots or range(cfg.num_layers))
         num_slots = num_slots or max(self.layer_slots) + 1
         self.active = tuple(s in set(self.layer_slots) for s in range(num_slots))
         self.compute_dtype = compute_dtype
         v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
-        h, kv, hd, n = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, num_slots
+        h, kv, hd, n = cfg.num_heads, self.kv_heads, cfg.head_dim, num_slots
         p = lambda shape, axes: _param(shape, axes, param_dtype)  # noqa: E731
 
         self.embed = p((v, d), ("vocab", "embed"))
@@ -82,7 +87,7 @@ class Llama(nnx.Module):
 
     def kv_shapes(self, batch: int, seq: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         c = self.cfg
-        shape = (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
+        shape = (len(self.active), batch, self.kv_heads, seq, c.head_dim)
         return shape, shape
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -127,7 +132,7 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x."""
         b, t, _ = x.shape
-        kv_zeros = jnp.zeros((b, self.cfg.num_kv_heads, t, self.cfg.head_dim), x.dtype)
+        kv_zeros = jnp.zeros((b, self.kv_heads, t, self.cfg.head_dim), x.dtype)
 
         def body(x, xs):
             w, on, kc, vc = xs
@@ -164,11 +169,13 @@ class Llama(nnx.Module):
         return constrain(out, ("batch", "seq", "vocab")[-out.ndim :])
 
 
-def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...]) -> dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]]:
-    """HF tensor name -> (parameter path, index into that parameter, the tensor's HF shape).
+def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], kv_repeat: int = 1) -> dict[str, tuple]:
+    """HF tensor name -> (parameter path, index into that parameter, the tensor's HF shape[, transform]).
 
     The loader reshapes each HF tensor into the indexed part of the parameter (e.g. q_proj
-    (H*hd, D) -> wq[slot] (H, hd, D); gate_proj -> w_gate_up[slot, 0])."""
+    (H*hd, D) -> wq[slot] (H, hd, D); gate_proj -> w_gate_up[slot, 0]), after the optional
+    transform (here: repeating KV heads, see Llama's kv_repeat)."""
+    rep = (lambda a: np.repeat(a.reshape(cfg.num_kv_heads, -1, *a.shape[1:]), kv_repeat, axis=0)) if kv_repeat > 1 else None
     c = cfg
     h, kv, hd, d, f, v = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size, c.vocab_size
     out = {
@@ -183,8 +190,8 @@ def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...]) -> dict[str, t
             pre + "input_layernorm.weight": (("layers", "attn_norm"), (s,), (d,)),
             pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (s,), (d,)),
             pre + "self_attn.q_proj.weight": (("layers", "wq"), (s,), (h * hd, d)),
-            pre + "self_attn.k_proj.weight": (("layers", "wk"), (s,), (kv * hd, d)),
-            pre + "self_attn.v_proj.weight": (("layers", "wv"), (s,), (kv * hd, d)),
+            pre + "self_attn.k_proj.weight": (("layers", "wk"), (s,), (kv * hd, d), rep),
+            pre + "self_attn.v_proj.weight": (("layers", "wv"), (s,), (kv * hd, d), rep),
             pre + "self_attn.o_proj.weight": (("layers", "wo"), (s,), (d, h * hd)),
             pre + "mlp.gate_proj.weight": (("layers", "w_gate_up"), (s, 0), (f, d)),
             pre + "mlp.up_proj.weight": (("layers", "w_gate_up"), (s, 1), (f, d)),
@@ -193,8 +200,8 @@ def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...]) -> dict[str, t
         if c.qkv_bias:
             out |= {
                 pre + "self_attn.q_proj.bias": (("layers", "bq"), (s,), (h * hd,)),
-                pre + "self_attn.k_proj.bias": (("layers", "bk"), (s,), (kv * hd,)),
-                pre + "self_attn.v_proj.bias": (("layers", "bv"), (s,), (kv * hd,)),
+                pre + "self_attn.k_proj.bias": (("layers", "bk"), (s,), (kv * hd,), rep),
+                pre + "self_attn.v_proj.bias": (("layers", "bv"), (s,), (kv * hd,), rep),
             }
         if c.o_bias:
             out[pre + "self_attn.o_proj.bias"] = (("layers", "bo"), (s,), (d,))
