@@ -15,6 +15,8 @@ from infire_jax import mesh as mesh_lib
 from infire_jax.checkpoint import hf, store
 from infire_jax.config import ModelConfig, load_config
 from infire_jax.engine import generation
+from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker, Request
+from infire_jax.engine.disagg import generate as run_engine
 from infire_jax.engine.programs import PlacedModel, Programs
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.models import FAMILIES
@@ -91,14 +93,42 @@ def _layout(mesh_spec: str, rules: Mapping[str, Any] | None) -> Layout:
 
 
 class Model:
-    """A loaded model on one layout (colocated prefill and decode)."""
+    """A loaded model: colocated (one placement serves prefill and decode) or disaggregated (prefill
+    and decode on distinct meshes, each with its own copy of the weights in its own layout)."""
 
-    def __init__(self, placed: PlacedModel, model_dir: pathlib.Path | None = None, *, decode_steps: int = 8):
+    def __init__(
+        self,
+        placed: PlacedModel,
+        model_dir: pathlib.Path | None = None,
+        *,
+        decode_placed: PlacedModel | None = None,
+        decode_steps: int = 8,
+        kv_pages: int = 512,
+        page_size: int = 16,
+        max_decode_batch: int = 16,
+    ):
         self.placed = placed
         self.cfg: ModelConfig = placed.cfg
         self.model_dir = model_dir
         self.programs = Programs(placed, decode_steps=decode_steps)
+        self.decode_programs = Programs(decode_placed, decode_steps=decode_steps) if decode_placed else self.programs
+        self._engine_args = dict(num_pages=kv_pages, page_size=page_size, max_batch=max_decode_batch)
+        self._engine: Engine | None = None
         self._tokenizer = None
+
+    @property
+    def disaggregated(self) -> bool:
+        return self.decode_programs is not self.programs
+
+    @property
+    def engine(self) -> Engine:
+        """The serving engine behind `generate` (one prefill and one decode worker), made on first use."""
+        if self._engine is None:
+            self._engine = Engine(
+                [PrefillWorker("prefill", self.programs)],
+                [DecodeWorker("decode", self.decode_programs, **self._engine_args)],
+            )
+        return self._engine
 
     @property
     def context_length(self) -> int:
@@ -135,9 +165,17 @@ class Model:
         arrays = [
             generation.validate_prompt(p, self.cfg.vocab_size, self.context_length, max_new_tokens) for p in prompts
         ]
-        if not arrays:
-            return []
-        return generation.generate(self.programs, arrays, params)
+        return [r.output for r in self.run_requests(arrays, params)]
+
+    def run_requests(
+        self, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams], with_logits: bool = False
+    ) -> list[Request]:
+        """Run requests with per-request sampling params through the engine; raises the first error."""
+        reqs = run_engine(self.engine, prompts, params, with_logits)
+        for r in reqs:
+            if r.status == "failed":
+                raise generation.RequestError(f"request {r.id} failed: {r.error}")
+        return reqs
 
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
         """Save the loaded parameters with orbax (restorable by `load(path)` on any mesh)."""
@@ -177,19 +215,41 @@ def load(
     compute_dtype: str = "float32",
     rules: Mapping[str, Any] | None = None,
     deployment: str | None = None,
+    prefill_mesh: str | None = None,
+    decode_mesh: str | None = None,
     decode_steps: int = 8,
+    kv_pages: int = 512,
+    page_size: int = 16,
+    max_decode_batch: int = 16,
 ) -> Model:
     """Load an HF checkpoint directory onto a mesh ("tp=2", "pp=2,tp=2@0-3", ...).
 
     dtype is the storage dtype of the weights, compute_dtype the dtype of activations; rules maps
     logical axes to mesh axes (default: sharding.DEFAULT_RULES); deployment names a JSON file in
-    configs/deployments/ (or a path) that gives both mesh and rules."""
+    configs/deployments/ (or a path) that gives both mesh and rules. With prefill_mesh and
+    decode_mesh (e.g. "pp=2,tp=2@0-3" and "tp=4@4-7") prefill and decode run on distinct meshes,
+    each with its own copy of the weights. kv_pages x page_size is the decode worker's KV capacity
+    in tokens; max_decode_batch bounds its continuous batch."""
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     _dtype(dtype), _dtype(compute_dtype)
     if deployment is not None:
         mesh, rules = load_deployment(deployment)
-    layout = _layout(mesh, rules)
-    placed = place_model(model_dir, layout, dtype=dtype, compute_dtype=compute_dtype)
-    return Model(placed, model_dir, decode_steps=decode_steps)
+    if (prefill_mesh is None) != (decode_mesh is None):
+        raise ValueError("give both prefill_mesh and decode_mesh (disaggregated) or neither (colocated)")
+    kwargs = dict(dtype=dtype, compute_dtype=compute_dtype)
+    engine = dict(decode_steps=decode_steps, kv_pages=kv_pages, page_size=page_size, max_decode_batch=max_decode_batch)
+    if prefill_mesh is None:
+        return Model(place_model(model_dir, _layout(mesh, rules), **kwargs), model_dir, **engine)
+    p_layout, d_layout = _layout(prefill_mesh, rules), _layout(decode_mesh, rules)
+    shared = {d.id for d in p_layout.mesh.devices.flat} & {d.id for d in d_layout.mesh.devices.flat}
+    if shared:
+        raise ValueError(
+            f"prefill mesh {prefill_mesh!r} and decode mesh {decode_mesh!r} share devices {sorted(shared)}; "
+            "give them disjoint device ranges (e.g. '@0-3' and '@4-7')"
+        )
+    cfg = load_config(model_dir)
+    prefill = place_model(model_dir, p_layout, cfg=cfg, **kwargs)
+    decode = place_model(model_dir, d_layout, cfg=cfg, **kwargs)
+    return Model(prefill, model_dir, decode_placed=decode, **engine)

@@ -21,7 +21,7 @@ import numpy as np
 __all__ = ["AXES", "MeshSpec", "MeshSpecError", "parse_mesh", "make_mesh"]
 
 AXES = ("dp", "pp", "ep", "tp")
-_SPEC_RE = re.compile(r"^\s*(?P<axes>[^@]*?)\s*(?:@\s*(?P<first>\d+)\s*-\s*(?P<last>\d+)\s*)?$")
+_SPEC_RE = re.compile(r"^\s*(?P<axes>[^@]*?)\s*(?:@\s*(?P<first>\d+)\s*(?:-\s*(?P<last>\d+)\s*)?)?$")
 
 
 class MeshSpecError(ValueError):
@@ -62,7 +62,7 @@ class MeshSpec:
 
 
 def parse_mesh(spec: str | MeshSpec) -> MeshSpec:
-    """Parse "pp=2,tp=2@0-3" (device range optional; absent axes have size 1)."""
+    """Parse "pp=2,tp=2@0-3" (device range optional, "@2" = device 2 alone; absent axes have size 1)."""
     if isinstance(spec, MeshSpec):
         return spec
     m = _SPEC_RE.match(spec or "")
@@ -87,7 +87,8 @@ def parse_mesh(spec: str | MeshSpec) -> MeshSpec:
         seen.add(name)
     first = last = None
     if m["first"] is not None:
-        first, last = int(m["first"]), int(m["last"])
+        first = int(m["first"])
+        last = int(m["last"]) if m["last"] is not None else first
         if last < first:
             raise MeshSpecError(f"mesh spec {spec!r}: device range {first}-{last} is empty")
         count = last - first + 1

@@ -50,7 +50,10 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "seq": None,
     "cache_seq": None,
     "fused": None,
+    "pages": None,  # paged KV cache: page index and position within a page
+    "page_pos": None,
     "latent": None,
+    "q_lora": None,  # MLA query low-rank dimension (q_lora_rank)
 }
 
 

@@ -8,7 +8,6 @@ import pytest
 
 import infire_jax
 from infire_jax.api import stage_slots
-from infire_jax.engine import generation
 from infire_jax.engine.inspect import hlo_collectives, inspect_model, layout_figure, layout_table
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.mesh import MeshSpecError, make_mesh, parse_mesh
@@ -115,7 +114,7 @@ def test_tensor_parallel_decode_communication(reports, mesh):
     model, report = reports[mesh]
     d, layers, b = model.cfg.hidden_size, model.cfg.num_layers, report["batch"]
     decode = report["decode"]
-    steps = decode["ticks"]
+    steps = decode["ticks"]  # = steps without a pipeline
     weights = _param_shapes(model)
     acts = [c for c in decode["collectives"] if c["kind"] == "all-reduce" and _shape(c) == (b, 1, d)]
     assert sum(c["count"] for c in acts) == (2 * layers + 1) * steps
@@ -175,10 +174,10 @@ def test_rotated_pipeline_batches_equal_one_by_one(model_dir):
     rng = np.random.default_rng(5)
     prompts = [rng.integers(0, model.cfg.vocab_size, n).astype(np.int32) for n in (3, 8, 5, 11, 2, 6, 9, 4)]
     params = [SamplingParams(10, temperature=0.9, seed=i) for i in range(len(prompts))]
-    together = generation.generate(model.programs, prompts, params)
+    together = [r.output for r in model.run_requests(prompts, params)]
     assert model.programs.batch_bucket(len(prompts)) // model.programs.stages == 2  # 4 microbatches of 2
     for p, sp, got in zip(prompts, params, together):
-        assert generation.generate(model.programs, [p], [sp])[0] == got
+        assert model.run_requests([p], [sp])[0].output == got
 
 
 def test_layout_rendering(reports, tmp_path):

@@ -150,16 +150,21 @@ def _summary(colls: list[Collective], per: int) -> dict[str, Any]:
     )
 
 
-def inspect_model(programs: Any, batch: int = 4, prompt_len: int = 32, cache_len: int = 128, steps: int = 1) -> dict:
-    """Per-device parameter/KV bytes and the collectives of the prefill and decode programs."""
+def inspect_model(
+    programs: Any, batch: int = 4, prompt_len: int = 32, cache_len: int = 128, steps: int = 1, page_size: int = 16
+) -> dict:
+    """Per-device parameter/KV bytes and the collectives of the prefill and decode programs (decode:
+    `steps` tokens for `batch` rows over a paged cache of batch * cache_len positions)."""
     placed = programs.placed
     module = placed.module
     params = [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(placed.state)]
     b = programs.batch_bucket(batch)
-    kv_shapes = module.kv_shapes(b, cache_len)
+    per_row = cache_len // page_size
+    num_pages = b * per_row
     dtype = module.compute_dtype
-    kv = [(s, dtype, sh) for s, sh in zip(kv_shapes, programs.kv_shardings(b, cache_len))]
-    ticks = steps * programs.stages
+    page_sh = programs.page_shardings(num_pages, page_size)
+    page_shapes = [(s[0], num_pages, s[2], page_size, s[4]) for s in module.kv_shapes(1, page_size)]
+    kv = [(s, dtype, sh) for s, sh in zip(page_shapes, page_sh)]
 
     sp = jax.tree.map(lambda sh: jax.ShapeDtypeStruct((b,), jnp.float32, sharding=sh), programs._sampling_shardings(b))
     sp["top_k"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sp["top_k"].sharding)
@@ -171,20 +176,16 @@ def inspect_model(programs: Any, batch: int = 4, prompt_len: int = 32, cache_len
         jax.ShapeDtypeStruct((b,), jnp.int32, sharding=row),
         sp,
     ).compile()
-    ring_sh = programs.ring_shardings(b)
-    d = placed.cfg.hidden_size
-    ring = dict(
-        recv=jax.ShapeDtypeStruct((programs.stages, b // programs.stages, 1, d), dtype, sharding=ring_sh["recv"]),
-        tokens=jax.ShapeDtypeStruct((programs.stages, b), jnp.int32, sharding=ring_sh["tokens"]),
-        lengths=jax.ShapeDtypeStruct((programs.stages, b), jnp.int32, sharding=ring_sh["lengths"]),
-    )
-    k_sh, v_sh = programs.kv_shardings(b, cache_len)
-    decode = programs.decode_fn(b, cache_len, ticks).lower(
+    rep = placed.layout.replicated
+    vec = lambda dt: jax.ShapeDtypeStruct((b,), dt, sharding=rep)  # noqa: E731
+    decode = programs.decode_fn(b, per_row, num_pages, page_size, steps).lower(
         placed.state,
-        jax.ShapeDtypeStruct(kv_shapes[0], dtype, sharding=k_sh),
-        jax.ShapeDtypeStruct(kv_shapes[1], dtype, sharding=v_sh),
-        ring, sp, jax.ShapeDtypeStruct((), jnp.int32),
+        *[jax.ShapeDtypeStruct(s, dtype, sharding=sh) for s, sh in zip(page_shapes, page_sh)],
+        jax.ShapeDtypeStruct((b, per_row), jnp.int32, sharding=rep),
+        vec(jnp.int32), vec(jnp.int32), vec(jnp.bool_),
+        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in sp.items()},
     ).compile()
+    ticks = steps * programs.stages + programs.stages - 1
     return dict(
         mesh={k: int(v) for k, v in placed.layout.mesh.shape.items()},
         batch=b,
@@ -194,7 +195,7 @@ def inspect_model(programs: Any, batch: int = 4, prompt_len: int = 32, cache_len
         param_bytes_per_device=_per_device_bytes(params),
         kv_bytes_per_device=_per_device_bytes(kv),
         prefill=_summary(hlo_collectives(prefill.as_text()), 1),
-        decode=_summary(hlo_collectives(decode.as_text()), ticks) | dict(ticks=ticks, tokens_per_call=b * steps),
+        decode=_summary(hlo_collectives(decode.as_text()), steps) | dict(steps=steps, ticks=ticks, tokens_per_call=b * steps),
     )
 
 

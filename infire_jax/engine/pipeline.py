@@ -9,8 +9,8 @@ Prefill runs M microbatches through the stages in GPipe order (M + pp - 1 ticks)
 Decode keeps pp independent decode microbatches in flight: at tick i stage s works on microbatch
 (i - s) mod pp, so once the ring is full every stage works every tick. The microbatch that leaves
 the last stage samples its next token, which reaches stage 0 by the ring in time for the next tick.
-The ring's state (activations in flight, each row's latest token and length) is carried across
-calls, so the pipeline fills once per batch, not once per call.
+Each call starts from an empty ring and runs `steps` tokens per row (fill and drain cost pp - 1
+ticks out of steps * pp + pp - 1), so requests can join and leave the batch between any two calls.
 
 With pp == 1 the same code runs without shard_map: one stage, one microbatch, no ring.
 """
@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 from infire_jax.engine.sampling import sample
 from infire_jax.sharding import Layout, use_layout
 
-__all__ = ["prefill", "decode", "init_ring", "stage_specs"]
+__all__ = ["prefill", "decode", "stage_specs"]
 
 PP = "pp"
 
@@ -116,75 +116,103 @@ def prefill(
     return hidden[-1], k, v
 
 
-def init_ring(batch: int, pp: int, width: int, first_tokens: jax.Array, lengths: jax.Array, dtype: Any) -> dict:
-    """Decode ring state after prefill: nothing in flight, each row's first token and length."""
-    return dict(
-        recv=jnp.zeros((pp, batch // pp, 1, width), dtype),
-        tokens=jnp.broadcast_to(first_tokens, (pp, batch)),
-        lengths=jnp.broadcast_to(lengths, (pp, batch)),
-    )
+def _gather_pages(pages: jax.Array, table: jax.Array) -> jax.Array:
+    """(L, pages, H, page, d)[:, table (B, P)] -> a contiguous per-row view (L, B, H, P * page, d)."""
+    g = pages[:, table]  # (L, B, P, H, page, d)
+    l, b, p, h, page, d = g.shape
+    return g.transpose(0, 1, 3, 2, 4, 5).reshape(l, b, h, p * page, d)
 
 
 def decode(
     graphdef: Any,
     state: Any,
     layout: Layout,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    ring: dict,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    lengths: jax.Array,
+    tokens: jax.Array,
+    active: jax.Array,
     sampling: dict,
-    tick0: jax.Array,
-    ticks: int,
+    steps: int,
     with_logits: bool = False,
-) -> tuple[Any, jax.Array, jax.Array, dict]:
-    """Run `ticks` pipeline ticks from global tick `tick0`. Returns the tokens the last stage sampled,
-    (ticks, B / pp) — tick i's belong to microbatch (i - pp + 1) mod pp, valid once i >= pp - 1 —
-    (with their logits (ticks, B / pp, vocab) as a pair if with_logits), the caches and the ring."""
-    pp = layout.mesh.shape[PP]
-    active_all = jnp.asarray(nnx.merge(graphdef, state).active)
-    b = k_cache.shape[1]
-    mb = b // pp
+) -> tuple[Any, jax.Array, jax.Array]:
+    """`steps` decode steps for every row of a paged batch, from an empty pipeline.
 
-    def staged(state, k_cache, v_cache, ring, sampling, tick0, active):
+    Row r feeds tokens[r] at position lengths[r] (its KV goes to page page_table[r, pos // page]),
+    samples the next token and repeats. Inactive rows write nothing. With pp stages the B rows form
+    pp microbatches and the program runs steps * pp + pp - 1 ticks: pp - 1 to fill the pipeline, then
+    every stage works every tick, then pp - 1 to drain. Returns the sampled tokens (steps, B) (and
+    their logits (steps, B, vocab) as a pair if with_logits) and the updated pages."""
+    pp = layout.mesh.shape[PP]
+    active_layers = jnp.asarray(nnx.merge(graphdef, state).active)
+    b = tokens.shape[0]
+    mb = b // pp
+    ticks = steps * pp + pp - 1
+    num_pages, page = k_pages.shape[1], k_pages.shape[3]
+
+    def staged(state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers):
         with use_layout(layout):
             model = nnx.merge(graphdef, state)
             s = _stage_index(pp)
-            ring = jax.tree.map(lambda a: a[0], ring)  # drop the stage axis (local view)
+            d = model.cfg.hidden_size
+            vocab = model.cfg.vocab_size
 
             def tick(carry, i):
-                kc, vc, recv, toks, lens = carry
+                kp, vp, recv, toks, lens, out_tok, out_logits = carry
                 m = jnp.mod(i - s, pp)
-                valid = i >= s
+                valid = (i >= s) & (i - s < steps * pp)
                 r0 = m * mb
-                rows = r0 + jnp.arange(mb)
                 pos = _rows(lens, r0, mb)
+                table = _rows(page_table, r0, mb)
                 x_in = jnp.where(s == 0, model.embed_tokens(_rows(toks, r0, mb)[:, None]), recv)
-                ctx = model.context(pos, 1)
-                y, kn, vn = model.stack(x_in, ctx, _rows(kc, r0, mb, 1), _rows(vc, r0, mb, 1), active=active)
-                write = jnp.where(valid, pos, kc.shape[3])  # out of range -> dropped
-                kc = kc.at[:, rows, :, write, :].set(kn[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
-                vc = vc.at[:, rows, :, write, :].set(vn[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
+                y, kn, vn = model.stack(
+                    x_in, model.context(pos, 1), _gather_pages(kp, table), _gather_pages(vp, table), active=active_layers
+                )
+                ok = valid & _rows(active, r0, mb)
+                target = jnp.where(ok, table[jnp.arange(mb), pos // page], num_pages)  # out of range: dropped
+                kp = kp.at[:, target, :, pos % page, :].set(kn[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
+                vp = vp.at[:, target, :, pos % page, :].set(vn[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
                 lens = jax.lax.dynamic_update_slice_in_dim(lens, pos + valid.astype(pos.dtype), r0, 0)
-                sp = jax.tree.map(lambda a: _rows(a, r0, mb), sampling)
                 logits = model.logits(model.norm(y)[:, 0]).astype(jnp.float32)
-                nxt = sample(logits, pos + 1, sp)
-                # The microbatch leaving the last stage now enters stage 0 next tick with its new token.
+                nxt = sample(logits, pos + 1, jax.tree.map(lambda a: _rows(a, r0, mb), sampling))
+                # The microbatch leaving the last stage enters stage 0 next tick with its new token.
+                exit_i = i - (pp - 1)
+                exit_ok = (exit_i >= 0) & (exit_i < steps * pp)
+                m_exit, k_exit = jnp.mod(exit_i, pp), jnp.maximum(exit_i, 0) // pp
                 got = _ring(nxt, pp)
-                m_exit = jnp.mod(i + 1, pp)
-                exit_valid = (i >= pp - 1) & (s == 0)
                 old = _rows(toks, m_exit * mb, mb)
-                toks = jax.lax.dynamic_update_slice_in_dim(toks, jnp.where(exit_valid, got, old), m_exit * mb, 0)
-                return (kc, vc, _ring(y, pp), toks, lens), ((nxt, logits) if with_logits else nxt)
+                toks = jax.lax.dynamic_update_slice_in_dim(toks, jnp.where(exit_ok & (s == 0), got, old), m_exit * mb, 0)
+                # The last stage records what it sampled (its own microbatch is the exiting one).
+                keep = exit_ok & (s == pp - 1)
+                at = (jnp.minimum(k_exit, steps - 1), r0)
+                cur = jax.lax.dynamic_slice(out_tok, at, (1, mb))
+                out_tok = jax.lax.dynamic_update_slice(out_tok, jnp.where(keep, nxt[None], cur), at)
+                if with_logits:
+                    cur = jax.lax.dynamic_slice(out_logits, at + (0,), (1, mb, vocab))
+                    out_logits = jax.lax.dynamic_update_slice(out_logits, jnp.where(keep, logits[None], cur), at + (0,))
+                return (kp, vp, _ring(y, pp), toks, lens, out_tok, out_logits), None
 
-            carry = (k_cache, v_cache, ring["recv"], ring["tokens"], ring["lengths"])
-            (kc, vc, recv, toks, lens), emitted = jax.lax.scan(tick, carry, tick0 + jnp.arange(ticks))
-            new_ring = dict(recv=recv[None], tokens=toks[None], lengths=lens[None])
-            return jax.tree.map(lambda e: e[None], emitted), kc, vc, new_ring
+            carry = (
+                k_pages,
+                v_pages,
+                jnp.zeros((mb, 1, d), model.compute_dtype),
+                tokens,
+                lengths,
+                jnp.zeros((steps, b), jnp.int32),
+                jnp.zeros((steps, b, vocab) if with_logits else (0,), jnp.float32),
+            )
+            (kp, vp, _, _, _, out_tok, out_logits), _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
+            out = (out_tok[None], out_logits[None]) if with_logits else out_tok[None]
+            return out, kp, vp
 
-    ring_spec = {k: P(PP) for k in ring}
-    specs = (stage_specs(state, layout), P(PP), P(PP), ring_spec, {k: P() for k in sampling}, P(), P(PP))
-    emitted, kc, vc, ring = _run_staged(
-        layout, staged, (state, k_cache, v_cache, ring, sampling, tick0, active_all), specs,
-        (P(PP), P(PP), P(PP), ring_spec),
+    specs = (
+        stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), {k: P() for k in sampling}, P(PP),
     )
-    return jax.tree.map(lambda e: e[-1], emitted), kc, vc, ring
+    out_spec = (P(PP), P(PP)) if with_logits else P(PP)
+    out, kp, vp = _run_staged(
+        layout, staged,
+        (state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers),
+        specs, (out_spec, P(PP), P(PP)),
+    )
+    return jax.tree.map(lambda e: e[-1], out), kp, vp

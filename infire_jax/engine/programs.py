@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from infire_jax.engine import pipeline
+from infire_jax.kv import cache as kv_cache
+from infire_jax.kv import transfer
 from infire_jax.engine.sampling import sample
 from infire_jax.sharding import Layout, use_layout
 
@@ -154,51 +156,113 @@ class Programs:
             ),
         )
 
-    def extend_cache_fn(self, b: int, t: int, s: int):
-        """Pad prefill K/V (L, b, KV, t, hd) to a decode cache of s positions."""
-        src, dst = self.kv_shardings(b, t), self.kv_shardings(b, s)
-
-        def extend(k, v):
-            pad = [(0, 0)] * 3 + [(0, s - t), (0, 0)]
-            return jnp.pad(k, pad), jnp.pad(v, pad)
-
-        return self._compiled(
-            ("extend", b, t, s), lambda: jax.jit(extend, in_shardings=src, out_shardings=dst)
+    # ---- paged decode ----------------------------------------------------------------------
+    def page_shardings(self, num_pages: int, page_size: int):
+        m = self.placed.module
+        axes = kv_cache.paged_axes(m.kv_logical_axes)
+        return tuple(
+            self._sh(axes, (shape[0], num_pages, shape[2], page_size, shape[4]))
+            for shape in m.kv_shapes(1, page_size)
         )
 
-    def ring_shardings(self, b: int) -> dict[str, Any]:
-        pp, d = self.stages, self.placed.cfg.hidden_size
-        return dict(
-            recv=self._sh(("stages", None, None, "embed"), (pp, b // pp, 1, d)),
-            tokens=self._sh(("stages", None), (pp, b)),
-            lengths=self._sh(("stages", None), (pp, b)),
-        )
+    def allocate_pages(self, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+        """Zeroed k and v pages, created directly in their shardings."""
+        m = self.placed.module
+        out = []
+        for shape, sh in zip(m.kv_shapes(1, page_size), self.page_shardings(num_pages, page_size)):
+            full = (shape[0], num_pages, shape[2], page_size, shape[4])
+            out.append(jax.jit(lambda: jnp.zeros(full, m.compute_dtype), out_shardings=sh)())
+        return tuple(out)
 
-    def init_ring(self, first: jax.Array, lengths: np.ndarray) -> dict[str, jax.Array]:
-        b = lengths.shape[0]
-        ring = pipeline.init_ring(
-            b, self.stages, self.placed.cfg.hidden_size, np.asarray(first), lengths, self.placed.module.compute_dtype
-        )
-        return jax.device_put(ring, self.ring_shardings(b))
-
-    def decode_fn(self, b: int, s: int, ticks: int, with_logits: bool = False):
-        """(state, k, v (L, b, KV, s, hd), ring, sampling, tick0) -> (tokens (ticks, b / pp), k, v, ring).
-
-        Each tick runs one decode step of one in-flight microbatch on every stage (see pipeline.py)."""
+    def decode_fn(self, b: int, pages_per_row: int, num_pages: int, page_size: int, steps: int, with_logits: bool = False):
+        """(state, k_pages, v_pages, page_table (b, P), lengths, tokens, active, sampling) ->
+        (tokens (steps, b)[, logits], k_pages, v_pages); the pages are donated (updated in place)."""
         graphdef, layout = self.placed.graphdef, self.layout
 
-        def decode(state, k_cache, v_cache, ring, sp, tick0):
-            return pipeline.decode(graphdef, state, layout, k_cache, v_cache, ring, sp, tick0, ticks, with_logits)
+        def decode(state, k_pages, v_pages, page_table, lengths, tokens, active, sp):
+            return pipeline.decode(
+                graphdef, state, layout, k_pages, v_pages, page_table, lengths, tokens, active, sp, steps, with_logits
+            )
 
-        k_sh, v_sh = self.kv_shardings(b, s)
-        ring = self.ring_shardings(b)
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        out = (rep, rep) if with_logits else rep
         return self._compiled(
-            ("decode", b, s, ticks, with_logits),
+            ("decode", b, pages_per_row, num_pages, page_size, steps, with_logits),
             lambda: jax.jit(
                 decode,
-                in_shardings=(self._state_shardings, k_sh, v_sh, ring, self._sampling_shardings(b), self.layout.replicated),
-                out_shardings=(self.layout.replicated, k_sh, v_sh, ring),
-                donate_argnums=(1, 2, 3),
+                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
+                out_shardings=(out, k_sh, v_sh),
+                donate_argnums=(1, 2),
+            ),
+        )
+
+    # ---- KV handoff --------------------------------------------------------------------------
+    def kv_spec(self) -> transfer.KVSpec:
+        m = self.placed.module
+        shapes = m.kv_shapes(1, 1)
+        repeat = self.kv_repeat
+        return transfer.KVSpec(
+            model=transfer.model_fingerprint(self.placed.cfg),
+            num_layers=len(m.layer_slots),
+            heads=tuple(sh[2] // repeat for sh in shapes),
+            dims=tuple(sh[4] for sh in shapes),
+            dtype=str(jnp.dtype(m.compute_dtype)),
+            logical_axes=tuple(m.kv_logical_axes),
+        )
+
+    @property
+    def kv_repeat(self) -> int:
+        m = self.placed.module
+        return getattr(m, "kv_heads", m.cfg.num_kv_heads) // m.cfg.num_kv_heads
+
+    def canonical_kv_shardings(self, b: int, t: int):
+        spec = self.kv_spec()
+        return tuple(
+            self._sh(spec.logical_axes, (spec.num_layers, b, h, t, d)) for h, d in zip(spec.heads, spec.dims)
+        )
+
+    def canonical_kv_fn(self, b: int, t: int):
+        """Prefill K/V in slot order (and with repeated KV heads) -> canonical (real layers, each KV
+        head once): the form that crosses between meshes of different layouts."""
+        slots = np.asarray(self.placed.module.layer_slots)
+        repeat = self.kv_repeat
+
+        def canon(k, v):
+            return tuple(x[slots][:, :, ::repeat] for x in (k, v))
+
+        return self._compiled(
+            ("canonical", b, t),
+            lambda: jax.jit(canon, in_shardings=self.kv_shardings(b, t), out_shardings=self.canonical_kv_shardings(b, t)),
+        )
+
+    def insert_fn(self, b: int, t: int, num_pages: int, page_size: int):
+        """(k_pages, v_pages, canonical k, v (L, b, KV, t, hd), page ids (b, t / page)) -> pages with
+        each row's prompt KV written into its pages (rows with page id = num_pages are skipped)."""
+        slots = np.asarray(self.placed.module.layer_slots)
+        num_slots = len(self.placed.module.active)
+        repeat = self.kv_repeat
+
+        def insert(k_pages, v_pages, k, v, page_ids):
+            out = []
+            for pages, x in ((k_pages, k), (v_pages, v)):
+                x = jnp.repeat(x, repeat, axis=2) if repeat > 1 else x
+                x = jnp.zeros((num_slots,) + x.shape[1:], x.dtype).at[slots].set(x)
+                s_, b_, h, t_, d = x.shape
+                x = x.reshape(s_, b_, h, t_ // page_size, page_size, d).transpose(0, 1, 3, 2, 4, 5)
+                x = x.reshape(s_, b_ * (t_ // page_size), h, page_size, d)
+                out.append(pages.at[:, page_ids.reshape(-1)].set(x.astype(pages.dtype), mode="drop"))
+            return tuple(out)
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        ck, cv = self.canonical_kv_shardings(b, t)
+        return self._compiled(
+            ("insert", b, t, num_pages, page_size),
+            lambda: jax.jit(
+                insert,
+                in_shardings=(k_sh, v_sh, ck, cv, self.layout.replicated),
+                out_shardings=(k_sh, v_sh),
+                donate_argnums=(0, 1),
             ),
         )
 

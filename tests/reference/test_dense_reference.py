@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 import infire_jax
-from infire_jax.engine import generation
 from infire_jax.engine.sampling import SamplingParams
 from tests.helpers import save_reference, torch_greedy, torch_logits
 
@@ -44,8 +43,8 @@ def test_decode_logits_equal_full_recompute(pair):
     _, _, model = pair
     prompts = _prompts(model.cfg.vocab_size)
     arrays = [np.asarray(p, np.int32) for p in prompts]
-    outs, logits = generation.generate(model.programs, arrays, [SamplingParams(12)] * len(arrays), with_logits=True)
-    for prompt, out, step_logits in zip(prompts, outs, logits):
+    reqs = model.run_requests(arrays, [SamplingParams(12)] * len(arrays), with_logits=True)
+    for prompt, out, step_logits in zip(prompts, [r.output for r in reqs], [r.logits for r in reqs]):
         seq = np.asarray([prompt + out[:-1]], np.int32)
         full = model.logits(seq)[0, len(prompt) - 1 :]
         assert np.abs(np.stack(step_logits) - full).max() <= 1e-4 * np.abs(full).max()
