@@ -28,6 +28,8 @@ flags.DEFINE_integer("top_k", 0, "0 = no top-k cut.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling threshold in (0, 1].")
 flags.DEFINE_integer("seed", 0, "Sampling seed (request i uses seed + i).")
 flags.DEFINE_string("mesh", "tp=1", "Mesh spec, e.g. 'tp=2' or 'pp=2,tp=2@0-3'.")
+flags.DEFINE_string("prefill_mesh", None, "Disaggregated: prefill mesh, e.g. 'pp=2,tp=2@0-3' (with --decode_mesh).")
+flags.DEFINE_string("decode_mesh", None, "Disaggregated: decode mesh on other devices, e.g. 'tp=4@4-7'.")
 flags.DEFINE_string("dtype", "float32", "Weight storage dtype: float32 or bfloat16.")
 flags.DEFINE_integer("devices", None, "Simulated CPU devices (default: as many as the mesh needs).")
 
@@ -39,9 +41,9 @@ def main(argv: list[str]) -> None:
 
     from infire_jax.mesh import parse_mesh
 
-    spec = parse_mesh(FLAGS.mesh)
+    specs = [parse_mesh(m) for m in (FLAGS.mesh, FLAGS.prefill_mesh, FLAGS.decode_mesh) if m]
     # Only the CPU backend reads this (simulated devices); on GPUs the real devices are used.
-    needed = FLAGS.devices or (spec.last_device + 1 if spec.last_device is not None else spec.num_devices)
+    needed = FLAGS.devices or max(s.last_device + 1 if s.last_device is not None else s.num_devices for s in specs)
     jax.config.update("jax_num_cpu_devices", max(needed, 1))
 
     import infire_jax
@@ -49,7 +51,12 @@ def main(argv: list[str]) -> None:
 
     model_dir = FLAGS.model_dir or tiny.ensure_default_model()
     t0 = time.perf_counter()
-    model = infire_jax.load(model_dir, mesh=FLAGS.mesh, dtype=FLAGS.dtype)
+    placement = (
+        dict(prefill_mesh=FLAGS.prefill_mesh, decode_mesh=FLAGS.decode_mesh)
+        if FLAGS.prefill_mesh or FLAGS.decode_mesh
+        else dict(mesh=FLAGS.mesh)
+    )
+    model = infire_jax.load(model_dir, dtype=FLAGS.dtype, **placement)
     load_s = time.perf_counter() - t0
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
 
@@ -64,7 +71,7 @@ def main(argv: list[str]) -> None:
         print(f"--- {prompt!r}\n{prompt}{text}")
     stats = dict(
         model_dir=str(model_dir),
-        mesh=str(spec),
+        placement={k: str(v) for k, v in placement.items()},
         load_seconds=round(load_s, 3),
         first_call_seconds=round(first_s, 3),
         warm_call_seconds=round(warm_s, 3),

@@ -1,0 +1,153 @@
+"""Run a list of prompts through a deployment (colocated, or N prefill : M decode workers on disjoint
+device ranges) and write per-request metrics and aggregate throughput as JSON.
+
+  python experiments/serve_offline.py --num_requests 64                       # colocated, tp=1
+  python experiments/serve_offline.py --prefill_workers "tp=1@0;tp=1@1" --decode_workers "tp=2@2-3"
+  python experiments/serve_offline.py --prompts_file prompts.jsonl --out /tmp/metrics.json
+
+--prompts_file holds one JSON object per line with "prompt" (text) or "tokens" (ids), optional
+"max_tokens". Without it, random token prompts of --min_len..--max_len tokens are generated (seeded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "HF checkpoint directory (default: the embedded tiny model).")
+flags.DEFINE_string("mesh", "tp=1", "Colocated mesh (used when no worker lists are given).")
+flags.DEFINE_string("prefill_workers", None, "';'-separated mesh specs, one per prefill worker.")
+flags.DEFINE_string("decode_workers", None, "';'-separated mesh specs, one per decode worker.")
+flags.DEFINE_string("prompts_file", None, "JSONL prompts (see module doc).")
+flags.DEFINE_integer("num_requests", 32, "Random prompts when no --prompts_file.")
+flags.DEFINE_integer("min_len", 4, "Random prompt length range.")
+flags.DEFINE_integer("max_len", 64, "Random prompt length range.")
+flags.DEFINE_integer("max_new_tokens", 32, "Default generation length.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("seed", 0, "Prompt and sampling seed.")
+flags.DEFINE_integer("kv_pages", 512, "KV pages per decode worker.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per decode worker.")
+flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
+flags.DEFINE_string("dtype", "float32", "Weight storage dtype.")
+flags.DEFINE_bool("warmup", True, "Run the workload once first so the timed run excludes compilation.")
+flags.DEFINE_string("out", None, "Write the metrics JSON here.")
+
+
+def _devices_needed(specs: list[str]) -> int:
+    from infire_jax.mesh import parse_mesh
+
+    need = 1
+    for s in specs:
+        m = parse_mesh(s)
+        need = max(need, (m.last_device + 1) if m.last_device is not None else m.num_devices)
+    return need
+
+
+def build_engine(model_dir, prefill_specs, decode_specs):
+    from infire_jax.api import _layout, place_model
+    from infire_jax.config import load_config
+    from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker
+    from infire_jax.engine.programs import Programs
+
+    cfg = load_config(model_dir)
+    placed: dict[str, Programs] = {}
+
+    def programs(spec):  # a mesh listed for both roles is one colocated placement
+        if spec not in placed:
+            p = place_model(model_dir, _layout(spec, None), cfg=cfg, dtype=FLAGS.dtype)
+            placed[spec] = Programs(p, decode_steps=FLAGS.decode_steps)
+        return placed[spec]
+
+    prefill = [PrefillWorker(f"prefill{i}:{s}", programs(s)) for i, s in enumerate(prefill_specs)]
+    decode = [
+        DecodeWorker(f"decode{i}:{s}", programs(s), num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
+                     max_batch=FLAGS.max_decode_batch)
+        for i, s in enumerate(decode_specs)
+    ]
+    return Engine(prefill, decode)
+
+
+def load_requests(vocab: int, tokenize) -> list[tuple[list[int], int]]:
+    import numpy as np
+
+    if FLAGS.prompts_file:
+        out = []
+        with open(FLAGS.prompts_file) as f:
+            for line in f:
+                if line.strip():
+                    item = json.loads(line)
+                    ids = item["tokens"] if "tokens" in item else tokenize(item["prompt"])
+                    out.append((ids, int(item.get("max_tokens", FLAGS.max_new_tokens))))
+        return out
+    rng = np.random.default_rng(FLAGS.seed)
+    return [
+        (rng.integers(0, vocab, int(rng.integers(FLAGS.min_len, FLAGS.max_len + 1))).tolist(), FLAGS.max_new_tokens)
+        for _ in range(FLAGS.num_requests)
+    ]
+
+
+def run(engine, requests) -> tuple[list[dict], dict]:
+    from infire_jax.kv.transfer import TransferStats
+
+    engine.requests.clear()
+    engine.started = time.perf_counter()
+    for w in engine.decode_workers:
+        w.transfer_stats = TransferStats()
+    for i, (ids, n) in enumerate(requests):
+        engine.submit(ids, dict(max_new_tokens=n, temperature=FLAGS.temperature, seed=FLAGS.seed + i), request_id=i)
+    engine.run()
+    metrics = [r.metrics() for r in engine.requests.values()]
+    return metrics, engine.stats()
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    prefill_specs = FLAGS.prefill_workers.split(";") if FLAGS.prefill_workers else [FLAGS.mesh]
+    decode_specs = FLAGS.decode_workers.split(";") if FLAGS.decode_workers else [FLAGS.mesh]
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", _devices_needed(prefill_specs + decode_specs))
+    from infire_jax.checkpoint import tiny
+
+    model_dir = FLAGS.model_dir or tiny.ensure_default_model()
+    engine = build_engine(model_dir, prefill_specs, decode_specs)
+    tokenizer = None
+
+    def tokenize(text):
+        nonlocal tokenizer
+        if tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+        return tokenizer.encode(text).ids
+
+    requests = load_requests(engine.vocab_size, tokenize)
+    if FLAGS.warmup:
+        run(engine, requests)
+    metrics, stats = run(engine, requests)
+    done = [m for m in metrics if m["status"] == "done"]
+    summary = dict(
+        stats,
+        deployment=dict(prefill=prefill_specs, decode=decode_specs),
+        ttft_p50_s=statistics.median([m["ttft_s"] for m in done]) if done else None,
+        tpot_p50_s=statistics.median([m["tpot_s"] for m in done if "tpot_s" in m] or [0.0]),
+    )
+    report = dict(summary=summary, requests=metrics)
+    print(json.dumps(summary, indent=1))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
