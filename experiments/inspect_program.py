@@ -21,7 +21,8 @@ flags.DEFINE_string("mesh", "tp=2", "Mesh spec (ignored when --deployment is giv
 flags.DEFINE_string("deployment", None, "Deployment name in configs/deployments/ or a JSON path.")
 flags.DEFINE_integer("batch", 4, "Decode/prefill batch.")
 flags.DEFINE_integer("prompt_len", 32, "Prefill length.")
-flags.DEFINE_integer("cache_len", 128, "Decode cache positions.")
+flags.DEFINE_integer("cache_len", 128, "Decode cache positions per row.")
+flags.DEFINE_integer("steps", 8, "Decode steps per call (collectives are reported per step).")
 flags.DEFINE_string("png", None, "Also draw the layout (which device holds which layers/heads) to this PNG.")
 flags.DEFINE_string("out", None, "Write the JSON here too.")
 
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
     model_dir = FLAGS.model_dir or tiny.ensure_default_model()
     kwargs = dict(deployment=FLAGS.deployment) if FLAGS.deployment else dict(mesh=FLAGS.mesh)
     model = infire_jax.load(model_dir, **kwargs)
-    report = inspect_model(model.programs, FLAGS.batch, FLAGS.prompt_len, FLAGS.cache_len)
+    report = inspect_model(model.programs, FLAGS.batch, FLAGS.prompt_len, FLAGS.cache_len, FLAGS.steps)
     report["layout"] = layout_table(model.placed).splitlines()
     if FLAGS.png:
         layout_figure(model.placed, FLAGS.png)
