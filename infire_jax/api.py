@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from infire_jax import mesh as mesh_lib
-from infire_jax.checkpoint import hf, store
+from infire_jax.checkpoint import compressed, hf, store
 from infire_jax.config import ModelConfig, load_config
 from infire_jax.engine import generation
 from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker, Request
@@ -59,8 +59,9 @@ def place_model(
     compute_dtype: str = "float32",
     cfg: ModelConfig | None = None,
 ) -> PlacedModel:
-    """Build the model abstractly for `layout`, then read the checkpoint (HF safetensors, or a
-    directory written by Model.save) straight into sharded arrays."""
+    """Build the model abstractly for `layout`, then read the checkpoint (HF safetensors, a
+    compressed checkpoint (checkpoint/compressed.py) or a directory written by Model.save) straight
+    into sharded arrays."""
     cfg = cfg or load_config(model_dir)
     module_cls, tensor_map = FAMILIES[cfg.family]
     num_slots, slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
@@ -82,7 +83,10 @@ def place_model(
     ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
     map_kwargs = {"kv_repeat": layout_kwargs["kv_repeat"]} if "kv_repeat" in layout_kwargs else {}
     tmap = tensor_map(cfg, slots, **map_kwargs)
-    arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore)
+    if compressed.is_compressed_checkpoint(model_dir):  # stacked matrices stay compressed on the device
+        arrays = compressed.load_into(model_dir, flat, layout, tmap, ignore=ignore)
+    else:
+        arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore)
     for p, var in flat.items():
         var.set_value(arrays[p])
     return PlacedModel(graphdef, state, layout)

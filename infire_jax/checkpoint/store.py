@@ -47,6 +47,11 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
     tree = {}
     for name, var in _flat(placed.state).items():
         value = var.get_value()
+        if hasattr(value, "decode_f32"):
+            raise ValueError(
+                "Model.save does not write compressed weights; the compressed checkpoint directory the "
+                "model was loaded from is already its saved form (or load the original and save that)"
+            )
         value = value[slots] if _is_stacked(var) else value
         axes = var.get_metadata()["logical_axes"]
         if repeat > 1 and "kv_heads" in axes:  # canonical form: each KV head once
