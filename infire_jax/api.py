@@ -20,7 +20,7 @@ from infire_jax.engine.disagg import generate as run_engine
 from infire_jax.engine.programs import PlacedModel, Programs
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.models import FAMILIES
-from infire_jax.sharding import DEFAULT_RULES, Layout, load_deployment
+from infire_jax.sharding import DEFAULT_RULES, Layout, load_deployment, stage_slots, use_layout
 
 __all__ = ["load", "Model", "place_model"]
 
@@ -31,18 +31,6 @@ def _dtype(name: str) -> Any:
     if name not in _DTYPES:
         raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
-
-
-def stage_slots(num_layers: int, stages: int) -> tuple[int, tuple[int, ...]]:
-    """Slot of each layer when `stages` pipeline stages get ceil(L/stages) slots each and layers
-    are spread as evenly as possible (stage sizes differ by at most one; padding slots sit at the
-    end of the short stages). Returns (number of slots, slot of each layer)."""
-    per = -(-num_layers // stages)
-    slots = []
-    for s in range(stages):
-        count = num_layers // stages + (s < num_layers % stages)
-        slots += [s * per + j for j in range(count)]
-    return per * stages, tuple(slots)
 
 
 def _flat_abstract(module: nnx.Module) -> tuple[Any, dict, dict]:
@@ -69,11 +57,12 @@ def place_model(
     tp_ways = layout.axis_size("kv_heads")
     if "kv_repeat" in inspect.signature(module_cls.__init__).parameters and cfg.num_kv_heads < tp_ways and tp_ways % cfg.num_kv_heads == 0:
         layout_kwargs["kv_repeat"] = tp_ways // cfg.num_kv_heads  # each tp device holds one KV head
-    abstract = nnx.eval_shape(
-        lambda: module_cls(
-            cfg, **layout_kwargs, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype)
+    with use_layout(layout):  # families whose stacks depend on the pipeline depth read it here
+        abstract = nnx.eval_shape(
+            lambda: module_cls(cfg, **layout_kwargs, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype))
         )
-    )
+        map_kwargs = {"kv_repeat": layout_kwargs["kv_repeat"]} if "kv_repeat" in layout_kwargs else {}
+        tmap = tensor_map(cfg, slots, **map_kwargs)
     graphdef, state, flat = _flat_abstract(abstract)
     if store.is_saved_model(model_dir):
         store.restore(model_dir, state, layout, slots, layout_kwargs.get("kv_repeat", 1))
@@ -81,12 +70,11 @@ def place_model(
     specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
     shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
     ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-    map_kwargs = {"kv_repeat": layout_kwargs["kv_repeat"]} if "kv_repeat" in layout_kwargs else {}
-    tmap = tensor_map(cfg, slots, **map_kwargs)
     if compressed.is_compressed_checkpoint(model_dir):  # stacked matrices stay compressed on the device
         arrays = compressed.load_into(model_dir, flat, layout, tmap, ignore=ignore)
     else:
-        arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore)
+        # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
+        arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore, ignore_layers_from=cfg.num_layers)
     for p, var in flat.items():
         var.set_value(arrays[p])
     return PlacedModel(graphdef, state, layout)

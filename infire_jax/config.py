@@ -157,12 +157,216 @@ def _qwen3(hf: dict, arch: str) -> dict[str, Any]:
     return _dense_common(hf, arch, "llama") | dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
 
 
+def _flag(hf: dict, key: str, default: Any) -> Any:
+    value = hf.get(key)
+    return default if value is None else value
+
+
+def _check_act(hf: dict, arch: str) -> None:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"{arch}: hidden_act={act!r} is not supported (only 'silu')")
+
+
+def _qwen3_moe(hf: dict, arch: str) -> dict[str, Any]:
+    """Qwen3-MoE: Qwen3 attention + softmax top-k experts (no shared expert)."""
+    _check_act(hf, arch)
+    if hf.get("use_sliding_window", False):
+        raise ConfigError(f"{arch}: use_sliding_window=True is not supported; set it to false")
+    bias = bool(hf.get("attention_bias", False))
+    experts = int(_flag(hf, "num_experts", _flag(hf, "num_local_experts", 0)))
+    top_k = int(_require(hf, "num_experts_per_tok", arch))
+    if experts and not 0 < top_k <= experts:
+        raise ConfigError(f"{arch}: num_experts_per_tok={top_k} must be in [1, num_experts={experts}]")
+    return _dense_common(hf, arch, "qwen3_moe") | dict(
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm=True,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(_require(hf, "moe_intermediate_size", arch)),
+        norm_topk_prob=bool(_flag(hf, "norm_topk_prob", False)),
+        decoder_sparse_step=int(_flag(hf, "decoder_sparse_step", 1)),
+        mlp_only_layers=tuple(int(i) for i in _flag(hf, "mlp_only_layers", [])),
+    )
+
+
+def _linear_names(layers: int, first_dense: int, experts: int, shared: int) -> tuple[list[str], list[str]]:
+    """(routed-expert Linear module names, every other Linear module name) of a DeepSeek-V3 model."""
+    expert, other = [], ["lm_head"]
+    for i in range(layers):
+        pre = f"model.layers.{i}."
+        other += [pre + "self_attn." + n for n in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                                                    "kv_b_proj", "o_proj")]
+        proj = ("gate_proj", "up_proj", "down_proj")
+        if i < first_dense or not experts:
+            other += [pre + "mlp." + n for n in proj]
+        else:
+            other += [pre + "mlp.shared_experts." + n for n in proj] if shared else []
+            expert += [f"{pre}mlp.experts.{e}.{n}" for e in range(experts) for n in proj]
+    return expert, other
+
+
+def _expert_int4_group(hf: dict, arch: str, expert_names: list[str], other_names: list[str], dims: tuple) -> int | None:
+    """Group size of int4 routed experts from a compressed-tensors quantization_config (None: no
+    quantisation). Only the format Kimi K2.5 ships is accepted: pack-quantized, weight-only int4,
+    symmetric, group-wise along the input dim, on the routed experts and nothing else."""
+    import re
+
+    q = hf.get("quantization_config")
+    if not q:
+        return None
+    where = f"{arch}: quantization_config"
+    method, fmt = q.get("quant_method"), q.get("format")
+    if method != "compressed-tensors" or fmt != "pack-quantized":
+        raise ConfigError(
+            f"{where}: quant_method={method!r}, format={fmt!r} is not supported; only compressed-tensors "
+            "'pack-quantized' int4 expert weights are"
+        )
+    groups = q.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ConfigError(f"{where}: expected exactly one config group, found {len(groups)}")
+    scheme = next(iter(groups.values()))
+    w = scheme.get("weights") or {}
+    got = (w.get("type", "int"), w.get("num_bits"), w.get("symmetric", True), w.get("strategy"))
+    if got != ("int", 4, True, "group") or scheme.get("input_activations") or scheme.get("output_activations"):
+        raise ConfigError(
+            f"{where}: scheme type={got[0]!r} num_bits={got[1]!r} symmetric={got[2]!r} strategy={got[3]!r} "
+            "(activations quantised: %s) is not supported; only weight-only int4, symmetric, strategy 'group'"
+            % bool(scheme.get("input_activations") or scheme.get("output_activations"))
+        )
+    group = w.get("group_size")
+    if not isinstance(group, int) or group <= 0 or group % 8 or any(dim % group for dim in dims):
+        raise ConfigError(
+            f"{where}: group_size={group!r} is not supported; it must be a multiple of 8 that divides the "
+            f"expert input dims {dims}"
+        )
+    targets, ignore = scheme.get("targets") or [], q.get("ignore") or []
+
+    def matches(name: str, patterns) -> bool:
+        return any(re.fullmatch(p[3:], name) if p.startswith("re:") else p in (name, "Linear") for p in patterns)
+
+    def quantized(name: str) -> bool:
+        return matches(name, targets) and not matches(name, [p for p in ignore if p != "Linear"])
+
+    bad = [n for n in other_names if quantized(n)]
+    if bad:
+        raise ConfigError(
+            f"{where}: only routed-expert weights may be quantised; also quantised: {bad[:6]}"
+            + (f" and {len(bad) - 6} more" if len(bad) > 6 else "")
+        )
+    on = [quantized(n) for n in expert_names]
+    if any(on) and not all(on):
+        raise ConfigError(f"{where}: some routed experts are quantised and others not; expected all or none")
+    return group if all(on) and on else None
+
+
+def _deepseek_v3(hf: dict, arch: str) -> dict[str, Any]:
+    """DeepSeek-V3 / Kimi K2: MLA attention + sigmoid group-limited top-k experts + shared experts."""
+    _check_act(hf, arch)
+    if hf.get("attention_bias", False):
+        raise ConfigError(f"{arch}: attention_bias=True is not supported")
+    scoring = hf.get("scoring_func", "sigmoid")
+    if scoring != "sigmoid":
+        raise ConfigError(f"{arch}: scoring_func={scoring!r} is not supported (only 'sigmoid', as DeepSeek-V3)")
+    cfg = _dense_common(hf, arch, "deepseek_v3")
+    if dict(cfg["rope_scaling"] or ()).get("truncate") is False:
+        raise ConfigError(f"{arch}: YaRN with truncate=false is not supported (the correction range is always truncated)")
+    nope = int(_require(hf, "qk_nope_head_dim", arch))
+    rope = int(_require(hf, "qk_rope_head_dim", arch))
+    if rope % 2:
+        raise ConfigError(f"{arch}: qk_rope_head_dim={rope} must be even")
+    experts = int(_flag(hf, "n_routed_experts", 0))
+    n_group, topk_group = int(_flag(hf, "n_group", 1)), int(_flag(hf, "topk_group", 1))
+    top_k = int(_flag(hf, "num_experts_per_tok", 0))
+    if experts:
+        if experts % n_group:
+            raise ConfigError(f"{arch}: n_routed_experts={experts} is not a multiple of n_group={n_group}")
+        if not 0 < topk_group <= n_group:
+            raise ConfigError(f"{arch}: topk_group={topk_group} must be in [1, n_group={n_group}]")
+        if not 0 < top_k <= topk_group * (experts // n_group):
+            raise ConfigError(f"{arch}: num_experts_per_tok={top_k} exceeds the experts of topk_group groups")
+    q_lora = hf.get("q_lora_rank")
+    first_dense = int(_flag(hf, "first_k_dense_replace", 0))
+    names = _linear_names(cfg["num_layers"], first_dense, experts, int(_flag(hf, "n_shared_experts", 0)))
+    moe_inter = int(_flag(hf, "moe_intermediate_size", 0))
+    int4 = _expert_int4_group(hf, arch, *names, dims=(cfg["hidden_size"], moe_inter))
+    return cfg | dict(
+        expert_int4_group=int4,
+        num_kv_heads=cfg["num_heads"],  # MLA: every head has its own key/value (from the shared latent)
+        head_dim=nope + rope,
+        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=int(_require(hf, "kv_lora_rank", arch)),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope,
+        v_head_dim=int(_require(hf, "v_head_dim", arch)),
+        rope_interleave=bool(_flag(hf, "rope_interleave", True)),
+        n_routed_experts=experts,
+        n_shared_experts=int(_flag(hf, "n_shared_experts", 0)),
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=moe_inter,
+        n_group=n_group,
+        topk_group=topk_group,
+        routed_scaling_factor=float(_flag(hf, "routed_scaling_factor", 1.0)),
+        norm_topk_prob=bool(_flag(hf, "norm_topk_prob", True)),
+        first_k_dense_replace=first_dense,
+    )
+
+
+def _llama4_text(hf: dict, arch: str) -> dict[str, Any]:
+    """Llama 4 text (Llama4ForCausalLM): chunked-rope / global-NoPE attention, sigmoid top-k MoE."""
+    _check_act(hf, arch)
+    layers = int(_require(hf, "num_hidden_layers", arch))
+    dense = dict(hf, intermediate_size=hf.get("intermediate_size_mlp") or hf.get("intermediate_size"))
+    cfg = _dense_common(dense, arch, "llama4")
+    bias = bool(hf.get("attention_bias", False))
+    experts = int(_flag(hf, "num_local_experts", 0))
+    step = int(_flag(hf, "interleave_moe_layer_step", 1))
+    moe_layers = hf.get("moe_layers")
+    if moe_layers is None:
+        moe_layers = list(range(step - 1, layers, step)) if experts else []
+    interval = int(_flag(hf, "no_rope_layer_interval", 4))
+    no_rope = hf.get("no_rope_layers") or [int((i + 1) % interval != 0) for i in range(layers)]
+    if len(no_rope) < layers:
+        raise ConfigError(f"{arch}: no_rope_layers has {len(no_rope)} entries for {layers} layers")
+    layer_types = hf.get("layer_types") or [
+        "chunked_attention" if r else "full_attention" for r in no_rope[:layers]
+    ]
+    unknown = sorted(set(layer_types) - {"chunked_attention", "full_attention"})
+    if unknown:
+        raise ConfigError(f"{arch}: layer_types {unknown} are not supported (chunked_attention, full_attention)")
+    if any(not 0 <= i < layers for i in moe_layers):
+        raise ConfigError(f"{arch}: moe_layers {moe_layers} name layers outside [0, {layers})")
+    top_k = int(_flag(hf, "num_experts_per_tok", 1))
+    if moe_layers and not 0 < top_k <= experts:
+        raise ConfigError(f"{arch}: num_experts_per_tok={top_k} must be in [1, num_local_experts={experts}]")
+    chunk = hf.get("attention_chunk_size")
+    return cfg | dict(
+        qkv_bias=bias,
+        o_bias=bias,
+        num_local_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=int(_require(hf, "intermediate_size", arch)),
+        moe_layers=tuple(int(i) for i in moe_layers),
+        no_rope_layers=tuple(int(r) for r in no_rope[:layers]),
+        layer_types=tuple(layer_types[:layers]),
+        attention_chunk_size=int(chunk) if chunk else None,
+        use_qk_norm=bool(_flag(hf, "use_qk_norm", True)),
+        attn_temperature_tuning=bool(_flag(hf, "attn_temperature_tuning", True)),
+        floor_scale=float(_flag(hf, "floor_scale", 8192)),
+        attn_scale=float(_flag(hf, "attn_scale", 0.1)),
+    )
+
+
 # HF architecture name -> parser. Families beyond dense Llama register here too.
 FAMILIES: dict[str, Callable[[dict, str], dict[str, Any]]] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _llama,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
+    "Qwen3MoeForCausalLM": _qwen3_moe,
+    "DeepseekV3ForCausalLM": _deepseek_v3,
+    "Llama4ForCausalLM": _llama4_text,
 }
 
 

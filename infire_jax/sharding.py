@@ -27,6 +27,7 @@ __all__ = [
     "use_layout",
     "current_layout",
     "load_deployment",
+    "stage_slots",
 ]
 
 DEPLOYMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "deployments"
@@ -125,6 +126,18 @@ def load_deployment(name_or_path: str | pathlib.Path) -> tuple[str, dict[str, Me
     if unknown:
         raise ValueError(f"deployment {path}: unknown logical axes {unknown}; known: {sorted(DEFAULT_RULES)}")
     return spec["mesh"], rules
+
+
+def stage_slots(num_layers: int, stages: int) -> tuple[int, tuple[int, ...]]:
+    """Slot of each layer when `stages` pipeline stages get ceil(L/stages) slots each and layers
+    are spread as evenly as possible (stage sizes differ by at most one; padding slots sit at the
+    end of the short stages). Returns (number of slots, slot of each layer)."""
+    per = -(-num_layers // stages)
+    slots = []
+    for s in range(stages):
+        count = num_layers // stages + (s < num_layers % stages)
+        slots += [s * per + j for j in range(count)]
+    return per * stages, tuple(slots)
 
 
 _LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("infire_layout", default=None)

@@ -82,14 +82,16 @@ def test_checkpoint_with_missing_and_misshaped_tensors(tmp_path, tiny_dir):
     tensors = load_file(path)
     del tensors["model.layers.1.mlp.up_proj.weight"]
     tensors["model.norm.weight"] = np.ones(7, np.float32)
-    tensors["model.layers.9.extra.weight"] = np.ones(3, np.float32)
+    tensors["model.layers.0.extra.weight"] = np.ones(3, np.float32)
+    tensors["model.layers.9.mlp.up_proj.weight"] = np.ones(3, np.float32)  # past num_layers (like MTP): ignored
     save_file(tensors, path)
     with pytest.raises(hf.CheckpointError) as err:
         infire_jax.load(tmp_path / "m")
     text = str(err.value)
     assert "missing tensors (1)" in text and "model.layers.1.mlp.up_proj.weight" in text
     assert "wrong shapes (1)" in text and "model.norm.weight" in text
-    assert "unexpected tensors (1)" in text
+    assert "unexpected tensors (1)" in text and "model.layers.0.extra.weight" in text
+    assert "model.layers.9" not in text
 
 
 def test_sampling_is_seeded_and_respects_top_k(model):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
+import re
 from typing import Any, Callable, Iterable
 
 import jax
@@ -57,17 +58,28 @@ def list_tensors(model_dir: str | pathlib.Path) -> dict[str, tuple[pathlib.Path,
     return out
 
 
+def _layer_index(name: str) -> int | None:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
 def check_tensors(
     present: dict[str, tuple[pathlib.Path, tuple[int, ...], str]],
     expected: dict[str, tuple[int, ...]],
     ignore: Iterable[str] = (),
+    ignore_layers_from: int | None = None,
 ) -> None:
-    """One error that lists every missing, unexpected and mis-shaped tensor."""
+    """One error that lists every missing, unexpected and mis-shaped tensor (tensors of layers at or
+    past `ignore_layers_from` are not served and not reported)."""
     ignore = set(ignore)
+
+    def ignored(n: str) -> bool:
+        layer = _layer_index(n)
+        beyond = ignore_layers_from is not None and layer is not None and layer >= ignore_layers_from
+        return n in ignore or n.endswith(_IGNORED_SUFFIXES) or beyond
+
     missing = sorted(set(expected) - set(present))
-    extra = sorted(
-        n for n in set(present) - set(expected) if n not in ignore and not n.endswith(_IGNORED_SUFFIXES)
-    )
+    extra = sorted(n for n in set(present) - set(expected) if not ignored(n))
     shapes = sorted(
         f"{n}: checkpoint {present[n][1]}, model expects {expected[n]}"
         for n in set(expected) & set(present)
@@ -116,6 +128,7 @@ def load_into(
     tensor_map: dict[str, tuple],
     ignore: Iterable[str] = (),
     on_tensor: Callable[[str], None] | None = None,
+    ignore_layers_from: int | None = None,
 ) -> dict[tuple[str, ...], jax.Array]:
     """Build every parameter in `abstract` (path -> shape/dtype) from the HF tensors of `tensor_map`.
 
@@ -123,7 +136,7 @@ def load_into(
     applied to the HF array before the reshape]). Parts of a parameter no tensor maps to (pipeline
     padding slots) are zeros."""
     present = list_tensors(model_dir)
-    check_tensors(present, {n: entry[2] for n, entry in tensor_map.items()}, ignore)
+    check_tensors(present, {n: entry[2] for n, entry in tensor_map.items()}, ignore, ignore_layers_from)
     sources: dict[tuple[str, ...], list[tuple[str, tuple[int, ...], Callable | None]]] = collections.defaultdict(list)
     for name, (path, index, _, *transform) in tensor_map.items():
         if path not in abstract:

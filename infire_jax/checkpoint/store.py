@@ -40,6 +40,11 @@ def _flat(state: Any) -> dict[str, nnx.Variable]:
 def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
     """Write the model's parameters (canonical layer order) and its config/tokenizer files."""
     path = pathlib.Path(path).absolute()
+    if hasattr(placed.module, "stack_index"):
+        raise NotImplementedError(
+            f"Model.save supports the dense families; {placed.cfg.architecture} keeps per-kind layer stacks "
+            "(dense/MoE) that the canonical saved form does not describe yet — keep the HF checkpoint instead"
+        )
     if path.exists():
         raise FileExistsError(f"{path} exists; choose a new directory for the saved model")
     slots = np.asarray(placed.module.layer_slots)

@@ -1,0 +1,163 @@
+"""Llama 4 text backbone (HF Llama4ForCausalLM, model_type llama4_text), e.g. Scout / Maverick.
+
+Attention (transformers Llama4TextAttention), per layer:
+  RoPE layers (no_rope_layers[i] == 1): complex ("interleaved pairs") rope on q and k, then, with
+      use_qk_norm, a weightless RMS ("L2") norm of q and k (eps rms_norm_eps); these layers are
+      "chunked_attention": a query sees only keys in its own attention_chunk_size block of positions.
+  NoPE layers (no_rope_layers[i] == 0): no rope; with attn_temperature_tuning the query is scaled by
+      1 + attn_scale * log1p(floor((pos + 1) / floor_scale)); global causal attention.
+  (layer_types from config.json decides chunked vs global; it defaults to the rule above.)
+Per-layer differences are static flags turned into per-slot arrays, so every layer shares one scan:
+the elementwise parts are selected with jnp.where, and the chunk size is a per-layer array (global
+layers get one no position reaches), so both patterns are one attention.
+
+Feed-forward: layers in `moe_layers` route each token to top-k experts by sigmoid(router logit); the
+routing weight scales the expert's *input*, and a shared expert (same size) is added. The fused
+expert tensors are stored as HF writes them ("in-major": gate_up_proj [E, D, 2F], down_proj [E, F, D]),
+reshaped, never transposed. Other layers have a dense SwiGLU of intermediate_size_mlp.
+
+KV cache: every layer caches the full sequence (one stacked (k, v) pair for all layers, as the engine
+expects); chunked layers only read their current chunk. Bounding the chunked layers' KV by the chunk
+size (a ring buffer) needs the engine to hold a second cache pair for those layers: not done yet.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from infire_jax.config import ModelConfig
+from infire_jax.models import layers, moe
+from infire_jax.models.attention import gqa_attention
+from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map, gqa_params, gqa_tensor_map
+from infire_jax.sharding import constrain
+
+__all__ = ["Llama4", "hf_tensor_map"]
+
+
+def llama4_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+    return moe.moe_layer_kinds(cfg.num_layers, cfg.get("moe_layers", ()))
+
+
+_GLOBAL = 1 << 30  # "chunk size" of global-attention layers
+
+
+def _l2_norm(x: jax.Array, eps: float) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class Llama4(moe.MoEDecoder):
+    """Llama 4 text decoder: chunked-rope / global-NoPE attention, top-k sigmoid MoE + shared expert."""
+
+    @staticmethod
+    def ffn_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+        return llama4_kinds(cfg)
+
+    def __init__(self, cfg: ModelConfig, **kwargs):
+        super().__init__(cfg, **kwargs)
+        inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope or None)
+        self.inv_freq = tuple(float(f) for f in inv_freq)
+
+    def slot_flags(self) -> dict[str, tuple]:
+        c = self.cfg
+        use_rope, chunked = [0] * len(self.active), [0] * len(self.active)
+        for i, s in enumerate(self.layer_slots):
+            use_rope[s] = int(c.get("no_rope_layers")[i])
+            chunked[s] = int(c.get("layer_types")[i] == "chunked_attention")
+        return dict(use_rope=tuple(use_rope), chunked=tuple(chunked))
+
+    def _attn_params(self, p, n):
+        return gqa_params(self.cfg, p, n)
+
+    def _ffn_params(self, kind, p, n):
+        c, d = self.cfg, self.cfg.hidden_size
+        if kind == "dense":
+            return dense_ffn_params(p, n, c.intermediate_size, d)
+        e, f = c.get("num_local_experts"), c.get("moe_intermediate_size")
+        gu_axes, d_axes = moe.expert_axes(in_major=True)
+        return dict(
+            router=p((n, e, d), ("layers", None, "embed")),
+            w_gate_up=p((n, e, d, 2, f), ("layers",) + gu_axes),
+            w_down=p((n, e, f, d), ("layers",) + d_axes),
+        ) | dense_ffn_params(p, n, f, d, prefix="shared_")
+
+    def kv_shapes(self, batch: int, seq: int):
+        c = self.cfg
+        shape = (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
+        return shape, shape
+
+    def context(self, start: jax.Array, t: int) -> dict[str, jax.Array]:
+        positions = start[:, None] + jnp.arange(t)[None, :]
+        cos, sin = moe.rope_half_tables(positions, self.inv_freq, self.rope_scale, self.compute_dtype)
+        return dict(start=start, positions=positions, cos=cos, sin=sin)
+
+    def _attention(self, w, x, ctx, kc, vc, flags):
+        c = self.cfg
+        h = layers.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
+        q = constrain(layers.dense(h, w["wq"], "btd,khd->btkh", w.get("bq")), ("batch", "seq", "heads", "head_dim"))
+        k = constrain(layers.dense(h, w["wk"], "btd,khd->btkh", w.get("bk")), ("batch", "seq", "kv_heads", "head_dim"))
+        v = constrain(layers.dense(h, w["wv"], "btd,khd->btkh", w.get("bv")), ("batch", "seq", "kv_heads", "head_dim"))
+        rope = flags["use_rope"] > 0
+        cos, sin = ctx["cos"], ctx["sin"]
+        q = jnp.where(rope, moe.rope_interleaved(q, cos, sin), q)
+        k = jnp.where(rope, moe.rope_interleaved(k, cos, sin), k)
+        if c.get("use_qk_norm"):
+            q = jnp.where(rope, _l2_norm(q, c.rms_norm_eps), q)
+            k = jnp.where(rope, _l2_norm(k, c.rms_norm_eps), k)
+        if c.get("attn_temperature_tuning"):
+            pos = ctx["positions"].astype(jnp.float32)
+            temp = jnp.log1p(jnp.floor((pos + 1.0) / c.get("floor_scale"))) * c.get("attn_scale") + 1.0
+            q = jnp.where(rope, q, q * temp[:, :, None, None].astype(q.dtype))
+        q = q * (c.head_dim**-0.5)
+        # One attention for both patterns: global layers get a window no position reaches.
+        window = c.get("attention_chunk_size") or _GLOBAL
+        window = jnp.where(flags["chunked"] > 0, window, _GLOBAL).astype(jnp.int32)
+        attn = gqa_attention(q, k, v, ctx["start"], kc, vc, window=window)
+        attn = constrain(attn, ("batch", "seq", "heads", "head_dim"))
+        out = constrain(layers.dense(attn, w["wo"], "btkh,dkh->btd", w.get("bo")), ("batch", "seq", "embed"))
+        return x + out, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+
+    def _ffn(self, kind, w, h):
+        if kind == "dense":
+            return layers.gated_mlp(h, w["w_gate_up"], w["w_down"])
+        c = self.cfg
+        b, t, d = h.shape
+        x = h.reshape(b * t, d)
+        weights, idx = moe.sigmoid_topk_logits(layers.dense(x, w["router"], "nd,ed->ne"), c.get("num_experts_per_tok"))
+        gu_axes, d_axes = moe.expert_axes(in_major=True)
+        y = moe.routed_experts(
+            x, weights, idx, w["w_gate_up"], w["w_down"], gate_up_axes=gu_axes, down_axes=d_axes,
+            in_major=True, scale_input=True,
+        )
+        return y.reshape(b, t, d) + layers.gated_mlp(h, w["shared_w_gate_up"], w["shared_w_down"])
+
+
+def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], stages: int | None = None) -> dict:
+    c, d, v = cfg, cfg.hidden_size, cfg.vocab_size
+    e, f = c.get("num_local_experts"), c.get("moe_intermediate_size")
+    plan = moe.SlotPlan.for_model(llama4_kinds(cfg), layer_slots, stages=stages)
+    out = {
+        "model.embed_tokens.weight": (("embed",), (), (v, d)),
+        "model.norm.weight": (("final_norm",), (), (d,)),
+    }
+    if not c.tie_word_embeddings:
+        out["lm_head.weight"] = (("lm_head",), (), (v, d))
+    for i, s in enumerate(layer_slots):
+        pre = f"model.layers.{i}."
+        ff = pre + "feed_forward."
+        out |= {
+            pre + "input_layernorm.weight": (("layers", "attn_norm"), (s,), (d,)),
+            pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (s,), (d,)),
+        }
+        out |= gqa_tensor_map(c, pre, s)
+        j = plan.position(s)
+        if moe.KINDS[plan.slot_kind[s]] == "dense":
+            out |= dense_ffn_tensor_map(ff, "dense", "", j, c.intermediate_size, d)
+            continue
+        out |= {
+            ff + "router.weight": (("moe", "router"), (j,), (e, d)),
+            ff + "experts.gate_up_proj": (("moe", "w_gate_up"), (j,), (e, d, 2 * f)),
+            ff + "experts.down_proj": (("moe", "w_down"), (j,), (e, f, d)),
+        }
+        out |= dense_ffn_tensor_map(ff + "shared_expert.", "moe", "shared_", j, f, d)
+    return out
