@@ -126,3 +126,14 @@ def test_bad_requests_fail_alone(colocated):
     assert engine.decode_workers[0].allocator.free == engine.decode_workers[0].num_pages
     for r in [good] + bad:
         engine.requests.pop(r.id)
+
+
+def test_decode_batch_bound_is_respected(colocated):
+    decode = DecodeWorker("decode", colocated.programs, num_pages=64, page_size=16, max_batch=2)
+    engine = Engine([PrefillWorker("prefill", colocated.programs)], [decode])
+    reqs = [engine.submit([1, 2, i + 3], SamplingParams(6)) for i in range(5)]
+    sizes = []
+    step = decode.step
+    decode.step = lambda: (sizes.append(len(decode.running)), step())[1]
+    engine.run()
+    assert max(sizes) == 2 and all(r.status == "done" and len(r.output) == 6 for r in reqs)

@@ -212,7 +212,8 @@ class DecodeWorker:
     def admit(self) -> None:
         """Move arrived requests into the running batch while slots and pages allow (FIFO)."""
         by_batch: dict[int, tuple[PrefillBatch, list[tuple[int, list[int]]]]] = {}
-        while self.arrived and len(self.running) < self.max_batch:
+        admitted = 0
+        while self.arrived and len(self.running) + admitted < self.max_batch:
             batch, row = self.arrived[0]
             r = batch.requests[row]
             need = self.pages_for(r)
@@ -220,6 +221,7 @@ class DecodeWorker:
                 break  # wait for pages (FIFO: no overtaking, so nothing starves)
             self.arrived.popleft()
             r.pages = self.allocator.allocate(need, r.id)
+            admitted += 1
             by_batch.setdefault(id(batch), (batch, []))[1].append((row, r.pages))
         for batch, rows in by_batch.values():
             self._insert(batch, rows)

@@ -207,7 +207,9 @@ def layout_table(placed: Any) -> str:
     slots = module.layer_slots
     per_stage = len(module.active) // mesh.shape["pp"]
     lines = [f"mesh {dict(mesh.shape)}  rules: " + ", ".join(f"{k}->{v}" for k, v in layout.rules.items() if v)]
-    sizes = dict(heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, mlp=cfg.intermediate_size, vocab=cfg.vocab_size)
+    stored_kv = getattr(module, "kv_heads", cfg.num_kv_heads)  # KV heads may be repeated for tp
+    repeat = stored_kv // cfg.num_kv_heads
+    sizes = dict(heads=cfg.num_heads, kv_heads=stored_kv, mlp=cfg.intermediate_size, vocab=cfg.vocab_size)
     for idx, dev in np.ndenumerate(mesh.devices):
         c = dict(zip(mesh.axis_names, idx))
         stage = c["pp"]
@@ -222,7 +224,10 @@ def layout_table(placed: Any) -> str:
             for a in axes:
                 pos = pos * mesh.shape[a] + c[a]
             chunk = n // ways
-            parts.append(f"{logical} {pos * chunk}-{(pos + 1) * chunk - 1}" + ("" if ways > 1 else " (all)"))
+            first, last = pos * chunk, (pos + 1) * chunk - 1
+            if logical == "kv_heads" and repeat > 1:  # name the original KV heads a device holds
+                first, last = first // repeat, last // repeat
+            parts.append(f"{logical} {first}-{last}" + ("" if ways > 1 else " (all)"))
         lines.append(" | ".join(parts))
     return "\n".join(lines)
 
