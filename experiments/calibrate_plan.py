@@ -1,0 +1,55 @@
+"""Calibrate the planner's cost model against the engine on this CPU (infire_jax.plan.calibrate).
+
+  python experiments/calibrate_plan.py --out=/tmp/calibrate_plan.json
+
+Writes smollm-135m-shaped tiny checkpoints (deterministic random weights: 8 and 30 layers, and a
+narrower 16-layer model with hidden 384), times the engine's compiled prefill and decode programs,
+measures this CPU's bandwidth and matmul rates, and prints predicted vs measured step times:
+"roofline" (measured rates only) and "calibrated" (plus two engine-on-CPU constants fitted on the
+reference model's cases; the other models are held out). The process is pinned to one core and
+times are process CPU time (this machine is shared; see the module docstring of plan/calibrate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="calibrate_plan.json")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--root", default=None, help="where the tiny checkpoints are written (default: a temp dir)")
+    ap.add_argument("--models", default=None, help="comma-separated subset of smollm-L8,smollm-L30,smollm-L16-D384")
+    ap.add_argument("--wall", action="store_true", help="wall time on all cores instead of CPU time on one core")
+    args = ap.parse_args(argv)
+
+    from infire_jax.plan import calibrate as cal
+
+    if not args.wall:
+        cal.pin_one_core()  # before JAX starts its threads
+    else:
+        import time
+
+        cal.CLOCK[0] = time.perf_counter
+    cases = cal.DEFAULT_CASES
+    if args.models:
+        keep = set(args.models.split(","))
+        cases = tuple(c for c in cases if c.name in keep)
+    out = cal.calibrate(cases, root=args.root, runs=args.runs)
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1, default=str)
+    print(f"held out: {out['held_out_within_25pct']}/{out['held_out_cases']} within +-25% "
+          f"(median |error| {100 * (out['held_out_median_abs_error'] or 0):.0f}%); all: {out['all_within_25pct']}/"
+          f"{out['cases']}; roofline alone: {out['roofline_within_25pct']}/{out['cases']}; fitted {out['fitted']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""What fits where: per-device weights, KV per token and left, reserved memory and maximum context of
+a model on N devices, from the real model class built abstractly (infire_jax.plan.capacity).
+
+  python experiments/plan_capacity.py --model=kimi_k25 --hardware=h100 --count=8 --json
+  python experiments/plan_capacity.py --model=llama4_scout --hardware=h200 --count=2 --weights=bf16
+  python experiments/plan_capacity.py --model=path/to/config.json --hardware=h100 --count=4 --mesh=pp=2,tp=2
+  python experiments/plan_capacity.py --standard_plot=memory.png   # the acceptance deployments in one figure
+
+--model: a name in configs/models/ (kimi_k25, llama4_scout, llama31_8b, qwen3_30b_a3b), a config.json
+path or a model directory. --weights: auto (the checkpoint's own format: int4 experts when its
+config.json carries the compressed-tensors block, else bf16), bf16, int4_experts, compressed
+(palette12, 0.75 of bf16 for stacked layer matrices) or fp32. Without --mesh every pp x ep x tp mesh of
+--count devices is planned and the best kept (fits first, then the most KV left; --objective=tokens
+prefers the longest context). --json prints one JSON object (fits, weights_gib_per_device, kv_free_gib
+(total over devices), max_context_tokens, ... and the other candidates). Bad input exits with status 2
+and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _weights(model: str, weights: str) -> str:
+    if weights != "auto":
+        return weights
+    from infire_jax.plan.capacity import load_hf_config
+
+    _, hf = load_hf_config(model)
+    return "int4_experts" if hf.get("quantization_config") else "bf16"
+
+
+KIND_ORDER = ["embedding", "lm_head", "attention", "dense_mlp", "shared_expert", "routed_expert", "router", "norm"]
+KIND_COLORS = {"embedding": "#9ecae1", "lm_head": "#6baed6", "attention": "#3182bd", "dense_mlp": "#fd8d3c",
+               "shared_expert": "#fdae6b", "routed_expert": "#e6550d", "router": "#a1d99b", "norm": "#31a354"}
+RESERVED_COLORS = {"runtime": "#636363", "headroom": "#969696", "activations": "#bcbddc", "logits": "#dadaeb"}
+
+
+def plot_memory(plans, path: str, title: str = "") -> None:
+    """Stacked bars: one device's memory per plan (weights by kind, reserved terms, KV left)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gib = float(1 << 30)
+    fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(plans) + 2), 5.5))
+    labels = []
+    for i, p in enumerate(plans):
+        bottom = 0.0
+        for kind in KIND_ORDER:
+            v = p.weight_breakdown_per_device.get(kind, 0.0) / gib
+            if v > 0:
+                ax.bar(i, v, bottom=bottom, color=KIND_COLORS[kind], label=kind if i == 0 or kind not in
+                       {h.get_label() for h in ax.patches} else None, edgecolor="white", linewidth=0.3)
+                bottom += v
+        for k, v in p.reserved.items():
+            ax.bar(i, v / gib, bottom=bottom, color=RESERVED_COLORS[k], hatch="//", edgecolor="white", linewidth=0.3,
+                   label=f"reserved: {k}")
+            bottom += v / gib
+        free = p.kv_free_per_device / gib
+        if free > 0:
+            ax.bar(i, free, bottom=bottom, color="#74c476", label="KV cache (free)")
+        ax.hlines(p.hardware.memory_gib, i - 0.45, i + 0.45, colors="black", linestyles="--")
+        status = "fits" if p.fits else "does not fit"
+        labels.append(f"{p.model}\n{p.count}x{p.hardware.name} [{p.mesh}]\n{p.weights}\n{status}")
+        note = (f"KV {p.kv_free_total / gib:.1f} GiB total\n{p.max_context_tokens / 1e3:,.0f}k tok" if p.kv_free_per_device > 0
+                else f"short {-p.kv_free_per_device / gib:.1f} GiB\nper device")
+        ax.text(i, max(bottom, p.hardware.memory_gib) + 1.5, note, ha="center", va="bottom", fontsize=7)
+    handles, names = ax.get_legend_handles_labels()
+    uniq = dict(zip(names, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_xticks(range(len(plans)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("GiB per device (dashed: device memory)")
+    ax.set_title(title or "Memory per device")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="kimi_k25")
+    ap.add_argument("--hardware", default="h100")
+    ap.add_argument("--count", type=int, default=8)
+    ap.add_argument("--weights", default="auto", help="auto | bf16 | int4_experts | compressed | fp32")
+    ap.add_argument("--mesh", default=None, help="e.g. tp=8 or pp=2,tp=4 (default: search)")
+    ap.add_argument("--kv_dtype", default="bf16")
+    ap.add_argument("--role", default="colocated", help="colocated | prefill | decode (sets the activation workspace)")
+    ap.add_argument("--max_step_tokens", type=int, default=None, help="tokens per forward (default 4096; decode: batch)")
+    ap.add_argument("--max_decode_batch", type=int, default=256)
+    ap.add_argument("--objective", default="kv_bytes", help="kv_bytes | tokens (mesh search)")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--plot", default=None, help="PNG: memory per device of the best plans")
+    ap.add_argument("--standard_plot", default=None, help="PNG of K2.5 7/8xH100 (int4) and Scout 1/2xH200 (bf16)")
+    args = ap.parse_args(argv)
+
+    from infire_jax.plan.capacity import ConfigError, Deployment, HardwareError, PlanError, plan_best
+
+    try:
+        if args.standard_plot:
+            plans = []
+            for model, hw, n, w in (("kimi_k25", "h100", 7, "int4_experts"), ("kimi_k25", "h100", 8, "int4_experts"),
+                                    ("llama4_scout", "h200", 1, "bf16"), ("llama4_scout", "h200", 2, "bf16"),
+                                    ("llama31_8b", "h100", 1, "bf16")):
+                plans.append(plan_best(model, Deployment(hw, n, weights=w))[0])
+            plot_memory(plans, args.standard_plot, "Memory per device: weights, reserved, KV left")
+            print(f"wrote {args.standard_plot}")
+            if not args.json:
+                return 0
+        weights = _weights(args.model, args.weights)
+        dep = Deployment(args.hardware, args.count, mesh=args.mesh, weights=weights, kv_dtype=args.kv_dtype,
+                         role=args.role, max_step_tokens=args.max_step_tokens, max_decode_batch=args.max_decode_batch)
+        best, cands = plan_best(args.model, dep, objective=args.objective)
+    except (ConfigError, HardwareError, PlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = best.summary()
+    out["candidates"] = [dict(mesh=p.mesh, fits=p.fits, weights_gib_per_device=round(p.weight_bytes_per_device / (1 << 30), 3),
+                              kv_free_gib=round(p.kv_free_total / (1 << 30), 3), max_context_tokens=int(p.max_context_tokens))
+                         for p in cands]
+    if args.plot:
+        plot_memory(cands[:6], args.plot, f"{best.model} on {args.count}x{best.hardware.name} ({weights})")
+        out["plot"] = args.plot
+    if args.json:
+        print(json.dumps(out, indent=1, default=str))
+        return 0
+    g = out
+    print(f"{g['model']} ({g['family']}, {g['params_b']:.2f}B params, {weights}) on {args.count} x {g['hardware']} "
+          f"[{g['mesh']}]: {'FITS' if g['fits'] else 'DOES NOT FIT'} - {g['reason']}")
+    print(f"  weights: {g['weights_gib_total']:.2f} GiB total, {g['weights_gib_per_device']:.2f} GiB per device "
+          f"{g['weight_breakdown_gib_per_device']}")
+    print(f"  reserved per device: {g['reserved_gib_per_device']}")
+    print(f"  KV per token per device: {g['kv_bytes_per_token_per_device']:,.0f} B ({g['kv_layers_per_device']} layers; "
+          f"per layer {g['kv_bytes_per_token_per_layer_per_device']}), chunk cap {g['attention_chunk_size']}")
+    print(f"  KV left: {g['kv_free_gib']:.2f} GiB total ({g['kv_free_gib_per_device']:.2f} per device); max context "
+          f"{g['max_context_tokens']:,} tokens (engine today, no chunk cap: {g['max_context_tokens_engine_today']:,})")
+    for c in out["candidates"][:8]:
+        print(f"    {c['mesh']:16s} fits={c['fits']!s:5s} weights/dev {c['weights_gib_per_device']:8.2f} GiB  "
+              f"KV left {c['kv_free_gib']:9.2f} GiB  context {c['max_context_tokens']:>12,}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Prefill/decode cluster simulator: best disaggregated vs best colocated plan by goodput per GPU.
+
+  python experiments/simulate_pd.py --model=kimi_k25 --hardware=h100 --count=32 --workload=rag --json
+  python experiments/simulate_pd.py --model=kimi_k25 --hardware=h100 --count=32 --workload=chat --plot=chat.png
+  python experiments/simulate_pd.py --model=kimi_k25 --hardware=h100 --count=8 --decode_table
+
+Searches P:D splits of --count devices and per-phase parallelism (instance meshes: tp inside a node,
+pp across nodes, pp=2 inside a node; the two smallest instance sizes the model fits), and colocated
+plans (chunked prefill budgets 512 / 2048 / 8192), simulating Poisson arrivals of the workload
+(infire_jax.plan.simulator: chat, rag, agent length distributions with default SLOs; --ttft_slo /
+--tpot_slo in ms override them). Goodput = highest rate with >= 90% of requests meeting both SLOs;
+per GPU = / GPUs the plan uses. --json prints one JSON object with best_colocated and
+best_disaggregated (goodput_per_gpu, plan, ttft/tpot p50/p90/p99 at that rate) and the winner.
+--decode_table prints roofline decode step times of the model on --count devices (per mesh).
+--plot: p90 TTFT and TPOT vs arrival rate for the two best plans (PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _weights(model: str, weights: str) -> str:
+    if weights != "auto":
+        return weights
+    from infire_jax.plan.capacity import load_hf_config
+
+    _, hf = load_hf_config(model)
+    return "int4_experts" if hf.get("quantization_config") else "bf16"
+
+
+def decode_table(model: str, hardware: str, count: int, weights: str, meshes=None) -> list[dict]:
+    from infire_jax.plan.capacity import Deployment, candidate_meshes, load_hf_config, model_config, plan_capacity
+    from infire_jax.plan.simulator import CostModel
+
+    _, hf = load_hf_config(model)
+    cfg, _ = model_config(hf, weights)
+    rows = []
+    for mesh in meshes or [m for m in candidate_meshes(count, cfg) if "ep" not in m][:4]:
+        cap = plan_capacity(model, Deployment(hardware, count, mesh=mesh, weights=weights, role="decode"))
+        if not cap.fits:
+            continue
+        cost = CostModel(cap)
+        for b, ctx in ((1, 2048), (16, 2048), (32, 2048), (48, 1024), (64, 1024), (64, 2048), (128, 1024)):
+            d = cost.decode_step(b, ctx, detail=True)
+            need = b * cap.seq_bytes_per_device(ctx)
+            rows.append(dict(mesh=mesh, batch=b, context=ctx, step_ms=round(d["time"] * 1e3, 2),
+                             memory_ms=round(d["memory"] * 1e3, 2), compute_ms=round(d["compute"] * 1e3, 2),
+                             comm_ms=round(d["comm"] * 1e3, 2), experts_touched=round(cost.touched(b / cost.pp), 3),
+                             kv_fits=bool(need <= cap.kv_free_per_device)))
+    return rows
+
+
+def rate_sweep(plan, workload, goodput: float, n=None, points=(0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5)) -> list[dict]:
+    from infire_jax.plan.simulator import simulate
+
+    out = []
+    for f in points:
+        r = simulate(plan, workload, max(goodput * f, 1e-3), n=n)
+        out.append(r.row())
+    return out
+
+
+def plot_sweeps(sweeps: dict[str, list[dict]], workload, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (label, rows), color in zip(sweeps.items(), ("#e6550d", "#3182bd")):
+        x = [r["rate"] for r in rows]
+        axes[0].plot(x, [min(r["ttft_p90_ms"], 1e6) / 1e3 for r in rows], "o-", color=color, label=label)
+        axes[1].plot(x, [min(r["tpot_p90_ms"], 1e6) for r in rows], "o-", color=color, label=label)
+    axes[0].axhline(workload.ttft_slo, ls="--", color="gray", label="SLO")
+    axes[1].axhline(workload.tpot_slo * 1e3, ls="--", color="gray", label="SLO")
+    axes[0].set_ylabel("TTFT p90 (s)")
+    axes[1].set_ylabel("TPOT p90 (ms)")
+    ttft_max = max(max(r["ttft_p90_ms"] for r in rows if r["ttft_p90_ms"] < 1e9) for rows in sweeps.values()) / 1e3
+    axes[0].set_ylim(0, min(ttft_max * 1.1, workload.ttft_slo * 4))
+    axes[1].set_ylim(0, workload.tpot_slo * 1e3 * 3)
+    for ax in axes:
+        ax.set_xlabel("arrival rate (req/s)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _clean(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    out = {k: v for k, v in row.items() if k != "cluster"}
+    for k, v in list(out.items()):
+        if isinstance(v, float):
+            out[k] = round(v, 4) if v < 1e12 else None
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="kimi_k25")
+    ap.add_argument("--hardware", default="h100")
+    ap.add_argument("--count", type=int, default=32)
+    ap.add_argument("--workload", default="chat", help="chat | rag | agent")
+    ap.add_argument("--weights", default="auto")
+    ap.add_argument("--kv_dtype", default="bf16")
+    ap.add_argument("--ttft_slo", type=float, default=None, help="ms (default: the workload's)")
+    ap.add_argument("--tpot_slo", type=float, default=None, help="ms (default: the workload's)")
+    ap.add_argument("--requests", type=int, default=None, help="requests per simulation (default: by rate, 300-2000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--meshes", default=None, help="restrict instance meshes, ';'-separated (e.g. 'tp=8;pp=2,tp=8')")
+    ap.add_argument("--no_prune", action="store_true", help="simulate every candidate plan")
+    ap.add_argument("--decode_table", action="store_true")
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+
+    from infire_jax.plan.capacity import ConfigError, HardwareError, PlanError
+    from infire_jax.plan.simulator import WORKLOADS, search
+
+    t0 = time.perf_counter()
+    try:
+        if args.workload not in WORKLOADS:
+            raise PlanError(f"unknown workload {args.workload!r}; known: {sorted(WORKLOADS)}")
+        weights = _weights(args.model, args.weights)
+        wl = WORKLOADS[args.workload]
+        wl = dataclasses.replace(wl, ttft_slo=args.ttft_slo / 1e3 if args.ttft_slo else wl.ttft_slo,
+                                 tpot_slo=args.tpot_slo / 1e3 if args.tpot_slo else wl.tpot_slo)
+        if args.decode_table:
+            rows = decode_table(args.model, args.hardware, args.count, weights)
+            if args.json:
+                print(json.dumps(dict(decode_steps=rows), indent=1))
+            else:
+                for r in rows:
+                    print(f"{r['mesh']:12s} B={r['batch']:4d} ctx={r['context']:5d}: {r['step_ms']:6.2f} ms/token "
+                          f"(weights+KV {r['memory_ms']:.2f}, compute {r['compute_ms']:.2f}, comm {r['comm_ms']:.2f}; "
+                          f"experts touched {100 * r['experts_touched']:.0f}%; KV fits: {r['kv_fits']})")
+            return 0
+        meshes = tuple(m.strip() for m in args.meshes.split(";")) if args.meshes else None
+        log = None if args.json else (lambda s: print("  " + s, flush=True))
+        out = search(args.model, args.hardware, args.count, wl, weights=weights, kv_dtype=args.kv_dtype,
+                     n=args.requests, seed=args.seed, prune=not args.no_prune, meshes=meshes, log=log)
+    except (ConfigError, HardwareError, PlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    bd, bc = out["best_disaggregated"], out["best_colocated"]
+    result = dict(
+        model=args.model, hardware=args.hardware, count=args.count, weights=weights, workload=out["workload"],
+        best_disaggregated=_clean(bd), best_colocated=_clean(bc),
+        winner=("disaggregated" if (bd or {}).get("goodput_per_gpu", 0) > (bc or {}).get("goodput_per_gpu", 0)
+                else "colocated"),
+        advantage=(round(bd["goodput_per_gpu"] / bc["goodput_per_gpu"], 3) if bd and bc and bc["goodput_per_gpu"] else None),
+        candidates=out["candidates"], evaluated=[_clean(r) for r in out["evaluated"]],
+    )
+    if args.plot:
+        sweeps = {}
+        for key, row in (("disaggregated", bd), ("colocated", bc)):
+            if row and row.get("goodput"):
+                sweeps[f"{key}: {row['plan']['label']}"] = rate_sweep(row["cluster"], wl, row["goodput"], n=args.requests)
+        plot_sweeps(sweeps, wl, args.plot, f"{args.model} on {args.count}x{args.hardware}, {args.workload} "
+                    f"(TTFT SLO {wl.ttft_slo:g} s, TPOT SLO {wl.tpot_slo * 1e3:g} ms)")
+        result["plot"] = args.plot
+        result["sweeps"] = sweeps
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    for key in ("best_disaggregated", "best_colocated"):
+        r = result[key]
+        if r is None:
+            print(f"{key}: none fits")
+            continue
+        print(f"{key}: {r['plan']['label']} ({r['plan']['gpus']} GPUs): goodput {r['goodput']:.3f} req/s = "
+              f"{r['goodput_per_gpu']:.4f} req/s/GPU; TTFT p50/p90/p99 {r.get('ttft_p50_ms', 0):.0f}/"
+              f"{r.get('ttft_p90_ms', 0):.0f}/{r.get('ttft_p99_ms', 0):.0f} ms, TPOT {r.get('tpot_p50_ms', 0):.1f}/"
+              f"{r.get('tpot_p90_ms', 0):.1f}/{r.get('tpot_p99_ms', 0):.1f} ms")
+    print(f"winner: {result['winner']} (disaggregated / colocated goodput per GPU = {result['advantage']}); "
+          f"{result['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
