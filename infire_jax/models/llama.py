@@ -136,12 +136,10 @@ class Llama(nnx.Module):
 
         def body(x, xs):
             w, on, kc, vc = xs
-            return jax.lax.cond(
-                on,
-                lambda x: self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc),
-                lambda x: (x, (kv_zeros, kv_zeros)),
-                x,
-            )
+            run = lambda x: self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc)  # noqa: E731
+            if all(self.active):  # no padding slots: no cond (a cond copies the layer's weights)
+                return run(x)
+            return jax.lax.cond(on, run, lambda x: (x, (kv_zeros, kv_zeros)), x)
 
         stacked = {name: var[...] for name, var in self.layers.items()}
         active = jnp.asarray(self.active) if active is None else active
