@@ -1,0 +1,194 @@
+"""Decode throughput on this CPU: infire_jax vs transformers (and llama.cpp) vs the roofline.
+
+For each batch size, B prompts of --prompt_len tokens generate exactly --new_tokens tokens greedily.
+
+  ours (headline, `generate`): steady-state decode tokens/s of Model.generate =
+      B * (new_tokens - 1) / (median t(generate new_tokens) - median t(generate 1 token)),
+      i.e. end-to-end generate with the prefill (and first token) subtracted; host loop included.
+  ours (`engine`): the engine's own figure: B / median time per output token after the first
+      (Request.metrics()['tpot_s'] from Model.run_requests) — decode dispatches of decode_steps
+      tokens per row (on-device sampling, donated paged cache) plus the host loop between them.
+      Headline is `generate` because it uses only the public API; both are steady-state decode.
+  compile: first-call wall time of each program (reported separately, never in the medians).
+  transformers: same prompts and weights, torch fp32 on CPU, torch.set_num_threads(2), use_cache,
+      greedy, EOS disabled (min_new_tokens): the same subtraction of generate(1).
+  roofline: weight bytes / measured copy bandwidth (the issue's figure) and FLOPs / measured fp32
+      matmul peak: roofline = B / max(weight-read time, compute time) per step.
+
+Timings on a shared machine: each figure carries the share of CPU other processes used while it was
+measured; runs where others used >= 10% of the CPUs are retried (up to 3x --runs) and left out of
+the median when enough quiet runs exist (`noisy: true` otherwise).
+
+  python experiments/bench_decode.py --batch_sizes=1,4,16 --out=/tmp/bench_decode.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_dir", None, "HF checkpoint (default: the smollm-135m preset, written once under "
+                    "~/.cache/infire_jax/bench/).")
+flags.DEFINE_list("batch_sizes", ["1", "4", "16", "64"], "Batch sizes to measure.")
+flags.DEFINE_integer("runs", 5, "Timed runs per figure (median reported), after one warm-up run.")
+flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
+flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
+flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch of our decode program.")
+flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, llama_cpp (optional; 'unavailable' when "
+                  "llama-cpp-python is not importable). Empty = none.")
+flags.DEFINE_integer("threads", 2, "Threads of the peers (torch.set_num_threads, llama.cpp n_threads).")
+flags.DEFINE_boolean("engine_metrics", True, "Also report the engine's own time per output token.")
+flags.DEFINE_integer("bandwidth_mb", 512, "Size of the bandwidth probe buffer.")
+flags.DEFINE_float("quiet_wait", 10.0, "Seconds to wait for other processes to pause before retrying a run they "
+                   "disturbed (this machine is shared; 0 = never wait).")
+flags.DEFINE_float("quiet_wait_budget", 120.0, "Total seconds of such waiting per run of the bench.")
+flags.DEFINE_string("out", "bench_decode.json", "JSON output path.")
+
+
+def _gen_runs(fn, runs: int) -> dict:
+    return bc.quiet_runs(fn, runs, warmup=1, max_runs=runs + 1, budget_s=30)
+
+
+def bench_ours_generate(model, tokens: np.ndarray, new_tokens: int, runs: int) -> dict:
+    b = tokens.shape[0]
+    prompts = tokens.tolist()
+    t0 = time.perf_counter()
+    out = model.generate(prompts, max_new_tokens=new_tokens)
+    first_call = time.perf_counter() - t0
+    assert all(len(o) == new_tokens for o in out), [len(o) for o in out]
+    one = _gen_runs(lambda: model.generate(prompts, max_new_tokens=1), runs)
+    full = _gen_runs(lambda: model.generate(prompts, max_new_tokens=new_tokens), runs)
+    dt = full["median"] - one["median"]
+    return dict(
+        tok_s=b * (new_tokens - 1) / dt if dt > 0 else None,
+        end_to_end_tok_s=b * new_tokens / full["median"],
+        t_generate_1=one, t_generate_n=full, first_call_s=first_call,
+        tokens_first_row=out[0][:16],
+    )
+
+
+def bench_ours_engine(model, tokens: np.ndarray, new_tokens: int, runs: int) -> dict:
+    """The engine's own per-request timing (Model.run_requests -> Request.metrics()['tpot_s']: time
+    per output token after the first): decode tokens/s = B / median tpot over the batch's rows."""
+    from infire_jax.engine.sampling import SamplingParams
+
+    prompts = [np.asarray(p, np.int32) for p in tokens]
+    params = [SamplingParams(new_tokens)] * len(prompts)
+    model.run_requests(prompts, params)  # warm-up
+
+    tpots, foreign = [], []
+    for _ in range(runs):
+        with bc.contention() as c:
+            reqs = model.run_requests(prompts, params)
+        tpots.append(float(np.median([r.metrics()["tpot_s"] for r in reqs])))
+        foreign.append(c.get("foreign_cpu_fraction"))
+    tpot = float(np.median(tpots))
+    return dict(method="B / median(Request.metrics()['tpot_s'])", tok_s=tokens.shape[0] / tpot, tpot_s=tpots,
+                foreign=foreign)
+
+
+def bench_peer(peer, tokens: np.ndarray, new_tokens: int, runs: int) -> dict:
+    b = tokens.shape[0]
+    out = peer.generate(tokens, new_tokens)  # warm-up
+    assert out.shape == (b, new_tokens), out.shape
+    one = _gen_runs(lambda: peer.generate(tokens, 1), runs)
+    full = _gen_runs(lambda: peer.generate(tokens, new_tokens), runs)
+    dt = full["median"] - one["median"]
+    return dict(
+        tok_s=b * (new_tokens - 1) / dt if dt > 0 else None, end_to_end_tok_s=b * new_tokens / full["median"],
+        t_generate_1=one, t_generate_n=full, tokens_first_row=out[0][:16].tolist(),
+    )
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    bc.QUIET_WAIT[0] = FLAGS.quiet_wait
+    bc.QUIET_WAIT_BUDGET[0] = FLAGS.quiet_wait_budget
+    model_dir = FLAGS.model_dir or str(bc.ensure_model())
+    shape = bc.Shape.from_dir(model_dir)
+    result: dict = dict(
+        bench="decode", model_dir=model_dir, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
+        runs=FLAGS.runs, decode_steps=FLAGS.decode_steps, params=shape.params,
+        weight_bytes_per_step=shape.step_weight_bytes, kv_bytes_per_token=shape.kv_bytes_per_token,
+        headline="ours.generate.tok_s (steady-state decode of Model.generate; see module docstring)",
+    )
+    print(f"model {model_dir}: {shape.params / 1e6:.1f}M params, {shape.step_weight_bytes / 1e6:.0f} MB read per step")
+    mach = bc.machine(FLAGS.bandwidth_mb)
+    result["machine"] = mach
+    bw, peak = mach["bandwidth"]["gbps"] * 1e9, mach["matmul"]["peak_gflops"] * 1e9
+    print(f"bandwidth {bw / 1e9:.1f} GB/s (copy, read+write), fp32 matmul peak {peak / 1e9:.0f} GFLOP/s "
+          f"(jax {mach['matmul']['jax_peak_gflops']:.0f})")
+
+    t0 = time.perf_counter()
+    batches = [int(x) for x in FLAGS.batch_sizes]
+    model = bc.load_ours(model_dir, decode_steps=FLAGS.decode_steps, max_batch=max(batches),
+                         max_tokens=FLAGS.prompt_len + FLAGS.new_tokens + FLAGS.decode_steps + 1)
+    result["load_s"] = time.perf_counter() - t0
+
+    peers = {}
+    for name in [p for p in FLAGS.peer if p]:
+        peer, why = bc.make_peer(name, model_dir, FLAGS.threads)
+        peers[name] = peer if peer is not None else why
+        if peer is None:
+            print(f"peer {name}: {why}")
+
+    rows = []
+    for b in batches:
+        tokens = bc.prompts(b, FLAGS.prompt_len, shape.vocab)
+        context = FLAGS.prompt_len + FLAGS.new_tokens / 2
+        read_bw = mach["bandwidth"].get("read_2threads_gbps", 0) * 1e9 or None
+        row: dict = dict(batch=b, roofline=bc.decode_roofline(shape, bw, peak, b, context, read_bw))
+        print(f"batch {b}: ours ...", flush=True)
+        row["ours"] = {"generate": bench_ours_generate(model, tokens, FLAGS.new_tokens, FLAGS.runs)}
+        if FLAGS.engine_metrics:
+            try:
+                row["ours"]["engine"] = bench_ours_engine(model, tokens, FLAGS.new_tokens, min(3, FLAGS.runs))
+            except Exception as e:  # noqa: BLE001 - engine internals move; never lose the generate figure
+                row["ours"]["engine"] = dict(error=f"{type(e).__name__}: {e}")
+        ours = row["ours"]["generate"]["tok_s"]
+        row["peers"] = {}
+        for name, peer in peers.items():
+            if isinstance(peer, str):
+                row["peers"][name] = dict(status=peer)
+                continue
+            print(f"batch {b}: {name} ...", flush=True)
+            try:
+                row["peers"][name] = bench_peer(peer, tokens, FLAGS.new_tokens, FLAGS.runs)
+            except NotImplementedError as e:
+                row["peers"][name] = dict(status=f"skipped: {e}")
+            except Exception as e:  # noqa: BLE001
+                row["peers"][name] = dict(status=f"failed: {type(e).__name__}: {e}")
+        rf = row["roofline"]
+        row["ratios"] = dict(
+            ours_over_roofline=bc.ratio(ours, rf["roofline_tok_s"]),
+            ours_over_weight_read_roofline=bc.ratio(ours, rf["weight_read_tok_s"]),
+            engine_over_roofline=bc.ratio(row["ours"].get("engine", {}).get("tok_s"), rf["roofline_tok_s"]),
+            **{f"ours_over_{n}": bc.ratio(ours, p.get("tok_s")) for n, p in row["peers"].items()},
+        )
+        rows.append(row)
+        peer_txt = "  ".join(
+            f"{n} {p['tok_s']:.1f}" if p.get("tok_s") else f"{n} {p.get('status', '-')}" for n, p in row["peers"].items()
+        )
+        prog = row["ours"].get("engine", {}).get("tok_s")
+        print(
+            f"batch {b:3d}: ours {ours or float('nan'):7.1f} tok/s (engine tpot {prog or float('nan'):7.1f})  {peer_txt}  "
+            f"roofline {rf['roofline_tok_s']:.1f} ({rf['bound']}) -> {100 * (row['ratios']['ours_over_roofline'] or 0):.0f}%"
+        )
+        result["rows"] = rows
+        bc.write_json(FLAGS.out, result)  # after every batch size: partial results survive a timeout
+    progs = {id(p): p for p in (getattr(model, "programs", None), getattr(model, "decode_programs", None)) if p}
+    result["compile_seconds"] = {str(k): v for p in progs.values() for k, v in getattr(p, "compile_seconds", {}).items()}
+    bc.write_json(FLAGS.out, result)
+
+
+if __name__ == "__main__":
+    app.run(main)
