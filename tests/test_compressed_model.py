@@ -60,8 +60,8 @@ def test_bitwise_identical_to_raw_bf16(dirs, mesh):
         assert w.nbytes < 0.78 * 2 * np.prod(w.shape)
     if mesh != "tp=1":  # compressed leaves are split like the weight: layers on pp, heads / mlp on tp
         wq, w_down = layers["wq"].get_value(), layers["w_down"].get_value()
-        assert wq.sign_mant.sharding.spec == P("pp", None, "tp")  # stored (embed, heads, head_dim)
-        assert w_down.sign_mant.sharding.spec == P("pp", "tp")  # stored (mlp, embed)
+        assert wq.sign_mant.sharding.spec == P("pp", "tp")  # stored (heads, head_dim, embed)
+        assert w_down.sign_mant.sharding.spec == P("pp", None, "tp")  # stored (embed, mlp)
         assert w_down.escape_idx.sharding.spec == P("pp", "tp")
         assert wq.palette.sharding.spec == P("pp")
 

@@ -23,8 +23,8 @@ places the model's parameters:
 * stacked layer matrices (logical axes start with "layers", rank >= 3: wq, wk, wv, wo, w_gate_up,
   w_down) become :class:`~infire_jax.compression.jax_decode.Palette12Weight` values in codec's
   blocked palette12 layout (12 bits per weight): a palette per layer slot; each layer slice stored
-  with its contraction axes first (contraction_first: the decoded array is then the (K, N) operand
-  of the CPU dot as is, no transposing copy) and cut into the blocks the layout's sharding gives
+  in its natural (out..., in...) order (the decoded array is the (N, K) operand of layers.dense's
+  2-D dot as is, no transposing copy) and cut into the blocks the layout's sharding gives
   each device, every block packed on its own with its own escape list. Leaves: packed_idx /
   sign_mant sharded exactly as the bf16 weight would be (layers on pp, heads / kv_heads / mlp on
   tp, in stored axis order), palette (L, 16) on pp, escapes (L, G, E) on (pp, the weight's tp
@@ -345,7 +345,9 @@ def load_into(
             sm[lead] = parts[1].reshape(shape[len(lead):])
         value = None
         if is_compressible(var):
-            perm = contraction_first(shape, [(lead, tensor_map[n][2]) for n, lead, _ in sources[path]])
+            # Natural (N..., K...) order: layers.dense runs projections as 2-D dots over (N, K), which
+            # XLA:CPU reads in place (a contraction-first order measured 0.43x raw bf16 speed).
+            perm = tuple(range(len(shape) - 1))
             value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode)
         if value is None:
             bits = codec.join_bits(exp, sm)
@@ -354,32 +356,6 @@ def load_into(
         if on_tensor:
             on_tensor("/".join(path))
     return out
-
-
-def contraction_first(
-    shape: tuple[int, ...], sources: list[tuple[tuple[int, ...], tuple[int, ...]]]
-) -> tuple[int, ...]:
-    """Stored order of a stacked weight's slice axes: its input (contraction) axes first.
-
-    HF stores a linear weight as (out, in); the input axes of the parameter slice are the trailing
-    axes that the HF tensor's last dimension was reshaped into (wq (H, hd, D) <- (H*hd, D): D;
-    wo (D, H, hd) <- (D, H*hd): H, hd). Stored that way, the decoded weight is the (K, N) row-major
-    operand of the CPU dot, so XLA folds the transpose back to the logical order into the dot
-    instead of copying. Identity if the sources disagree or are not matrices."""
-    rank = len(shape) - 1
-    found = set()
-    for lead, hf_shape in sources:
-        sub = shape[len(lead):]
-        if len(hf_shape) < 2 or not sub:
-            return tuple(range(rank))
-        js = [j for j in range(len(sub)) if int(np.prod(sub[j:], dtype=np.int64)) == hf_shape[-1]]
-        if not js:
-            return tuple(range(rank))
-        found.add(len(lead) - 1 + max(js))  # fewest trailing axes that make up the input dim
-    if len(found) != 1:
-        return tuple(range(rank))
-    first = found.pop()
-    return tuple(range(first, rank)) + tuple(range(first))
 
 
 def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, perm: tuple[int, ...],
