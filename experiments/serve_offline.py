@@ -4,6 +4,7 @@ device ranges) and write per-request metrics and aggregate throughput as JSON.
   python experiments/serve_offline.py --num_requests 64                       # colocated, tp=1
   python experiments/serve_offline.py --prefill_workers "tp=1@0;tp=1@1" --decode_workers "tp=2@2-3"
   python experiments/serve_offline.py --prompts_file prompts.jsonl --out /tmp/metrics.json
+  python experiments/serve_offline.py --multiprocess --prefill_workers "tp=2" --decode_workers "tp=1;tp=1"
 
 --prompts_file holds one JSON object per line with "prompt" (text) or "tokens" (ids), optional
 "max_tokens". Without it, random token prompts of --min_len..--max_len tokens are generated (seeded).
@@ -39,6 +40,9 @@ flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per decode 
 flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
 flags.DEFINE_string("dtype", "float32", "Weight storage dtype.")
 flags.DEFINE_bool("warmup", True, "Run the workload once first so the timed run excludes compilation.")
+flags.DEFINE_bool("multiprocess", False, "Run each worker as its own OS process on 127.0.0.1 (KV over "
+                  "jax.experimental.transfer; mesh specs then refer to each process's own devices).")
+flags.DEFINE_float("timeout", 600.0, "Multi-process: seconds before unfinished requests fail.")
 flags.DEFINE_string("out", None, "Write the metrics JSON here.")
 
 
@@ -109,11 +113,55 @@ def run(engine, requests) -> tuple[list[dict], dict]:
     return metrics, engine.stats()
 
 
+def run_multiprocess(model_dir, prefill_specs, decode_specs, vocab: int, tokenize) -> tuple[list[dict], dict]:
+    """The same workload through worker processes (engine/remote.py); one timed run."""
+    from infire_jax.engine.remote import RemoteEngine, WorkerConfig
+
+    prefill = [
+        WorkerConfig("prefill", f"prefill{i}", mesh=s, dtype=FLAGS.dtype, page_size=FLAGS.page_size)
+        for i, s in enumerate(prefill_specs)
+    ]
+    decode = [
+        WorkerConfig("decode", f"decode{i}", mesh=s, dtype=FLAGS.dtype, decode_steps=FLAGS.decode_steps,
+                     num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, max_batch=FLAGS.max_decode_batch)
+        for i, s in enumerate(decode_specs)
+    ]
+    requests = load_requests(vocab, tokenize)
+    with RemoteEngine(str(model_dir), prefill, decode) as engine:
+        params = lambda i, n: dict(max_new_tokens=n, temperature=FLAGS.temperature, seed=FLAGS.seed + i)  # noqa: E731
+        if FLAGS.warmup:
+            warm = [engine.submit(ids, params(i, n)) for i, (ids, n) in enumerate(requests)]
+            engine.run(FLAGS.timeout)
+            del warm
+        reqs = [engine.submit(ids, params(i, n)) for i, (ids, n) in enumerate(requests)]
+        t0 = time.perf_counter()
+        engine.run(FLAGS.timeout)
+        wall = time.perf_counter() - t0
+        metrics = [r.metrics() for r in reqs]
+        generated = sum(m["generated_tokens"] for m in metrics)
+        stats = dict(engine.stats(), requests=len(reqs), failed=sum(m["status"] == "failed" for m in metrics),
+                     generated_tokens=generated, wall_s=wall, tokens_per_s=generated / wall if wall else 0.0)
+    return metrics, stats
+
+
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
     prefill_specs = FLAGS.prefill_workers.split(";") if FLAGS.prefill_workers else [FLAGS.mesh]
     decode_specs = FLAGS.decode_workers.split(";") if FLAGS.decode_workers else [FLAGS.mesh]
+    if FLAGS.multiprocess:
+        from infire_jax.checkpoint import tiny
+        from infire_jax.config import load_config
+
+        model_dir = FLAGS.model_dir or tiny.ensure_default_model()
+        from tokenizers import Tokenizer
+
+        tok_path = os.path.join(model_dir, "tokenizer.json")
+        tokenizer = Tokenizer.from_file(tok_path) if os.path.isfile(tok_path) else None
+        tokenize = (lambda text: tokenizer.encode(text).ids) if tokenizer else None
+        metrics, stats = run_multiprocess(model_dir, prefill_specs, decode_specs, load_config(model_dir).vocab_size, tokenize)
+        _report(metrics, stats, prefill_specs, decode_specs)
+        return
     import jax
 
     jax.config.update("jax_num_cpu_devices", _devices_needed(prefill_specs + decode_specs))
@@ -135,10 +183,14 @@ def main(argv: list[str]) -> None:
     if FLAGS.warmup:
         run(engine, requests)
     metrics, stats = run(engine, requests)
+    _report(metrics, stats, prefill_specs, decode_specs)
+
+
+def _report(metrics: list[dict], stats: dict, prefill_specs: list[str], decode_specs: list[str]) -> None:
     done = [m for m in metrics if m["status"] == "done"]
     summary = dict(
         stats,
-        deployment=dict(prefill=prefill_specs, decode=decode_specs),
+        deployment=dict(prefill=prefill_specs, decode=decode_specs, multiprocess=FLAGS.multiprocess),
         ttft_p50_s=statistics.median([m["ttft_s"] for m in done]) if done else None,
         tpot_p50_s=statistics.median([m["tpot_s"] for m in done if "tpot_s" in m] or [0.0]),
     )
