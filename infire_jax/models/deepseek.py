@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
+from infire_jax.models.llama import head_tensor_map, layer_norms_tensor_map
 from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map, expert_tensor_map
 from infire_jax.sharding import constrain
 
@@ -115,8 +116,7 @@ class DeepseekV3(moe.MoEDecoder):
     def __init__(self, cfg: ModelConfig, **kwargs):
         super().__init__(cfg, **kwargs)
         rope = cfg.get("qk_rope_head_dim")
-        inv_freq, self.rope_scale = layers.rope_inv_freq(rope, cfg.rope_theta, cfg.rope or None)
-        self.inv_freq = tuple(float(f) for f in inv_freq)
+        self.inv_freq, self.rope_scale = layers.rope_setup(rope, cfg)
         self.scale = softmax_scale(cfg)
 
     def _attn_params(self, p, n):
@@ -238,25 +238,19 @@ class DeepseekV3(moe.MoEDecoder):
 
 
 def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], stages: int | None = None) -> dict:
-    c, d, v = cfg, cfg.hidden_size, cfg.vocab_size
+    c, d = cfg, cfg.hidden_size
     h = c.num_heads
     nope, rope, vd = c.get("qk_nope_head_dim"), c.get("qk_rope_head_dim"), c.get("v_head_dim")
     r, qr = c.get("kv_lora_rank"), c.get("q_lora_rank")
     e, f = c.get("n_routed_experts"), c.get("moe_intermediate_size")
     shared = f * c.get("n_shared_experts", 0) if f else 0
     plan = moe.SlotPlan.for_model(deepseek_kinds(cfg), layer_slots, stages=stages)
-    out = {
-        "model.embed_tokens.weight": (("embed",), (), (v, d)),
-        "model.norm.weight": (("final_norm",), (), (d,)),
-    }
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = (("lm_head",), (), (v, d))
+    out = head_tensor_map(c)
     for i, s in enumerate(layer_slots):
         pre = f"model.layers.{i}."
         a = pre + "self_attn."
+        out |= layer_norms_tensor_map(pre, s, d)
         out |= {
-            pre + "input_layernorm.weight": (("layers", "attn_norm"), (s,), (d,)),
-            pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (s,), (d,)),
             a + "kv_a_proj_with_mqa.weight": (("layers", "wkv_a"), (s,), (r + rope, d)),
             a + "kv_a_layernorm.weight": (("layers", "kv_a_norm"), (s,), (r,)),
             a + "kv_b_proj.weight": (("layers", "wkv_b"), (s,), (h * (nope + vd), r)),

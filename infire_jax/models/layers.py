@@ -116,6 +116,13 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict[str, Any] | None)
     raise ValueError(f"unsupported rope type {kind!r}")
 
 
+def rope_setup(rotary_dim: int, cfg: Any) -> tuple[tuple[float, ...], float]:
+    """(inverse frequencies as a static tuple, cos/sin scale) for a model config: what every family
+    keeps on its module (a tuple, not array data, so NNX treats it as static)."""
+    inv_freq, scale = rope_inv_freq(rotary_dim, cfg.rope_theta, cfg.rope or None)
+    return tuple(float(f) for f in inv_freq), scale
+
+
 def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
     """cos/sin of shape positions.shape + (rotary_dim,) in the HF half-split convention."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)

@@ -19,7 +19,7 @@ from infire_jax.models import layers
 from infire_jax.models.attention import gqa_attention
 from infire_jax.sharding import constrain
 
-__all__ = ["Llama", "hf_tensor_map"]
+__all__ = ["Llama", "hf_tensor_map", "gqa_params", "gqa_tensor_map", "head_tensor_map", "layer_norms_tensor_map"]
 
 
 def _param(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any) -> nnx.Param:
@@ -50,7 +50,7 @@ class Llama(nnx.Module):
         self.active = tuple(s in set(self.layer_slots) for s in range(num_slots))
         self.compute_dtype = compute_dtype
         v, d, f = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size
-        h, kv, hd, n = cfg.num_heads, self.kv_heads, cfg.head_dim, num_slots
+        kv, hd, n = self.kv_heads, cfg.head_dim, num_slots
         p = lambda shape, axes: _param(shape, axes, param_dtype)  # noqa: E731
 
         self.embed = p((v, d), ("vocab", "embed"))
@@ -59,27 +59,12 @@ class Llama(nnx.Module):
             self.lm_head = p((v, d), ("vocab", "embed"))
         stack = dict(
             attn_norm=p((n, d), ("layers", "norm")),
-            wq=p((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
-            wk=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
-            wv=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
-            wo=p((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
             mlp_norm=p((n, d), ("layers", "norm")),
             w_gate_up=p((n, 2, f, d), ("layers", "fused", "mlp", "embed")),
             w_down=p((n, d, f), ("layers", "embed", "mlp")),
-        )
-        if cfg.qkv_bias:
-            stack |= dict(
-                bq=p((n, h, hd), ("layers", "heads", "head_dim")),
-                bk=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
-                bv=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
-            )
-        if cfg.o_bias:
-            stack["bo"] = p((n, d), ("layers", "norm"))
-        if cfg.qk_norm:
-            stack |= dict(q_norm=p((n, hd), ("layers", "head_dim")), k_norm=p((n, hd), ("layers", "head_dim")))
+        ) | gqa_params(cfg, p, n, kv)
         self.layers = nnx.Dict(stack)
-        inv_freq, self.rope_scale = layers.rope_inv_freq(hd, cfg.rope_theta, cfg.rope or None)
-        self.inv_freq = tuple(float(f) for f in inv_freq)  # static: a tuple, not array data
+        self.inv_freq, self.rope_scale = layers.rope_setup(hd, cfg)
 
     # KV cache layout: (layers, batch, kv_heads, seq, head_dim) for k and for v. Every family
     # caches a pair of arrays with these logical axes (MLA: the latent and the rope key).
@@ -167,45 +152,91 @@ class Llama(nnx.Module):
         return constrain(out, ("batch", "seq", "vocab")[-out.ndim :])
 
 
+def gqa_params(cfg: ModelConfig, p: Any, n: int, kv_heads: int | None = None) -> dict[str, nnx.Param]:
+    """Stacked GQA attention parameters (q/k/v/o, optional biases and q/k norms) for n slots;
+    kv_heads may exceed cfg.num_kv_heads when heads are repeated for tensor parallelism."""
+    h, hd, d = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    kv = kv_heads or cfg.num_kv_heads
+    out = dict(
+        wq=p((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
+        wk=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
+        wv=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
+        wo=p((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
+    )
+    if cfg.qkv_bias:
+        out |= dict(
+            bq=p((n, h, hd), ("layers", "heads", "head_dim")),
+            bk=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
+            bv=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
+        )
+    if cfg.o_bias:
+        out["bo"] = p((n, d), ("layers", "norm"))
+    if cfg.qk_norm:
+        out |= dict(q_norm=p((n, hd), ("layers", "head_dim")), k_norm=p((n, hd), ("layers", "head_dim")))
+    return out
+
+
+def head_tensor_map(cfg: ModelConfig) -> dict[str, tuple]:
+    """HF names of the embedding, final norm and (untied) LM head."""
+    v, d = cfg.vocab_size, cfg.hidden_size
+    out = {
+        "model.embed_tokens.weight": (("embed",), (), (v, d)),
+        "model.norm.weight": (("final_norm",), (), (d,)),
+    }
+    if not cfg.tie_word_embeddings:
+        out["lm_head.weight"] = (("lm_head",), (), (v, d))
+    return out
+
+
+def layer_norms_tensor_map(pre: str, slot: int, d: int) -> dict[str, tuple]:
+    """HF names of a decoder layer's two RMSNorms."""
+    return {
+        pre + "input_layernorm.weight": (("layers", "attn_norm"), (slot,), (d,)),
+        pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (slot,), (d,)),
+    }
+
+
+def gqa_tensor_map(cfg: ModelConfig, pre: str, slot: int, kv_repeat: int = 1) -> dict[str, tuple]:
+    """HF names of one layer's GQA attention tensors (with KV heads repeated kv_repeat times)."""
+    h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    rep = (lambda a: np.repeat(a.reshape(kv, -1, *a.shape[1:]), kv_repeat, axis=0)) if kv_repeat > 1 else None
+    a, s = pre + "self_attn.", slot
+    out = {
+        a + "q_proj.weight": (("layers", "wq"), (s,), (h * hd, d)),
+        a + "k_proj.weight": (("layers", "wk"), (s,), (kv * hd, d), rep),
+        a + "v_proj.weight": (("layers", "wv"), (s,), (kv * hd, d), rep),
+        a + "o_proj.weight": (("layers", "wo"), (s,), (d, h * hd)),
+    }
+    if cfg.qkv_bias:
+        out |= {
+            a + "q_proj.bias": (("layers", "bq"), (s,), (h * hd,)),
+            a + "k_proj.bias": (("layers", "bk"), (s,), (kv * hd,), rep),
+            a + "v_proj.bias": (("layers", "bv"), (s,), (kv * hd,), rep),
+        }
+    if cfg.o_bias:
+        out[a + "o_proj.bias"] = (("layers", "bo"), (s,), (d,))
+    if cfg.qk_norm:
+        out |= {
+            a + "q_norm.weight": (("layers", "q_norm"), (s,), (hd,)),
+            a + "k_norm.weight": (("layers", "k_norm"), (s,), (hd,)),
+        }
+    return out
+
+
 def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], kv_repeat: int = 1) -> dict[str, tuple]:
     """HF tensor name -> (parameter path, index into that parameter, the tensor's HF shape[, transform]).
 
     The loader reshapes each HF tensor into the indexed part of the parameter (e.g. q_proj
     (H*hd, D) -> wq[slot] (H, hd, D); gate_proj -> w_gate_up[slot, 0]), after the optional
     transform (here: repeating KV heads, see Llama's kv_repeat)."""
-    rep = (lambda a: np.repeat(a.reshape(cfg.num_kv_heads, -1, *a.shape[1:]), kv_repeat, axis=0)) if kv_repeat > 1 else None
-    c = cfg
-    h, kv, hd, d, f, v = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size, c.vocab_size
-    out = {
-        "model.embed_tokens.weight": (("embed",), (), (v, d)),
-        "model.norm.weight": (("final_norm",), (), (d,)),
-    }
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = (("lm_head",), (), (v, d))
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    out = head_tensor_map(cfg)
     for i, s in enumerate(layer_slots):
         pre = f"model.layers.{i}."
+        out |= layer_norms_tensor_map(pre, s, d) | gqa_tensor_map(cfg, pre, s, kv_repeat)
         out |= {
-            pre + "input_layernorm.weight": (("layers", "attn_norm"), (s,), (d,)),
-            pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (s,), (d,)),
-            pre + "self_attn.q_proj.weight": (("layers", "wq"), (s,), (h * hd, d)),
-            pre + "self_attn.k_proj.weight": (("layers", "wk"), (s,), (kv * hd, d), rep),
-            pre + "self_attn.v_proj.weight": (("layers", "wv"), (s,), (kv * hd, d), rep),
-            pre + "self_attn.o_proj.weight": (("layers", "wo"), (s,), (d, h * hd)),
             pre + "mlp.gate_proj.weight": (("layers", "w_gate_up"), (s, 0), (f, d)),
             pre + "mlp.up_proj.weight": (("layers", "w_gate_up"), (s, 1), (f, d)),
             pre + "mlp.down_proj.weight": (("layers", "w_down"), (s,), (d, f)),
         }
-        if c.qkv_bias:
-            out |= {
-                pre + "self_attn.q_proj.bias": (("layers", "bq"), (s,), (h * hd,)),
-                pre + "self_attn.k_proj.bias": (("layers", "bk"), (s,), (kv * hd,), rep),
-                pre + "self_attn.v_proj.bias": (("layers", "bv"), (s,), (kv * hd,), rep),
-            }
-        if c.o_bias:
-            out[pre + "self_attn.o_proj.bias"] = (("layers", "bo"), (s,), (d,))
-        if c.qk_norm:
-            out |= {
-                pre + "self_attn.q_norm.weight": (("layers", "q_norm"), (s,), (hd,)),
-                pre + "self_attn.k_norm.weight": (("layers", "k_norm"), (s,), (hd,)),
-            }
     return out

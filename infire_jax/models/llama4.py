@@ -29,7 +29,8 @@ import jax.numpy as jnp
 from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
 from infire_jax.models.attention import gqa_attention
-from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map, gqa_params, gqa_tensor_map
+from infire_jax.models.llama import gqa_params, gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
+from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map
 from infire_jax.sharding import constrain
 
 __all__ = ["Llama4", "hf_tensor_map"]
@@ -55,8 +56,7 @@ class Llama4(moe.MoEDecoder):
 
     def __init__(self, cfg: ModelConfig, **kwargs):
         super().__init__(cfg, **kwargs)
-        inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope or None)
-        self.inv_freq = tuple(float(f) for f in inv_freq)
+        self.inv_freq, self.rope_scale = layers.rope_setup(cfg.head_dim, cfg)
 
     def slot_flags(self) -> dict[str, tuple]:
         c = self.cfg
@@ -133,23 +133,14 @@ class Llama4(moe.MoEDecoder):
 
 
 def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], stages: int | None = None) -> dict:
-    c, d, v = cfg, cfg.hidden_size, cfg.vocab_size
+    c, d = cfg, cfg.hidden_size
     e, f = c.get("num_local_experts"), c.get("moe_intermediate_size")
     plan = moe.SlotPlan.for_model(llama4_kinds(cfg), layer_slots, stages=stages)
-    out = {
-        "model.embed_tokens.weight": (("embed",), (), (v, d)),
-        "model.norm.weight": (("final_norm",), (), (d,)),
-    }
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = (("lm_head",), (), (v, d))
+    out = head_tensor_map(c)
     for i, s in enumerate(layer_slots):
         pre = f"model.layers.{i}."
         ff = pre + "feed_forward."
-        out |= {
-            pre + "input_layernorm.weight": (("layers", "attn_norm"), (s,), (d,)),
-            pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (s,), (d,)),
-        }
-        out |= gqa_tensor_map(c, pre, s)
+        out |= layer_norms_tensor_map(pre, s, d) | gqa_tensor_map(c, pre, s)
         j = plan.position(s)
         if moe.KINDS[plan.slot_kind[s]] == "dense":
             out |= dense_ffn_tensor_map(ff, "dense", "", j, c.intermediate_size, d)

@@ -12,55 +12,10 @@ import jax.numpy as jnp
 from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
 from infire_jax.models.attention import gqa_attention
+from infire_jax.models.llama import gqa_params, gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
 from infire_jax.sharding import constrain
 
-__all__ = ["Qwen3Moe", "hf_tensor_map", "gqa_block", "gqa_params", "gqa_tensor_map"]
-
-
-def gqa_params(cfg: ModelConfig, p, n: int) -> dict[str, Any]:
-    """Stacked GQA attention parameters (the Llama/Qwen layout of llama.py)."""
-    h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    out = dict(
-        wq=p((n, h, hd, d), ("layers", "heads", "head_dim", "embed")),
-        wk=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
-        wv=p((n, kv, hd, d), ("layers", "kv_heads", "head_dim", "embed")),
-        wo=p((n, d, h, hd), ("layers", "embed", "heads", "head_dim")),
-    )
-    if cfg.qkv_bias:
-        out |= dict(
-            bq=p((n, h, hd), ("layers", "heads", "head_dim")),
-            bk=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
-            bv=p((n, kv, hd), ("layers", "kv_heads", "head_dim")),
-        )
-    if cfg.o_bias:
-        out["bo"] = p((n, d), ("layers", "norm"))
-    if cfg.qk_norm:
-        out |= dict(q_norm=p((n, hd), ("layers", "head_dim")), k_norm=p((n, hd), ("layers", "head_dim")))
-    return out
-
-
-def gqa_tensor_map(cfg: ModelConfig, pre: str, s: int) -> dict:
-    h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
-    out = {
-        pre + "self_attn.q_proj.weight": (("layers", "wq"), (s,), (h * hd, d)),
-        pre + "self_attn.k_proj.weight": (("layers", "wk"), (s,), (kv * hd, d)),
-        pre + "self_attn.v_proj.weight": (("layers", "wv"), (s,), (kv * hd, d)),
-        pre + "self_attn.o_proj.weight": (("layers", "wo"), (s,), (d, h * hd)),
-    }
-    if cfg.qkv_bias:
-        out |= {
-            pre + "self_attn.q_proj.bias": (("layers", "bq"), (s,), (h * hd,)),
-            pre + "self_attn.k_proj.bias": (("layers", "bk"), (s,), (kv * hd,)),
-            pre + "self_attn.v_proj.bias": (("layers", "bv"), (s,), (kv * hd,)),
-        }
-    if cfg.o_bias:
-        out[pre + "self_attn.o_proj.bias"] = (("layers", "bo"), (s,), (d,))
-    if cfg.qk_norm:
-        out |= {
-            pre + "self_attn.q_norm.weight": (("layers", "q_norm"), (s,), (hd,)),
-            pre + "self_attn.k_norm.weight": (("layers", "k_norm"), (s,), (hd,)),
-        }
-    return out
+__all__ = ["Qwen3Moe", "hf_tensor_map", "gqa_block"]
 
 
 def gqa_block(cfg: ModelConfig, w: dict, x: jax.Array, start, cos, sin, k_cache, v_cache):
@@ -115,8 +70,7 @@ class Qwen3Moe(moe.MoEDecoder):
 
     def __init__(self, cfg: ModelConfig, **kwargs):
         super().__init__(cfg, **kwargs)
-        inv_freq, self.rope_scale = layers.rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope or None)
-        self.inv_freq = tuple(float(f) for f in inv_freq)
+        self.inv_freq, self.rope_scale = layers.rope_setup(cfg.head_dim, cfg)
 
     def _attn_params(self, p, n):
         return gqa_params(self.cfg, p, n)
@@ -170,22 +124,13 @@ def qwen3_moe_kinds(cfg: ModelConfig) -> tuple[str, ...]:
 
 
 def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], stages: int | None = None) -> dict:
-    c, d, v = cfg, cfg.hidden_size, cfg.vocab_size
+    c, d = cfg, cfg.hidden_size
     plan = moe.SlotPlan.for_model(qwen3_moe_kinds(cfg), layer_slots, stages=stages)
-    out = {
-        "model.embed_tokens.weight": (("embed",), (), (v, d)),
-        "model.norm.weight": (("final_norm",), (), (d,)),
-    }
-    if not c.tie_word_embeddings:
-        out["lm_head.weight"] = (("lm_head",), (), (v, d))
+    out = head_tensor_map(c)
     e, f = c.get("num_experts"), c.get("moe_intermediate_size")
     for i, s in enumerate(layer_slots):
         pre = f"model.layers.{i}."
-        out |= {
-            pre + "input_layernorm.weight": (("layers", "attn_norm"), (s,), (d,)),
-            pre + "post_attention_layernorm.weight": (("layers", "mlp_norm"), (s,), (d,)),
-        }
-        out |= gqa_tensor_map(c, pre, s)
+        out |= layer_norms_tensor_map(pre, s, d) | gqa_tensor_map(c, pre, s)
         j = plan.position(s)
         if moe.KINDS[plan.slot_kind[s]] == "dense":
             out |= dense_ffn_tensor_map(pre + "mlp.", "dense", "", j, c.intermediate_size, d)
