@@ -18,7 +18,7 @@ from infire_jax.engine import generation
 from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker, Request
 from infire_jax.engine.disagg import generate as run_engine
 from infire_jax.engine.programs import PlacedModel, Programs
-from infire_jax.engine.sampling import SamplingParams
+from infire_jax.engine.sampling import SamplingParams, per_request
 from infire_jax.models import FAMILIES
 from infire_jax.sharding import DEFAULT_RULES, Layout, load_deployment, stage_slots, use_layout
 
@@ -150,10 +150,7 @@ class Model:
         max_new_tokens or after emitting one of stop_token_ids (kept in the output)."""
         if isinstance(prompts, np.ndarray) and prompts.ndim == 1 or (prompts and isinstance(prompts[0], (int, np.integer))):
             raise generation.RequestError("prompts must be a list of token-id lists (one per request), not one flat list")
-        params = [
-            SamplingParams(max_new_tokens, temperature, top_k, top_p, (seed + i) % 2**32, tuple(stop_token_ids))
-            for i in range(len(prompts))
-        ]
+        params = per_request(len(prompts), max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids)
         arrays = [
             generation.validate_prompt(p, self.cfg.vocab_size, self.context_length, max_new_tokens) for p in prompts
         ]

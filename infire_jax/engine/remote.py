@@ -62,7 +62,7 @@ from multiprocessing.connection import Client, Listener, wait
 from typing import Any, Sequence
 
 from infire_jax.engine.generation import RequestError, validate_prompt
-from infire_jax.engine.sampling import SamplingError, SamplingParams
+from infire_jax.engine.sampling import SamplingError, SamplingParams, per_request
 from infire_jax.kv.cache import pages_needed
 from infire_jax.kv.transfer import KVLayoutMismatch
 
@@ -928,8 +928,7 @@ class RemoteEngine:
         """Like Model.generate (request i draws with seed + i); raises the first request's error."""
         reqs = self.run_requests(
             prompts,
-            [SamplingParams(max_new_tokens, temperature, top_k, top_p, (seed + i) % 2**32, tuple(stop_token_ids))
-             for i in range(len(prompts))],
+            per_request(len(prompts), max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids),
             timeout=timeout,
         )
         for r in reqs:

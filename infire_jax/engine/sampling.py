@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SamplingParams", "SamplingError", "sample", "pack_params"]
+__all__ = ["SamplingParams", "SamplingError", "sample", "pack_params", "per_request"]
 
 
 class SamplingError(ValueError):
@@ -44,6 +44,22 @@ class SamplingParams:
         if not isinstance(self.seed, (int, np.integer)) or not (0 <= self.seed < 2**32):
             raise SamplingError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+def per_request(
+    count: int,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop_token_ids: Sequence[int] = (),
+) -> list[SamplingParams]:
+    """The params of a generate call's `count` requests: request i draws with seed + i."""
+    return [
+        SamplingParams(max_new_tokens, temperature, top_k, top_p, (seed + i) % 2**32, tuple(stop_token_ids))
+        for i in range(count)
+    ]
 
 
 def pack_params(params: Sequence[SamplingParams | None], batch: int) -> dict[str, np.ndarray]:
