@@ -349,8 +349,8 @@ class Engine:
         return any(not r.finished for r in self.requests.values())
 
     def step(self) -> None:
+        page_size = min(d.page_size for d in self.decode_workers)  # prompt buckets fill whole pages
         for w in self.prefill_workers:
-            page_size = min(d.page_size for d in self.decode_workers)
             try:
                 batch = w.run(page_size)
             except Exception as e:  # the batch fails, the engine goes on
