@@ -151,14 +151,23 @@ def bench_decode(models: dict, prompt: list[int]) -> dict:
 # ------------------------------------------------------------------------------------- breakdown
 
 
+def _stacked(model, name: str):
+    """A layer weight of all layers with a leading layers axis (stacking the per-layer weights of
+    an unrolled model, compressed ones leaf by leaf)."""
+    module = model.placed.module
+    if not module.unrolled:
+        return module.layers[name].get_value()
+    return jax.tree.map(lambda *a: jnp.stack(a), *[layer[name].get_value() for layer in module.layers])
+
+
 def bench_breakdown(raw_model, comp_model, runs: int) -> dict:
     """ms per layer of the 6 matmuls at m = 1, in one lax.scan over all layers of the model."""
     from infire_jax.models.layers import materialize
 
     specs = dict(wq="btd,khd->btkh", wk="btd,khd->btkh", wv="btd,khd->btkh", wo="btkh,dkh->btd",
                  w_gate_up="btd,cfd->btcf", w_down="btf,df->btd")
-    comp = {k: comp_model.placed.module.layers[k].get_value() for k in specs}
-    raw = {k: raw_model.placed.module.layers[k].get_value() for k in specs}
+    comp = {k: _stacked(comp_model, k) for k in specs}
+    raw = {k: _stacked(raw_model, k) for k in specs}
     f32 = {k: jax.jit(lambda w: materialize(w, jnp.float32))(v) for k, v in raw.items()}
     xs = {k: jnp.ones((1, 1) + (w.shape[2:] if k == "wo" else w.shape[-1:]), jnp.float32) for k, w in raw.items()}
     n_layers = raw["wq"].shape[0]

@@ -54,27 +54,43 @@ def place_model(
     module_cls, tensor_map = FAMILIES[cfg.family]
     num_slots, slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
     layout_kwargs = dict(layer_slots=slots, num_slots=num_slots)
+    accepts = inspect.signature(module_cls.__init__).parameters
     tp_ways = layout.axis_size("kv_heads")
-    if "kv_repeat" in inspect.signature(module_cls.__init__).parameters and cfg.num_kv_heads < tp_ways and tp_ways % cfg.num_kv_heads == 0:
+    if "kv_repeat" in accepts and cfg.num_kv_heads < tp_ways and tp_ways % cfg.num_kv_heads == 0:
         layout_kwargs["kv_repeat"] = tp_ways // cfg.num_kv_heads  # each tp device holds one KV head
-    with use_layout(layout):  # families whose stacks depend on the pipeline depth read it here
-        abstract = nnx.eval_shape(
-            lambda: module_cls(cfg, **layout_kwargs, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype))
-        )
-        map_kwargs = {"kv_repeat": layout_kwargs["kv_repeat"]} if "kv_repeat" in layout_kwargs else {}
-        tmap = tensor_map(cfg, slots, **map_kwargs)
+    # Without pipeline stages the layers are stored as a list of per-layer weights, run unrolled
+    # (models/llama.py).
+    layer_list = "layer_list" in accepts and layout.axis_size("layers") == 1
+    saved = store.is_saved_model(model_dir)
+
+    def build(layer_list: bool):
+        with use_layout(layout):  # families whose stacks depend on the pipeline depth read it here
+            kwargs = layout_kwargs | ({"layer_list": True} if layer_list else {})
+            abstract = nnx.eval_shape(
+                lambda: module_cls(cfg, **kwargs, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype))
+            )
+            map_kwargs = {"kv_repeat": kwargs["kv_repeat"]} if "kv_repeat" in kwargs else {}
+            tmap = tensor_map(cfg, slots, **map_kwargs, **({"layer_list": True} if layer_list else {}))
+        return abstract, tmap
+
+    abstract, tmap = build(layer_list and not saved)
     graphdef, state, flat = _flat_abstract(abstract)
-    if store.is_saved_model(model_dir):
+    if saved:  # the saved form is stacked: restore it, then split into per-layer weights if wanted
         store.restore(model_dir, state, layout, slots, layout_kwargs.get("kv_repeat", 1))
-        return PlacedModel(graphdef, state, layout)
-    specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
-    shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
-    ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-    if compressed.is_compressed_checkpoint(model_dir):  # stacked matrices stay compressed on the device
-        arrays = compressed.load_into(model_dir, flat, layout, tmap, ignore=ignore)
+        if not layer_list:
+            return PlacedModel(graphdef, state, layout)
+        stacked = {p: v.get_value() for p, v in flat.items()}
+        graphdef, state, flat = _flat_abstract(build(True)[0])
+        arrays = store.split_layers(stacked, flat, layout)
     else:
-        # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
-        arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore, ignore_layers_from=cfg.num_layers)
+        specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
+        shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
+        ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+        if compressed.is_compressed_checkpoint(model_dir):  # layer matrices stay compressed on the device
+            arrays = compressed.load_into(model_dir, flat, layout, tmap, ignore=ignore)
+        else:
+            # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
+            arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore, ignore_layers_from=cfg.num_layers)
     for p, var in flat.items():
         var.set_value(arrays[p])
     return PlacedModel(graphdef, state, layout)

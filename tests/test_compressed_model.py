@@ -51,13 +51,18 @@ def test_bitwise_identical_to_raw_bf16(dirs, mesh):
     comp = infire_jax.load(comp_dir, mesh=mesh, dtype="bfloat16")
 
     layers = comp.placed.module.layers
-    n_slots = raw.placed.module.layers["wq"].get_value().shape[0]
+    assert comp.placed.module.unrolled == raw.placed.module.unrolled == (mesh == "tp=1")
     for name in STACKED:
-        w = layers[name].get_value()
-        assert isinstance(w, Palette12Weight), name
-        assert w.shape == raw.placed.module.layers[name].get_value().shape
-        assert all(leaf.shape[0] == n_slots for leaf in jax.tree.leaves(w)), name  # scan/stage_specs need it
-        assert w.nbytes < 0.78 * 2 * np.prod(w.shape)
+        if mesh == "tp=1":  # no pipeline: per-layer weights, each compressed on its own
+            pairs = [(c[name].get_value(), r[name].get_value()) for c, r in zip(layers, raw.placed.module.layers)]
+        else:
+            pairs = [(layers[name].get_value(), raw.placed.module.layers[name].get_value())]
+            n_slots = pairs[0][1].shape[0]
+            assert all(leaf.shape[0] == n_slots for leaf in jax.tree.leaves(pairs[0][0])), name  # scan needs it
+        for w, r in pairs:
+            assert isinstance(w, Palette12Weight), name
+            assert w.shape == r.shape
+            assert w.nbytes < 0.78 * 2 * np.prod(w.shape)
     if mesh != "tp=1":  # compressed leaves are split like the weight: layers on pp, heads / mlp on tp
         wq, w_down = layers["wq"].get_value(), layers["w_down"].get_value()
         assert wq.sign_mant.sharding.spec == P("pp", "tp")  # stored (heads, head_dim, embed)

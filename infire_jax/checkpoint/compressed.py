@@ -286,10 +286,16 @@ def read_tensor(path: str | os.PathLike, name: str, entry: dict[str, Any]) -> co
 # ------------------------------------------------------------------------------------- placing
 
 
-def is_compressible(var: Any) -> bool:
-    """Stacked layer matrices: leading logical axis "layers" and at least two more axes."""
+def is_compressible(var: Any, per_layer: bool = False) -> bool:
+    """Layer matrices: stacked (leading logical axis "layers" and at least two more axes), or one
+    layer's matrix (per_layer: a weight of the models' layer-list form, two axes or more)."""
     axes = var.get_metadata().get("logical_axes") or ()
-    return len(axes) >= 3 and axes[0] == "layers"
+    return len(axes) >= 2 if per_layer else len(axes) >= 3 and axes[0] == "layers"
+
+
+def _is_per_layer(path: tuple[str, ...]) -> bool:
+    """("layers", "3", "wq"): a weight of the layer-list form (models/llama.py)."""
+    return len(path) >= 3 and path[0] == "layers" and path[1].isdigit()
 
 
 def _bits_to(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -344,11 +350,16 @@ def load_into(
             exp[lead] = parts[0].reshape(shape[len(lead):])
             sm[lead] = parts[1].reshape(shape[len(lead):])
         value = None
-        if is_compressible(var):
+        per_layer = _is_per_layer(path)
+        if is_compressible(var, per_layer):
             # Natural (N..., K...) order: layers.dense runs projections as 2-D dots over (N, K), which
             # XLA:CPU reads in place (a contraction-first order measured 0.43x raw bf16 speed).
-            perm = tuple(range(len(shape) - 1))
-            value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode)
+            perm = tuple(range(len(shape) - (0 if per_layer else 1)))
+            if per_layer:  # encoded as a stack of one, then that one slice taken
+                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, jax_decode)
+                value = None if value is None else _first_slice(value)
+            else:
+                value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode)
         if value is None:
             bits = codec.join_bits(exp, sm)
             value = jax.device_put(_bits_to(bits, dtype), layout.sharding(axes, shape))
@@ -356,6 +367,18 @@ def load_into(
         if on_tensor:
             on_tensor("/".join(path))
     return out
+
+
+def _first_slice(stacked: Any) -> Any:
+    """Slice 0 of a stacked Palette12Weight (every leaf has the leading stack axis), each leaf
+    keeping its sharding minus that axis."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def first(a: jax.Array) -> jax.Array:
+        spec = PartitionSpec(*tuple(a.sharding.spec)[1:])
+        return jax.jit(lambda x: x[0], out_shardings=NamedSharding(a.sharding.mesh, spec))(a)
+
+    return jax.tree.map(first, stacked)
 
 
 def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, perm: tuple[int, ...],

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["MARKER", "is_saved_model", "save", "restore"]
+__all__ = ["MARKER", "is_saved_model", "save", "restore", "split_layers"]
 
 MARKER = "infire_jax_checkpoint.json"
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -37,6 +37,30 @@ def _flat(state: Any) -> dict[str, nnx.Variable]:
     return {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
 
 
+def _layer_list_key(name: str) -> tuple[str, int] | None:
+    """("layers/wq", 3) for a per-layer weight "layers/3/wq" (models/llama.py's layer_list form)."""
+    parts = name.split("/")
+    if len(parts) >= 3 and parts[0] == "layers" and parts[1].isdigit():
+        return "/".join([parts[0]] + parts[2:]), int(parts[1])
+    return None
+
+
+def _canonical_values(placed: Any) -> dict[str, tuple[Any, tuple]]:
+    """name -> (value, logical axes) in the stacked form, whichever form the model is stored in
+    (per-layer weights are stacked here, one weight at a time)."""
+    out, per_layer = {}, {}
+    for name, var in _flat(placed.state).items():
+        axes = tuple(var.get_metadata()["logical_axes"])
+        key = _layer_list_key(name)
+        if key is None:
+            out[name] = (var.get_value(), axes)
+        else:
+            per_layer.setdefault(key[0], {})[key[1]] = (var.get_value(), ("layers",) + axes)
+    for name, layers in per_layer.items():
+        out[name] = (jnp.stack([layers[i][0] for i in sorted(layers)]), layers[0][1])
+    return out
+
+
 def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
     """Write the model's parameters (canonical layer order) and its config/tokenizer files."""
     path = pathlib.Path(path).absolute()
@@ -50,15 +74,14 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
     slots = np.asarray(placed.module.layer_slots)
     repeat = _kv_repeat(placed.module)
     tree = {}
-    for name, var in _flat(placed.state).items():
-        value = var.get_value()
+    stacked = not isinstance(getattr(placed.module, "layers", None), nnx.List)
+    for name, (value, axes) in _canonical_values(placed).items():
         if hasattr(value, "decode_f32"):
             raise ValueError(
                 "Model.save does not write compressed weights; the compressed checkpoint directory the "
                 "model was loaded from is already its saved form (or load the original and save that)"
             )
-        value = value[slots] if _is_stacked(var) else value
-        axes = var.get_metadata()["logical_axes"]
+        value = value[slots] if stacked and axes[:1] == ("layers",) else value
         if repeat > 1 and "kv_heads" in axes:  # canonical form: each KV head once
             value = jax.lax.slice_in_dim(value, 0, None, repeat, axes.index("kv_heads"))
         tree[name] = value
@@ -109,3 +132,17 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
                 lambda c, shape=v.shape: jnp.zeros(shape, c.dtype).at[slots].set(c), out_shardings=sharding
             )(value)
         var.set_value(value)
+
+
+def split_layers(stacked: dict[tuple[str, ...], Any], per_layer: dict[tuple[str, ...], nnx.Variable], layout: Any) -> dict:
+    """Values for a per-layer (layer_list) model's variables from its stacked form's arrays (a
+    restored checkpoint): ("layers", "3", "wq") <- stacked[("layers", "wq")][3]."""
+    out = {}
+    for path, var in per_layer.items():
+        if path[0] == "layers" and path[1].isdigit():
+            source, i = stacked[("layers",) + path[2:]], int(path[1])
+        else:
+            source, i = stacked[path], None
+        sharding = layout.sharding(var.get_metadata()["logical_axes"], var.get_value().shape)
+        out[path] = source if i is None else jax.jit(lambda a, i=i: a[i], out_shardings=sharding)(source)
+    return out

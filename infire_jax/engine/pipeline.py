@@ -116,8 +116,12 @@ def prefill(
     return hidden[-1], k, v
 
 
-def _gather_pages(pages: jax.Array, table: jax.Array) -> jax.Array:
-    """(L, pages, H, page, d)[:, table (B, P)] -> a contiguous per-row view (L, B, H, P * page, d)."""
+def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -> jax.Array | list[jax.Array]:
+    """(L, pages, H, page, d)[:, table (B, P)] -> a contiguous per-row view (L, B, H, P * page, d),
+    or with per_layer a list of L views (B, H, P * page, d), one gather each: a model that runs its
+    layers unrolled would otherwise slice each layer out of the all-layer view with a copy of it."""
+    if per_layer:
+        return [_gather_pages(pages[i : i + 1], table)[0] for i in range(pages.shape[0])]
     g = pages[:, table]  # (L, B, P, H, page, d)
     l, b, p, h, page, d = g.shape
     return g.transpose(0, 1, 3, 2, 4, 5).reshape(l, b, h, p * page, d)
@@ -166,8 +170,10 @@ def decode(
                 pos = _rows(lens, r0, mb)
                 table = _rows(page_table, r0, mb)
                 x_in = jnp.where(s == 0, model.embed_tokens(_rows(toks, r0, mb)[:, None]), recv)
+                per_layer = getattr(model, "unrolled", False)
                 y, kn, vn = model.stack(
-                    x_in, model.context(pos, 1), _gather_pages(kp, table), _gather_pages(vp, table), active=active_layers
+                    x_in, model.context(pos, 1), _gather_pages(kp, table, per_layer), _gather_pages(vp, table, per_layer),
+                    active=active_layers,
                 )
                 ok = valid & _rows(active, r0, mb)
                 target = jnp.where(ok, table[jnp.arange(mb), pos // page], num_pages)  # out of range: dropped

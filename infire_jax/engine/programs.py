@@ -95,6 +95,13 @@ class Programs:
         self.compile_seconds[key] = time.perf_counter() - t0
         return out
 
+    @functools.cached_property
+    def compiler_options(self) -> dict[str, Any]:
+        """XLA options for the decode program. On CPU, copy insertion with region analysis: without
+        it XLA:CPU copies the loop-carried KV pages defensively inside the decode loop."""
+        platforms = {d.platform for d in self.layout.mesh.devices.flat}
+        return {"xla_cpu_copy_insertion_use_region_analysis": True} if platforms == {"cpu"} else {}
+
     @property
     def num_compiled(self) -> int:
         return len(self._cache)
@@ -194,6 +201,7 @@ class Programs:
                 in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
                 out_shardings=(out, k_sh, v_sh),
                 donate_argnums=(1, 2),
+                compiler_options=self.compiler_options,
             ),
         )
 

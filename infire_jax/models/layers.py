@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infire_jax.sharding import current_layout
+
 __all__ = ["materialize", "dense", "rms_norm", "rope_tables", "apply_rope", "gated_mlp"]
 
 
@@ -139,8 +141,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def gated_mlp(x: jax.Array, w_gate_up: Any, w_down: Any) -> jax.Array:
     """SwiGLU with gate and up fused in one (2, F, D) weight: one read of the input per layer."""
-    # Two 2-D dots rather than one over (2, F, D): merging the fused axis with a tp-split F would
-    # make GSPMD gather the weight.
     w = materialize(w_gate_up, x.dtype)
-    h = jax.nn.silu(dense(x, w[0], "...d,fd->...f")) * dense(x, w[1], "...d,fd->...f")
-    return dense(h, w_down, "...f,df->...d")
+    layout = current_layout()
+    if layout is None or layout.axis_size("mlp") == 1:
+        # One dot over the weight viewed as (2F, D): a free reshape, where taking w[0] and w[1]
+        # of a per-layer weight would copy each half (measured ~60% of decode time on CPU).
+        gate, up = jnp.moveaxis(dense(x, w, "...d,gfd->...gf"), -2, 0)
+    else:
+        # Two dots when F is split over devices: merging the fused axis with a split F would make
+        # GSPMD gather the weight.
+        gate, up = dense(x, w[0], "...d,fd->...f"), dense(x, w[1], "...d,fd->...f")
+    return dense(jax.nn.silu(gate) * up, w_down, "...f,df->...d")
