@@ -197,6 +197,34 @@ def _qwen3_moe(hf: dict, arch: str) -> dict[str, Any]:
     )
 
 
+def _mixtral(hf: dict, arch: str) -> dict[str, Any]:
+    """Mixtral: Mistral GQA attention + softmax top-k experts renormalised over the chosen ones
+    (transformers MixtralTopKRouter), every layer sparse, no shared expert. The same equations as
+    Qwen3-MoE with norm_topk_prob and without q/k norms, so it is served by that family; only the HF
+    tensor names differ (block_sparse_moe.experts.{e}.w1/w3/w2)."""
+    _check_act(hf, arch)
+    cfg = _dense_common(hf, arch, "qwen3_moe")
+    window = hf.get("sliding_window")
+    if window is not None and int(window) < cfg["max_position_embeddings"]:
+        raise ConfigError(
+            f"{arch}: sliding_window={window} is not supported (attention is always full); it must be null "
+            f"or at least max_position_embeddings={cfg['max_position_embeddings']}"
+        )
+    experts = int(_require(hf, "num_local_experts", arch))
+    top_k = int(_require(hf, "num_experts_per_tok", arch))
+    if not 0 < top_k <= experts:
+        raise ConfigError(f"{arch}: num_experts_per_tok={top_k} must be in [1, num_local_experts={experts}]")
+    return cfg | dict(
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=cfg["intermediate_size"],
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=(),
+        moe_tensor_names="mixtral",
+    )
+
+
 def _linear_names(layers: int, first_dense: int, experts: int, shared: int) -> tuple[list[str], list[str]]:
     """(routed-expert Linear module names, every other Linear module name) of a DeepSeek-V3 model."""
     expert, other = [], ["lm_head"]
@@ -372,6 +400,7 @@ def _llama4_text(hf: dict, arch: str) -> dict[str, Any]:
 FAMILIES: dict[str, Callable[[dict, str], dict[str, Any]]] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _llama,
+    "MixtralForCausalLM": _mixtral,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
     "Qwen3MoeForCausalLM": _qwen3_moe,
