@@ -90,7 +90,10 @@ def place_model(
             arrays = compressed.load_into(model_dir, flat, layout, tmap, ignore=ignore)
         else:
             # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
-            arrays = hf.load_into(model_dir, specs, shardings, tmap, ignore=ignore, ignore_layers_from=cfg.num_layers)
+            arrays = hf.load_into(
+                model_dir, specs, shardings, tmap, ignore=ignore, ignore_layers_from=cfg.num_layers,
+                prefix=cfg.weight_prefix, skip_prefixes=cfg.skip_weight_prefixes,
+            )
     for p, var in flat.items():
         var.set_value(arrays[p])
     return PlacedModel(graphdef, state, layout)

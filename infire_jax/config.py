@@ -11,7 +11,7 @@ import json
 import pathlib
 from typing import Any, Callable
 
-__all__ = ["ModelConfig", "ConfigError", "from_hf_config", "load_config", "FAMILIES"]
+__all__ = ["ModelConfig", "ConfigError", "from_hf_config", "load_config", "FAMILIES", "NESTED"]
 
 
 class ConfigError(ValueError):
@@ -40,6 +40,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     extra: tuple[tuple[str, Any], ...] = ()  # family-specific fields (MoE, MLA, ...)
+    # Where the served (text) weights sit in the checkpoint files: a multimodal checkpoint nests them
+    # under a prefix, next to tensors a text server never reads (vision tower, projector). A property
+    # of the files, not of the model: left out of equality and repr, so a nested and a text-only
+    # checkpoint of the same weights give equal configs (and equal KV fingerprints).
+    weight_prefix: str = dataclasses.field(default="", compare=False, repr=False)
+    skip_weight_prefixes: tuple[str, ...] = dataclasses.field(default=(), compare=False, repr=False)
 
     @property
     def rope(self) -> dict[str, Any]:
@@ -191,6 +197,34 @@ def _qwen3_moe(hf: dict, arch: str) -> dict[str, Any]:
     )
 
 
+def _mixtral(hf: dict, arch: str) -> dict[str, Any]:
+    """Mixtral: Mistral GQA attention + softmax top-k experts renormalised over the chosen ones
+    (transformers MixtralTopKRouter), every layer sparse, no shared expert. The same equations as
+    Qwen3-MoE with norm_topk_prob and without q/k norms, so it is served by that family; only the HF
+    tensor names differ (block_sparse_moe.experts.{e}.w1/w3/w2)."""
+    _check_act(hf, arch)
+    cfg = _dense_common(hf, arch, "qwen3_moe")
+    window = hf.get("sliding_window")
+    if window is not None and int(window) < cfg["max_position_embeddings"]:
+        raise ConfigError(
+            f"{arch}: sliding_window={window} is not supported (attention is always full); it must be null "
+            f"or at least max_position_embeddings={cfg['max_position_embeddings']}"
+        )
+    experts = int(_require(hf, "num_local_experts", arch))
+    top_k = int(_require(hf, "num_experts_per_tok", arch))
+    if not 0 < top_k <= experts:
+        raise ConfigError(f"{arch}: num_experts_per_tok={top_k} must be in [1, num_local_experts={experts}]")
+    return cfg | dict(
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        moe_intermediate_size=cfg["intermediate_size"],
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=(),
+        moe_tensor_names="mixtral",
+    )
+
+
 def _linear_names(layers: int, first_dense: int, experts: int, shared: int) -> tuple[list[str], list[str]]:
     """(routed-expert Linear module names, every other Linear module name) of a DeepSeek-V3 model."""
     expert, other = [], ["lm_head"]
@@ -210,7 +244,8 @@ def _linear_names(layers: int, first_dense: int, experts: int, shared: int) -> t
 def _expert_int4_group(hf: dict, arch: str, expert_names: list[str], other_names: list[str], dims: tuple) -> int | None:
     """Group size of int4 routed experts from a compressed-tensors quantization_config (None: no
     quantisation). Only the format Kimi K2.5 ships is accepted: pack-quantized, weight-only int4,
-    symmetric, group-wise along the input dim, on the routed experts and nothing else."""
+    symmetric, group-wise along the input dim, on the routed experts and nothing else. In a nested
+    (multimodal) checkpoint a pattern may name a module with or without the text-weight prefix."""
     import re
 
     q = hf.get("quantization_config")
@@ -243,8 +278,11 @@ def _expert_int4_group(hf: dict, arch: str, expert_names: list[str], other_names
         )
     targets, ignore = scheme.get("targets") or [], q.get("ignore") or []
 
+    prefix = hf.get(_PREFIX_KEY, "")
+
     def matches(name: str, patterns) -> bool:
-        return any(re.fullmatch(p[3:], name) if p.startswith("re:") else p in (name, "Linear") for p in patterns)
+        names = (name, prefix + name) if prefix else (name,)
+        return any(re.fullmatch(p[3:], n) if p.startswith("re:") else p in (n, "Linear") for p in patterns for n in names)
 
     def quantized(name: str) -> bool:
         return matches(name, targets) and not matches(name, [p for p in ignore if p != "Linear"])
@@ -362,6 +400,7 @@ def _llama4_text(hf: dict, arch: str) -> dict[str, Any]:
 FAMILIES: dict[str, Callable[[dict, str], dict[str, Any]]] = {
     "LlamaForCausalLM": _llama,
     "MistralForCausalLM": _llama,
+    "MixtralForCausalLM": _mixtral,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,
     "Qwen3MoeForCausalLM": _qwen3_moe,
@@ -370,17 +409,65 @@ FAMILIES: dict[str, Callable[[dict, str], dict[str, Any]]] = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Nested:
+    """A multimodal checkpoint served as text only: which text backbones its text_config may hold,
+    where their weights sit, and which tensors (vision tower, projector) are not read."""
+
+    text_types: dict[str, str]  # text_config model_type -> text architecture (a FAMILIES key)
+    prefix: str  # of every text-model tensor name
+    skip: tuple[str, ...]  # prefixes of the tensors a text server ignores
+
+
+NESTED: dict[str, Nested] = {
+    # transformers Llama4ForConditionalGeneration.save_pretrained and the published Llama 4 checkpoints
+    "Llama4ForConditionalGeneration": Nested(
+        {"llama4_text": "Llama4ForCausalLM"}, "language_model.", ("vision_model.", "multi_modal_projector.")
+    ),
+    # moonshotai/Kimi-K2.5 (remote code; text_config model_type "kimi_k2", DeepSeek-V3 fields)
+    "KimiK25ForConditionalGeneration": Nested(
+        {"kimi_k2": "DeepseekV3ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"},
+        "language_model.", ("vision_tower.", "mm_projector."),
+    ),
+}
+# Wrapper fields that apply to the text model when its text_config does not set them (not
+# tie_word_embeddings: transformers ties the language model by its own config).
+_INHERITED = ("bos_token_id", "eos_token_id", "quantization_config")
+_PREFIX_KEY = "_weight_prefix"  # passed to the text parser inside the merged dict (int4 pattern matching)
+
+
+def _text_config(hf: dict, arch: str) -> tuple[dict, str]:
+    """(the text model's config, its architecture) from a nested multimodal config."""
+    nested, text = NESTED[arch], hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ConfigError(f"{arch}: config.json has no text_config object; cannot find the text model")
+    kind = text.get("model_type")
+    if kind not in nested.text_types:
+        raise ConfigError(
+            f"{arch}: text_config model_type {kind!r} is not supported; supported: {sorted(nested.text_types)}"
+        )
+    merged = text | {k: hf[k] for k in _INHERITED if text.get(k) is None and hf.get(k) is not None}
+    return merged | {_PREFIX_KEY: nested.prefix}, nested.text_types[kind]
+
+
 def from_hf_config(hf: dict) -> ModelConfig:
-    """Build a ModelConfig from the parsed contents of an HF config.json."""
+    """Build a ModelConfig from the parsed contents of an HF config.json. A multimodal checkpoint
+    (NESTED) gives the config of its text backbone, plus where the text weights sit in its files."""
     archs = hf.get("architectures") or []
     if not archs:
         raise ConfigError("config.json has no 'architectures' field; cannot tell which model family it is")
-    arch = archs[0]
-    if arch not in FAMILIES:
+    arch = label = archs[0]
+    layout = {}
+    if arch in NESTED:
+        layout = dict(weight_prefix=NESTED[arch].prefix, skip_weight_prefixes=NESTED[arch].skip)
+        hf, arch = _text_config(hf, arch)
+        label = f"{label} text_config ({arch})"
+    elif arch not in FAMILIES:
         raise ConfigError(
-            f"unsupported architecture {arch!r}; supported: {', '.join(sorted(FAMILIES))}"
+            f"unsupported architecture {arch!r}; supported: {', '.join(sorted(FAMILIES))}; multimodal "
+            f"(text served, vision ignored): {', '.join(sorted(NESTED))}"
         )
-    fields = FAMILIES[arch](hf, arch)
+    fields = FAMILIES[arch](hf, label) | dict(architecture=arch) | layout
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     extra = {k: v for k, v in fields.items() if k not in known}
     fields = {k: v for k, v in fields.items() if k in known}

@@ -58,8 +58,8 @@ def list_tensors(model_dir: str | pathlib.Path) -> dict[str, tuple[pathlib.Path,
     return out
 
 
-def _layer_index(name: str) -> int | None:
-    m = re.match(r"model\.layers\.(\d+)\.", name)
+def _layer_index(name: str, prefix: str = "") -> int | None:
+    m = re.match(re.escape(prefix) + r"model\.layers\.(\d+)\.", name)
     return int(m.group(1)) if m else None
 
 
@@ -68,15 +68,19 @@ def check_tensors(
     expected: dict[str, tuple[int, ...]],
     ignore: Iterable[str] = (),
     ignore_layers_from: int | None = None,
+    prefix: str = "",
+    skip_prefixes: Iterable[str] = (),
 ) -> None:
     """One error that lists every missing, unexpected and mis-shaped tensor (tensors of layers at or
-    past `ignore_layers_from` are not served and not reported)."""
-    ignore = set(ignore)
+    past `ignore_layers_from` are not served and not reported). `expected` names are full checkpoint
+    names; `prefix` is where the text model's tensors sit (for the layer numbers) and tensors under
+    `skip_prefixes` (a multimodal checkpoint's vision tower) are not served and not reported."""
+    ignore, skip = set(ignore), tuple(skip_prefixes)
 
     def ignored(n: str) -> bool:
-        layer = _layer_index(n)
+        layer = _layer_index(n, prefix)
         beyond = ignore_layers_from is not None and layer is not None and layer >= ignore_layers_from
-        return n in ignore or n.endswith(_IGNORED_SUFFIXES) or beyond
+        return n in ignore or n.endswith(_IGNORED_SUFFIXES) or beyond or (bool(skip) and n.startswith(skip))
 
     missing = sorted(set(expected) - set(present))
     extra = sorted(n for n in set(present) - set(expected) if not ignored(n))
@@ -129,14 +133,21 @@ def load_into(
     ignore: Iterable[str] = (),
     on_tensor: Callable[[str], None] | None = None,
     ignore_layers_from: int | None = None,
+    prefix: str = "",
+    skip_prefixes: Iterable[str] = (),
 ) -> dict[tuple[str, ...], jax.Array]:
     """Build every parameter in `abstract` (path -> shape/dtype) from the HF tensors of `tensor_map`.
 
     tensor_map: HF name -> (parameter path, leading index into the parameter, HF shape[, transform
     applied to the HF array before the reshape]). Parts of a parameter no tensor maps to (pipeline
-    padding slots) are zeros."""
+    padding slots) are zeros. A multimodal checkpoint (config.NESTED) stores the text model's tensors
+    under `prefix` (tensor_map and ignore names are given without it) and tensors under
+    `skip_prefixes` are not read."""
     present = list_tensors(model_dir)
-    check_tensors(present, {n: entry[2] for n, entry in tensor_map.items()}, ignore, ignore_layers_from)
+    tensor_map = {prefix + n: entry for n, entry in tensor_map.items()}
+    ignore = [prefix + n for n in ignore]
+    expected = {n: entry[2] for n, entry in tensor_map.items()}
+    check_tensors(present, expected, ignore, ignore_layers_from, prefix, skip_prefixes)
     sources: dict[tuple[str, ...], list[tuple[str, tuple[int, ...], Callable | None]]] = collections.defaultdict(list)
     for name, (path, index, _, *transform) in tensor_map.items():
         if path not in abstract:

@@ -1,6 +1,9 @@
 """Qwen3-MoE (HF Qwen3MoeForCausalLM): Qwen3 attention (GQA, q/k RMSNorm, rope) and softmax top-k
 routed experts without a shared expert. Layers in `mlp_only_layers`, or off the `decoder_sparse_step`
-grid, keep a dense SwiGLU (their own stack; see moe.py on the per-kind stacks)."""
+grid, keep a dense SwiGLU (their own stack; see moe.py on the per-kind stacks).
+
+Mixtral (MixtralForCausalLM) is this family too: the same router (softmax, top-k, renormalised) and
+experts, no q/k norms, every layer sparse; only its HF tensor names differ (MOE_TENSOR_NAMES)."""
 
 from __future__ import annotations
 
@@ -49,16 +52,27 @@ def dense_ffn_tensor_map(pre: str, path: str, prefix: str, i: int, f: int, d: in
     }
 
 
-def expert_tensor_map(pre: str, i: int, num_experts: int, f: int, d: int) -> dict:
-    """Per-expert HF Linear tensors `{pre}{e}.gate_proj.weight` ... -> the moe stack (out-major)."""
+def expert_tensor_map(
+    pre: str, i: int, num_experts: int, f: int, d: int, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+) -> dict:
+    """Per-expert HF Linear tensors `{pre}{e}.gate_proj.weight` ... -> the moe stack (out-major);
+    `names` are the (gate, up, down) module names."""
+    gate, up, down = names
     out = {}
     for e in range(num_experts):
         out |= {
-            f"{pre}{e}.gate_proj.weight": (("moe", "w_gate_up"), (i, e, 0), (f, d)),
-            f"{pre}{e}.up_proj.weight": (("moe", "w_gate_up"), (i, e, 1), (f, d)),
-            f"{pre}{e}.down_proj.weight": (("moe", "w_down"), (i, e), (d, f)),
+            f"{pre}{e}.{gate}.weight": (("moe", "w_gate_up"), (i, e, 0), (f, d)),
+            f"{pre}{e}.{up}.weight": (("moe", "w_gate_up"), (i, e, 1), (f, d)),
+            f"{pre}{e}.{down}.weight": (("moe", "w_down"), (i, e), (d, f)),
         }
     return out
+
+
+# HF module names of a sparse block: (block, router, (expert gate, up, down)), by config `moe_tensor_names`.
+MOE_TENSOR_NAMES = {
+    "qwen3_moe": ("mlp", "gate", ("gate_proj", "up_proj", "down_proj")),
+    "mixtral": ("block_sparse_moe", "gate", ("w1", "w3", "w2")),
+}
 
 
 class Qwen3Moe(moe.MoEDecoder):
@@ -128,6 +142,7 @@ def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], stages: int | 
     plan = moe.SlotPlan.for_model(qwen3_moe_kinds(cfg), layer_slots, stages=stages)
     out = head_tensor_map(c)
     e, f = c.get("num_experts"), c.get("moe_intermediate_size")
+    block, router, expert_names = MOE_TENSOR_NAMES[c.get("moe_tensor_names", "qwen3_moe")]
     for i, s in enumerate(layer_slots):
         pre = f"model.layers.{i}."
         out |= layer_norms_tensor_map(pre, s, d) | gqa_tensor_map(c, pre, s)
@@ -135,7 +150,7 @@ def hf_tensor_map(cfg: ModelConfig, layer_slots: tuple[int, ...], stages: int | 
         if moe.KINDS[plan.slot_kind[s]] == "dense":
             out |= dense_ffn_tensor_map(pre + "mlp.", "dense", "", j, c.intermediate_size, d)
         else:
-            out[pre + "mlp.gate.weight"] = (("moe", "router"), (j,), (e, d))
-            out |= expert_tensor_map(pre + "mlp.experts.", j, e, f, d)
+            out[f"{pre}{block}.{router}.weight"] = (("moe", "router"), (j,), (e, d))
+            out |= expert_tensor_map(f"{pre}{block}.experts.", j, e, f, d, expert_names)
     return out
 
