@@ -87,7 +87,10 @@ def place_model(
         shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
         ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
         if compressed.is_compressed_checkpoint(model_dir):  # layer matrices stay compressed on the device
-            arrays = compressed.load_into(model_dir, flat, layout, tmap, ignore=ignore)
+            arrays = compressed.load_into(
+                model_dir, flat, layout, tmap, ignore=ignore, ignore_layers_from=cfg.num_layers,
+                prefix=cfg.weight_prefix, skip_prefixes=cfg.skip_weight_prefixes,
+            )
         else:
             # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
             arrays = hf.load_into(

@@ -150,6 +150,22 @@ def _llama(hf: dict, arch: str) -> dict[str, Any]:
     return cfg | dict(qkv_bias=bias, o_bias=bias)
 
 
+def _check_window(hf: dict, arch: str, context: int) -> None:
+    """Sliding-window attention is not implemented: refuse a window that would bind."""
+    window = hf.get("sliding_window")
+    if window is not None and int(window) < context:
+        raise ConfigError(
+            f"{arch}: sliding_window={window} is not supported (attention is always full); it must be null "
+            f"or at least max_position_embeddings={context}"
+        )
+
+
+def _mistral(hf: dict, arch: str) -> dict[str, Any]:
+    cfg = _llama(hf, arch)
+    _check_window(hf, arch, cfg["max_position_embeddings"])
+    return cfg
+
+
 def _qwen2(hf: dict, arch: str) -> dict[str, Any]:
     if hf.get("use_sliding_window", False):
         raise ConfigError(f"{arch}: use_sliding_window=True is not supported; set it to false")
@@ -204,12 +220,7 @@ def _mixtral(hf: dict, arch: str) -> dict[str, Any]:
     tensor names differ (block_sparse_moe.experts.{e}.w1/w3/w2)."""
     _check_act(hf, arch)
     cfg = _dense_common(hf, arch, "qwen3_moe")
-    window = hf.get("sliding_window")
-    if window is not None and int(window) < cfg["max_position_embeddings"]:
-        raise ConfigError(
-            f"{arch}: sliding_window={window} is not supported (attention is always full); it must be null "
-            f"or at least max_position_embeddings={cfg['max_position_embeddings']}"
-        )
+    _check_window(hf, arch, cfg["max_position_embeddings"])
     experts = int(_require(hf, "num_local_experts", arch))
     top_k = int(_require(hf, "num_experts_per_tok", arch))
     if not 0 < top_k <= experts:
@@ -399,7 +410,7 @@ def _llama4_text(hf: dict, arch: str) -> dict[str, Any]:
 # HF architecture name -> parser. Families beyond dense Llama register here too.
 FAMILIES: dict[str, Callable[[dict, str], dict[str, Any]]] = {
     "LlamaForCausalLM": _llama,
-    "MistralForCausalLM": _llama,
+    "MistralForCausalLM": _mistral,
     "MixtralForCausalLM": _mixtral,
     "Qwen2ForCausalLM": _qwen2,
     "Qwen3ForCausalLM": _qwen3,

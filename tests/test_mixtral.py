@@ -77,6 +77,12 @@ def test_config():
     assert from_hf_config(dict(hf, sliding_window=256)) == cfg  # a window as long as the context is full attention
     with pytest.raises(ConfigError, match="MixtralForCausalLM: sliding_window=128 is not supported"):
         from_hf_config(dict(hf, sliding_window=128))
+    # Mistral (dense) shares the rule: a window shorter than the context is refused, not ignored
+    mistral = {k: v for k, v in hf.items() if k not in ("num_local_experts", "num_experts_per_tok")}
+    mistral["architectures"] = ["MistralForCausalLM"]
+    assert from_hf_config(dict(mistral, sliding_window=None)).family == "llama"
+    with pytest.raises(ConfigError, match="MistralForCausalLM: sliding_window=128 is not supported"):
+        from_hf_config(dict(mistral, sliding_window=128))
     with pytest.raises(ConfigError, match=r"num_experts_per_tok=5 must be in \[1, num_local_experts=4\]"):
         from_hf_config(dict(hf, num_experts_per_tok=5))
 

@@ -236,3 +236,33 @@ def test_nested_config_errors():
     bad = {k: v for k, v in scout.items() if k != "hidden_size"}
     with pytest.raises(ConfigError, match=r"Llama4ForConditionalGeneration text_config \(Llama4ForCausalLM\).*'hidden_size'"):
         from_hf_config(dict(architectures=["Llama4ForConditionalGeneration"], text_config=bad))
+
+
+def test_compressed_nested_checkpoint_loads_text_weights(llama4, tmp_path):
+    """A compressed multimodal checkpoint is served like the raw one: same prefix and skipped vision
+    tensors, and (bf16 weights, exact compression) bitwise the raw bf16 logits. Routed experts stay
+    raw on the device, with a warning that says so."""
+    from infire_jax.checkpoint.compressed import compress_checkpoint
+
+    out, _, _ = llama4
+    comp = tmp_path / "comp"
+    compress_checkpoint(out, comp)
+    tokens = np.random.default_rng(3).integers(0, VOCAB, (1, 12)).astype(np.int32)
+    raw = infire_jax.load(out, dtype="bfloat16").logits(tokens)
+    with pytest.warns(UserWarning, match=r"routed-expert weights \['moe/w_down', 'moe/w_gate_up'\]"):
+        model = infire_jax.load(comp, dtype="bfloat16")
+    np.testing.assert_array_equal(model.logits(tokens), raw)
+
+
+def test_planner_applies_weight_format_to_the_nested_text_model():
+    from infire_jax.plan.capacity import model_config
+
+    kimi = _published("kimi_k25")
+    nested = dict(architectures=["KimiK25ForConditionalGeneration"], model_type="kimi_k25",
+                  text_config=dict(kimi, model_type="kimi_k2"), vision_config={})
+    for weights, native, group in (("int4_experts", True, 32), ("bf16", False, None)):
+        flat, nest = model_config(kimi, weights), model_config(nested, weights)
+        assert flat == nest and nest[1] is native and nest[0].get("expert_int4_group") == group
+    # a wrapper without any quantization block: int4 experts are still native when asked for
+    bare = dict(nested, text_config={k: v for k, v in nested["text_config"].items() if k != "quantization_config"})
+    assert model_config(bare, "int4_experts")[1] is True

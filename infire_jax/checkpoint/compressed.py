@@ -44,6 +44,7 @@ import json
 import os
 import pathlib
 import shutil
+import warnings
 import zlib
 from typing import Any, Callable, Iterable
 
@@ -293,6 +294,12 @@ def is_compressible(var: Any, per_layer: bool = False) -> bool:
     return len(axes) >= 2 if per_layer else len(axes) >= 3 and axes[0] == "layers"
 
 
+def _is_expert_stack(var: Any) -> bool:
+    """Routed-expert weights (layers x experts x ...): the on-device palette12 form stacks slices
+    along one axis only, and the expert dispatch indexes the experts axis too."""
+    return "experts" in (var.get_metadata().get("logical_axes") or ())
+
+
 def _is_per_layer(path: tuple[str, ...]) -> bool:
     """("layers", "3", "wq"): a weight of the layer-list form (models/llama.py)."""
     return len(path) >= 3 and path[0] == "layers" and path[1].isdigit()
@@ -313,19 +320,25 @@ def load_into(
     tensor_map: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]],
     ignore: Iterable[str] = (),
     on_tensor: Callable[[str], None] | None = None,
+    ignore_layers_from: int | None = None,
+    prefix: str = "",
+    skip_prefixes: Iterable[str] = (),
 ) -> dict[tuple[str, ...], Any]:
     """Values for the abstract nnx Variables ``variables`` (path -> Variable) on ``layout``: a
     sharded jax.Array per raw parameter, a Palette12Weight per compressed stacked matrix.
 
     tensor_map as for hf.load_into (HF name -> (parameter path, leading index, HF shape[, transform
-    of the HF array])); parts of a parameter no tensor maps to (pipeline padding slots) are zeros."""
+    of the HF array])); parts of a parameter no tensor maps to (pipeline padding slots) are zeros.
+    ignore_layers_from / prefix / skip_prefixes as for hf.load_into (multimodal wrappers, MTP layers)."""
     from infire_jax.compression import jax_decode
 
     model_dir = pathlib.Path(model_dir)
     manifest = read_manifest(model_dir)
     entries = manifest["tensors"]
     present = {n: (model_dir / e["file"], tuple(e["shape"]), e["dtype"]) for n, e in entries.items()}
-    hf.check_tensors(present, {n: entry[2] for n, entry in tensor_map.items()}, ignore)
+    tensor_map = {prefix + n: entry for n, entry in tensor_map.items()}  # as for hf.load_into
+    ignore = [prefix + n for n in ignore]
+    hf.check_tensors(present, {n: entry[2] for n, entry in tensor_map.items()}, ignore, ignore_layers_from, prefix, skip_prefixes)
     check_containers(model_dir, manifest)
     sources: dict[tuple[str, ...], list[tuple[str, tuple[int, ...], Any]]] = collections.defaultdict(list)
     for name, (path, index, _, *transform) in tensor_map.items():
@@ -335,6 +348,7 @@ def load_into(
 
     mesh = layout.mesh
     out: dict[tuple[str, ...], Any] = {}
+    kept_raw: list[str] = []
     for path, var in variables.items():
         spec_struct = var.get_value()
         shape, dtype = tuple(spec_struct.shape), np.dtype(spec_struct.dtype)
@@ -351,7 +365,9 @@ def load_into(
             sm[lead] = parts[1].reshape(shape[len(lead):])
         value = None
         per_layer = _is_per_layer(path)
-        if is_compressible(var, per_layer):
+        if is_compressible(var, per_layer) and _is_expert_stack(var):
+            kept_raw.append("/".join(path))
+        elif is_compressible(var, per_layer):
             # Natural (N..., K...) order: layers.dense runs projections as 2-D dots over (N, K), which
             # XLA:CPU reads in place (a contraction-first order measured 0.43x raw bf16 speed).
             perm = tuple(range(len(shape) - (0 if per_layer else 1)))
@@ -366,6 +382,12 @@ def load_into(
         out[path] = value
         if on_tensor:
             on_tensor("/".join(path))
+    if kept_raw:
+        warnings.warn(
+            f"{model_dir}: routed-expert weights {kept_raw} are decoded to bf16 on load (exactly) and kept "
+            "uncompressed on the device: on-device palette12 covers attention and dense MLP matrices only",
+            stacklevel=2,
+        )
     return out
 
 

@@ -488,8 +488,10 @@ def _param(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any) -> 
 
 
 def take(stack: dict[str, jax.Array], i: jax.Array) -> dict[str, jax.Array]:
-    """Layer i of a stack of parameters."""
-    return {k: jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) for k, v in stack.items()}
+    """Layer i of a stack of parameters (leaf by leaf: a compressed weight is a pytree whose leaves
+    all carry the layers axis)."""
+    index = lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)  # noqa: E731
+    return {k: jax.tree.map(index, v) for k, v in stack.items()}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -143,13 +143,20 @@ def model_config(hf: Mapping[str, Any], weights: str = "bf16") -> tuple[ModelCon
     if weights not in WEIGHT_FORMATS:
         raise PlanError(f"weight format {weights!r} is not supported; use one of {WEIGHT_FORMATS}")
     hf = {k: v for k, v in hf.items() if not k.startswith("_")}
+    # A multimodal wrapper (config.NESTED) holds the text model in text_config, possibly with its
+    # quantization block there (Kimi K2.5): the weight format applies to that text model.
+    text = dict(hf["text_config"]) if isinstance(hf.get("text_config"), Mapping) else hf
+    arch = (hf.get("architectures") or [None])[0]
     native = False
-    if weights == "int4_experts" and (hf.get("architectures") or [None])[0] == "DeepseekV3ForCausalLM":
-        if not hf.get("quantization_config"):
-            hf["quantization_config"] = _int4_quant_config()
+    if weights == "int4_experts" and (arch == "DeepseekV3ForCausalLM" or text is not hf and text.get("model_type") in ("deepseek_v3", "kimi_k2")):
+        if not (hf.get("quantization_config") or text.get("quantization_config")):
+            text["quantization_config"] = _int4_quant_config()
         native = True
-    elif hf.get("quantization_config"):
-        hf.pop("quantization_config")  # bf16 / fp32 / compressed: the checkpoint's full-precision shapes
+    else:  # bf16 / fp32 / compressed: the checkpoint's full-precision shapes
+        hf.pop("quantization_config", None)
+        text.pop("quantization_config", None)
+    if text is not hf:
+        hf["text_config"] = text
     cfg = _parse(json.dumps(hf, sort_keys=True))
     if native and not cfg.get("expert_int4_group"):
         native = False
