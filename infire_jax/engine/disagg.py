@@ -27,7 +27,8 @@ from infire_jax.engine.generation import RequestError, validate_prompt
 from infire_jax.engine.programs import Programs, bucket
 from infire_jax.engine.sampling import SamplingParams, pack_params
 from infire_jax.kv import transfer
-from infire_jax.kv.cache import PageAllocator, pages_needed
+from infire_jax.kv import cache as kv_cache
+from infire_jax.kv.cache import PageAllocator
 
 __all__ = ["Request", "PrefillWorker", "DecodeWorker", "Engine", "generate"]
 
@@ -43,7 +44,7 @@ class Request:
     status: str = "queued"  # queued, prefill, waiting, decoding, done, failed
     error: str | None = None
     finish_reason: str | None = None
-    pages: list[int] = dataclasses.field(default_factory=list)
+    pages: list[list[int]] = dataclasses.field(default_factory=list)  # per KV pool (cache group)
     length: int = 0  # tokens whose KV is in the cache
     times: dict[str, float] = dataclasses.field(default_factory=dict)
     transfer_seconds: float = 0.0
@@ -93,10 +94,13 @@ class PrefillBatch:
     """One prefill program run: its requests (row i = requests[i]) and their canonical KV."""
 
     requests: list[Request]
-    k: jax.Array
-    v: jax.Array
+    kv: tuple[jax.Array, ...]  # canonical (k, v) per cache group (programs.canonical_kv_fn)
     t: int  # padded prompt length (KV positions)
     pending_rows: set[int] = dataclasses.field(default_factory=set)
+
+    @property
+    def rows(self) -> int:
+        return self.kv[0].shape[1]
 
 
 class PrefillWorker:
@@ -136,11 +140,11 @@ class PrefillWorker:
         for i, r in enumerate(reqs):
             tokens[i, : len(r.prompt)] = r.prompt
         sp = p.put_sampling(pack_params([r.params for r in reqs], b))
+        lens = p.put(lengths, ("batch",))
         first, first_logits, k, v = p._timed(
-            ("prefill", b, t), p.prefill_fn(b, t), p.placed.state,
-            p.put(tokens, ("batch", "seq")), p.put(lengths, ("batch",)), sp,
+            ("prefill", b, t), p.prefill_fn(b, t), p.placed.state, p.put(tokens, ("batch", "seq")), lens, sp
         )
-        k, v = p.canonical_kv_fn(b, t)(k, v)
+        kv = p.canonical_kv_fn(b, t)(k, v, lens)
         first = np.asarray(first)
         want_logits = any(r.with_logits for r in reqs)
         first_logits = np.asarray(first_logits) if want_logits else None
@@ -149,11 +153,15 @@ class PrefillWorker:
             r.times["first_token"] = now
             r.add_token(first[i], first_logits[i] if want_logits else None)
             r.length = len(r.prompt)
-        return PrefillBatch(reqs, k, v, t, set(range(len(reqs))))
+        return PrefillBatch(reqs, kv, t, set(range(len(reqs))))
 
 
 class DecodeWorker:
-    """Owns a paged KV cache and a continuous decode batch on one model's mesh."""
+    """Owns a paged KV cache and a continuous decode batch on one model's mesh.
+
+    The cache is one page pool per cache group of the model (kv/cache.py): num_pages pages of
+    page_size for full-length groups; a windowed group (Llama 4's chunked layers) gets a ring pool
+    sized by max_batch and its window, not by num_pages. A request reserves pages in every pool."""
 
     def __init__(
         self,
@@ -170,34 +178,59 @@ class DecodeWorker:
         self.name, self.programs = name, programs
         self.page_size, self.num_pages, self.max_batch = page_size, num_pages, max_batch
         self.steps = steps or programs.decode_steps
-        self.allocator = PageAllocator(num_pages)
-        self.k_pages, self.v_pages = programs.allocate_pages(num_pages, page_size)
+        self.pools = kv_cache.pools(programs.cache_groups, num_pages, page_size, max_batch)
+        self.allocators = [PageAllocator(pool.num_pages) for pool in self.pools]
+        self.k_pages, self.v_pages = programs.allocate_pages(*self._geometry)
         self.running: list[Request] = []
         self.arrived: collections.deque[tuple[PrefillBatch, int]] = collections.deque()  # (batch, row)
         self.kv_spec = programs.kv_spec()
         self.transfer_stats = transfer.TransferStats()
 
+    @property
+    def _geometry(self) -> tuple[Any, Any]:
+        """(page counts, page sizes) in the form the programs take (Programs.pack)."""
+        pack = self.programs.pack
+        return pack([q.num_pages for q in self.pools]), pack([q.page_size for q in self.pools])
+
+    @property
+    def allocator(self) -> PageAllocator:
+        """The first pool's allocator (the full-length cache when the model has one)."""
+        return self.allocators[0]
+
     # -- capacity ---------------------------------------------------------------------------
-    def pages_for(self, r: Request) -> int:
+    def pages_for(self, r: Request) -> tuple[int, ...]:
+        """Pages the request reserves in each pool: its whole length, or at most a ring's worth."""
         steps = self.steps
         total = len(r.prompt) + -(-r.params.max_new_tokens // steps) * steps + 1
-        return pages_needed(total, self.page_size)
+        return tuple(pool.pages_for(total) for pool in self.pools)
+
+    def fits(self, r: Request) -> bool:
+        """Whether the request fits this worker's cache at all (else it could never be admitted)."""
+        return all(n <= pool.num_pages for n, pool in zip(self.pages_for(r), self.pools))
+
+    @property
+    def context_tokens(self) -> int | None:
+        """Longest sequence the full-length pools hold (None: only rings, no limit from the cache)."""
+        full = [pool.num_pages * pool.page_size for pool in self.pools if pool.window is None]
+        return min(full) if full else None
 
     @property
     def capacity_pages(self) -> int:
-        return self.num_pages
+        return self.pools[0].num_pages
 
     @property
     def committed_pages(self) -> int:
-        """Pages in use plus pages the arrived-but-waiting requests will need."""
-        return (self.num_pages - self.allocator.free) + sum(self.pages_for(b.requests[i]) for b, i in self.arrived)
+        """First pool: pages in use plus pages the arrived-but-waiting requests will need."""
+        return (self.pools[0].num_pages - self.allocator.free) + sum(
+            self.pages_for(b.requests[i])[0] for b, i in self.arrived
+        )
 
     # -- KV arrival -------------------------------------------------------------------------
     def accept(self, batch: PrefillBatch, src_spec: transfer.KVSpec) -> None:
         """Move a prefill batch's KV onto this mesh (one transfer) and queue its live rows."""
-        dst = self.programs.canonical_kv_shardings(batch.k.shape[1], batch.t)
+        dst = self.programs.canonical_kv_shardings(batch.rows, batch.t)
         before = self.transfer_stats.seconds
-        batch.k, batch.v = transfer.handoff((batch.k, batch.v), src_spec, self.kv_spec, dst, self.transfer_stats)
+        batch.kv = transfer.handoff(batch.kv, src_spec, self.kv_spec, dst, self.transfer_stats, batch.t)
         spent = self.transfer_stats.seconds - before
         for i in sorted(batch.pending_rows):
             r = batch.requests[i]
@@ -211,16 +244,16 @@ class DecodeWorker:
 
     def admit(self) -> None:
         """Move arrived requests into the running batch while slots and pages allow (FIFO)."""
-        by_batch: dict[int, tuple[PrefillBatch, list[tuple[int, list[int]]]]] = {}
+        by_batch: dict[int, tuple[PrefillBatch, list[tuple[int, list[list[int]]]]]] = {}
         admitted = 0
         while self.arrived and len(self.running) + admitted < self.max_batch:
             batch, row = self.arrived[0]
             r = batch.requests[row]
             need = self.pages_for(r)
-            if need > self.allocator.free:
+            if any(n > a.free for n, a in zip(need, self.allocators)):
                 break  # wait for pages (FIFO: no overtaking, so nothing starves)
             self.arrived.popleft()
-            r.pages = self.allocator.allocate(need, r.id)
+            r.pages = [a.allocate(n, r.id) for n, a in zip(need, self.allocators)]
             admitted += 1
             by_batch.setdefault(id(batch), (batch, []))[1].append((row, r.pages))
         for batch, rows in by_batch.values():
@@ -231,15 +264,17 @@ class DecodeWorker:
                 r.status = "decoding"
                 self.running.append(r)
 
-    def _insert(self, batch: PrefillBatch, rows: list[tuple[int, list[int]]]) -> None:
-        b, t = batch.k.shape[1], batch.t
-        per_row = t // self.page_size
-        ids = np.full((b, per_row), self.num_pages, np.int32)  # num_pages = skip
-        for row, pages in rows:
-            n = min(per_row, len(pages))
-            ids[row, :n] = pages[:n]
-        fn = self.programs.insert_fn(b, t, self.num_pages, self.page_size)
-        self.k_pages, self.v_pages = fn(self.k_pages, self.v_pages, batch.k, batch.v, ids)
+    def _insert(self, batch: PrefillBatch, rows: list[tuple[int, list[list[int]]]]) -> None:
+        b, t = batch.rows, batch.t
+        ids = []
+        for g, pool in enumerate(self.pools):
+            per_row = pool.seq(t) // pool.page_size
+            ids.append(np.full((b, per_row), pool.num_pages, np.int32))  # num_pages = skip
+            for row, pages in rows:
+                n = min(per_row, len(pages[g]))
+                ids[g][row, :n] = pages[g][:n]
+        fn = self.programs.insert_fn(b, t, *self._geometry)
+        self.k_pages, self.v_pages = fn(self.k_pages, self.v_pages, batch.kv, self.programs.pack(ids))
 
     # -- decoding ---------------------------------------------------------------------------
     def step(self) -> list[Request]:
@@ -248,20 +283,21 @@ class DecodeWorker:
             return []
         p, steps, rows = self.programs, self.steps, self.running
         b = p.batch_bucket(len(rows))
-        per_row = bucket(max(len(r.pages) for r in rows))
-        table = np.zeros((b, per_row), np.int32)
+        per_row = [bucket(max(len(r.pages[g]) for r in rows)) for g in range(len(self.pools))]
+        tables = [np.zeros((b, n), np.int32) for n in per_row]
         lengths = np.zeros(b, np.int32)
         tokens = np.zeros(b, np.int32)
         active = np.zeros(b, bool)
         for i, r in enumerate(rows):
-            table[i, : len(r.pages)] = r.pages
+            for table, pages in zip(tables, r.pages):
+                table[i, : len(pages)] = pages
             lengths[i], tokens[i], active[i] = r.length, r.output[-1], True
         sp = pack_params([r.params for r in rows], b)
         with_logits = any(r.with_logits for r in rows)
-        key = ("decode", b, per_row, self.num_pages, self.page_size, steps, with_logits)
-        fn = p.decode_fn(b, per_row, self.num_pages, self.page_size, steps, with_logits)
+        shape = (b, p.pack(per_row), *self._geometry, steps, with_logits)
         out, self.k_pages, self.v_pages = p._timed(
-            key, fn, p.placed.state, self.k_pages, self.v_pages, table, lengths, tokens, active, sp
+            ("decode",) + shape, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
+            lengths, tokens, active, sp,
         )
         toks, logits = (np.asarray(out[0]), np.asarray(out[1])) if with_logits else (np.asarray(out), None)
         finished = []
@@ -281,9 +317,9 @@ class DecodeWorker:
     def release(self, r: Request) -> None:
         if r in self.running:
             self.running.remove(r)
-        if r.pages:
-            self.allocator.release(r.pages)
-            r.pages = []
+        for a, pages in zip(self.allocators, r.pages):
+            a.release(pages)
+        r.pages = []
 
 
 def _finish(r: Request, error: str | None = None) -> None:
@@ -304,7 +340,7 @@ class Engine:
         cfg = prefill[0].programs.placed.cfg
         self.vocab_size = cfg.vocab_size
         self.context = min(
-            [cfg.max_position_embeddings] + [w.num_pages * w.page_size for w in self.decode_workers]
+            [cfg.max_position_embeddings] + [w.context_tokens for w in self.decode_workers if w.context_tokens]
         )
         self.started = time.perf_counter()
 
@@ -327,9 +363,9 @@ class Engine:
             params = params if isinstance(params, SamplingParams) else SamplingParams(**params)
             r.params = params
             r.prompt = validate_prompt(prompt, self.vocab_size, self.context, params.max_new_tokens)
-            if not any(w.pages_for(r) <= w.capacity_pages for w in self.decode_workers):
+            if not any(w.fits(r) for w in self.decode_workers):
                 raise RequestError(
-                    f"request needs {min(w.pages_for(r) for w in self.decode_workers)} KV pages but no decode "
+                    f"request needs {min(w.pages_for(r)[0] for w in self.decode_workers)} KV pages but no decode "
                     "worker has that many; lower max_new_tokens or give the decode workers more pages"
                 )
         except (RequestError, ValueError, TypeError) as e:

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infire_jax.kv import cache as kv_cache
+
 __all__ = ["Collective", "hlo_collectives", "inspect_model", "layout_table"]
 
 _KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "ragged-all-to-all")
@@ -159,12 +161,17 @@ def inspect_model(
     module = placed.module
     params = [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(placed.state)]
     b = programs.batch_bucket(batch)
-    per_row = cache_len // page_size
-    num_pages = b * per_row
+    # one page pool per KV cache group (kv/cache.py); a ring pool holds b rows of its window
+    pools = kv_cache.pools(programs.cache_groups, b * (cache_len // page_size), page_size, b)
+    per_row = programs.pack([pool.pages_for(cache_len) for pool in pools])
+    num_pages, sizes = programs.pack([q.num_pages for q in pools]), programs.pack([q.page_size for q in pools])
     dtype = module.compute_dtype
-    page_sh = programs.page_shardings(num_pages, page_size)
-    page_shapes = [(s[0], num_pages, s[2], page_size, s[4]) for s in module.kv_shapes(1, page_size)]
+    page_sh = jax.tree.leaves(programs.page_shardings(num_pages, sizes))
+    page_shapes = [s for pair in zip(*programs.pool_shapes(num_pages, sizes)) for s in pair]
     kv = [(s, dtype, sh) for s, sh in zip(page_shapes, page_sh)]
+    structs = [jax.ShapeDtypeStruct(s, dtype, sharding=sh) for s, sh in zip(page_shapes, page_sh)]
+    half = len(structs) // 2
+    tables = [jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=placed.layout.replicated) for n in jax.tree.leaves(per_row)]
 
     sp = jax.tree.map(lambda sh: jax.ShapeDtypeStruct((b,), jnp.float32, sharding=sh), programs._sampling_shardings(b))
     sp["top_k"] = jax.ShapeDtypeStruct((b,), jnp.int32, sharding=sp["top_k"].sharding)
@@ -178,10 +185,8 @@ def inspect_model(
     ).compile()
     rep = placed.layout.replicated
     vec = lambda dt: jax.ShapeDtypeStruct((b,), dt, sharding=rep)  # noqa: E731
-    decode = programs.decode_fn(b, per_row, num_pages, page_size, steps).lower(
-        placed.state,
-        *[jax.ShapeDtypeStruct(s, dtype, sharding=sh) for s, sh in zip(page_shapes, page_sh)],
-        jax.ShapeDtypeStruct((b, per_row), jnp.int32, sharding=rep),
+    decode = programs.decode_fn(b, per_row, num_pages, sizes, steps).lower(
+        placed.state, programs.pack(structs[:half]), programs.pack(structs[half:]), programs.pack(tables),
         vec(jnp.int32), vec(jnp.int32), vec(jnp.bool_),
         {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in sp.items()},
     ).compile()

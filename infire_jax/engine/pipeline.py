@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
+from infire_jax.kv import cache as kv_cache
 from infire_jax.sharding import Layout, use_layout
 
 __all__ = ["prefill", "decode", "stage_specs"]
@@ -131,29 +132,37 @@ def decode(
     graphdef: Any,
     state: Any,
     layout: Layout,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    page_table: jax.Array,
+    k_pages: Any,
+    v_pages: Any,
+    page_table: Any,
     lengths: jax.Array,
     tokens: jax.Array,
     active: jax.Array,
     sampling: dict,
     steps: int,
     with_logits: bool = False,
-) -> tuple[Any, jax.Array, jax.Array]:
+) -> tuple[Any, Any, Any]:
     """`steps` decode steps for every row of a paged batch, from an empty pipeline.
 
     Row r feeds tokens[r] at position lengths[r] (its KV goes to page page_table[r, pos // page]),
     samples the next token and repeats. Inactive rows write nothing. With pp stages the B rows form
     pp microbatches and the program runs steps * pp + pp - 1 ticks: pp - 1 to fill the pipeline, then
     every stage works every tick, then pp - 1 to drain. Returns the sampled tokens (steps, B) (and
-    their logits (steps, B, vocab) as a pair if with_logits) and the updated pages."""
+    their logits (steps, B, vocab) as a pair if with_logits) and the updated pages.
+
+    A model with KV cache groups (kv/cache.py) takes k_pages, v_pages and page_table as tuples with
+    one entry per group; a windowed group's position p goes to ring slot p mod W."""
     pp = layout.mesh.shape[PP]
-    active_layers = jnp.asarray(nnx.merge(graphdef, state).active)
+    module = nnx.merge(graphdef, state)
+    active_layers = jnp.asarray(module.active)
     b = tokens.shape[0]
     mb = b // pp
     ticks = steps * pp + pp - 1
-    num_pages, page = k_pages.shape[1], k_pages.shape[3]
+    groups = kv_cache.cache_groups(module)
+    windows = groups.windows if groups else (None,)
+    # per group, (stages, stage-local stack) -> the stage-local slot whose new K/V it stores
+    write_slots = [jnp.asarray(t) for t in groups.write_slots(len(module.active) // pp)] if groups else None
+    as_groups = (lambda x: x) if groups else (lambda x: (x,))  # noqa: E731
 
     def staged(state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers):
         with use_layout(layout):
@@ -168,17 +177,24 @@ def decode(
                 valid = (i >= s) & (i - s < steps * pp)
                 r0 = m * mb
                 pos = _rows(lens, r0, mb)
-                table = _rows(page_table, r0, mb)
+                tables = [_rows(t, r0, mb) for t in as_groups(page_table)]
                 x_in = jnp.where(s == 0, model.embed_tokens(_rows(toks, r0, mb)[:, None]), recv)
+                ctx = model.context(pos, 1)
                 per_layer = getattr(model, "unrolled", False)
-                y, kn, vn = model.stack(
-                    x_in, model.context(pos, 1), _gather_pages(kp, table, per_layer), _gather_pages(vp, table, per_layer),
-                    active=active_layers,
-                )
+                kc = tuple(_gather_pages(k, t, per_layer) for k, t in zip(kp, tables))
+                vc = tuple(_gather_pages(v, t, per_layer) for v, t in zip(vp, tables))
+                kc, vc = (kc, vc) if groups else (kc[0], vc[0])
+                y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
                 ok = valid & _rows(active, r0, mb)
-                target = jnp.where(ok, table[jnp.arange(mb), pos // page], num_pages)  # out of range: dropped
-                kp = kp.at[:, target, :, pos % page, :].set(kn[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
-                vp = vp.at[:, target, :, pos % page, :].set(vn[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
+                kp, vp = list(kp), list(vp)
+                for g, (table, window) in enumerate(zip(tables, windows)):
+                    num_pages, page = kp[g].shape[1], kp[g].shape[3]
+                    slot = pos if window is None else pos % window
+                    target = jnp.where(ok, table[jnp.arange(mb), slot // page], num_pages)  # out of range: dropped
+                    kg, vg = (kn, vn) if groups is None else (kn[write_slots[g][s]], vn[write_slots[g][s]])
+                    kp[g] = kp[g].at[:, target, :, slot % page, :].set(kg[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
+                    vp[g] = vp[g].at[:, target, :, slot % page, :].set(vg[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
+                kp, vp = tuple(kp), tuple(vp)
                 lens = jax.lax.dynamic_update_slice_in_dim(lens, pos + valid.astype(pos.dtype), r0, 0)
                 logits = model.logits(model.norm(y)[:, 0]).astype(jnp.float32)
                 nxt = sample(logits, pos + 1, jax.tree.map(lambda a: _rows(a, r0, mb), sampling))
@@ -200,8 +216,8 @@ def decode(
                 return (kp, vp, _ring(y, pp), toks, lens, out_tok, out_logits), None
 
             carry = (
-                k_pages,
-                v_pages,
+                as_groups(k_pages),
+                as_groups(v_pages),
                 jnp.zeros((mb, 1, d), model.compute_dtype),
                 tokens,
                 lengths,
@@ -210,7 +226,7 @@ def decode(
             )
             (kp, vp, _, _, _, out_tok, out_logits), _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
             out = (out_tok[None], out_logits[None]) if with_logits else out_tok[None]
-            return out, kp, vp
+            return (out, kp, vp) if groups else (out, kp[0], vp[0])
 
     specs = (
         stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), {k: P() for k in sampling}, P(PP),

@@ -164,24 +164,46 @@ class Programs:
         )
 
     # ---- paged decode ----------------------------------------------------------------------
-    def page_shardings(self, num_pages: int, page_size: int):
-        m = self.placed.module
-        axes = kv_cache.paged_axes(m.kv_logical_axes)
-        return tuple(
-            self._sh(axes, (shape[0], num_pages, shape[2], page_size, shape[4]))
-            for shape in m.kv_shapes(1, page_size)
-        )
+    # A model with KV cache groups (kv/cache.py; Llama 4's chunked layers) has one page pool per group:
+    # the page arguments below (counts, sizes, arrays, tables) are then tuples with one entry per group;
+    # for every other model they are single values, as they always were (`pack`).
+    @functools.cached_property
+    def cache_groups(self) -> kv_cache.CacheGroups | None:
+        return kv_cache.cache_groups(self.placed.module)
 
-    def allocate_pages(self, num_pages: int, page_size: int) -> tuple[jax.Array, jax.Array]:
+    def pack(self, per_group: Any) -> Any:
+        """Per-group values in the form the page arguments take: a tuple, or the value of the one group."""
+        return tuple(per_group) if self.cache_groups else per_group[0]
+
+    def unpack(self, packed: Any) -> tuple:
+        """The inverse of pack: one value per group."""
+        return tuple(packed) if self.cache_groups else (packed,)
+
+    def pool_shapes(self, num_pages: Any, page_size: Any) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(k, v) page-array shapes per group."""
+        m, groups = self.placed.module, self.cache_groups
+        layers = groups.plan.sizes if groups else (len(m.active),)
+        return [
+            tuple((n, pages, s[2], ps, s[4]) for s in m.kv_shapes(1, 1))
+            for n, pages, ps in zip(layers, self.unpack(num_pages), self.unpack(page_size))
+        ]
+
+    def page_shardings(self, num_pages: Any, page_size: Any):
+        axes = kv_cache.paged_axes(self.placed.module.kv_logical_axes)
+        shs = [tuple(self._sh(axes, shape) for shape in pair) for pair in self.pool_shapes(num_pages, page_size)]
+        return self.pack([k for k, _ in shs]), self.pack([v for _, v in shs])
+
+    def allocate_pages(self, num_pages: Any, page_size: Any) -> tuple[Any, Any]:
         """Zeroed k and v pages, created directly in their shardings."""
-        m = self.placed.module
-        out = []
-        for shape, sh in zip(m.kv_shapes(1, page_size), self.page_shardings(num_pages, page_size)):
-            full = (shape[0], num_pages, shape[2], page_size, shape[4])
-            out.append(jax.jit(lambda: jnp.zeros(full, m.compute_dtype), out_shardings=sh)())
-        return tuple(out)
+        dtype = self.placed.module.compute_dtype
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        out = [[], []]
+        for pair, shs in zip(self.pool_shapes(num_pages, page_size), zip(self.unpack(k_sh), self.unpack(v_sh))):
+            for i, (shape, sh) in enumerate(zip(pair, shs)):
+                out[i].append(jax.jit(lambda shape=shape: jnp.zeros(shape, dtype), out_shardings=sh)())
+        return self.pack(out[0]), self.pack(out[1])
 
-    def decode_fn(self, b: int, pages_per_row: int, num_pages: int, page_size: int, steps: int, with_logits: bool = False):
+    def decode_fn(self, b: int, pages_per_row: Any, num_pages: Any, page_size: Any, steps: int, with_logits: bool = False):
         """(state, k_pages, v_pages, page_table (b, P), lengths, tokens, active, sampling) ->
         (tokens (steps, b)[, logits], k_pages, v_pages); the pages are donated (updated in place)."""
         graphdef, layout = self.placed.graphdef, self.layout
@@ -207,7 +229,7 @@ class Programs:
 
     # ---- KV handoff --------------------------------------------------------------------------
     def kv_spec(self) -> transfer.KVSpec:
-        m = self.placed.module
+        m, groups = self.placed.module, self.cache_groups
         shapes = m.kv_shapes(1, 1)
         repeat = self.kv_repeat
         return transfer.KVSpec(
@@ -217,58 +239,82 @@ class Programs:
             dims=tuple(sh[4] for sh in shapes),
             dtype=str(jnp.dtype(m.compute_dtype)),
             logical_axes=tuple(m.kv_logical_axes),
+            groups=tuple((len(groups.layers(g, m.layer_slots)[0]), w) for g, w in enumerate(groups.windows))
+            if groups else (),
         )
+
+    def _group_layers(self) -> list[tuple[np.ndarray, np.ndarray, int | None]]:
+        """Per group: (slots of its real layers in layer order, their positions in the group's page
+        arrays, window)."""
+        m, groups = self.placed.module, self.cache_groups
+        if groups is None:
+            slots = np.asarray(m.layer_slots)
+            return [(slots, slots, None)]
+        out = []
+        for g, w in enumerate(groups.windows):
+            layers, pos = groups.layers(g, m.layer_slots)
+            out.append((np.asarray(m.layer_slots)[layers], np.asarray(pos), w))
+        return out
 
     @property
     def kv_repeat(self) -> int:
         m = self.placed.module
         return getattr(m, "kv_heads", m.cfg.num_kv_heads) // m.cfg.num_kv_heads
 
-    def canonical_kv_shardings(self, b: int, t: int):
+    def canonical_kv_shardings(self, b: int, t: int) -> tuple[jax.sharding.NamedSharding, ...]:
         spec = self.kv_spec()
-        return tuple(
-            self._sh(spec.logical_axes, (spec.num_layers, b, h, t, d)) for h, d in zip(spec.heads, spec.dims)
-        )
+        return tuple(self._sh(spec.logical_axes, shape) for shape in spec.array_shapes(b, t))
 
     def canonical_kv_fn(self, b: int, t: int):
-        """Prefill K/V in slot order (and with repeated KV heads) -> canonical (real layers, each KV
-        head once): the form that crosses between meshes of different layouts."""
-        slots = np.asarray(self.placed.module.layer_slots)
-        repeat = self.kv_repeat
+        """(prefill k, v in slot order (with repeated KV heads), lengths (b,)) -> canonical KV: per
+        cache group a (k, v) pair of its real layers, each KV head once; a windowed group only its ring
+        of the prompt's last partial window (kv/cache.py ring_window). The form that crosses between
+        meshes of different layouts."""
+        repeat, parts = self.kv_repeat, self._group_layers()
 
-        def canon(k, v):
-            return tuple(x[slots][:, :, ::repeat] for x in (k, v))
-
-        return self._compiled(
-            ("canonical", b, t),
-            lambda: jax.jit(canon, in_shardings=self.kv_shardings(b, t), out_shardings=self.canonical_kv_shardings(b, t)),
-        )
-
-    def insert_fn(self, b: int, t: int, num_pages: int, page_size: int):
-        """(k_pages, v_pages, canonical k, v (L, b, KV, t, hd), page ids (b, t / page)) -> pages with
-        each row's prompt KV written into its pages (rows with page id = num_pages are skipped)."""
-        slots = np.asarray(self.placed.module.layer_slots)
-        num_slots = len(self.placed.module.active)
-        repeat = self.kv_repeat
-
-        def insert(k_pages, v_pages, k, v, page_ids):
+        def canon(k, v, lengths):
             out = []
-            for pages, x in ((k_pages, k), (v_pages, v)):
-                x = jnp.repeat(x, repeat, axis=2) if repeat > 1 else x
-                x = jnp.zeros((num_slots,) + x.shape[1:], x.dtype).at[slots].set(x)
-                s_, b_, h, t_, d = x.shape
-                x = x.reshape(s_, b_, h, t_ // page_size, page_size, d).transpose(0, 1, 3, 2, 4, 5)
-                x = x.reshape(s_, b_ * (t_ // page_size), h, page_size, d)
-                out.append(pages.at[:, page_ids.reshape(-1)].set(x.astype(pages.dtype), mode="drop"))
+            for slots, _, window in parts:
+                for x in (k, v):
+                    x = x[slots][:, :, ::repeat]
+                    out.append(x if window is None else kv_cache.ring_window(x, lengths, window))
             return tuple(out)
 
+        row = self._sh(("batch",), (b,))
+        return self._compiled(
+            ("canonical", b, t),
+            lambda: jax.jit(
+                canon, in_shardings=self.kv_shardings(b, t) + (row,), out_shardings=self.canonical_kv_shardings(b, t)
+            ),
+        )
+
+    def insert_fn(self, b: int, t: int, num_pages: Any, page_size: Any):
+        """(k_pages, v_pages, canonical KV arrays, page ids (b, seq / page)) -> pages with each row's
+        prompt KV written into its pages (rows with page id = num_pages are skipped). Per cache group
+        (see decode_fn) the ids and the canonical (k, v) pair of its layers (seq = t, or the ring)."""
+        repeat, parts = self.kv_repeat, self._group_layers()
+
+        def insert(k_pages, v_pages, kv, page_ids):
+            k_pages, v_pages, page_ids = self.unpack(k_pages), self.unpack(v_pages), self.unpack(page_ids)
+            out = [[], []]
+            for g, (_, positions, _) in enumerate(parts):
+                for i, pages in enumerate((k_pages[g], v_pages[g])):
+                    x, page = kv[2 * g + i], pages.shape[3]
+                    x = jnp.repeat(x, repeat, axis=2) if repeat > 1 else x
+                    x = jnp.zeros((pages.shape[0],) + x.shape[1:], x.dtype).at[positions].set(x)
+                    s_, b_, h, t_, d = x.shape
+                    x = x.reshape(s_, b_, h, t_ // page, page, d).transpose(0, 1, 3, 2, 4, 5)
+                    x = x.reshape(s_, b_ * (t_ // page), h, page, d)
+                    out[i].append(pages.at[:, page_ids[g].reshape(-1)].set(x.astype(pages.dtype), mode="drop"))
+            return self.pack(out[0]), self.pack(out[1])
+
         k_sh, v_sh = self.page_shardings(num_pages, page_size)
-        ck, cv = self.canonical_kv_shardings(b, t)
+        rep = self.layout.replicated
         return self._compiled(
             ("insert", b, t, num_pages, page_size),
             lambda: jax.jit(
                 insert,
-                in_shardings=(k_sh, v_sh, ck, cv, self.layout.replicated),
+                in_shardings=(k_sh, v_sh, self.canonical_kv_shardings(b, t), rep),
                 out_shardings=(k_sh, v_sh),
                 donate_argnums=(0, 1),
             ),

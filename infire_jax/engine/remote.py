@@ -280,7 +280,7 @@ class _PrefillServer(_Server):
         from infire_jax.kv import remote_transfer as rt
 
         jax, target, mode = self.jax, p["target"], p["mode"]
-        b = batch.k.shape[1]
+        b = batch.rows
         rows = [
             dict(row=i, id=r.id, output=list(r.output), finish_reason=r.finish_reason)
             for i, r in enumerate(batch.requests)
@@ -292,20 +292,20 @@ class _PrefillServer(_Server):
         t0 = time.perf_counter()
         send_mode = self.tamper.get("send_mode") or mode
         shardings = rt.sender_shardings(send_mode, self.kv_spec, b, batch.t, target["layout"], jax.devices())
-        k, v = jax.block_until_ready(jax.device_put((batch.k, batch.v), shardings))
-        sums = rt.checksum((k, v)) if self.opts.get("checksum", True) else None
+        kv = jax.block_until_ready(jax.device_put(batch.kv, tuple(shardings)))
+        sums = rt.checksum(kv) if self.opts.get("checksum", True) else None
         if self.tamper.get("corrupt"):
-            k = jax.block_until_ready(k + 1)  # arrives in the right layout but with the wrong bytes
+            kv = (jax.block_until_ready(kv[0] + 1),) + kv[1:]  # arrives in the right layout but with the wrong bytes
         reshard_s = time.perf_counter() - t0
         uuid = next(self.uuids)
-        self.endpoint.offer(uuid, (k, v), float(self.opts.get("offer_timeout", 60.0)))
+        self.endpoint.offer(uuid, kv, float(self.opts.get("offer_timeout", 60.0)))
         spec = self.kv_spec
         if self.tamper.get("kv_spec"):
             spec = dc.replace(spec, **self.tamper["kv_spec"])
         self.send("prefilled", dict(
             job=p["job"], rows=rows, prefill_s=prefill_s, reshard_s=reshard_s, uuid=uuid,
             address=self.endpoint.address, num_transports=self.endpoint.num_transports, kv_spec=spec,
-            descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in (k, v)], checksums=sums, b=b, t=batch.t,
+            descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in kv], checksums=sums, b=b, t=batch.t,
             mode=mode,
         ))
 
@@ -379,14 +379,14 @@ class _DecodeServer(_Server):
             shardings = programs.canonical_kv_shardings(b, t)
         else:
             first = next(iter(self.layout.mesh.devices.flat))
-            shardings = (jax.sharding.SingleDeviceSharding(first),) * 2
+            shardings = (jax.sharding.SingleDeviceSharding(first),) * len(shapes)
         mine = [rt.describe(sh, shape, self.kv_spec.dtype) for sh, shape in zip(shardings, shapes)]
         rt.check_descriptions(p["descs"], mine, f"decode worker {self.cfg.name!r}")
         # 2. the transfer
         structs = [jax.ShapeDtypeStruct(s, np.dtype(self.kv_spec.dtype), sharding=sh) for s, sh in zip(shapes, shardings)]
         res = self.endpoint.pull(p["address"], p["uuid"], structs, float(self.opts.get("pull_timeout", 30.0)))
-        k, v = res.arrays
-        if p.get("checksums") is not None and rt.checksum((k, v)) != list(p["checksums"]):
+        kv = tuple(res.arrays)
+        if p.get("checksums") is not None and rt.checksum(kv) != list(p["checksums"]):
             raise KVLayoutMismatch(
                 "the pulled KV does not match the sender's checksums (wrong bytes or shards in the wrong "
                 "place); refusing to decode from it"
@@ -398,7 +398,7 @@ class _DecodeServer(_Server):
             r = Request(row["id"], np.asarray(row["prompt"], np.int32), SamplingParams(**row["params"]), time.perf_counter())
             r.output, r.length = list(row["output"]), len(row["prompt"])
             reqs[i] = r
-        batch = PrefillBatch(reqs, k, v, t, set(rows))
+        batch = PrefillBatch(reqs, kv, t, set(rows))
         before = self.worker.transfer_stats.seconds
         self.worker.accept(batch, p["kv_spec"])
         reshard_s = self.worker.transfer_stats.seconds - before

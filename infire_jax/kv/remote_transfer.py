@@ -88,7 +88,8 @@ def check_descriptions(sent: Sequence[Mapping[str, Any]], expected: Sequence[Map
     if len(sent) != len(expected):
         raise KVLayoutMismatch(f"{side}: sender offers {len(sent)} arrays, receiver expects {len(expected)}")
     diffs = []
-    for name, a, b in zip(("k", "v", "2", "3"), sent, expected):
+    names = [("k", "v")[i % 2] + (f"[group {i // 2}]" if i > 1 else "") for i in range(len(sent))]
+    for name, a, b in zip(names, sent, expected):
         for key in ("shape", "dtype", "mesh", "spec", "shards"):
             if a.get(key) != b.get(key):
                 diffs.append(f"{name}.{key}: sender {a.get(key)!r} vs receiver {b.get(key)!r}")
@@ -97,8 +98,8 @@ def check_descriptions(sent: Sequence[Mapping[str, Any]], expected: Sequence[Map
 
 
 def kv_shapes(spec: KVSpec, b: int, t: int) -> tuple[tuple[int, ...], ...]:
-    """Shapes of the canonical (k, v) arrays of a prefill batch of b rows and t positions."""
-    return tuple((spec.num_layers, b, h, t, d) for h, d in zip(spec.heads, spec.dims))
+    """Shapes of the canonical arrays ((k, v) per cache group) of a prefill batch of b rows and t positions."""
+    return tuple(spec.array_shapes(b, t))
 
 
 def sender_shardings(
@@ -115,8 +116,7 @@ def sender_shardings(
     from infire_jax.sharding import Layout
 
     if mode == "single":
-        sh = SingleDeviceSharding(devices[0])
-        return (sh, sh)
+        return (SingleDeviceSharding(devices[0]),) * len(kv_shapes(spec, b, t))
     if mode != "mesh":
         raise ValueError(f"transfer mode must be one of {TRANSFER_MODES}, got {mode!r}")
     sizes = tuple(receiver_layout["mesh"])

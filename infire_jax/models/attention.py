@@ -4,6 +4,9 @@ One function serves prefill (no cache), decode (one new token over the cache) an
 (several new tokens over a cache): the new tokens sit at positions start[b] + t, cache entries at
 positions < start[b] are visible, and the new tokens see each other causally. The new keys/values are
 returned for the caller to store, so the cache is written once per step (in place) after all layers.
+
+`grouped_attention` serves models whose layers keep different caches (kv/cache.py CacheGroups): each
+layer attends over its own group's cache, a windowed group's being a ring of W slots.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["gqa_attention"]
+__all__ = ["gqa_attention", "grouped_attention"]
 
 _NEG = -1e30
 
@@ -55,3 +58,34 @@ def gqa_attention(
     else:
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v_new)
     return out.reshape(b, t, h, hd)
+
+
+def grouped_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    start: jax.Array,
+    k_caches: tuple[jax.Array, ...],  # per cache group: (layers of the group, B, KV, S_g, hd)
+    v_caches: tuple[jax.Array, ...],
+    group: jax.Array,  # this layer's cache group
+    index: jax.Array,  # this layer's entry in its group's caches
+    windows: tuple[int | None, ...],  # per group: None (every position) or W (a ring of W slots)
+) -> jax.Array:
+    """gqa_attention over the cache of the layer's own group. A windowed group's cache is a ring with
+    position p at slot p mod W; its layers attend only within their window, so with start' = start mod W
+    the ring reads as an ordinary cache whose first start' slots are the current window's positions
+    (later slots hold the previous window and are masked, as are cached slots for new tokens that
+    cross into the next window). One lax.switch branch per group: the caches differ in length."""
+
+    def branch(g: int):
+        def attend(q, k_new, v_new, start, index):
+            kc = jax.lax.dynamic_index_in_dim(k_caches[g], index, 0, keepdims=False)
+            vc = jax.lax.dynamic_index_in_dim(v_caches[g], index, 0, keepdims=False)
+            w = windows[g]
+            return gqa_attention(q, k_new, v_new, start if w is None else start % w, kc, vc, window=w)
+
+        return attend
+
+    if len(windows) == 1:
+        return branch(0)(q, k_new, v_new, start, index)
+    return jax.lax.switch(group, [branch(g) for g in range(len(windows))], q, k_new, v_new, start, index)

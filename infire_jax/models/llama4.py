@@ -16,9 +16,13 @@ routing weight scales the expert's *input*, and a shared expert (same size) is a
 expert tensors are stored as HF writes them ("in-major": gate_up_proj [E, D, 2F], down_proj [E, F, D]),
 reshaped, never transposed. Other layers have a dense SwiGLU of intermediate_size_mlp.
 
-KV cache: every layer caches the full sequence (one stacked (k, v) pair for all layers, as the engine
-expects); chunked layers only read their current chunk. Bounding the chunked layers' KV by the chunk
-size (a ring buffer) needs the engine to hold a second cache pair for those layers: not done yet.
+KV cache: two cache groups (kv/cache.py CacheGroups, `cache_groups()`): the global layers keep every
+position in the engine's paged cache (their pages grow with the sequence); the chunked layers keep a
+ring of attention_chunk_size positions per request (position p at ring slot p mod chunk, in pages of a
+second pool whose size does not depend on the context), so long contexts cost only the global layers.
+Decode reads each layer's own group through attention.grouped_attention; the prefill -> decode
+handoff sends the chunked layers' last partial chunk only. Prefill and full-sequence forward
+(no cache) are one attention with a per-layer window, as above.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import jax.numpy as jnp
 
 from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
-from infire_jax.models.attention import gqa_attention
+from infire_jax.kv.cache import CacheGroups
+from infire_jax.models.attention import gqa_attention, grouped_attention
 from infire_jax.models.llama import gqa_params, gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
 from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map
 from infire_jax.sharding import constrain
@@ -65,6 +70,17 @@ class Llama4(moe.MoEDecoder):
             use_rope[s] = int(c.get("no_rope_layers")[i])
             chunked[s] = int(c.get("layer_types")[i] == "chunked_attention")
         return dict(use_rope=tuple(use_rope), chunked=tuple(chunked))
+
+    def cache_groups(self) -> CacheGroups | None:
+        """Global layers: every position; chunked layers: a ring of one chunk (None without them)."""
+        c = self.cfg
+        chunk = c.get("attention_chunk_size")
+        kinds = ["ring" if t == "chunked_attention" else "full" for t in c.get("layer_types")]
+        if not chunk or "ring" not in kinds:
+            return None
+        names = tuple(k for k in ("full", "ring") if k in kinds)
+        plan = moe.SlotPlan.build(kinds, self.layer_slots, len(self.active), self.plan.stages, kinds=names)
+        return CacheGroups(tuple(chunk if k == "ring" else None for k in names), plan)
 
     def _attn_params(self, p, n):
         return gqa_params(self.cfg, p, n)
@@ -109,10 +125,13 @@ class Llama4(moe.MoEDecoder):
             temp = jnp.log1p(jnp.floor((pos + 1.0) / c.get("floor_scale"))) * c.get("attn_scale") + 1.0
             q = jnp.where(rope, q, q * temp[:, :, None, None].astype(q.dtype))
         q = q * (c.head_dim**-0.5)
-        # One attention for both patterns: global layers get a window no position reaches.
-        window = c.get("attention_chunk_size") or _GLOBAL
-        window = jnp.where(flags["chunked"] > 0, window, _GLOBAL).astype(jnp.int32)
-        attn = gqa_attention(q, k, v, ctx["start"], kc, vc, window=window)
+        if isinstance(kc, tuple):  # decode: the layer's own cache group (chunked layers: a ring)
+            windows = self.cache_groups().windows
+            attn = grouped_attention(q, k, v, ctx["start"], kc, vc, flags["cache_group"], flags["cache_index"], windows)
+        else:  # one attention for both patterns: global layers get a window no position reaches
+            window = c.get("attention_chunk_size") or _GLOBAL
+            window = jnp.where(flags["chunked"] > 0, window, _GLOBAL).astype(jnp.int32)
+            attn = gqa_attention(q, k, v, ctx["start"], kc, vc, window=window)
         attn = constrain(attn, ("batch", "seq", "heads", "head_dim"))
         out = constrain(layers.dense(attn, w["wo"], "btkh,dkh->btd", w.get("bo")), ("batch", "seq", "embed"))
         return x + out, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))

@@ -420,16 +420,21 @@ class SlotPlan:
     sizes: tuple[int, ...]  # stack length per kind (KINDS order); 0 = no layer of that kind
 
     @classmethod
-    def build(cls, layer_kinds: Sequence[str], layer_slots: Sequence[int], num_slots: int, stages: int) -> "SlotPlan":
+    def build(
+        cls, layer_kinds: Sequence[str], layer_slots: Sequence[int], num_slots: int, stages: int,
+        kinds: Sequence[str] = KINDS,
+    ) -> "SlotPlan":
+        """kinds: the kind names in stack order (the FFN kinds by default; KV cache groups use it too)."""
+        kinds = tuple(kinds)
         per = -(-len(layer_kinds) // stages)  # slots per stage, as stage_slots assigns them
-        counts = np.zeros((len(KINDS), stages), int)
+        counts = np.zeros((len(kinds), stages), int)
         for kind, slot in zip(layer_kinds, layer_slots):
-            counts[KINDS.index(kind), slot // per] += 1
+            counts[kinds.index(kind), slot // per] += 1
         width = counts.max(axis=1)
         kind_of, pos_of = [-1] * num_slots, [-1] * num_slots
         seen = np.zeros_like(counts)
         for kind, slot in zip(layer_kinds, layer_slots):
-            k, s = KINDS.index(kind), slot // per
+            k, s = kinds.index(kind), slot // per
             kind_of[slot], pos_of[slot] = k, int(s * width[k] + seen[k, s])
             seen[k, s] += 1
         return cls(num_slots, stages, tuple(kind_of), tuple(pos_of), tuple(int(w * stages) for w in width))
@@ -508,6 +513,7 @@ class MoEDecoder(nnx.Module):
       _attention(w, x, ctx, kc, vc, flags) -> (x after the attention residual, (k_new, v_new))
       _ffn(kind, w, h) -> FFN output
       slot_flags() -> dict name -> per-slot static tuple (optional, passed to _attention as arrays)
+      cache_groups() -> kv/cache.py CacheGroups (optional: layers keeping different caches)
       context(start, t), kv_shapes(batch, seq)
     """
 
@@ -566,6 +572,12 @@ class MoEDecoder(nnx.Module):
     def slot_flags(self) -> dict[str, tuple]:
         return {}
 
+    def cache_groups(self) -> Any:
+        """kv/cache.py CacheGroups when layers cache differently (then stack() also takes a tuple of
+        per-group caches, and _attention gets them whole plus flags cache_group / cache_index);
+        None: one full-length cache for every layer."""
+        return None
+
     # ---- shared machinery ------------------------------------------------------------------
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(layers.materialize(self.embed[...], self.compute_dtype), tokens, axis=0)
@@ -595,11 +607,12 @@ class MoEDecoder(nnx.Module):
         self,
         x: jax.Array,
         ctx: dict[str, jax.Array],
-        k_cache: jax.Array | None = None,
-        v_cache: jax.Array | None = None,
+        k_cache: jax.Array | tuple[jax.Array, ...] | None = None,
+        v_cache: jax.Array | tuple[jax.Array, ...] | None = None,
         active: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x."""
+        """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x.
+        Caches: per slot (slots, B, KV, S, hd), or a tuple with one per cache group (see cache_groups)."""
         b, t, _ = x.shape
         num_slots = len(self.active)
         active = jnp.asarray(self.active) if active is None else active
@@ -611,11 +624,19 @@ class MoEDecoder(nnx.Module):
             for name, values in self.slot_flags().items()
         }
         xs_static = dict(kind=jnp.asarray(kind_table)[stage], index=jnp.asarray(index_table)[stage], flags=flags)
+        grouped = isinstance(k_cache, tuple)  # one cache per KV cache group (cache_groups()), not per slot
+        if grouped:
+            caches, k_cache, v_cache = (k_cache, v_cache), None, None
+            group_table, entry_table = self.cache_groups().plan.local_tables(local)
+            xs_static["cache"] = (jnp.asarray(group_table)[stage], jnp.asarray(entry_table)[stage])
         k_shape, v_shape = self.kv_shapes(b, t)
         zeros = (jnp.zeros(k_shape[1:], x.dtype), jnp.zeros(v_shape[1:], x.dtype))
 
         def layer(w, s, kc, vc, x):
-            x, kv = self._attention(w, x, ctx, kc, vc, s["flags"])
+            flags = s["flags"]
+            if grouped:  # the whole per-group caches; the layer's attention picks its group and entry
+                (kc, vc), flags = caches, dict(flags, cache_group=s["cache"][0], cache_index=s["cache"][1])
+            x, kv = self._attention(w, x, ctx, kc, vc, flags)
             h = layers.rms_norm(x, w["mlp_norm"], self.cfg.rms_norm_eps)
             y = self._ffn_switch(s["kind"], s["index"], h)
             return x + constrain(y, ("batch", "seq", "embed")), kv
