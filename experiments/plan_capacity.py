@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     print(f"  KV per token per device: {g['kv_bytes_per_token_per_device']:,.0f} B ({g['kv_layers_per_device']} layers; "
           f"per layer {g['kv_bytes_per_token_per_layer_per_device']}), chunk cap {g['attention_chunk_size']}")
     print(f"  KV left: {g['kv_free_gib']:.2f} GiB total ({g['kv_free_gib_per_device']:.2f} per device); max context "
-          f"{g['max_context_tokens']:,} tokens (engine today, no chunk cap: {g['max_context_tokens_engine_today']:,})")
+          f"{g['max_context_tokens']:,} tokens")
     for c in out["candidates"][:8]:
         print(f"    {c['mesh']:16s} fits={c['fits']!s:5s} weights/dev {c['weights_gib_per_device']:8.2f} GiB  "
               f"KV left {c['kv_free_gib']:9.2f} GiB  context {c['max_context_tokens']:>12,}")

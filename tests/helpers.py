@@ -54,9 +54,10 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 def torch_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
     import torch
 
-    with torch.no_grad():
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # an explicit mask: else prompt tokens equal to pad_token_id count as padding
         out = model.generate(
-            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=0, eos_token_id=None,
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0, eos_token_id=None,
         )
     return out[0, len(prompt):].tolist()

@@ -79,7 +79,7 @@ def reports(model_dir):
     out = {}
     for mesh in ("tp=2", "tp=4", "pp=2,tp=2", "tp=1"):
         model = infire_jax.load(model_dir, mesh=mesh)
-        out[mesh] = (model, inspect_model(model.programs, batch=4, prompt_len=16, cache_len=64, steps=2))
+        out[mesh] = (model, inspect_model(model.programs, batch=4, prompt_len=16, cache_len=64, steps=2, keep_hlo=True))
     return out
 
 
@@ -148,6 +148,20 @@ def test_pipeline_decode_traffic_is_activations_only(reports):
 def test_single_device_has_no_collectives(reports):
     _, report = reports["tp=1"]
     assert report["decode"]["collectives"] == [] and report["prefill"]["collectives"] == []
+
+
+def test_single_device_decode_reads_layer_weights_in_place(reports):
+    """Without pipeline stages the layers are per-layer weights run unrolled: the compiled decode
+    program produces no array shaped like a layer weight (a scan over stacked weights makes six such
+    copies per layer and step in this model: the dynamic slices of the stacked weights)."""
+    model, report = reports["tp=1"]
+    assert model.placed.module.unrolled
+    weights = {tuple(v.get_value().shape) for layer in model.placed.module.layers for v in layer.values()}
+    weights = {s for s in weights if len(s) >= 2} | {(int(np.prod(s[:-1])), s[-1]) for s in weights if len(s) >= 3}
+    made = re.findall(r"= f32\[([\d,]*)\]\{[^}]*\} ([\w-]+)\(", report["decode_hlo"])
+    copies = [(dims, op) for dims, op in made if op not in ("parameter", "bitcast", "get-tuple-element")
+              and tuple(int(d) for d in dims.split(",") if d) in weights]
+    assert not copies, copies[:5]
 
 
 def test_parameter_bytes_split_evenly(reports):

@@ -58,7 +58,6 @@ def test_llama4_scout_bf16_needs_2_h200():
     free = two.kv_free_per_device
     expect = (free - 36 * per_layer * 8192) / (12 * per_layer)
     assert math.isclose(s["max_context_tokens"], expect, rel_tol=1e-6)
-    assert s["max_context_tokens_engine_today"] < s["max_context_tokens"] / 3  # no cap: every layer grows
 
 
 @pytest.mark.parametrize(

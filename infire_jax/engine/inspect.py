@@ -153,10 +153,12 @@ def _summary(colls: list[Collective], per: int) -> dict[str, Any]:
 
 
 def inspect_model(
-    programs: Any, batch: int = 4, prompt_len: int = 32, cache_len: int = 128, steps: int = 1, page_size: int = 16
+    programs: Any, batch: int = 4, prompt_len: int = 32, cache_len: int = 128, steps: int = 1, page_size: int = 16,
+    keep_hlo: bool = False,
 ) -> dict:
     """Per-device parameter/KV bytes and the collectives of the prefill and decode programs (decode:
-    `steps` tokens for `batch` rows over a paged cache of batch * cache_len positions)."""
+    `steps` tokens for `batch` rows over a paged cache of batch * cache_len positions); keep_hlo adds
+    both compiled programs' HLO text."""
     placed = programs.placed
     module = placed.module
     params = [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(placed.state)]
@@ -191,7 +193,8 @@ def inspect_model(
         {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rep) for k, v in sp.items()},
     ).compile()
     ticks = steps * programs.stages + programs.stages - 1
-    return dict(
+    hlo = dict(prefill_hlo=prefill.as_text(), decode_hlo=decode.as_text()) if keep_hlo else {}
+    return hlo | dict(
         mesh={k: int(v) for k, v in placed.layout.mesh.shape.items()},
         batch=b,
         prompt_len=prompt_len,

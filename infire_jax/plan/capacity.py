@@ -11,8 +11,7 @@ KV cache per token, per device, from the model's own cache arrays (kv_shapes / k
 the same rules, per layer type:
   full      a global-attention layer caches K and V of every token;
   chunked   a chunked-attention layer (Llama 4 RoPE layers) needs at most attention_chunk_size
-            tokens per sequence (a ring buffer; the engine today still caches the full sequence in
-            those layers too — reported separately as `engine_today`);
+            tokens per sequence (the engine's ring of that many positions, kv/cache.py);
   mla       an MLA layer caches the latent (kv_lora_rank) and the rope key (qk_rope_head_dim) per
             token, shared by all heads (so it is replicated over tp).
 
@@ -448,12 +447,10 @@ class CapacityPlan:
     kv_bytes_per_token_per_layer: dict[str, float]  # per device, one layer of each type
     kv_layers_per_device: dict[str, int]  # bottleneck stage
     kv_bytes_per_token_per_device: float  # bottleneck stage, uncapped
-    kv_bytes_per_token_engine_today: float  # every local slot caches every token
     kv_bytes_per_token_total: float  # canonical (unreplicated) KV per token, whole model
     chunk_size: int | None
     kv_free_per_device: float
     max_context_tokens: float
-    max_context_tokens_engine_today: float
     fits: bool
     reason: str
     abstract: AbstractModel = dataclasses.field(repr=False, default=None)
@@ -506,13 +503,11 @@ class CapacityPlan:
             kv_bytes_per_token_per_layer_per_device=self.kv_bytes_per_token_per_layer,
             kv_layers_per_device=self.kv_layers_per_device,
             kv_bytes_per_token_per_device=self.kv_bytes_per_token_per_device,
-            kv_bytes_per_token_engine_today=self.kv_bytes_per_token_engine_today,
             kv_bytes_per_token_total=self.kv_bytes_per_token_total,
             attention_chunk_size=self.chunk_size,
             kv_free_gib_per_device=g(self.kv_free_per_device),
             kv_free_gib=g(self.kv_free_total),
             max_context_tokens=int(min(self.max_context_tokens, 2**62)),
-            max_context_tokens_engine_today=int(min(self.max_context_tokens_engine_today, 2**62)),
             max_cache_tokens_at_8k=int(min(self.max_cache_tokens(8192), 2**62)) * self.replicas,
             model_max_position_embeddings=self.abstract.cfg.max_position_embeddings if self.abstract else None,
         )
@@ -609,8 +604,6 @@ def _plan_from_abstract(name: str, am: AbstractModel, hw: Hardware, dep: Deploym
         st = stages[am.stage_of_layer(i)]
         st[t] = st.get(t, 0) + 1
     chunk = cfg.get("attention_chunk_size") if "chunked" in types else None
-    local_slots = am.num_slots // am.stages
-    engine_today = per_slot * local_slots
     canonical = sum(math.prod(s) for s in am.kv_slot_shapes) * kvb * cfg.num_layers
     if am.kv_repeat > 1:
         canonical /= am.kv_repeat
@@ -630,7 +623,6 @@ def _plan_from_abstract(name: str, am: AbstractModel, hw: Hardware, dep: Deploym
     )
     free = hw.memory_bytes - weights_dev - sum(reserved.values())
     max_ctx = min(_max_len(free, per_layer, st, chunk) for st in stages) if free > 0 else 0.0
-    max_today = free / engine_today if free > 0 else 0.0
     if free <= 0:
         fits, reason = False, (
             f"weights {weights_dev / GiB:.2f} GiB + reserved {sum(reserved.values()) / GiB:.2f} GiB per device exceed "
@@ -646,8 +638,8 @@ def _plan_from_abstract(name: str, am: AbstractModel, hw: Hardware, dep: Deploym
         weight_bytes_per_device=weights_dev, weight_breakdown_per_device=by_dev, weight_breakdown_total=by_tot,
         reserved=reserved, kv_dtype_bytes=kvb, kv_bytes_per_token_per_layer=per_layer, kv_layers_per_device=worst,
         kv_bytes_per_token_per_device=sum(per_layer[t] * c for t, c in worst.items()),
-        kv_bytes_per_token_engine_today=engine_today, kv_bytes_per_token_total=canonical, chunk_size=chunk,
-        kv_free_per_device=free, max_context_tokens=max_ctx, max_context_tokens_engine_today=max_today, fits=fits,
+        kv_bytes_per_token_total=canonical, chunk_size=chunk,
+        kv_free_per_device=free, max_context_tokens=max_ctx, fits=fits,
         reason=reason, abstract=am, stage_layers=stages,
     )
 
