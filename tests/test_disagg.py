@@ -137,3 +137,23 @@ def test_decode_batch_bound_is_respected(colocated):
     decode.step = lambda: (sizes.append(len(decode.running)), step())[1]
     engine.run()
     assert max(sizes) == 2 and all(r.status == "done" and len(r.output) == 6 for r in reqs)
+
+
+def test_decode_reads_only_the_pages_it_reaches(colocated):
+    """A request reserves pages for everything it may generate, but each decode call gathers only
+    the pages up to its length + steps (so a long max_tokens does not make every step attend over
+    the unwritten rest); the tokens are those of a roomy one-shot run."""
+    decode = DecodeWorker("decode", colocated.programs, num_pages=64, page_size=4, max_batch=2)
+    engine = Engine([PrefillWorker("prefill", colocated.programs)], [decode])
+    req = engine.submit([5, 6, 7], SamplingParams(40))
+    tables = []
+    fn = colocated.programs.decode_fn
+    colocated.programs.decode_fn = lambda b, per_row, *rest: (tables.append(per_row), fn(b, per_row, *rest))[1]
+    try:
+        engine.run()
+    finally:
+        colocated.programs.decode_fn = fn
+    steps = colocated.programs.decode_steps
+    # pages per row: ceil((length + steps) / 4) rounded up to a power of two, growing call by call
+    assert tables[0] == 4 and tables == sorted(tables) and tables[-1] == 16, (tables, steps)
+    assert req.output == colocated.generate([[5, 6, 7]], max_new_tokens=40)[0]

@@ -283,14 +283,17 @@ class DecodeWorker:
             return []
         p, steps, rows = self.programs, self.steps, self.running
         b = p.batch_bucket(len(rows))
-        per_row = [bucket(max(len(r.pages[g]) for r in rows)) for g in range(len(self.pools))]
+        # Only the pages this call reaches (a request reserves pages for all the tokens it may
+        # generate; attending over the not-yet-written ones would gather them every step).
+        used = [[min(len(r.pages[g]), pool.pages_for(r.length + steps)) for g, pool in enumerate(self.pools)] for r in rows]
+        per_row = [bucket(max(u[g] for u in used)) for g in range(len(self.pools))]
         tables = [np.zeros((b, n), np.int32) for n in per_row]
         lengths = np.zeros(b, np.int32)
         tokens = np.zeros(b, np.int32)
         active = np.zeros(b, bool)
         for i, r in enumerate(rows):
-            for table, pages in zip(tables, r.pages):
-                table[i, : len(pages)] = pages
+            for table, pages, n in zip(tables, r.pages, used[i]):
+                table[i, :n] = pages[:n]
             lengths[i], tokens[i], active[i] = r.length, r.output[-1], True
         sp = pack_params([r.params for r in rows], b)
         with_logits = any(r.with_logits for r in rows)
