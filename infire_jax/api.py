@@ -64,13 +64,13 @@ def place_model(
     saved = store.is_saved_model(model_dir)
 
     def build(layer_list: bool):
+        form = {"layer_list": True} if layer_list else {}
         with use_layout(layout):  # families whose stacks depend on the pipeline depth read it here
-            kwargs = layout_kwargs | ({"layer_list": True} if layer_list else {})
             abstract = nnx.eval_shape(
-                lambda: module_cls(cfg, **kwargs, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype))
+                lambda: module_cls(cfg, **layout_kwargs, **form, param_dtype=_dtype(dtype), compute_dtype=_dtype(compute_dtype))
             )
-            map_kwargs = {"kv_repeat": kwargs["kv_repeat"]} if "kv_repeat" in kwargs else {}
-            tmap = tensor_map(cfg, slots, **map_kwargs, **({"layer_list": True} if layer_list else {}))
+            map_kwargs = {"kv_repeat": layout_kwargs["kv_repeat"]} if "kv_repeat" in layout_kwargs else {}
+            tmap = tensor_map(cfg, slots, **map_kwargs, **form)
         return abstract, tmap
 
     abstract, tmap = build(layer_list and not saved)

@@ -300,11 +300,6 @@ def _is_expert_stack(var: Any) -> bool:
     return "experts" in (var.get_metadata().get("logical_axes") or ())
 
 
-def _is_per_layer(path: tuple[str, ...]) -> bool:
-    """("layers", "3", "wq"): a weight of the layer-list form (models/llama.py)."""
-    return len(path) >= 3 and path[0] == "layers" and path[1].isdigit()
-
-
 def _bits_to(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """bf16 bit patterns -> dtype, exactly as the safetensors loader converts bf16."""
     if dtype == _BF16:
@@ -364,7 +359,7 @@ def load_into(
             exp[lead] = parts[0].reshape(shape[len(lead):])
             sm[lead] = parts[1].reshape(shape[len(lead):])
         value = None
-        per_layer = _is_per_layer(path)
+        per_layer = hf.layer_list_key(path) is not None
         if is_compressible(var, per_layer) and _is_expert_stack(var):
             kept_raw.append("/".join(path))
         elif is_compressible(var, per_layer):

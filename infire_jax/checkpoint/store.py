@@ -18,6 +18,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from infire_jax.checkpoint import hf
+
 __all__ = ["MARKER", "is_saved_model", "save", "restore", "split_layers"]
 
 MARKER = "infire_jax_checkpoint.json"
@@ -37,25 +39,26 @@ def _flat(state: Any) -> dict[str, nnx.Variable]:
     return {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
 
 
-def _layer_list_key(name: str) -> tuple[str, int] | None:
-    """("layers/wq", 3) for a per-layer weight "layers/3/wq" (models/llama.py's layer_list form)."""
-    parts = name.split("/")
-    if len(parts) >= 3 and parts[0] == "layers" and parts[1].isdigit():
-        return "/".join([parts[0]] + parts[2:]), int(parts[1])
-    return None
-
-
 def _canonical_values(placed: Any) -> dict[str, tuple[Any, tuple]]:
-    """name -> (value, logical axes) in the stacked form, whichever form the model is stored in
-    (per-layer weights are stacked here, one weight at a time)."""
+    """name -> (value, logical axes) in the canonical stacked form, whichever form the model is
+    stored in: stacked weights keep only the real layers' slots, per-layer weights are stacked here
+    (one weight at a time)."""
+    slots = np.asarray(placed.module.layer_slots)
     out, per_layer = {}, {}
     for name, var in _flat(placed.state).items():
+        if hasattr(var.get_value(), "decode_f32"):
+            raise ValueError(
+                "Model.save does not write compressed weights; the compressed checkpoint directory the "
+                "model was loaded from is already its saved form (or load the original and save that)"
+            )
         axes = tuple(var.get_metadata()["logical_axes"])
-        key = _layer_list_key(name)
-        if key is None:
-            out[name] = (var.get_value(), axes)
+        key = hf.layer_list_key(tuple(name.split("/")))
+        if key is not None:
+            per_layer.setdefault("/".join(key[0]), {})[key[1]] = (var.get_value(), ("layers",) + axes)
+        elif _is_stacked(var):
+            out[name] = (var.get_value()[slots], axes)
         else:
-            per_layer.setdefault(key[0], {})[key[1]] = (var.get_value(), ("layers",) + axes)
+            out[name] = (var.get_value(), axes)
     for name, layers in per_layer.items():
         out[name] = (jnp.stack([layers[i][0] for i in sorted(layers)]), layers[0][1])
     return out
@@ -71,17 +74,9 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
         )
     if path.exists():
         raise FileExistsError(f"{path} exists; choose a new directory for the saved model")
-    slots = np.asarray(placed.module.layer_slots)
     repeat = _kv_repeat(placed.module)
     tree = {}
-    stacked = not isinstance(getattr(placed.module, "layers", None), nnx.List)
     for name, (value, axes) in _canonical_values(placed).items():
-        if hasattr(value, "decode_f32"):
-            raise ValueError(
-                "Model.save does not write compressed weights; the compressed checkpoint directory the "
-                "model was loaded from is already its saved form (or load the original and save that)"
-            )
-        value = value[slots] if stacked and axes[:1] == ("layers",) else value
         if repeat > 1 and "kv_heads" in axes:  # canonical form: each KV head once
             value = jax.lax.slice_in_dim(value, 0, None, repeat, axes.index("kv_heads"))
         tree[name] = value
@@ -139,10 +134,8 @@ def split_layers(stacked: dict[tuple[str, ...], Any], per_layer: dict[tuple[str,
     restored checkpoint): ("layers", "3", "wq") <- stacked[("layers", "wq")][3]."""
     out = {}
     for path, var in per_layer.items():
-        if path[0] == "layers" and path[1].isdigit():
-            source, i = stacked[("layers",) + path[2:]], int(path[1])
-        else:
-            source, i = stacked[path], None
+        stacked_path, i = hf.layer_list_key(path) or (path, None)
+        source = stacked[stacked_path]
         sharding = layout.sharding(var.get_metadata()["logical_axes"], var.get_value().shape)
         out[path] = source if i is None else jax.jit(lambda a, i=i: a[i], out_shardings=sharding)(source)
     return out

@@ -34,7 +34,7 @@ from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
 from infire_jax.kv.cache import CacheGroups
 from infire_jax.models.attention import gqa_attention, grouped_attention
-from infire_jax.models.llama import gqa_params, gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
+from infire_jax.models.llama import gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
 from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map
 from infire_jax.sharding import constrain
 
@@ -82,9 +82,6 @@ class Llama4(moe.MoEDecoder):
         plan = moe.SlotPlan.build(kinds, self.layer_slots, len(self.active), self.plan.stages, kinds=names)
         return CacheGroups(tuple(chunk if k == "ring" else None for k in names), plan)
 
-    def _attn_params(self, p, n):
-        return gqa_params(self.cfg, p, n)
-
     def _ffn_params(self, kind, p, n):
         c, d = self.cfg, self.cfg.hidden_size
         if kind == "dense":
@@ -96,11 +93,6 @@ class Llama4(moe.MoEDecoder):
             w_gate_up=p((n, e, d, 2, f), ("layers",) + gu_axes),
             w_down=p((n, e, f, d), ("layers",) + d_axes),
         ) | dense_ffn_params(p, n, f, d, prefix="shared_")
-
-    def kv_shapes(self, batch: int, seq: int):
-        c = self.cfg
-        shape = (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
-        return shape, shape
 
     def context(self, start: jax.Array, t: int) -> dict[str, jax.Array]:
         positions = start[:, None] + jnp.arange(t)[None, :]

@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from infire_jax.config import ModelConfig
 from infire_jax.models import layers
+from infire_jax.models.llama import gqa_params
 from infire_jax.sharding import constrain, current_layout, stage_slots
 
 __all__ = [
@@ -509,12 +510,13 @@ class MoEDecoder(nnx.Module):
     LM head. Subclasses define the attention and FFN of their family:
 
       ffn_kinds(cfg) -> per-layer kind ("dense" / "moe")
-      _attn_params(p, n) / _ffn_params(kind, p, n) -> dict of stacked nnx.Params
+      _attn_params(p, n) / _ffn_params(kind, p, n) -> dict of stacked nnx.Params (attention: GQA
+          by default)
       _attention(w, x, ctx, kc, vc, flags) -> (x after the attention residual, (k_new, v_new))
       _ffn(kind, w, h) -> FFN output
       slot_flags() -> dict name -> per-slot static tuple (optional, passed to _attention as arrays)
       cache_groups() -> kv/cache.py CacheGroups (optional: layers keeping different caches)
-      context(start, t), kv_shapes(batch, seq)
+      context(start, t), kv_shapes(batch, seq) (GQA's k/v pair by default)
     """
 
     kv_logical_axes = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
@@ -571,6 +573,14 @@ class MoEDecoder(nnx.Module):
 
     def slot_flags(self) -> dict[str, tuple]:
         return {}
+
+    def _attn_params(self, p, n):
+        return gqa_params(self.cfg, p, n)
+
+    def kv_shapes(self, batch: int, seq: int):
+        c = self.cfg
+        shape = (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
+        return shape, shape
 
     def cache_groups(self) -> Any:
         """kv/cache.py CacheGroups when layers cache differently (then stack() also takes a tuple of

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
 from infire_jax.models.attention import gqa_attention
-from infire_jax.models.llama import gqa_params, gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
+from infire_jax.models.llama import gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
 from infire_jax.sharding import constrain
 
 __all__ = ["Qwen3Moe", "hf_tensor_map", "gqa_block"]
@@ -86,9 +86,6 @@ class Qwen3Moe(moe.MoEDecoder):
         super().__init__(cfg, **kwargs)
         self.inv_freq, self.rope_scale = layers.rope_setup(cfg.head_dim, cfg)
 
-    def _attn_params(self, p, n):
-        return gqa_params(self.cfg, p, n)
-
     def _ffn_params(self, kind, p, n):
         c, d = self.cfg, self.cfg.hidden_size
         if kind == "dense":
@@ -100,11 +97,6 @@ class Qwen3Moe(moe.MoEDecoder):
             w_gate_up=p((n, e, 2, f, d), ("layers",) + gu_axes),
             w_down=p((n, e, d, f), ("layers",) + d_axes),
         )
-
-    def kv_shapes(self, batch: int, seq: int):
-        c = self.cfg
-        shape = (len(self.active), batch, c.num_kv_heads, seq, c.head_dim)
-        return shape, shape
 
     def context(self, start: jax.Array, t: int) -> dict[str, jax.Array]:
         positions = start[:, None] + jnp.arange(t)[None, :]
