@@ -11,6 +11,8 @@ layer attends over its own group's cache, a windowed group's being a ring of W s
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -20,15 +22,38 @@ _NEG = -1e30
 QUERY_BLOCK = 128  # prompt queries per causal block when there is no cache (see gqa_attention)
 
 
-def _attend_causal(qg: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, k_pos: jax.Array, window) -> jax.Array:
-    """Queries qg (B, Tq, KV, G, hd) at positions q_pos (B, Tq) over keys/values (B, Tk, KV, hd) at
-    k_pos (B, Tk): causal by position, and within the same window when window is set."""
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k)
-    mask = q_pos[:, :, None] >= k_pos[:, None, :]
-    if window is not None:
-        mask = mask & (q_pos[:, :, None] // window == k_pos[:, None, :] // window)
-    probs = jax.nn.softmax(jnp.where(mask[:, None, None], s, _NEG), axis=-1)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+def _causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, window: int | None) -> jax.Array:
+    """Causal attention of a prompt over itself (no cache), QUERY_BLOCK queries at a time.
+
+    Block i attends to the keys before it (all visible: no mask) and to its own diagonal block
+    (a static triangle), so the upper triangle is neither computed nor masked. Heads are moved ahead
+    of time once (q to (B, KV, T, G, hd), k and v to (B, KV, T, hd)) so that every dot is a batched
+    matmul over leading (B, KV) with a block's T*G query rows: XLA:CPU then runs the dots without
+    transposing each block's operands, and normalises the (rows, hd) output instead of the scores.
+    q (B, T, KV, G, hd), k / v (B, T, KV, hd), pos (B, T) positions (used only by a window)."""
+    b, t, kv, g, hd = q.shape
+    qm, km, vm = q.transpose(0, 2, 1, 3, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = lambda a, keys: jax.lax.dot_general(a, keys, (((3,), (3,)), ((0, 1), (0, 1))))  # noqa: E731
+    mix = lambda p, vals: jax.lax.dot_general(p, vals, (((3,), (2,)), ((0, 1), (0, 1))))  # noqa: E731
+    outs = []
+    for i in range(0, t, QUERY_BLOCK):
+        n = min(QUERY_BLOCK, t - i)
+        qb = qm[:, :, i : i + n].reshape(b, kv, n * g, hd)  # rows (query, group)
+        diag = jnp.repeat(jnp.arange(n)[:, None] >= jnp.arange(n)[None, :], g, axis=0)  # static triangle
+        if window is not None:  # keys in the query's own window only
+            row_window = jnp.repeat(pos[:, i : i + n] // window, g, axis=1)[:, None, :, None]
+            diag = diag & (row_window == pos[:, None, None, i : i + n] // window)
+        parts = [(scores(qb, km[:, :, i : i + n]), vm[:, :, i : i + n], diag)]
+        if i:
+            prev = None if window is None else row_window == pos[:, None, None, :i] // window
+            parts.append((scores(qb, km[:, :, :i]), vm[:, :, :i], prev))
+        parts = [(s if m is None else jnp.where(m, s, _NEG), vals) for s, vals, m in parts]
+        top = functools.reduce(jnp.maximum, [s.max(-1, keepdims=True) for s, _ in parts])
+        probs = [(jnp.exp(s - top), vals) for s, vals in parts]
+        total = sum(p.sum(-1, keepdims=True) for p, _ in probs)
+        out = sum(mix(p, vals) for p, vals in probs) / total
+        outs.append(out.reshape(b, kv, n, g, hd))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4)
 
 
 def gqa_attention(
@@ -48,15 +73,7 @@ def gqa_attention(
     qg = q.reshape(b, t, kv, h // kv, hd)
     pos_new = start[:, None] + jnp.arange(t)[None, :]  # (B, T)
     if k_cache is None and t >= 2 * QUERY_BLOCK:
-        # A long prompt without a cache: blocks of queries, each against the keys up to its own
-        # end, so most of the upper triangle of the T x T scores is neither computed nor masked
-        # (3/8 of the attention work at 4 blocks).
-        blocks = [
-            _attend_causal(qg[:, i : i + QUERY_BLOCK], k_new[:, : i + QUERY_BLOCK], v_new[:, : i + QUERY_BLOCK],
-                           pos_new[:, i : i + QUERY_BLOCK], pos_new[:, : i + QUERY_BLOCK], window)
-            for i in range(0, t, QUERY_BLOCK)
-        ]
-        return jnp.concatenate(blocks, axis=1).reshape(b, t, h, hd)
+        return _causal_blocks(qg, k_new, v_new, pos_new, window).reshape(b, t, h, hd)
 
     s_new = jnp.einsum("btkgd,bskd->bkgts", qg, k_new)
     mask_new = jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :]  # (1, T, T) causal

@@ -134,9 +134,13 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray, scale: float, dtype:
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate x[..., T, heads, d] with cos/sin[..., T, d] (half-split: pairs (i, i + d/2))."""
+    # Each half computed on its own and joined once: the rotate-half form (x * cos + [-x2, x1] * sin)
+    # makes XLA:CPU select per element inside the fused transposes that follow (5% of a 512-token
+    # prefill); the values are the same bit for bit.
     half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[..., None, :] + rotated * sin[..., None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., None, :half], sin[..., None, :half]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
 
 
 def gated_mlp(x: jax.Array, w_gate_up: Any, w_down: Any) -> jax.Array:
