@@ -161,16 +161,16 @@ def _stacked(model, name: str):
 
 
 def bench_breakdown(raw_model, comp_model, runs: int) -> dict:
-    """ms per layer of the 6 matmuls at m = 1, in one lax.scan over all layers of the model."""
+    """ms per layer of the 4 matmuls at m = 1, in one lax.scan over all layers of the model."""
     from infire_jax.models.layers import materialize
 
-    specs = dict(wq="btd,khd->btkh", wk="btd,khd->btkh", wv="btd,khd->btkh", wo="btkh,dkh->btd",
+    specs = dict(wqkv="btd,kghd->btkgh", wo="btkh,dkh->btd",
                  w_gate_up="btd,cfd->btcf", w_down="btf,df->btd")
     comp = {k: _stacked(comp_model, k) for k in specs}
     raw = {k: _stacked(raw_model, k) for k in specs}
     f32 = {k: jax.jit(lambda w: materialize(w, jnp.float32))(v) for k, v in raw.items()}
     xs = {k: jnp.ones((1, 1) + (w.shape[2:] if k == "wo" else w.shape[-1:]), jnp.float32) for k, w in raw.items()}
-    n_layers = raw["wq"].shape[0]
+    n_layers = raw["wqkv"].shape[0]
 
     def prog(decode_only: bool):
         def f(ws, xs):

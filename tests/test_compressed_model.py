@@ -16,7 +16,7 @@ from infire_jax.checkpoint.tiny import write_tiny_checkpoint
 from infire_jax.compression import codec
 from infire_jax.compression.jax_decode import Palette12Weight
 
-STACKED = ("wq", "wk", "wv", "wo", "w_gate_up", "w_down")
+STACKED = ("wqkv", "wo", "w_gate_up", "w_down")
 # 3 layers: on pp=2 the second stage gets a padding slot, which must stay a valid (zero) weight.
 OVERRIDES = {"num_hidden_layers": 3}
 
@@ -64,8 +64,8 @@ def test_bitwise_identical_to_raw_bf16(dirs, mesh):
             assert w.shape == r.shape
             assert w.nbytes < 0.78 * 2 * np.prod(w.shape)
     if mesh != "tp=1":  # compressed leaves are split like the weight: layers on pp, heads / mlp on tp
-        wq, w_down = layers["wq"].get_value(), layers["w_down"].get_value()
-        assert wq.sign_mant.sharding.spec == P("pp", "tp")  # stored (heads, head_dim, embed)
+        wq, w_down = layers["wqkv"].get_value(), layers["w_down"].get_value()
+        assert wq.sign_mant.sharding.spec == P("pp", "tp")  # stored (kv_heads, q/k/v, head_dim, embed)
         assert w_down.sign_mant.sharding.spec == P("pp", None, "tp")  # stored (embed, mlp)
         assert w_down.escape_idx.sharding.spec == P("pp", "tp")
         assert wq.palette.sharding.spec == P("pp")

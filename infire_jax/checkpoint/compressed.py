@@ -20,7 +20,7 @@ against the manifest (a truncated file fails before anything is decoded, naming 
 cut off), then reads each tensor, verifies its CRC32 (a flipped byte fails naming the tensor), and
 places the model's parameters:
 
-* stacked layer matrices (logical axes start with "layers", rank >= 3: wq, wk, wv, wo, w_gate_up,
+* stacked layer matrices (logical axes start with "layers", rank >= 3: wqkv, wo, w_gate_up,
   w_down) become :class:`~infire_jax.compression.jax_decode.Palette12Weight` values in codec's
   blocked palette12 layout (12 bits per weight): a palette per layer slot; each layer slice stored
   in its natural (out..., in...) order (the decoded array is the (N, K) operand of layers.dense's
@@ -356,8 +356,8 @@ def load_into(
             parts = codec.decode_parts(read_tensor(model_dir, name, entries[name]))
             if transform is not None:  # e.g. repeated KV heads; works on the uint8 split as on values
                 parts = tuple(transform(a) for a in parts)
-            exp[lead] = parts[0].reshape(shape[len(lead):])
-            sm[lead] = parts[1].reshape(shape[len(lead):])
+            exp[lead] = parts[0].reshape(exp[lead].shape)  # lead: ints and slices, as for hf.load_into
+            sm[lead] = parts[1].reshape(sm[lead].shape)
         value = None
         per_layer = hf.layer_list_key(path) is not None
         if is_compressible(var, per_layer) and _is_expert_stack(var):

@@ -146,7 +146,8 @@ def load_into(
 ) -> dict[tuple[str, ...], jax.Array]:
     """Build every parameter in `abstract` (path -> shape/dtype) from the HF tensors of `tensor_map`.
 
-    tensor_map: HF name -> (parameter path, leading index into the parameter, HF shape[, transform
+    tensor_map: HF name -> (parameter path, leading index into the parameter (ints and slices, e.g.
+    (slot, slice(None), slice(0, 3)) for the query rows of a fused QKV weight), HF shape[, transform
     applied to the HF array before the reshape]). Parts of a parameter no tensor maps to (pipeline
     padding slots) are zeros. A multimodal checkpoint (config.NESTED) stores the text model's tensors
     under `prefix` (tensor_map and ignore names are given without it) and tensors under
@@ -173,11 +174,15 @@ def load_into(
                 buf = np.zeros([len(r) for r in ranges], dtype)
                 for name, lead, transform in sources[path]:
                     k = len(lead)
-                    if not all(i in r for i, r in zip(lead, ranges)):
+                    # per leading axis: the positions this tensor fills, those this shard holds
+                    fills = [range(*i.indices(n)) if isinstance(i, slice) else range(i, i + 1) for i, n in zip(lead, spec.shape)]
+                    common = [range(max(f.start, r.start), min(f.stop, r.stop)) for f, r in zip(fills, ranges)]
+                    if not all(common):
                         continue
                     part = reader.read(name, dtype)
-                    part = (transform(part) if transform else part).reshape(spec.shape[k:])[idx[k:]]
-                    buf[tuple(r.index(i) for i, r in zip(lead, ranges))] = part
+                    part = (transform(part) if transform else part).reshape([len(f) for f in fills] + list(spec.shape[k:]))
+                    part = part[tuple(slice(c.start - f.start, c.stop - f.start) for c, f in zip(common, fills)) + idx[k:]]
+                    buf[tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(common, ranges))] = part
                 return buf
 
             out[path] = jax.make_array_from_callback(spec.shape, shardings[path], shard)

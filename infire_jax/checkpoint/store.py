@@ -78,7 +78,7 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
     tree = {}
     for name, (value, axes) in _canonical_values(placed).items():
         if repeat > 1 and "kv_heads" in axes:  # canonical form: each KV head once
-            value = jax.lax.slice_in_dim(value, 0, None, repeat, axes.index("kv_heads"))
+            value = _unrepeat_kv(value, axes, repeat)
         tree[name] = value
     path.mkdir(parents=True)
     ckpt = ocp.StandardCheckpointer()
@@ -90,6 +90,39 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
     dtypes = sorted({str(v.dtype) for v in tree.values()})
     (path / MARKER).write_text(json.dumps({"format": "orbax-canonical-v1", "dtypes": dtypes}, indent=1))
     return path
+
+
+def _is_fused_qkv(axes: tuple) -> bool:
+    """A fused q/k/v weight or bias (models.llama.gqa_params): (..., kv_heads, G + 2, ...)."""
+    i = axes.index("kv_heads")
+    return i + 1 < len(axes) and axes[i + 1] == "fused"
+
+
+def _unrepeat_kv(value: jax.Array, axes: tuple, r: int) -> jax.Array:
+    """A weight with each KV head stored r times -> each KV head once. In a fused q/k/v weight the
+    r copies of a KV head hold different query heads (G / r each): those are joined back."""
+    i = axes.index("kv_heads")
+    if not _is_fused_qkv(axes):
+        return jax.lax.slice_in_dim(value, 0, None, r, i)
+    shape = value.shape
+    g = shape[i + 1] - 2
+    v = value.reshape(shape[:i] + (shape[i] // r, r) + shape[i + 1 :])  # (.., kv, r, g + 2, ..)
+    q = jax.lax.slice_in_dim(v, 0, g, axis=i + 2).reshape(shape[:i] + (shape[i] // r, r * g) + shape[i + 2 :])
+    k_v = jax.lax.slice_in_dim(jax.lax.index_in_dim(v, 0, i + 1, keepdims=False), g, g + 2, axis=i + 1)
+    return jnp.concatenate([q, k_v], axis=i + 1)
+
+
+def _repeat_kv(value: jax.Array, axes: tuple, r: int) -> jax.Array:
+    """Inverse of _unrepeat_kv: each KV head r times (a fused q/k/v weight's query heads dealt out
+    G / r to each copy)."""
+    i = axes.index("kv_heads")
+    if not _is_fused_qkv(axes):
+        return jnp.repeat(value, r, axis=i)
+    shape = value.shape
+    kv, g = shape[i], (shape[i + 1] - 2) // r
+    q = jax.lax.slice_in_dim(value, 0, g * r, axis=i + 1).reshape(shape[:i] + (kv, r, g) + shape[i + 2 :])
+    k_v = jnp.repeat(jnp.expand_dims(jax.lax.slice_in_dim(value, g * r, g * r + 2, axis=i + 1), i + 1), r, axis=i + 1)
+    return jnp.concatenate([q, k_v], axis=i + 2).reshape(shape[:i] + (kv * r, g + 2) + shape[i + 2 :])
 
 
 def _kv_repeat(module: Any) -> int:
@@ -108,7 +141,8 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
         axes = var.get_metadata()["logical_axes"]
         if kv_repeat > 1 and "kv_heads" in axes:
             i = axes.index("kv_heads")
-            shape = shape[:i] + (shape[i] // kv_repeat,) + shape[i + 1 :]
+            canonical = (shape[i] // kv_repeat,) + (((shape[i + 1] - 2) * kv_repeat + 2,) if _is_fused_qkv(axes) else ())
+            shape = shape[:i] + canonical + shape[i + len(canonical) :]
         target[name] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=layout.sharding(axes, shape))
     try:
         restored = ocp.StandardCheckpointer().restore(path / "params", target)
@@ -121,7 +155,7 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
         value = restored[name]
         axes = var.get_metadata()["logical_axes"]
         if kv_repeat > 1 and "kv_heads" in axes:
-            value = jnp.repeat(value, kv_repeat, axis=axes.index("kv_heads"))
+            value = _repeat_kv(value, axes, kv_repeat)
         if _is_stacked(var):
             value = jax.jit(
                 lambda c, shape=v.shape: jnp.zeros(shape, c.dtype).at[slots].set(c), out_shardings=sharding

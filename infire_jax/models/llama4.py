@@ -34,7 +34,7 @@ from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
 from infire_jax.kv.cache import CacheGroups
 from infire_jax.models.attention import gqa_attention, grouped_attention
-from infire_jax.models.llama import gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
+from infire_jax.models.llama import gqa_project, gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
 from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map
 from infire_jax.sharding import constrain
 
@@ -102,9 +102,7 @@ class Llama4(moe.MoEDecoder):
     def _attention(self, w, x, ctx, kc, vc, flags):
         c = self.cfg
         h = layers.rms_norm(x, w["attn_norm"], c.rms_norm_eps)
-        q = constrain(layers.dense(h, w["wq"], "btd,khd->btkh", w.get("bq")), ("batch", "seq", "heads", "head_dim"))
-        k = constrain(layers.dense(h, w["wk"], "btd,khd->btkh", w.get("bk")), ("batch", "seq", "kv_heads", "head_dim"))
-        v = constrain(layers.dense(h, w["wv"], "btd,khd->btkh", w.get("bv")), ("batch", "seq", "kv_heads", "head_dim"))
+        q, k, v = gqa_project(w, h)
         rope = flags["use_rope"] > 0
         cos, sin = ctx["cos"], ctx["sin"]
         q = jnp.where(rope, moe.rope_interleaved(q, cos, sin), q)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from infire_jax.config import ModelConfig
 from infire_jax.models import layers, moe
 from infire_jax.models.attention import gqa_attention
-from infire_jax.models.llama import gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
+from infire_jax.models.llama import gqa_project, gqa_tensor_map, head_tensor_map, layer_norms_tensor_map
 from infire_jax.sharding import constrain
 
 __all__ = ["Qwen3Moe", "hf_tensor_map", "gqa_block"]
@@ -24,9 +24,7 @@ __all__ = ["Qwen3Moe", "hf_tensor_map", "gqa_block"]
 def gqa_block(cfg: ModelConfig, w: dict, x: jax.Array, start, cos, sin, k_cache, v_cache):
     """Pre-norm GQA attention with its residual: (x, (k_new, v_new) as (B, KV, T, hd))."""
     h = layers.rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-    q = constrain(layers.dense(h, w["wq"], "btd,khd->btkh", w.get("bq")), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(layers.dense(h, w["wk"], "btd,khd->btkh", w.get("bk")), ("batch", "seq", "kv_heads", "head_dim"))
-    v = constrain(layers.dense(h, w["wv"], "btd,khd->btkh", w.get("bv")), ("batch", "seq", "kv_heads", "head_dim"))
+    q, k, v = gqa_project(w, h)
     if cfg.qk_norm:
         q = layers.rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
         k = layers.rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
