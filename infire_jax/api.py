@@ -136,10 +136,13 @@ class Model:
 
     @property
     def engine(self) -> Engine:
-        """The serving engine behind `generate` (one prefill and one decode worker), made on first use."""
+        """The serving engine behind `generate` (one prefill and one decode worker), made on first use.
+        The prefill worker may batch as many rows as the decode batch holds (its token budget still
+        applies): with fewer, a full decode batch arrives in groups and runs its first and last
+        dispatches part-empty (16 prompts: 5 decode dispatches for 32 tokens instead of 4)."""
         if self._engine is None:
             self._engine = Engine(
-                [PrefillWorker("prefill", self.programs)],
+                [PrefillWorker("prefill", self.programs, max_batch=self._engine_args["max_batch"])],
                 [DecodeWorker("decode", self.decode_programs, **self._engine_args)],
             )
         return self._engine
