@@ -59,7 +59,7 @@ def list_tensors(model_dir: str | pathlib.Path) -> dict[str, tuple[pathlib.Path,
 
 
 def layer_list_key(path: tuple[str, ...]) -> tuple[tuple[str, ...], int] | None:
-    """(("layers", "wq"), 3) for the path ("layers", "3", "wq") of a per-layer weight (the models'
+    """(("layers", "wo"), 3) for the path ("layers", "3", "wo") of a per-layer weight (the models'
     layer-list form, models/llama.py: per_layer_tensor_map writes such paths); None for the rest."""
     if len(path) >= 3 and path[0] == "layers" and path[1].isdigit():
         return (path[0],) + tuple(path[2:]), int(path[1])

@@ -165,7 +165,7 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
 
 def split_layers(stacked: dict[tuple[str, ...], Any], per_layer: dict[tuple[str, ...], nnx.Variable], layout: Any) -> dict:
     """Values for a per-layer (layer_list) model's variables from its stacked form's arrays (a
-    restored checkpoint): ("layers", "3", "wq") <- stacked[("layers", "wq")][3]."""
+    restored checkpoint): ("layers", "3", "wo") <- stacked[("layers", "wo")][3]."""
     out = {}
     for path, var in per_layer.items():
         stacked_path, i = hf.layer_list_key(path) or (path, None)

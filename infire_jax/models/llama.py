@@ -268,9 +268,9 @@ def hf_tensor_map(
     """HF tensor name -> (parameter path, index into that parameter, the tensor's HF shape[, transform]).
 
     The loader reshapes each HF tensor into the indexed part of the parameter (e.g. q_proj
-    (H*hd, D) -> wq[slot] (H, hd, D); gate_proj -> w_gate_up[slot, 0]), after the optional
+    (H*hd, D) -> wqkv[slot, :, :G] (KV, G, hd, D); gate_proj -> w_gate_up[slot, 0]), after the optional
     transform (here: repeating KV heads, see Llama's kv_repeat). With layer_list the paths name
-    the per-layer weights instead (("layers", "3", "wq") rather than ("layers", "wq")[3])."""
+    the per-layer weights instead (("layers", "3", "wo") rather than ("layers", "wo")[3])."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     out = head_tensor_map(cfg)
     for i, s in enumerate(layer_slots):

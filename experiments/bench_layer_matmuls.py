@@ -1,0 +1,116 @@
+"""Decoder-layer matmuls on this CPU: weight layout x XLA:CPU dot kernel, by rows per step.
+
+A chain of L layers of the SmolLM-135M shape runs only the projections (RMSNorm, fused qkv,
+o, fused gate/up, SiLU-gate, down; no attention) so the figure is the weight matmuls alone, the
+part that bounds decode. Side by side in one process, per row count M (= decode batch):
+
+  layout (N, K): weights as stored by infire_jax and by HF (out, in); x @ W^T
+  layout (K, N): weights as (in, out) (jax-llm-examples' order); x @ W
+  kernel ynn:   XLA:CPU's default (YNNPACK dot fusions)
+  kernel eigen: ynn fusions off for this program (compiler option
+                xla_cpu_experimental_ynn_fusion_type=''), so XLA's own dot runs
+
+Reports ms per chain (median of --runs, after two warm-ups), the weight read rate and GFLOP/s, and
+each variant's speed relative to the default (N, K) + ynn. JSON out.
+
+  python experiments/bench_layer_matmuls.py --rows=1,4,16,64,512 --out=/tmp/bench_layer_matmuls.json
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("rows", ["1", "4", "16", "64", "512"], "Rows per matmul (decode batch or prompt tokens).")
+flags.DEFINE_integer("layers", 30, "Layers in the chain.")
+flags.DEFINE_integer("hidden", 576, "Hidden size D.")
+flags.DEFINE_integer("mlp", 1536, "MLP size F.")
+flags.DEFINE_integer("qkv", 960, "Fused q/k/v output size ((heads + 2 kv_heads) * head_dim).")
+flags.DEFINE_integer("runs", 11, "Timed runs per figure (median).")
+flags.DEFINE_string("out", "bench_layer_matmuls.json", "JSON output path.")
+
+KERNELS = {"ynn": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def _chain(d: int, f: int, weight_nk: bool):
+    """jit-able chain of decoder-layer projections over per-layer weight dicts."""
+    dims = (((1,), (1,)), ((), ())) if weight_nk else (((1,), (0,)), ((), ()))
+
+    def mm(x, w):
+        return jax.lax.dot_general(x, w, dims)
+
+    def rms(x):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+
+    def run(weights, x):
+        for w in weights:
+            qkv = mm(rms(x), w["qkv"])
+            x = x + mm(qkv[:, :d], w["o"])
+            gu = mm(rms(x), w["gate_up"])
+            x = x + mm(jax.nn.silu(gu[:, :f]) * gu[:, f:], w["down"])
+        return x
+
+    return run
+
+
+def _median_s(fn, runs: int) -> float:
+    fn(), fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    d, f, q, n_layers = FLAGS.hidden, FLAGS.mlp, FLAGS.qkv, FLAGS.layers
+    rng = np.random.default_rng(0)
+    shapes = dict(qkv=(q, d), o=(d, d), gate_up=(2 * f, d), down=(d, f))  # (N, K)
+    nk = [{k: (rng.standard_normal(s, np.float32) * 0.02) for k, s in shapes.items()} for _ in range(n_layers)]
+    weights = {
+        "(N,K)": [{k: jnp.asarray(v) for k, v in layer.items()} for layer in nk],
+        "(K,N)": [{k: jnp.asarray(np.ascontiguousarray(v.T)) for k, v in layer.items()} for layer in nk],
+    }
+    weight_bytes = 4 * n_layers * sum(a * b for a, b in shapes.values())
+    result: dict = dict(bench="layer_matmuls", layers=n_layers, hidden=d, mlp=f, qkv=q, weight_bytes=weight_bytes,
+                        runs=FLAGS.runs, machine=bc.machine_info(), rows=[])
+    for m in [int(r) for r in FLAGS.rows]:
+        x = jnp.asarray(rng.standard_normal((m, d), np.float32))
+        row: dict = dict(rows=m, variants={})
+        reference = None
+        for layout, ws in weights.items():
+            for kernel, options in KERNELS.items():
+                fn = jax.jit(_chain(d, f, layout == "(N,K)"), compiler_options=options)
+                out = np.asarray(fn(ws, x))
+                reference = out if reference is None else reference
+                secs = _median_s(lambda: fn(ws, x).block_until_ready(), FLAGS.runs)
+                row["variants"][f"{layout} {kernel}"] = dict(
+                    ms=1e3 * secs, weight_gbps=weight_bytes / secs / 1e9,
+                    gflops=2 * m * weight_bytes / 4 / secs / 1e9,
+                    max_abs_diff=float(np.abs(out - reference).max()),
+                )
+        base = row["variants"]["(N,K) ynn"]["ms"]
+        for v in row["variants"].values():
+            v["speed_vs_default"] = base / v["ms"]
+        result["rows"].append(row)
+        print(f"M={m:4d}: " + "  ".join(
+            f"{k} {v['ms']:7.2f} ms ({v['speed_vs_default']:.2f}x)" for k, v in row["variants"].items()), flush=True)
+        bc.write_json(FLAGS.out, result)
+
+
+if __name__ == "__main__":
+    app.run(main)
