@@ -508,7 +508,7 @@ def write_gguf(model_dir: str | os.PathLike) -> pathlib.Path:
     from safetensors.numpy import load_file
 
     model_dir = pathlib.Path(model_dir)
-    out = bench_cache_dir() / f"{model_dir.name}.f32.gguf"
+    out = bench_cache_dir() / f"{model_dir.name}.f32.spm.gguf"
     if out.is_file():
         return out
     c = json.loads((model_dir / "config.json").read_text())
@@ -524,11 +524,14 @@ def write_gguf(model_dir: str | os.PathLike) -> pathlib.Path:
     w.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
     w.add_file_type(0)  # ALL_F32
-    # a byte-level placeholder vocab: ids only (the bench feeds token ids, never text)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"<t{i}>" for i in range(c["vocab_size"])])
-    w.add_token_types([1] * c["vocab_size"])
-    w.add_token_merges([])
+    # a placeholder SentencePiece vocab: ids only (the bench feeds token ids, never text); llama.cpp
+    # wants byte tokens <0x00>..<0xFF> in an SPM vocab (it looks up the newline byte), a BPE vocab
+    # would need merges
+    n_vocab = c["vocab_size"]
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<0x{i:02X}>" if i < 256 else f"<t{i}>" for i in range(n_vocab)])
+    w.add_token_scores([0.0] * n_vocab)
+    w.add_token_types([6 if i < 256 else 1 for i in range(n_vocab)])  # 6 = byte, 1 = normal
     w.add_bos_token_id(int(c.get("bos_token_id") or 0))
     w.add_eos_token_id(int(c.get("eos_token_id") or 1))
 

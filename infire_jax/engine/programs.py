@@ -32,6 +32,20 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}  # an experimental XLA:CPU option
+
+
+@functools.cache
+def _xla_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether this jaxlib's XLA knows the (experimental) compile options: a newer one may drop
+    them, and an unknown option fails the compile."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+        return True
+    except Exception:  # noqa: BLE001 - any rejection means: do not pass the option
+        return False
+
+
 @dataclasses.dataclass
 class PlacedModel:
     """An NNX model's graph and its parameters placed on a layout."""
@@ -95,12 +109,18 @@ class Programs:
         self.compile_seconds[key] = time.perf_counter() - t0
         return out
 
-    @functools.cached_property
-    def compiler_options(self) -> dict[str, Any]:
-        """XLA options for the decode program. On CPU, copy insertion with region analysis: without
-        it XLA:CPU copies the loop-carried KV pages defensively inside the decode loop."""
-        platforms = {d.platform for d in self.layout.mesh.devices.flat}
-        return {"xla_cpu_copy_insertion_use_region_analysis": True} if platforms == {"cpu"} else {}
+    def decode_compiler_options(self, batch: int) -> dict[str, Any]:
+        """XLA options for a decode program of `batch` rows. On CPU: copy insertion with region
+        analysis (without it XLA:CPU copies the loop-carried KV pages defensively inside the decode
+        loop), and for one row no YNNPACK fusions: its weight matvecs are XLA's own dots either way
+        and only the tiny attention dots went to YNNPACK, 3% slower per 8-step dispatch (179.3 vs
+        173.7 ms); with more rows YNNPACK's matmuls are the fast ones (WORKSPACE_NOTES, issue 9)."""
+        if {d.platform for d in self.layout.mesh.devices.flat} != {"cpu"}:
+            return {}
+        options: dict[str, Any] = {"xla_cpu_copy_insertion_use_region_analysis": True}
+        if batch == 1 and _xla_accepts(tuple(_NO_YNN.items())):
+            options.update(_NO_YNN)
+        return options
 
     @property
     def num_compiled(self) -> int:
@@ -223,7 +243,7 @@ class Programs:
                 in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
                 out_shardings=(out, k_sh, v_sh),
                 donate_argnums=(1, 2),
-                compiler_options=self.compiler_options,
+                compiler_options=self.decode_compiler_options(b),
             ),
         )
 
