@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,16 +64,6 @@ def _chain(d: int, f: int, weight_nk: bool):
     return run
 
 
-def _median_s(fn, runs: int) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main(argv: list[str]) -> None:
     del argv
     d, f, q, n_layers = FLAGS.hidden, FLAGS.mlp, FLAGS.qkv, FLAGS.layers
@@ -97,7 +86,7 @@ def main(argv: list[str]) -> None:
                 fn = jax.jit(_chain(d, f, layout == "(N,K)"), compiler_options=options)
                 out = np.asarray(fn(ws, x))
                 reference = out if reference is None else reference
-                secs = _median_s(lambda: fn(ws, x).block_until_ready(), FLAGS.runs)
+                secs = statistics.median(bc.timed_runs(lambda: fn(ws, x).block_until_ready(), FLAGS.runs, warmup=2))
                 row["variants"][f"{layout} {kernel}"] = dict(
                     ms=1e3 * secs, weight_gbps=weight_bytes / secs / 1e9,
                     gflops=2 * m * weight_bytes / 4 / secs / 1e9,

@@ -7,6 +7,7 @@ straight onto the target mesh, then places layers into the target's pipeline slo
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import shutil
@@ -139,10 +140,9 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
         v = var.get_value()
         shape = (num_layers,) + v.shape[1:] if _is_stacked(var) else v.shape
         axes = var.get_metadata()["logical_axes"]
-        if kv_repeat > 1 and "kv_heads" in axes:
-            i = axes.index("kv_heads")
-            canonical = (shape[i] // kv_repeat,) + (((shape[i + 1] - 2) * kv_repeat + 2,) if _is_fused_qkv(axes) else ())
-            shape = shape[:i] + canonical + shape[i + len(canonical) :]
+        if kv_repeat > 1 and "kv_heads" in axes:  # saved with each KV head once (see save)
+            unrepeat = functools.partial(_unrepeat_kv, axes=axes, r=kv_repeat)
+            shape = jax.eval_shape(unrepeat, jax.ShapeDtypeStruct(shape, v.dtype)).shape
         target[name] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=layout.sharding(axes, shape))
     try:
         restored = ocp.StandardCheckpointer().restore(path / "params", target)

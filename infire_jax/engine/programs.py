@@ -32,15 +32,16 @@ def bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-_NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}  # an experimental XLA:CPU option
+_NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # an experimental XLA:CPU option
 
 
 @functools.cache
 def _xla_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
-    """Whether this jaxlib's XLA knows the (experimental) compile options: a newer one may drop
+    """Whether this jaxlib's XLA:CPU knows the (experimental) compile options: a newer one may drop
     them, and an unknown option fails the compile."""
     try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(np.float32(0)).compile()
+        x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(x).compile()
         return True
     except Exception:  # noqa: BLE001 - any rejection means: do not pass the option
         return False
@@ -118,7 +119,7 @@ class Programs:
         if {d.platform for d in self.layout.mesh.devices.flat} != {"cpu"}:
             return {}
         options: dict[str, Any] = {"xla_cpu_copy_insertion_use_region_analysis": True}
-        if batch == 1 and _xla_accepts(tuple(_NO_YNN.items())):
+        if batch == 1 and _xla_accepts(_NO_YNN):
             options.update(_NO_YNN)
         return options
 

@@ -206,10 +206,11 @@ def gqa_params(cfg: ModelConfig, p: Any, n: int, kv_heads: int | None = None) ->
 def gqa_project(w: dict[str, Any], x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """q (B, T, H, hd), k and v (B, T, KV, hd) of x (B, T, D) through the fused wqkv (gqa_params)."""
     qkv = layers.dense(x, w["wqkv"], "btd,kghd->btkgh", w.get("bqkv"))
-    b, t, kv, g, hd = qkv.shape
-    q = constrain(qkv[:, :, :, : g - 2].reshape(b, t, kv * (g - 2), hd), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(qkv[:, :, :, g - 2], ("batch", "seq", "kv_heads", "head_dim"))
-    v = constrain(qkv[:, :, :, g - 1], ("batch", "seq", "kv_heads", "head_dim"))
+    b, t, kv, rows, hd = qkv.shape  # rows per KV head: G queries, then k, then v
+    g = rows - 2
+    q = constrain(qkv[:, :, :, :g].reshape(b, t, kv * g, hd), ("batch", "seq", "heads", "head_dim"))
+    k = constrain(qkv[:, :, :, g], ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(qkv[:, :, :, g + 1], ("batch", "seq", "kv_heads", "head_dim"))
     return q, k, v
 
 
