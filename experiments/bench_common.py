@@ -404,9 +404,10 @@ def machine(bandwidth_mb: int = 512, runs: int = 7) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0):
+def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0,
+              matmul: str | None = None):
     """infire_jax.load with room for `max_batch` rows of `max_tokens` tokens (passes the paged
-    engine's max_decode_batch / kv_pages when this version of load() has them)."""
+    engine's max_decode_batch / kv_pages, and `matmul` when given, if this version of load() has them)."""
     import inspect
 
     from infire_jax import api
@@ -419,6 +420,10 @@ def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: in
         page = sig["page_size"].default if "page_size" in sig else 16
         need = max_batch * -(-(max_tokens + 16) // page) + 8
         kw["kv_pages"] = max(need, sig["kv_pages"].default or 0)
+    if matmul is not None:
+        if "matmul" not in sig:
+            raise NotImplementedError("this version of infire_jax.load has no matmul choice")
+        kw["matmul"] = matmul
     return api.load(model_dir, **kw)
 
 
@@ -466,6 +471,22 @@ class TransformersPeer:
         ids = torch.from_numpy(np.asarray(tokens, np.int64))
         with torch.inference_mode():
             self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+
+
+class OursXlaPeer:
+    """Our own engine with matmul="xla": XLA's dots instead of the CPU small-row kernel, so the
+    kernel's effect is measured side by side in the same run."""
+
+    name = "ours_xla"
+
+    def __init__(self, model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0):
+        self.model = load_ours(model_dir, decode_steps, max_batch, max_tokens, matmul="xla")
+
+    def generate(self, tokens: np.ndarray, new_tokens: int) -> np.ndarray:
+        return np.asarray(self.model.generate(np.asarray(tokens).tolist(), max_new_tokens=new_tokens))
+
+    def prefill(self, tokens: np.ndarray) -> None:
+        raise NotImplementedError("prefill rows exceed the kernel's row limit: the same program as ours")
 
 
 class LlamaCppPeer:
@@ -572,9 +593,11 @@ def write_gguf(model_dir: str | os.PathLike) -> pathlib.Path:
     return out
 
 
-def make_peer(name: str, model_dir: str | os.PathLike, threads: int = 2) -> tuple[Any | None, str | None]:
-    """(peer, None) or (None, reason it is unavailable)."""
+def make_peer(name: str, model_dir: str | os.PathLike, threads: int = 2, **ours: Any) -> tuple[Any | None, str | None]:
+    """(peer, None) or (None, reason it is unavailable); `ours` are load_ours' sizes for ours_xla."""
     try:
+        if name == "ours_xla":
+            return OursXlaPeer(model_dir, **ours), None
         if name == "transformers":
             return TransformersPeer(model_dir, threads), None
         if name == "llama_cpp":

@@ -43,7 +43,8 @@ flags.DEFINE_integer("runs", 5, "Timed runs per figure (median reported), after 
 flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
 flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch of our decode program.")
-flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, llama_cpp (optional; 'unavailable' when "
+flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, ours_xla (our engine with matmul='xla', the "
+                  "CPU kernel's A/B), llama_cpp (optional; 'unavailable' when "
                   "llama-cpp-python is not importable). Empty = none.")
 flags.DEFINE_integer("threads", 2, "Threads of the peers (torch.set_num_threads, llama.cpp n_threads).")
 flags.DEFINE_boolean("engine_metrics", True, "Also report the engine's own time per output token.")
@@ -130,13 +131,14 @@ def main(argv: list[str]) -> None:
 
     t0 = time.perf_counter()
     batches = [int(x) for x in FLAGS.batch_sizes]
-    model = bc.load_ours(model_dir, decode_steps=FLAGS.decode_steps, max_batch=max(batches),
-                         max_tokens=FLAGS.prompt_len + FLAGS.new_tokens + FLAGS.decode_steps + 1)
+    sizes = dict(decode_steps=FLAGS.decode_steps, max_batch=max(batches),
+                 max_tokens=FLAGS.prompt_len + FLAGS.new_tokens + FLAGS.decode_steps + 1)
+    model = bc.load_ours(model_dir, **sizes)
     result["load_s"] = time.perf_counter() - t0
 
     peers = {}
     for name in [p for p in FLAGS.peer if p]:
-        peer, why = bc.make_peer(name, model_dir, FLAGS.threads)
+        peer, why = bc.make_peer(name, model_dir, FLAGS.threads, **sizes)
         peers[name] = peer if peer is not None else why
         if peer is None:
             print(f"peer {name}: {why}")

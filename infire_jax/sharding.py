@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 __all__ = [
     "DEFAULT_RULES",
     "Layout",
+    "MATMUL_CHOICES",
     "logical_spec",
     "constrain",
     "use_layout",
@@ -58,12 +59,31 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 }
 
 
+MATMUL_CHOICES = ("auto", "xla")
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh plus the rules table that places logical axes on it."""
+    """A mesh plus the rules table that places logical axes on it, and the matmul implementation:
+    "auto" lets projections of a few float32 rows on one CPU device use the hand-written kernel
+    (kernels/cpu_matmul.py), "xla" keeps XLA's dot everywhere."""
 
     mesh: jax.sharding.Mesh
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
+    matmul: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.matmul not in MATMUL_CHOICES:
+            raise ValueError(f"unknown matmul {self.matmul!r}; choose one of {MATMUL_CHOICES}")
+
+    @property
+    def cpu_matmul_kernel(self) -> bool:
+        """Whether small-row projections may use the CPU kernel: asked for, and one CPU device (the
+        kernel is not partitioned; sharded weights keep XLA's dot)."""
+        if self.matmul != "auto" or self.mesh.size != 1:
+            return False
+        devices = getattr(self.mesh, "devices", None)  # an AbstractMesh (planning) has none
+        return devices is not None and devices.flat[0].platform == "cpu"
 
     def axis_size(self, logical: str) -> int:
         """How many ways a logical axis is split (1 when replicated)."""

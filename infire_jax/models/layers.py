@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infire_jax.kernels import cpu_matmul
 from infire_jax.sharding import current_layout
 
 __all__ = ["materialize", "dense", "rms_norm", "rope_tables", "apply_rope", "gated_mlp"]
@@ -44,17 +45,32 @@ def _as_matmul(spec: str) -> int:
     return n if ok and "." not in rhs else 0
 
 
+def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
+    """Whether a plain projection runs the CPU small-row kernel (kernels/cpu_matmul.py): the layout
+    allows it (Layout.cpu_matmul_kernel), x and the stored weight are float32 (a bf16 or compressed
+    weight keeps XLA, which fuses its decode into the dot) and there are at most MAX_ROWS rows."""
+    layout = current_layout()
+    if layout is None or not layout.cpu_matmul_kernel or hasattr(w, "decode_f32"):
+        return False
+    rows = int(np.prod(x.shape[: x.ndim - contracted]))
+    f32 = x.dtype == jnp.float32 and w.dtype == jnp.float32
+    return f32 and 0 < rows <= cpu_matmul.MAX_ROWS and cpu_matmul.available()
+
+
 def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
     """einsum(spec, x, w) with the weight materialised in x's dtype (plus an optional bias).
 
     A plain projection runs as one 2-D dot_general of (tokens, K) with the weight viewed as (N, K):
     with higher-rank weights XLA:CPU canonicalises the dot by transposing the weight, a full copy of
-    it on every step (measured 3.4 vs 12.3 GB/s for a scanned (24, 64, 576) weight)."""
-    w = materialize(w, x.dtype)
+    it on every step (measured 3.4 vs 12.3 GB/s for a scanned (24, 64, 576) weight). A few float32
+    rows on one CPU device go to the hand-written kernel instead (_cpu_kernel_fits)."""
     n = _as_matmul(spec)
+    kernel = n and _cpu_kernel_fits(x, w, n)
+    w = materialize(w, x.dtype)
     if n:
         k = int(np.prod(w.shape[w.ndim - n :]))
-        y = jax.lax.dot_general(x.reshape(-1, k), w.reshape(-1, k), (((1,), (1,)), ((), ())))
+        x2, w2 = x.reshape(-1, k), w.reshape(-1, k)
+        y = cpu_matmul.matmul_nt(x2, w2) if kernel else jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
         y = y.reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
     else:
         y = jnp.einsum(spec, x, w)
@@ -145,14 +161,14 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def gated_mlp(x: jax.Array, w_gate_up: Any, w_down: Any) -> jax.Array:
     """SwiGLU with gate and up fused in one (2, F, D) weight: one read of the input per layer."""
-    w = materialize(w_gate_up, x.dtype)
     layout = current_layout()
     if layout is None or layout.axis_size("mlp") == 1:
         # One dot over the weight viewed as (2F, D): a free reshape, where taking w[0] and w[1]
         # of a per-layer weight would copy each half (measured ~60% of decode time on CPU).
-        gate, up = jnp.moveaxis(dense(x, w, "...d,gfd->...gf"), -2, 0)
+        gate, up = jnp.moveaxis(dense(x, w_gate_up, "...d,gfd->...gf"), -2, 0)
     else:
         # Two dots when F is split over devices: merging the fused axis with a split F would make
         # GSPMD gather the weight.
+        w = materialize(w_gate_up, x.dtype)
         gate, up = dense(x, w[0], "...d,fd->...f"), dense(x, w[1], "...d,fd->...f")
     return dense(jax.nn.silu(gate) * up, w_down, "...f,df->...d")
