@@ -405,9 +405,9 @@ def machine(bandwidth_mb: int = 512, runs: int = 7) -> dict[str, Any]:
 
 
 def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0,
-              matmul: str | None = None):
+              kernels: str | None = None):
     """infire_jax.load with room for `max_batch` rows of `max_tokens` tokens (passes the paged
-    engine's max_decode_batch / kv_pages, and `matmul` when given, if this version of load() has them)."""
+    engine's max_decode_batch / kv_pages, and `kernels` when given, if this version of load() has them)."""
     import inspect
 
     from infire_jax import api
@@ -420,10 +420,10 @@ def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: in
         page = sig["page_size"].default if "page_size" in sig else 16
         need = max_batch * -(-(max_tokens + 16) // page) + 8
         kw["kv_pages"] = max(need, sig["kv_pages"].default or 0)
-    if matmul is not None:
-        if "matmul" not in sig:
-            raise NotImplementedError("this version of infire_jax.load has no matmul choice")
-        kw["matmul"] = matmul
+    if kernels is not None:
+        if "kernels" not in sig:
+            raise NotImplementedError("this version of infire_jax.load has no kernels choice")
+        kw["kernels"] = kernels
     return api.load(model_dir, **kw)
 
 
@@ -474,19 +474,19 @@ class TransformersPeer:
 
 
 class OursXlaPeer:
-    """Our own engine with matmul="xla": XLA's dots instead of the CPU small-row kernel, so the
-    kernel's effect is measured side by side in the same run."""
+    """Our own engine with kernels="xla": XLA's code instead of infire_jax's CPU decode kernels, so
+    their effect is measured side by side in the same run."""
 
     name = "ours_xla"
 
     def __init__(self, model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0):
-        self.model = load_ours(model_dir, decode_steps, max_batch, max_tokens, matmul="xla")
+        self.model = load_ours(model_dir, decode_steps, max_batch, max_tokens, kernels="xla")
 
     def generate(self, tokens: np.ndarray, new_tokens: int) -> np.ndarray:
         return np.asarray(self.model.generate(np.asarray(tokens).tolist(), max_new_tokens=new_tokens))
 
     def prefill(self, tokens: np.ndarray) -> None:
-        raise NotImplementedError("prefill rows exceed the kernel's row limit: the same program as ours")
+        raise NotImplementedError("prefill runs XLA's code either way: the same program as ours")
 
 
 class LlamaCppPeer:

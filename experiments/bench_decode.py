@@ -43,8 +43,8 @@ flags.DEFINE_integer("runs", 5, "Timed runs per figure (median reported), after 
 flags.DEFINE_integer("new_tokens", 32, "Tokens generated per row.")
 flags.DEFINE_integer("prompt_len", 32, "Prompt tokens per row.")
 flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch of our decode program.")
-flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, ours_xla (our engine with matmul='xla', the "
-                  "CPU kernel's A/B), llama_cpp (optional; 'unavailable' when "
+flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, ours_xla (our engine with kernels='xla': "
+                  "the CPU kernels' A/B), llama_cpp (optional; 'unavailable' when "
                   "llama-cpp-python is not importable). Empty = none.")
 flags.DEFINE_integer("threads", 2, "Threads of the peers (torch.set_num_threads, llama.cpp n_threads).")
 flags.DEFINE_boolean("engine_metrics", True, "Also report the engine's own time per output token.")

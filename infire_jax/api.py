@@ -102,8 +102,8 @@ def place_model(
     return PlacedModel(graphdef, state, layout)
 
 
-def _layout(mesh_spec: str, rules: Mapping[str, Any] | None, matmul: str = "auto") -> Layout:
-    return Layout(mesh_lib.make_mesh(mesh_spec), dict(rules or DEFAULT_RULES), matmul)
+def _layout(mesh_spec: str, rules: Mapping[str, Any] | None, kernels: str = "auto") -> Layout:
+    return Layout(mesh_lib.make_mesh(mesh_spec), dict(rules or DEFAULT_RULES), kernels)
 
 
 class Model:
@@ -235,7 +235,7 @@ def load(
     kv_pages: int = 512,
     page_size: int = 16,
     max_decode_batch: int = 16,
-    matmul: str = "auto",
+    kernels: str = "auto",
 ) -> Model:
     """Load an HF checkpoint directory onto a mesh ("tp=2", "pp=2,tp=2@0-3", ...).
 
@@ -244,9 +244,9 @@ def load(
     configs/deployments/ (or a path) that gives both mesh and rules. With prefill_mesh and
     decode_mesh (e.g. "pp=2,tp=2@0-3" and "tp=4@4-7") prefill and decode run on distinct meshes,
     each with its own copy of the weights. kv_pages x page_size is the decode worker's KV capacity
-    in tokens; max_decode_batch bounds its continuous batch. matmul="auto" lets a one-device CPU
-    placement run few-row float32 projections (decode) on infire_jax's own kernel
-    (kernels/cpu_matmul.py); "xla" keeps XLA's dot everywhere."""
+    in tokens; max_decode_batch bounds its continuous batch. kernels="auto" lets float32 decode on
+    one CPU device use infire_jax's own kernels (kernels/cpu.py: few-row projections, paged
+    attention); "xla" keeps XLA's code everywhere."""
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -258,8 +258,8 @@ def load(
     kwargs = dict(dtype=dtype, compute_dtype=compute_dtype)
     engine = dict(decode_steps=decode_steps, kv_pages=kv_pages, page_size=page_size, max_decode_batch=max_decode_batch)
     if prefill_mesh is None:
-        return Model(place_model(model_dir, _layout(mesh, rules, matmul), **kwargs), model_dir, **engine)
-    p_layout, d_layout = _layout(prefill_mesh, rules, matmul), _layout(decode_mesh, rules, matmul)
+        return Model(place_model(model_dir, _layout(mesh, rules, kernels), **kwargs), model_dir, **engine)
+    p_layout, d_layout = _layout(prefill_mesh, rules, kernels), _layout(decode_mesh, rules, kernels)
     shared = {d.id for d in p_layout.mesh.devices.flat} & {d.id for d in d_layout.mesh.devices.flat}
     if shared:
         raise ValueError(

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 __all__ = [
     "DEFAULT_RULES",
     "Layout",
-    "MATMUL_CHOICES",
+    "KERNEL_CHOICES",
     "logical_spec",
     "constrain",
     "use_layout",
@@ -59,28 +59,28 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 }
 
 
-MATMUL_CHOICES = ("auto", "xla")
+KERNEL_CHOICES = ("auto", "xla")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A mesh plus the rules table that places logical axes on it, and the matmul implementation:
-    "auto" lets projections of a few float32 rows on one CPU device use the hand-written kernel
-    (kernels/cpu_matmul.py), "xla" keeps XLA's dot everywhere."""
+    """A mesh plus the rules table that places logical axes on it, and the kernels to use: "auto"
+    lets float32 decode on one CPU device use infire_jax's own kernels where they pay (kernels/cpu.py:
+    few-row projections, paged attention), "xla" keeps XLA's code everywhere."""
 
     mesh: jax.sharding.Mesh
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
-    matmul: str = "auto"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.matmul not in MATMUL_CHOICES:
-            raise ValueError(f"unknown matmul {self.matmul!r}; choose one of {MATMUL_CHOICES}")
+        if self.kernels not in KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels {self.kernels!r}; choose one of {KERNEL_CHOICES}")
 
     @property
-    def cpu_matmul_kernel(self) -> bool:
-        """Whether small-row projections may use the CPU kernel: asked for, and one CPU device (the
-        kernel is not partitioned; sharded weights keep XLA's dot)."""
-        if self.matmul != "auto" or self.mesh.size != 1:
+    def cpu_kernels(self) -> bool:
+        """Whether model code may use the CPU kernels: asked for, and one CPU device (the kernels are
+        not partitioned; sharded programs keep XLA's code)."""
+        if self.kernels != "auto" or self.mesh.size != 1:
             return False
         devices = getattr(self.mesh, "devices", None)  # an AbstractMesh (planning) has none
         return devices is not None and devices.flat[0].platform == "cpu"

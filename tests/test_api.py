@@ -171,8 +171,8 @@ def test_save_restore_on_another_mesh(model, tmp_path):
 def test_bf16_storage_matches_f32_of_rounded_weights(tiny_dir, tmp_path):
     """bfloat16 storage computes in float32 from the exact bf16 values (bit-op upcast). Both use
     XLA's dot: float32 weights would otherwise take the CPU kernel, whose sums run in another order."""
-    bf = infire_jax.load(tiny_dir, dtype="bfloat16", matmul="xla")
+    bf = infire_jax.load(tiny_dir, dtype="bfloat16", kernels="xla")
     tokens = np.arange(1, 12, dtype=np.int32)[None]
     ref_dir = write_tiny_checkpoint(tmp_path / "bf", "tiny-llama", dtype="bfloat16")
-    f32_of_bf16 = infire_jax.load(ref_dir, dtype="float32", matmul="xla")
+    f32_of_bf16 = infire_jax.load(ref_dir, dtype="float32", kernels="xla")
     np.testing.assert_allclose(bf.logits(tokens), f32_of_bf16.logits(tokens), rtol=0, atol=1e-6)

@@ -79,7 +79,7 @@ def test_bitwise_identical_to_raw_bf16(dirs, mesh):
 
     if mesh == "tp=1":  # dtype applies to the params that stay raw (norms, embedding); bf16 -> f32 is exact
         # (with XLA's dot, as the bf16 model: the float32 LM head would otherwise take the CPU kernel)
-        f32 = infire_jax.load(comp_dir, mesh=mesh, dtype="float32", matmul="xla").logits(tokens)
+        f32 = infire_jax.load(comp_dir, mesh=mesh, dtype="float32", kernels="xla").logits(tokens)
         np.testing.assert_array_equal(a.view(np.uint32), f32.view(np.uint32))
 
 

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
 from infire_jax.kv import cache as kv_cache
+from infire_jax.models.attention import PagedLayerCache
 from infire_jax.sharding import Layout, use_layout
 
 __all__ = ["prefill", "decode", "stage_specs"]
@@ -117,12 +118,13 @@ def prefill(
     return hidden[-1], k, v
 
 
-def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -> jax.Array | list[jax.Array]:
+def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -> jax.Array | list:
     """(L, pages, H, page, d)[:, table (B, P)] -> a contiguous per-row view (L, B, H, P * page, d),
-    or with per_layer a list of L views (B, H, P * page, d), one gather each: a model that runs its
-    layers unrolled would otherwise slice each layer out of the all-layer view with a copy of it."""
+    or with per_layer a list of L per-layer views of the pool (attention.PagedLayerCache): a model
+    that runs its layers unrolled reads each layer's pages in place (a CPU kernel) or gathers that
+    layer alone (slicing one layer out of an all-layer gather would copy it again)."""
     if per_layer:
-        return [_gather_pages(pages[i : i + 1], table)[0] for i in range(pages.shape[0])]
+        return [PagedLayerCache(pages, table, i) for i in range(pages.shape[0])]
     g = pages[:, table]  # (L, B, P, H, page, d)
     l, b, p, h, page, d = g.shape
     return g.transpose(0, 1, 3, 2, 4, 5).reshape(l, b, h, p * page, d)

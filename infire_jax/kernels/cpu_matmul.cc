@@ -4,45 +4,22 @@
 // 20-65 GFLOP/s on this project's machines; this kernel keeps a tile of TM x TN dot products in
 // registers, reads every weight row once per tile of rows, and splits N over XLA's intra-op threads.
 // The weight stays in the (out, in) layout the models store (no transposed copy).
-#include <algorithm>
-#include <atomic>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-
-#include "xla/ffi/api/ffi.h"
-
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define INFIRE_SPIN_PAUSE() _mm_pause()
-#else
-#include <thread>
-#define INFIRE_SPIN_PAUSE() std::this_thread::yield()
-#endif
+#include "cpu_common.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
+using infire::hsum;
+using infire::load;
+using infire::vec;
+using infire::VW;
+
 #if defined(__AVX512F__)
-constexpr int VW = 16, TM = 4, TN = 4;  // 32 vector registers: 16 accumulators
+constexpr int TM = 4, TN = 4;  // 32 vector registers: 16 accumulators
 #else
-constexpr int VW = 8, TM = 3, TN = 4;  // 16 vector registers (AVX2 or narrower): 12 accumulators
+constexpr int TM = 3, TN = 4;  // 16 vector registers (AVX2 or narrower): 12 accumulators
 #endif
-typedef float vec __attribute__((vector_size(VW * 4)));
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline float hsum(vec v) {
-  float s = 0.f;
-#pragma GCC unroll 16
-  for (int i = 0; i < VW; ++i) s += v[i];
-  return s;
-}
 
 // y[m0 + i, n0 + j] = dot(x[m0 + i], w[n0 + j]) for i < MB, j < NB: MB * NB accumulators in
 // registers, one load per x row and per w row for every VW values of K.
@@ -103,54 +80,35 @@ void row_tiles(const float* x, const float* w, float* y, int64_t M, int64_t K, i
   }
 }
 
-// One call's work, shared by the calling thread and the pool threads it wakes: chunks of weight rows
-// are claimed from an atomic counter, so a pool thread that starts late (or never) delays nothing.
-struct Job {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t M, K, N, chunk_rows, chunks;
-  std::atomic<int64_t> next{0}, done{0};
-
-  void run() {
-    for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const int64_t hi = std::min(N, (c + 1) * chunk_rows);
-      int64_t n = c * chunk_rows;
-      if (M == 1)  // a matrix-vector product: more weight rows in flight
-        for (; n + 8 <= hi; n += 8) row_tiles<8>(x, w, y, M, K, N, n);
-      for (; n + TN <= hi; n += TN) row_tiles<TN>(x, w, y, M, K, N, n);
-      for (; n < hi; ++n) row_tiles<1>(x, w, y, M, K, N, n);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
+// Weight rows [lo, hi) for all M rows of x.
+void weight_rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t lo, int64_t hi) {
+  int64_t n = lo;
+  if (M == 1)  // a matrix-vector product: more weight rows in flight
+    for (; n + 8 <= hi; n += 8) row_tiles<8>(x, w, y, M, K, N, n);
+  for (; n + TN <= hi; n += TN) row_tiles<TN>(x, w, y, M, K, N, n);
+  for (; n < hi; ++n) row_tiles<1>(x, w, y, M, K, N, n);
+}
 
 ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                     ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[1] || yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[0])
     return ffi::Error::InvalidArgument("infire_matmul_nt: expects x (M, K), w (N, K) and y (M, N)");
-  auto job = std::make_shared<Job>();
-  job->x = x.typed_data();
-  job->w = w.typed_data();
-  job->y = y->typed_data();
-  job->M = xd[0];
-  job->K = xd[1];
-  job->N = wd[0];
-  if (job->M == 0 || job->N == 0) return ffi::Error::Success();
-  if (job->K == 0) {
-    std::fill(job->y, job->y + job->M * job->N, 0.f);
+  const float* xp = x.typed_data();
+  const float* wp = w.typed_data();
+  float* yp = y->typed_data();
+  const int64_t M = xd[0], K = xd[1], N = wd[0];
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(yp, yp + M * N, 0.f);
     return ffi::Error::Success();
   }
+  // About eight chunks of weight rows per thread (balance), each a multiple of 8 rows (whole tiles).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // About eight chunks per thread (balance), each a multiple of 8 rows (whole tiles).
-  const int64_t rows = std::max<int64_t>(8, job->N / (threads * 8));
-  job->chunk_rows = (rows + 7) / 8 * 8;
-  job->chunks = (job->N + job->chunk_rows - 1) / job->chunk_rows;
-  const int64_t helpers = std::min(threads, job->chunks) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([job] { job->run(); });
-  job->run();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) INFIRE_SPIN_PAUSE();
+  const int64_t chunk = (std::max<int64_t>(8, N / (threads * 8)) + 7) / 8 * 8;
+  infire::parallel_for(pool, (N + chunk - 1) / chunk, [=](int64_t c) {
+    weight_rows(xp, wp, yp, M, K, N, c * chunk, std::min(N, (c + 1) * chunk));
+  });
   return ffi::Error::Success();
 }
 

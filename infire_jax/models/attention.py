@@ -11,12 +11,16 @@ layer attends over its own group's cache, a windowed group's being a ring of W s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["gqa_attention", "grouped_attention"]
+from infire_jax.kernels import cpu
+from infire_jax.sharding import current_layout
+
+__all__ = ["PagedLayerCache", "gqa_attention", "grouped_attention"]
 
 _NEG = -1e30
 QUERY_BLOCK = 128  # prompt queries per causal block when there is no cache (see gqa_attention)
@@ -56,18 +60,50 @@ def _causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, win
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4)
 
 
+@dataclasses.dataclass(frozen=True)
+class PagedLayerCache:
+    """One layer's view of a paged KV pool, as a decode step's cache: the pool of every layer
+    (L, pages, KV, page, hd), this layer's index and each row's page table (B, P) (row b's position
+    p is in page table[b, p // page]). Attention reads the pages in place where a kernel can
+    (kernels/cpu.py), else gathers them into a contiguous (B, KV, P * page, hd) cache."""
+
+    pages: jax.Array
+    table: jax.Array
+    layer: int
+
+    def gather(self) -> jax.Array:
+        g = self.pages[self.layer][self.table]  # (B, P, KV, page, hd)
+        b, p, kv, page, hd = g.shape
+        return g.transpose(0, 2, 1, 3, 4).reshape(b, kv, p * page, hd)
+
+
+def _paged_kernel_fits(q: jax.Array, k_cache: PagedLayerCache, window: int | None) -> bool:
+    """One new float32 token per row over a paged cache, on a layout that allows CPU kernels."""
+    layout = current_layout()
+    f32 = q.dtype == k_cache.pages.dtype == jnp.float32
+    one_token = q.shape[1] == 1 and window is None
+    return layout is not None and layout.cpu_kernels and f32 and one_token and cpu.available()
+
+
 def gqa_attention(
     q: jax.Array,  # (B, T, H, hd), already rotated and scaled
     k_new: jax.Array,  # (B, T, KV, hd)
     v_new: jax.Array,  # (B, T, KV, hd)
     start: jax.Array,  # (B,) number of valid cache entries = position of the first new token
-    k_cache: jax.Array | None = None,  # (B, KV, S, hd)
-    v_cache: jax.Array | None = None,
+    k_cache: jax.Array | PagedLayerCache | None = None,  # (B, KV, S, hd)
+    v_cache: jax.Array | PagedLayerCache | None = None,
     *,
     window: int | None = None,  # chunked-local attention: only keys in the same window of positions
 ) -> jax.Array:
     b, t, h, hd = q.shape
     kv = k_new.shape[2]
+    if isinstance(k_cache, PagedLayerCache):
+        if _paged_kernel_fits(q, k_cache, window):
+            out = cpu.paged_decode_attention(
+                q.reshape(b, kv, h // kv, hd), k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start, k_cache.layer
+            )
+            return out.reshape(b, t, h, hd)
+        k_cache, v_cache = k_cache.gather(), v_cache.gather()
     # No constraint here: the split of q's heads carries over to (kv, group) by itself, also when
     # kv_heads < tp (each device then attends with its own q heads against replicated K/V).
     qg = q.reshape(b, t, kv, h // kv, hd)

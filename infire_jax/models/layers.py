@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infire_jax.kernels import cpu_matmul
+from infire_jax.kernels import cpu
 from infire_jax.sharding import current_layout
 
 __all__ = ["materialize", "dense", "rms_norm", "rope_tables", "apply_rope", "gated_mlp"]
@@ -46,15 +46,15 @@ def _as_matmul(spec: str) -> int:
 
 
 def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
-    """Whether a plain projection runs the CPU small-row kernel (kernels/cpu_matmul.py): the layout
-    allows it (Layout.cpu_matmul_kernel), x and the stored weight are float32 (a bf16 or compressed
-    weight keeps XLA, which fuses its decode into the dot) and there are at most MAX_ROWS rows."""
+    """Whether a plain projection runs the CPU few-row kernel (kernels/cpu.py): the layout allows it
+    (Layout.cpu_kernels), x and the stored weight are float32 (a bf16 or compressed weight keeps
+    XLA, which fuses its decode into the dot) and there are at most MATMUL_MAX_ROWS rows."""
     layout = current_layout()
-    if layout is None or not layout.cpu_matmul_kernel or hasattr(w, "decode_f32"):
+    if layout is None or not layout.cpu_kernels or hasattr(w, "decode_f32"):
         return False
     rows = int(np.prod(x.shape[: x.ndim - contracted]))
     f32 = x.dtype == jnp.float32 and w.dtype == jnp.float32
-    return f32 and 0 < rows <= cpu_matmul.MAX_ROWS and cpu_matmul.available()
+    return f32 and 0 < rows <= cpu.MATMUL_MAX_ROWS and cpu.available()
 
 
 def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
@@ -70,7 +70,7 @@ def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
     if n:
         k = int(np.prod(w.shape[w.ndim - n :]))
         x2, w2 = x.reshape(-1, k), w.reshape(-1, k)
-        y = cpu_matmul.matmul_nt(x2, w2) if kernel else jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
+        y = cpu.matmul_nt(x2, w2) if kernel else jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
         y = y.reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
     else:
         y = jnp.einsum(spec, x, w)

@@ -1,0 +1,68 @@
+// Shared by infire_jax's CPU kernels: SIMD vector type and a parallel loop over XLA's intra-op pool.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define INFIRE_SPIN_PAUSE() _mm_pause()
+#else
+#include <thread>
+#define INFIRE_SPIN_PAUSE() std::this_thread::yield()
+#endif
+
+namespace infire {
+
+#if defined(__AVX512F__)
+constexpr int VW = 16;  // floats per vector register
+#else
+constexpr int VW = 8;
+#endif
+typedef float vec __attribute__((vector_size(VW * 4)));
+
+inline vec load(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(vec v) {
+  float s = 0.f;
+#pragma GCC unroll 16
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// fn(i) for i in [0, n): the calling thread and up to (pool threads - 1) helpers claim indices from an
+// atomic counter, so a helper that starts late (or never) delays nothing and nothing can deadlock;
+// the call returns when every claimed index is done.
+template <typename F>
+void parallel_for(xla::ffi::ThreadPool& pool, int64_t n, F fn) {
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+    int64_t n;
+    F fn;
+    State(int64_t n, F fn) : n(n), fn(std::move(fn)) {}
+    void run() {
+      for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+        fn(i);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  if (n <= 0) return;
+  auto state = std::make_shared<State>(n, std::move(fn));
+  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), n) - 1;
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([state] { state->run(); });
+  state->run();
+  while (state->done.load(std::memory_order_acquire) < n) INFIRE_SPIN_PAUSE();
+}
+
+}  // namespace infire

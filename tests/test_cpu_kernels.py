@@ -1,0 +1,137 @@
+"""infire_jax's CPU decode kernels (kernels/cpu.py) and where model code uses them."""
+
+import ctypes
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from infire_jax.kernels import cpu
+from infire_jax.models.attention import PagedLayerCache, gqa_attention
+from infire_jax.mesh import make_mesh
+from infire_jax.models import layers
+from infire_jax.sharding import Layout, use_layout
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="no C++ compiler: the kernels cannot be built")
+
+
+@pytest.mark.parametrize(
+    "m,k,n",
+    [(1, 576, 960), (2, 64, 13), (3, 17, 8), (4, 576, 3072), (5, 100, 9), (16, 1536, 576), (31, 40, 129), (32, 8, 1)],
+)
+def test_matches_float64_reference(m, k, n):
+    """Every tile shape and remainder: rows not a multiple of the row tile, weight rows not a
+    multiple of the column tile, K not a multiple of the vector width."""
+    rng = np.random.default_rng(m * 1000 + n)
+    x, w = rng.standard_normal((m, k), np.float32), rng.standard_normal((n, k), np.float32)
+    y = np.asarray(jax.jit(cpu.matmul_nt)(x, w))
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(ref).max())
+
+
+def test_rejects_what_it_cannot_compute():
+    with pytest.raises(ValueError, match="float32 x"):
+        cpu.matmul_nt(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((4, 3), jnp.bfloat16))
+    with pytest.raises(ValueError, match="w \\(N, K\\)"):
+        cpu.matmul_nt(jnp.ones((2, 3)), jnp.ones((4, 5)))
+
+
+def _dense_hlo(layout, rows: int, w_dtype=jnp.float32) -> str:
+    x = jax.ShapeDtypeStruct((rows, 1, 64), jnp.float32)
+    w = jax.ShapeDtypeStruct((2, 48, 64), w_dtype)
+
+    def f(x, w):
+        with use_layout(layout):
+            return layers.dense(x, w, "btd,gfd->btgf")
+
+    return jax.jit(f).lower(x, w).as_text()
+
+
+def test_dense_uses_the_kernel_only_where_it_pays():
+    one_cpu = Layout(make_mesh("tp=1"))
+    uses = lambda hlo: "infire_matmul_nt" in hlo  # noqa: E731
+    assert uses(_dense_hlo(one_cpu, 1)) and uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS))
+    assert not uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS + 1))  # prefill-sized: XLA's dot is faster
+    assert not uses(_dense_hlo(one_cpu, 4, jnp.bfloat16))  # XLA fuses the bf16 upcast into its dot
+    assert not uses(_dense_hlo(Layout(make_mesh("tp=1"), kernels="xla"), 4))
+    assert not uses(_dense_hlo(Layout(make_mesh("tp=2")), 4))  # sharded weights: not partitioned
+    assert not uses(_dense_hlo(None, 4))
+
+
+def test_dense_gives_the_same_values_either_way():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 2, 64), np.float32), rng.standard_normal((2, 48, 64), np.float32)
+    out = {}
+    for kernels in ("auto", "xla"):
+        layout = Layout(make_mesh("tp=1"), kernels=kernels)
+        with use_layout(layout):
+            out[kernels] = np.asarray(jax.jit(lambda x, w: layers.dense(x, w, "btd,gfd->btgf"))(x, w))
+    assert out["auto"].shape == (3, 2, 2, 48)
+    np.testing.assert_allclose(out["auto"], out["xla"], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_kernels_choice_is_refused():
+    with pytest.raises(ValueError, match="unknown kernels 'fast'.*auto"):
+        Layout(make_mesh("tp=1"), kernels="fast")
+
+
+def test_without_a_compiler_it_warns_once_and_keeps_xla(monkeypatch):
+    monkeypatch.setattr(cpu, "_compiler", lambda: None)
+    cpu.available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler.*XLA's own code"):
+            assert not cpu.available()
+        assert "infire_matmul_nt" not in _dense_hlo(Layout(make_mesh("tp=1")), 4)
+    finally:
+        monkeypatch.undo()
+        cpu.available.cache_clear()
+        assert cpu.available()
+
+
+def test_builds_from_source_into_an_empty_cache(monkeypatch, tmp_path):
+    """The first use on a machine compiles the kernels (here into an empty cache directory)."""
+    monkeypatch.setattr(cpu, "_cache_dir", lambda: tmp_path)
+    path = cpu.ensure_built()
+    assert path.parent == tmp_path and path.name.startswith("cpu_kernels-") and path.suffix == ".so"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
+    lib = ctypes.cdll.LoadLibrary(str(path))
+    assert hasattr(lib, "InfireMatmulNT") and hasattr(lib, "InfirePagedDecodeAttention")
+    assert cpu.ensure_built() == path  # cached: built once per machine
+
+
+def _paged_case(seed: int, b=3, kv=2, g=3, hd=24, page=4, num_pages=12, layers_=2, width=4):
+    """A pool with rows of different lengths (0, inside a page, across pages, the full table)."""
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s, np.float32)  # noqa: E731
+    q, k_new, v_new = f(b, 1, kv * g, hd), f(b, 1, kv, hd), f(b, 1, kv, hd)
+    k_pages, v_pages = f(layers_, num_pages, kv, page, hd), f(layers_, num_pages, kv, page, hd)
+    table = rng.permutation(num_pages)[: b * width].reshape(b, width).astype(np.int32)
+    start = np.array([0, 6, page * width][:b], np.int32)
+    return q, k_new, v_new, k_pages, v_pages, table, start
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_paged_attention_equals_attention_over_the_gathered_cache(layer):
+    q, k_new, v_new, k_pages, v_pages, table, start = _paged_case(layer)
+    views = [PagedLayerCache(jnp.asarray(p), jnp.asarray(table), layer) for p in (k_pages, v_pages)]
+    want = gqa_attention(q, k_new, v_new, start, views[0].gather(), views[1].gather())  # XLA, no layout
+
+    def paged(q, k_new, v_new, start, k_pages, v_pages, table):
+        with use_layout(Layout(make_mesh("tp=1"))):
+            views = PagedLayerCache(k_pages, table, layer), PagedLayerCache(v_pages, table, layer)
+            return gqa_attention(q, k_new, v_new, start, *views)
+
+    args = (q, k_new, v_new, start, k_pages, v_pages, table)
+    assert "infire_paged_decode_attention" in jax.jit(paged).lower(*args).as_text()
+    np.testing.assert_allclose(np.asarray(jax.jit(paged)(*args)), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_paged_attention_refuses_a_page_outside_the_pool():
+    q, k_new, v_new, k_pages, v_pages, table, start = _paged_case(0)
+    table[1, 0] = k_pages.shape[1]  # row 1 sees 6 positions: its first page must exist
+    args = [jnp.asarray(a) for a in (q.reshape(3, 2, 3, 24), k_new, v_new, k_pages, v_pages, table, start)]
+    with pytest.raises(Exception, match="page table entry .* out of range"):
+        jax.block_until_ready(jax.jit(cpu.paged_decode_attention, static_argnums=7)(*args, 0))
+    with pytest.raises(ValueError, match="outside the pool's 2 layers"):
+        cpu.paged_decode_attention(*args, 2)
