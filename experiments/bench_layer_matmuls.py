@@ -9,6 +9,8 @@ part that bounds decode. Side by side in one process, per row count M (= decode 
   kernel ynn:   XLA:CPU's default (YNNPACK dot fusions)
   kernel eigen: ynn fusions off for this program (compiler option
                 xla_cpu_experimental_ynn_fusion_type=''), so XLA's own dot runs
+  (N,K) infire: infire_jax's CPU kernel (infire_jax/kernels/cpu_matmul.cc), what decode uses for
+                at most 32 rows (kernels="auto")
 
 Reports ms per chain (median of --runs, after two warm-ups), the weight read rate and GFLOP/s, and
 each variant's speed relative to the default (N, K) + ynn. JSON out.
@@ -30,6 +32,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+from infire_jax.kernels import cpu  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", ["1", "4", "16", "64", "512"], "Rows per matmul (decode batch or prompt tokens).")
@@ -43,12 +46,12 @@ flags.DEFINE_string("out", "bench_layer_matmuls.json", "JSON output path.")
 KERNELS = {"ynn": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 
-def _chain(d: int, f: int, weight_nk: bool):
-    """jit-able chain of decoder-layer projections over per-layer weight dicts."""
+def _chain(d: int, f: int, weight_nk: bool, matmul=None):
+    """jit-able chain of decoder-layer projections over per-layer weight dicts (matmul: x, w -> y)."""
     dims = (((1,), (1,)), ((), ())) if weight_nk else (((1,), (0,)), ((), ()))
 
     def mm(x, w):
-        return jax.lax.dot_general(x, w, dims)
+        return matmul(x, w) if matmul else jax.lax.dot_general(x, w, dims)
 
     def rms(x):
         return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
@@ -81,17 +84,19 @@ def main(argv: list[str]) -> None:
         x = jnp.asarray(rng.standard_normal((m, d), np.float32))
         row: dict = dict(rows=m, variants={})
         reference = None
-        for layout, ws in weights.items():
-            for kernel, options in KERNELS.items():
-                fn = jax.jit(_chain(d, f, layout == "(N,K)"), compiler_options=options)
-                out = np.asarray(fn(ws, x))
-                reference = out if reference is None else reference
-                secs = statistics.median(bc.timed_runs(lambda: fn(ws, x).block_until_ready(), FLAGS.runs, warmup=2))
-                row["variants"][f"{layout} {kernel}"] = dict(
-                    ms=1e3 * secs, weight_gbps=weight_bytes / secs / 1e9,
-                    gflops=2 * m * weight_bytes / 4 / secs / 1e9,
-                    max_abs_diff=float(np.abs(out - reference).max()),
-                )
+        variants = [(f"{layout} {kernel}", ws, jax.jit(_chain(d, f, layout == "(N,K)"), compiler_options=options))
+                    for layout, ws in weights.items() for kernel, options in KERNELS.items()]
+        if cpu.available():
+            variants.append(("(N,K) infire", weights["(N,K)"], jax.jit(_chain(d, f, True, cpu.matmul_nt))))
+        for name, ws, fn in variants:
+            out = np.asarray(fn(ws, x))
+            reference = out if reference is None else reference
+            secs = statistics.median(bc.timed_runs(lambda: fn(ws, x).block_until_ready(), FLAGS.runs, warmup=2))
+            row["variants"][name] = dict(
+                ms=1e3 * secs, weight_gbps=weight_bytes / secs / 1e9,
+                gflops=2 * m * weight_bytes / 4 / secs / 1e9,
+                max_abs_diff=float(np.abs(out - reference).max()),
+            )
         base = row["variants"]["(N,K) ynn"]["ms"]
         for v in row["variants"].values():
             v["speed_vs_default"] = base / v["ms"]
