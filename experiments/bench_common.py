@@ -200,7 +200,8 @@ class Shape:
     kv_heads: int
     head_dim: int
     tied: bool
-    bytes_per_param: int = 4
+    bytes_per_param: int = 4  # activations and KV cache (float32 compute)
+    weight_bytes_per_param: int = 4  # stored weights: 2 for bfloat16 storage
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> "Shape":
@@ -231,7 +232,7 @@ class Shape:
     def step_weight_bytes(self) -> int:
         """Bytes of weights one decode step must read: every layer + the LM head (the embedding
         rows of the batch's tokens are negligible)."""
-        return (self.layers * self.layer_params + self.head_params + self.hidden) * self.bytes_per_param
+        return (self.layers * self.layer_params + self.head_params + self.hidden) * self.weight_bytes_per_param
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -405,14 +406,14 @@ def machine(bandwidth_mb: int = 512, runs: int = 7) -> dict[str, Any]:
 
 
 def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0,
-              kernels: str | None = None):
+              kernels: str | None = None, dtype: str = "float32"):
     """infire_jax.load with room for `max_batch` rows of `max_tokens` tokens (passes the paged
     engine's max_decode_batch / kv_pages, and `kernels` when given, if this version of load() has them)."""
     import inspect
 
     from infire_jax import api
 
-    kw: dict[str, Any] = dict(decode_steps=decode_steps)
+    kw: dict[str, Any] = dict(decode_steps=decode_steps, dtype=dtype)
     sig = inspect.signature(api.load).parameters
     if "max_decode_batch" in sig:
         kw["max_decode_batch"] = max(max_batch, sig["max_decode_batch"].default or 1)
@@ -479,8 +480,9 @@ class OursXlaPeer:
 
     name = "ours_xla"
 
-    def __init__(self, model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0):
-        self.model = load_ours(model_dir, decode_steps, max_batch, max_tokens, kernels="xla")
+    def __init__(self, model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0,
+                 dtype: str = "float32"):
+        self.model = load_ours(model_dir, decode_steps, max_batch, max_tokens, kernels="xla", dtype=dtype)
 
     def generate(self, tokens: np.ndarray, new_tokens: int) -> np.ndarray:
         return np.asarray(self.model.generate(np.asarray(tokens).tolist(), max_new_tokens=new_tokens))
@@ -594,7 +596,7 @@ def write_gguf(model_dir: str | os.PathLike) -> pathlib.Path:
 
 
 def make_peer(name: str, model_dir: str | os.PathLike, threads: int = 2, **ours: Any) -> tuple[Any | None, str | None]:
-    """(peer, None) or (None, reason it is unavailable); `ours` are load_ours' sizes for ours_xla."""
+    """(peer, None) or (None, reason it is unavailable); `ours` are load_ours' sizes and dtype for ours_xla."""
     try:
         if name == "ours_xla":
             return OursXlaPeer(model_dir, **ours), None

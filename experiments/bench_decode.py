@@ -24,6 +24,7 @@ the median when enough quiet runs exist (`noisy: true` otherwise).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -46,6 +47,8 @@ flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch of our decode
 flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, ours_xla (our engine with kernels='xla': "
                   "the CPU kernels' A/B), llama_cpp (optional; 'unavailable' when "
                   "llama-cpp-python is not importable). Empty = none.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Storage dtype of our weights (ours and ours_xla; "
+                  "compute stays float32; the roofline reads this many bytes per weight). The other peers run float32.")
 flags.DEFINE_integer("threads", 2, "Threads of the peers (torch.set_num_threads, llama.cpp n_threads).")
 flags.DEFINE_boolean("engine_metrics", True, "Also report the engine's own time per output token.")
 flags.DEFINE_integer("bandwidth_mb", 512, "Size of the bandwidth probe buffer.")
@@ -116,8 +119,10 @@ def main(argv: list[str]) -> None:
     bc.QUIET_WAIT_BUDGET[0] = FLAGS.quiet_wait_budget
     model_dir = FLAGS.model_dir or str(bc.ensure_model())
     shape = bc.Shape.from_dir(model_dir)
+    if FLAGS.dtype == "bfloat16":
+        shape = dataclasses.replace(shape, weight_bytes_per_param=2)
     result: dict = dict(
-        bench="decode", model_dir=model_dir, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
+        bench="decode", model_dir=model_dir, dtype=FLAGS.dtype, prompt_len=FLAGS.prompt_len, new_tokens=FLAGS.new_tokens,
         runs=FLAGS.runs, decode_steps=FLAGS.decode_steps, params=shape.params,
         weight_bytes_per_step=shape.step_weight_bytes, kv_bytes_per_token=shape.kv_bytes_per_token,
         headline="ours.generate.tok_s (steady-state decode of Model.generate; see module docstring)",
@@ -133,12 +138,12 @@ def main(argv: list[str]) -> None:
     batches = [int(x) for x in FLAGS.batch_sizes]
     sizes = dict(decode_steps=FLAGS.decode_steps, max_batch=max(batches),
                  max_tokens=FLAGS.prompt_len + FLAGS.new_tokens + FLAGS.decode_steps + 1)
-    model = bc.load_ours(model_dir, **sizes)
+    model = bc.load_ours(model_dir, **sizes, dtype=FLAGS.dtype)
     result["load_s"] = time.perf_counter() - t0
 
     peers = {}
     for name in [p for p in FLAGS.peer if p]:
-        peer, why = bc.make_peer(name, model_dir, FLAGS.threads, **sizes)
+        peer, why = bc.make_peer(name, model_dir, FLAGS.threads, **sizes, dtype=FLAGS.dtype)
         peers[name] = peer if peer is not None else why
         if peer is None:
             print(f"peer {name}: {why}")

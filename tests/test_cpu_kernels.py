@@ -30,9 +30,21 @@ def test_matches_float64_reference(m, k, n):
     np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 576, 960), (4, 100, 13), (16, 64, 49)])
+def test_bf16_weights_are_widened_exactly(m, k, n):
+    rng = np.random.default_rng(n)
+    x = rng.standard_normal((m, k), np.float32)
+    w = jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16)
+    y = np.asarray(jax.jit(cpu.matmul_nt)(x, w))
+    ref = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T  # the exact bf16 values
+    np.testing.assert_allclose(y, ref, rtol=0, atol=2e-6 * np.sqrt(k) * np.abs(ref).max())
+
+
 def test_rejects_what_it_cannot_compute():
     with pytest.raises(ValueError, match="float32 x"):
         cpu.matmul_nt(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((4, 3), jnp.bfloat16))
+    with pytest.raises(ValueError, match="float32 or bfloat16 w"):
+        cpu.matmul_nt(jnp.ones((2, 3)), jnp.ones((4, 3), jnp.float16))
     with pytest.raises(ValueError, match="w \\(N, K\\)"):
         cpu.matmul_nt(jnp.ones((2, 3)), jnp.ones((4, 5)))
 
@@ -53,7 +65,8 @@ def test_dense_uses_the_kernel_only_where_it_pays():
     uses = lambda hlo: "infire_matmul_nt" in hlo  # noqa: E731
     assert uses(_dense_hlo(one_cpu, 1)) and uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS))
     assert not uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS + 1))  # prefill-sized: XLA's dot is faster
-    assert not uses(_dense_hlo(one_cpu, 4, jnp.bfloat16))  # XLA fuses the bf16 upcast into its dot
+    assert uses(_dense_hlo(one_cpu, 4, jnp.bfloat16))  # read as stored, widened in registers
+    assert not uses(_dense_hlo(one_cpu, 4, jnp.float16))  # no kernel for it: XLA
     assert not uses(_dense_hlo(Layout(make_mesh("tp=1"), kernels="xla"), 4))
     assert not uses(_dense_hlo(Layout(make_mesh("tp=2")), 4))  # sharded weights: not partitioned
     assert not uses(_dense_hlo(None, 4))

@@ -1,10 +1,12 @@
 """Hand-written decode kernels for XLA:CPU (FFI targets), built on first use.
 
-- `matmul_nt` (cpu_matmul.cc): x @ w.T for a few float32 rows. Decode multiplies a handful of rows
-  by every weight; at 4-16 rows XLA:CPU's dots with the (out, in) weights the models store run at
-  20-65 GFLOP/s on this project's 2-core machines, and the kernel runs 30 decoder layers'
-  projections 2.1x (4 rows) and 1.5x (16 rows) faster, level with XLA at one row. From about 64 rows
-  XLA's dots win, so callers use it for at most MATMUL_MAX_ROWS rows.
+- `matmul_nt` (cpu_matmul.cc): x @ w.T for a few float32 rows and a float32 or bfloat16 weight.
+  Decode multiplies a handful of rows by every weight; at 4-16 rows XLA:CPU's dots with the
+  (out, in) weights the models store run at 20-65 GFLOP/s on this project's 2-core machines, and
+  the kernel runs 30 decoder layers' projections 2.1x (4 rows) and 1.5x (16 rows) faster, level
+  with XLA at one row. From about 64 rows XLA's dots win, so callers use it for at most
+  MATMUL_MAX_ROWS rows. A bfloat16 weight is widened in registers (exact): half the bytes to read,
+  where XLA materialises a float32 copy first.
 - `paged_decode_attention` (cpu_attention.cc): one new token per row attending over its pages of a
   paged KV pool in place, instead of gathering them into a contiguous cache first.
 (Figures: WORKSPACE_NOTES.md, issue 9.)
@@ -34,7 +36,11 @@ import numpy as np
 __all__ = ["MATMUL_MAX_ROWS", "available", "ensure_built", "library_path", "matmul_nt", "paged_decode_attention"]
 
 MATMUL_MAX_ROWS = 32  # measured: 1.17x at 32 rows, 0.88x at 64 (30-layer projection chain)
-_TARGETS = {"infire_matmul_nt": "InfireMatmulNT", "infire_paged_decode_attention": "InfirePagedDecodeAttention"}
+_TARGETS = {
+    "infire_matmul_nt": "InfireMatmulNT",
+    "infire_matmul_nt_bf16": "InfireMatmulNTBF16",
+    "infire_paged_decode_attention": "InfirePagedDecodeAttention",
+}
 _HERE = pathlib.Path(__file__).parent
 _SOURCES = (_HERE / "cpu_matmul.cc", _HERE / "cpu_attention.cc")
 _HEADERS = (_HERE / "cpu_common.h",)
@@ -117,11 +123,16 @@ def available() -> bool:
 
 
 def matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (M, K) @ w (N, K).T as float32 (M, N), on the CPU backend; call `available()` first."""
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        raise ValueError(f"matmul_nt takes float32 x (M, K) and w (N, K); got {x.dtype}{x.shape} and {w.dtype}{w.shape}")
+    """float32 x (M, K) @ w (N, K).T as float32 (M, N), w float32 or bfloat16, on the CPU backend;
+    call `available()` first."""
+    shapes_ok = x.ndim == 2 and w.ndim == 2 and x.shape[1] == w.shape[1]
+    if not shapes_ok or x.dtype != jnp.float32 or w.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(
+            f"matmul_nt takes float32 x (M, K) and a float32 or bfloat16 w (N, K); got {x.dtype}{x.shape} and {w.dtype}{w.shape}"
+        )
+    target = "infire_matmul_nt" if w.dtype == jnp.float32 else "infire_matmul_nt_bf16"
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
-    return jax.ffi.ffi_call("infire_matmul_nt", out, vmap_method="sequential")(x, w)
+    return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, w)
 
 
 def paged_decode_attention(

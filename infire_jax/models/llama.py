@@ -97,7 +97,7 @@ class Llama(nnx.Module):
         return shape, shape
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(layers.materialize(self.embed[...], self.compute_dtype), tokens, axis=0)
+        x = layers.embed_lookup(self.embed[...], tokens, self.compute_dtype)
         return constrain(x, ("batch", "seq", "embed"))
 
     def _layer(self, w: dict[str, Any], x: jax.Array, start: jax.Array, cos, sin, k_cache, v_cache):

@@ -590,7 +590,7 @@ class MoEDecoder(nnx.Module):
 
     # ---- shared machinery ------------------------------------------------------------------
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(layers.materialize(self.embed[...], self.compute_dtype), tokens, axis=0)
+        x = layers.embed_lookup(self.embed[...], tokens, self.compute_dtype)
         return constrain(x, ("batch", "seq", "embed"))
 
     def norm(self, x: jax.Array) -> jax.Array:
