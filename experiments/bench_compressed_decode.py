@@ -45,6 +45,9 @@ flags.DEFINE_integer("short", 8, "New tokens of the short generation.")
 flags.DEFINE_integer("long", 72, "New tokens of the long generation.")
 flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch (infire_jax.load's default is 8).")
 flags.DEFINE_bool("breakdown", True, "Also time the per-layer matmul stack (f32 / bf16 / palette12).")
+flags.DEFINE_enum("kernels", "auto", ["auto", "xla"], "Both models' kernels (infire_jax.load): with 'auto' raw bf16 "
+                  "weights (all of the raw model; embedding and LM head of the compressed one) go through the CPU "
+                  "few-row kernel while compressed layer weights decode through XLA; 'xla' is XLA's code for both.")
 flags.DEFINE_string("work_dir", "", "Where to keep the checkpoints (default: a cache dir under /tmp).")
 
 
@@ -219,10 +222,10 @@ def main(argv):
     work.mkdir(parents=True, exist_ok=True)
     raw_dir, comp_dir, manifest = checkpoints(work)
     t0 = time.perf_counter()
-    raw = infire_jax.load(raw_dir, mesh=FLAGS.mesh, dtype="bfloat16", decode_steps=FLAGS.decode_steps)
+    raw = infire_jax.load(raw_dir, mesh=FLAGS.mesh, dtype="bfloat16", decode_steps=FLAGS.decode_steps, kernels=FLAGS.kernels)
     t_raw = time.perf_counter() - t0
     t0 = time.perf_counter()
-    comp = infire_jax.load(comp_dir, mesh=FLAGS.mesh, dtype="bfloat16", decode_steps=FLAGS.decode_steps)
+    comp = infire_jax.load(comp_dir, mesh=FLAGS.mesh, dtype="bfloat16", decode_steps=FLAGS.decode_steps, kernels=FLAGS.kernels)
     t_comp = time.perf_counter() - t0
     prompt = np.random.default_rng(0).integers(5, raw.cfg.vocab_size, FLAGS.prompt_len).tolist()
 

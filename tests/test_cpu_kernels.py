@@ -109,7 +109,7 @@ def test_builds_from_source_into_an_empty_cache(monkeypatch, tmp_path):
     assert path.parent == tmp_path and path.name.startswith("cpu_kernels-") and path.suffix == ".so"
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary files left behind
     lib = ctypes.cdll.LoadLibrary(str(path))
-    assert hasattr(lib, "InfireMatmulNT") and hasattr(lib, "InfirePagedDecodeAttention")
+    assert all(hasattr(lib, name) for name in cpu._TARGETS.values())
     assert cpu.ensure_built() == path  # cached: built once per machine
 
 
@@ -148,3 +148,15 @@ def test_paged_attention_refuses_a_page_outside_the_pool():
         jax.block_until_ready(jax.jit(cpu.paged_decode_attention, static_argnums=7)(*args, 0))
     with pytest.raises(ValueError, match="outside the pool's 2 layers"):
         cpu.paged_decode_attention(*args, 2)
+
+
+def test_bf16_embedding_rows_are_widened_exactly():
+    table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 24), np.float32), jnp.bfloat16)
+    tokens = jnp.asarray([[3, 0, 49], [7, 7, 12]], jnp.int32)
+    want = np.asarray(table.astype(jnp.float32))[np.asarray(tokens)]
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu.embed_rows_bf16)(table, tokens)), want)
+    with use_layout(Layout(make_mesh("tp=1"))):
+        hlo = jax.jit(lambda t, i: layers.embed_lookup(t, i, jnp.float32)).lower(table, tokens).as_text()
+    assert "infire_embed_rows_bf16" in hlo
+    with pytest.raises(Exception, match="token id is outside the table"):
+        jax.block_until_ready(jax.jit(cpu.embed_rows_bf16)(table, jnp.asarray([50], jnp.int32)))

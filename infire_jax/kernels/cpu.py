@@ -7,6 +7,8 @@
   with XLA at one row. From about 64 rows XLA's dots win, so callers use it for at most
   MATMUL_MAX_ROWS rows. A bfloat16 weight is widened in registers (exact): half the bytes to read,
   where XLA materialises a float32 copy first.
+- `embed_rows_bf16` (cpu_embed.cc): rows of a bf16 embedding table as float32. XLA:CPU gathers
+  bf16 through a table-sized copy, hoisted out of the decode loop (56-113 MB per dispatch).
 - `paged_decode_attention` (cpu_attention.cc): one new token per row attending over its pages of a
   paged KV pool in place, instead of gathering them into a contiguous cache first.
 (Figures: WORKSPACE_NOTES.md, issue 9.)
@@ -33,16 +35,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["MATMUL_MAX_ROWS", "available", "ensure_built", "library_path", "matmul_nt", "paged_decode_attention"]
+__all__ = [
+    "MATMUL_MAX_ROWS", "available", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt", "paged_decode_attention",
+]
 
 MATMUL_MAX_ROWS = 32  # measured: 1.17x at 32 rows, 0.88x at 64 (30-layer projection chain)
 _TARGETS = {
     "infire_matmul_nt": "InfireMatmulNT",
     "infire_matmul_nt_bf16": "InfireMatmulNTBF16",
     "infire_paged_decode_attention": "InfirePagedDecodeAttention",
+    "infire_embed_rows_bf16": "InfireEmbedRowsBF16",
 }
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "cpu_matmul.cc", _HERE / "cpu_attention.cc")
+_SOURCES = (_HERE / "cpu_matmul.cc", _HERE / "cpu_attention.cc", _HERE / "cpu_embed.cc")
 _HEADERS = (_HERE / "cpu_common.h",)
 _FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type")
 _NATIVE = ("-march=native",)
@@ -133,6 +138,16 @@ def matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
     target = "infire_matmul_nt" if w.dtype == jnp.float32 else "infire_matmul_nt_bf16"
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, w)
+
+
+def embed_rows_bf16(table: jax.Array, tokens: jax.Array) -> jax.Array:
+    """float32 rows tokens.shape + (D,) of a bfloat16 table (V, D); call `available()` first. A
+    token id outside the table fails the program with an error."""
+    if table.ndim != 2 or table.dtype != jnp.bfloat16:
+        raise ValueError(f"embed_rows_bf16 takes a bfloat16 table (V, D); got {table.dtype}{table.shape}")
+    out = jax.ShapeDtypeStruct((tokens.size, table.shape[1]), jnp.float32)
+    rows = jax.ffi.ffi_call("infire_embed_rows_bf16", out, vmap_method="sequential")(table, tokens.reshape(-1).astype(jnp.int32))
+    return rows.reshape(tokens.shape + (table.shape[1],))
 
 
 def paged_decode_attention(

@@ -39,12 +39,16 @@ def _widen_bf16_bits(bits: jax.Array) -> jax.Array:
 
 
 def embed_lookup(table: Any, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    """Rows `tokens` of an embedding table, in dtype. A bf16 table is indexed as its 16-bit patterns
-    and only those rows are widened: XLA:CPU runs a bf16 gather in float32, by converting the whole
-    table (hoisted out of the decode loop: a 113 MB float32 copy per dispatch, 31.6 ms for
-    SmolLM-135M, 4 ms per one-row decode step)."""
+    """Rows `tokens` of an embedding table, in dtype. XLA:CPU runs a bf16 gather in float32 by
+    converting the whole table, hoisted out of the decode loop (a 113 MB float32 copy per dispatch,
+    31.6 ms for SmolLM-135M, 4 ms per one-row decode step); gathering the table's 16-bit patterns
+    instead still copies the table once per dispatch (bitcast), so on a layout that allows CPU
+    kernels the rows come from one (kernels/cpu.py), elsewhere from the 16-bit gather."""
     if hasattr(table, "decode_f32"):  # a compressed table decodes whole
         return jnp.take(materialize(table, dtype), tokens, axis=0)
+    layout = current_layout()
+    if table.dtype == jnp.bfloat16 and dtype == jnp.float32 and layout is not None and layout.cpu_kernels and cpu.available():
+        return cpu.embed_rows_bf16(table, tokens)
     if table.dtype == jnp.bfloat16 and dtype == jnp.float32:
         return _widen_bf16_bits(jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), tokens, axis=0))
     return materialize(jnp.take(table, tokens, axis=0), dtype)
