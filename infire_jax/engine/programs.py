@@ -113,9 +113,10 @@ class Programs:
     def decode_compiler_options(self, batch: int) -> dict[str, Any]:
         """XLA options for a decode program of `batch` rows. On CPU: copy insertion with region
         analysis (without it XLA:CPU copies the loop-carried KV pages defensively inside the decode
-        loop), and for one row no YNNPACK fusions: its weight matvecs are XLA's own dots either way
-        and only the tiny attention dots went to YNNPACK, 3% slower per 8-step dispatch (179.3 vs
-        173.7 ms); with more rows YNNPACK's matmuls are the fast ones (WORKSPACE_NOTES, issue 9)."""
+        loop), and for one row no YNNPACK fusions: with kernels="xla" its weight matvecs are XLA's own
+        dots either way and only the tiny attention dots went to YNNPACK, 3% slower per 8-step
+        dispatch (179.3 vs 173.7 ms); with more rows YNNPACK's matmuls are XLA's fast ones
+        (WORKSPACE_NOTES, issue 9). With the CPU kernels (kernels="auto") no weight dot is left to XLA."""
         if {d.platform for d in self.layout.mesh.devices.flat} != {"cpu"}:
             return {}
         options: dict[str, Any] = {"xla_cpu_copy_insertion_use_region_analysis": True}
