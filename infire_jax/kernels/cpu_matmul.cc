@@ -128,7 +128,7 @@ inline void tile(const float* x, const W* w, float* y, int64_t K, int64_t N, int
 #pragma GCC unroll 8
     for (; j < NB; ++j) out[j] = hsum(acc[i][j]);
   }
-  if (kv < K)  // K not a multiple of the vector width: the tail, scalar
+  if (kv < K)  // K not a multiple of kStep: the tail, scalar
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NB; ++j)
         for (int64_t k = kv; k < K; ++k) y[(m0 + i) * N + n0 + j] += xr[i * K + k] * widen(wr[j * K + k]);
