@@ -66,6 +66,8 @@ def test_dense_uses_the_kernel_only_where_it_pays():
     assert uses(_dense_hlo(one_cpu, 1)) and uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS))
     assert not uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS + 1))  # prefill-sized: XLA's dot is faster
     assert uses(_dense_hlo(one_cpu, 4, jnp.bfloat16))  # read as stored, widened in registers
+    assert uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS_BF16, jnp.bfloat16))  # XLA would widen a copy first
+    assert not uses(_dense_hlo(one_cpu, cpu.MATMUL_MAX_ROWS_BF16 + 1, jnp.bfloat16))
     assert not uses(_dense_hlo(one_cpu, 4, jnp.float16))  # no kernel for it: XLA
     assert not uses(_dense_hlo(Layout(make_mesh("tp=1"), kernels="xla"), 4))
     assert not uses(_dense_hlo(Layout(make_mesh("tp=2")), 4))  # sharded weights: not partitioned

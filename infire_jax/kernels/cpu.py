@@ -6,7 +6,7 @@
   the kernel runs 30 decoder layers' projections 2.1x (4 rows) and 1.5x (16 rows) faster, level
   with XLA at one row. From about 64 rows XLA's dots win, so callers use it for at most
   MATMUL_MAX_ROWS rows. A bfloat16 weight is widened in registers (exact): half the bytes to read,
-  where XLA materialises a float32 copy first.
+  where XLA materialises a float32 copy first (so the kernel pays up to MATMUL_MAX_ROWS_BF16 rows).
 - `embed_rows_bf16` (cpu_embed.cc): rows of a bf16 embedding table as float32. XLA:CPU gathers
   bf16 through a table-sized copy, hoisted out of the decode loop (56-113 MB per dispatch).
 - `paged_decode_attention` (cpu_attention.cc): one new token per row attending over its pages of a
@@ -36,10 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "MATMUL_MAX_ROWS", "available", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt", "paged_decode_attention",
+    "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt", "paged_decode_attention",
 ]
 
-MATMUL_MAX_ROWS = 32  # measured: 1.17x at 32 rows, 0.88x at 64 (30-layer projection chain)
+MATMUL_MAX_ROWS = 32  # float32 weights, measured: 1.17x at 32 rows, 0.84-1.07x at 64 (30-layer projection chain)
+MATMUL_MAX_ROWS_BF16 = 64  # bf16 weights (XLA widens a copy first): 1.92x at 32 rows, 1.65x at 64, 0.98x at 128
 _TARGETS = {
     "infire_matmul_nt": "InfireMatmulNT",
     "infire_matmul_nt_bf16": "InfireMatmulNTBF16",

@@ -69,13 +69,14 @@ def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
     """Whether a plain projection runs the CPU few-row kernel (kernels/cpu.py): the layout allows it
     (Layout.cpu_kernels), x is float32, the stored weight float32 or bfloat16 (read as stored; a
     compressed weight keeps XLA, which decodes it inside the step) and there are at most
-    MATMUL_MAX_ROWS rows."""
+    MATMUL_MAX_ROWS rows (MATMUL_MAX_ROWS_BF16 for bf16: XLA widens a copy of it first)."""
     layout = current_layout()
     if layout is None or not layout.cpu_kernels or hasattr(w, "decode_f32"):
         return False
     rows = int(np.prod(x.shape[: x.ndim - contracted]))
     dtypes_ok = x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16)
-    return dtypes_ok and 0 < rows <= cpu.MATMUL_MAX_ROWS and cpu.available()
+    limit = cpu.MATMUL_MAX_ROWS_BF16 if w.dtype == jnp.bfloat16 else cpu.MATMUL_MAX_ROWS
+    return dtypes_ok and 0 < rows <= limit and cpu.available()
 
 
 def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
