@@ -77,18 +77,23 @@ inline void accumulate(vec (&acc)[MB][NB], const float* x, const uint16_t* w, in
 #endif
 }
 
-// x in the order accumulate() pairs it with bf16 weights (the identity without the unpack path).
-std::unique_ptr<float[]> permute_for_unpack(const float* x, int64_t M, int64_t K) {
-  std::unique_ptr<float[]> out(new float[M * K]);
-  std::memcpy(out.get(), x, sizeof(float) * M * K);
 #ifdef INFIRE_BF16_UNPACK
+// x in the order accumulate() pairs it with bf16 weights: each whole block of 16 permuted, the tail
+// (the scalar loop's part) as it is.
+std::unique_ptr<float[]> permute_for_unpack(const float* x, int64_t M, int64_t K) {
   static constexpr int order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15};
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k + 16 <= K; k += 16)
-      for (int e = 0; e < 16; ++e) out[m * K + k + e] = x[m * K + k + order[e]];
-#endif
+  std::unique_ptr<float[]> out(new float[M * K]);
+  const int64_t blocks = K - K % 16;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* row = x + m * K;
+    float* dst = out.get() + m * K;
+    for (int64_t k = 0; k < blocks; k += 16)
+      for (int e = 0; e < 16; ++e) dst[k + e] = row[k + order[e]];
+    std::memcpy(dst + blocks, row + blocks, sizeof(float) * (K - blocks));
+  }
   return out;
 }
+#endif
 
 inline float widen(float w) { return w; }
 inline float widen(uint16_t w) {
@@ -174,11 +179,13 @@ ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<W
   // About eight chunks of weight rows per thread (balance), each a multiple of 8 rows (whole tiles).
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t chunk = (std::max<int64_t>(8, N / (threads * 8)) + 7) / 8 * 8;
+#ifdef INFIRE_BF16_UNPACK
   std::unique_ptr<float[]> permuted;
   if constexpr (WT == ffi::BF16) {
     permuted = permute_for_unpack(xp, M, K);
     xp = permuted.get();
   }
+#endif
   infire::parallel_for(pool, (N + chunk - 1) / chunk, [=](int64_t c) {
     weight_rows(xp, wp, yp, M, K, N, c * chunk, std::min(N, (c + 1) * chunk));
   });
@@ -187,16 +194,14 @@ ffi::Error MatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<W
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(InfireMatmulNT, MatmulNT<ffi::F32>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+namespace {
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(InfireMatmulNTBF16, MatmulNT<ffi::BF16>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::BF16>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+template <ffi::DataType WT>  // x float32 (M, K), w of type WT (N, K) -> y float32 (M, N)
+auto MatmulBinding() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<WT>>().template Ret<ffi::Buffer<ffi::F32>>();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InfireMatmulNT, MatmulNT<ffi::F32>, MatmulBinding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InfireMatmulNTBF16, MatmulNT<ffi::BF16>, MatmulBinding<ffi::BF16>());

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from infire_jax.kernels import cpu
-from infire_jax.sharding import current_layout
 
 __all__ = ["PagedLayerCache", "gqa_attention", "grouped_attention"]
 
@@ -79,10 +78,9 @@ class PagedLayerCache:
 
 def _paged_kernel_fits(q: jax.Array, k_cache: PagedLayerCache, window: int | None) -> bool:
     """One new float32 token per row over a paged cache, on a layout that allows CPU kernels."""
-    layout = current_layout()
     f32 = q.dtype == k_cache.pages.dtype == jnp.float32
     one_token = q.shape[1] == 1 and window is None
-    return layout is not None and layout.cpu_kernels and f32 and one_token and cpu.available()
+    return f32 and one_token and cpu.enabled()
 
 
 def gqa_attention(

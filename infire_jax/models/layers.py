@@ -46,10 +46,9 @@ def embed_lookup(table: Any, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
     kernels the rows come from one (kernels/cpu.py), elsewhere from the 16-bit gather."""
     if hasattr(table, "decode_f32"):  # a compressed table decodes whole
         return jnp.take(materialize(table, dtype), tokens, axis=0)
-    layout = current_layout()
-    if table.dtype == jnp.bfloat16 and dtype == jnp.float32 and layout is not None and layout.cpu_kernels and cpu.available():
-        return cpu.embed_rows_bf16(table, tokens)
     if table.dtype == jnp.bfloat16 and dtype == jnp.float32:
+        if cpu.enabled():
+            return cpu.embed_rows_bf16(table, tokens)
         return _widen_bf16_bits(jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), tokens, axis=0))
     return materialize(jnp.take(table, tokens, axis=0), dtype)
 
@@ -70,13 +69,12 @@ def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
     (Layout.cpu_kernels), x is float32, the stored weight float32 or bfloat16 (read as stored; a
     compressed weight keeps XLA, which decodes it inside the step) and there are at most
     MATMUL_MAX_ROWS rows (MATMUL_MAX_ROWS_BF16 for bf16: XLA widens a copy of it first)."""
-    layout = current_layout()
-    if layout is None or not layout.cpu_kernels or hasattr(w, "decode_f32"):
+    if hasattr(w, "decode_f32"):
         return False
     rows = int(np.prod(x.shape[: x.ndim - contracted]))
     dtypes_ok = x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16)
     limit = cpu.MATMUL_MAX_ROWS_BF16 if w.dtype == jnp.bfloat16 else cpu.MATMUL_MAX_ROWS
-    return dtypes_ok and 0 < rows <= limit and cpu.available()
+    return dtypes_ok and 0 < rows <= limit and cpu.enabled()
 
 
 def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
@@ -85,7 +83,7 @@ def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
     A plain projection runs as one 2-D dot_general of (tokens, K) with the weight viewed as (N, K):
     with higher-rank weights XLA:CPU canonicalises the dot by transposing the weight, a full copy of
     it on every step (measured 3.4 vs 12.3 GB/s for a scanned (24, 64, 576) weight). A few float32
-    rows on one CPU device go to the hand-written kernel instead (_cpu_kernel_fits)."""
+    rows on one CPU device go to infire_jax's own kernel instead (_cpu_kernel_fits)."""
     n = _as_matmul(spec)
     kernel = n and _cpu_kernel_fits(x, w, n)
     if not kernel:  # the kernel reads a bf16 weight as stored
