@@ -11,6 +11,9 @@ part that bounds decode. Side by side in one process, per row count M (= decode 
                 xla_cpu_experimental_ynn_fusion_type=''), so XLA's own dot runs
   (N,K) infire: infire_jax's CPU kernel (infire_jax/kernels/cpu_matmul.cc), what decode uses for
                 at most 32 rows (kernels="auto")
+  (N,K) infire bf16 / palette12: the same kernel reading the weights (rounded to bf16) as bf16 or
+                as palette12-compressed (decoded in registers, issue 6's runtime format); their
+                outputs are compared with each other (bitwise equal) and GB/s counts their own bytes
 
 Reports ms per chain (median of --runs, after two warm-ups), the weight read rate and GFLOP/s, and
 each variant's speed relative to the default (N, K) + ynn. JSON out.
@@ -67,6 +70,27 @@ def _chain(d: int, f: int, weight_nk: bool, matmul=None):
     return run
 
 
+def _compressed(nk: list[dict]) -> tuple[list[dict], list[dict], int, int]:
+    """The layers' weights rounded to bf16 (as bf16 arrays) and as palette12 operand tuples of
+    cpu.matmul_nt_palette12, with each form's bytes."""
+    from infire_jax.compression import codec
+
+    bf16, pal, bf16_bytes, pal_bytes = [], [], 0, 0
+    for layer in nk:
+        b, q = {}, {}
+        for name, w in layer.items():
+            bits = (w.view(np.uint32) >> 16).astype(np.uint16)  # truncation: any bf16 values will do
+            b[name] = jnp.asarray(bits).view(jnp.bfloat16)
+            enc = codec.encode_palette12_blocks(*codec.split_bits(bits), (1, 1))
+            leaves = (enc["packed_idx"], enc["sign_mant"], enc["palette"], enc["escape_idx"][0].astype(np.int32), enc["escape_val"][0])
+            q[name] = tuple(jnp.asarray(a) for a in leaves)
+            bf16_bytes += bits.nbytes
+            pal_bytes += sum(a.nbytes for a in leaves)
+        bf16.append(b)
+        pal.append(q)
+    return bf16, pal, bf16_bytes, pal_bytes
+
+
 def main(argv: list[str]) -> None:
     del argv
     d, f, q, n_layers = FLAGS.hidden, FLAGS.mlp, FLAGS.qkv, FLAGS.layers
@@ -78,6 +102,9 @@ def main(argv: list[str]) -> None:
         "(K,N)": [{k: jnp.asarray(np.ascontiguousarray(v.T)) for k, v in layer.items()} for layer in nk],
     }
     weight_bytes = 4 * n_layers * sum(a * b for a, b in shapes.values())
+    own_bytes = {}
+    if cpu.available():
+        weights["bf16"], weights["palette12"], own_bytes["bf16"], own_bytes["palette12"] = _compressed(nk)
     result: dict = dict(bench="layer_matmuls", layers=n_layers, hidden=d, mlp=f, qkv=q, weight_bytes=weight_bytes,
                         runs=FLAGS.runs, machine=bc.machine_info(), rows=[])
     for m in [int(r) for r in FLAGS.rows]:
@@ -85,18 +112,29 @@ def main(argv: list[str]) -> None:
         row: dict = dict(rows=m, variants={})
         reference = None
         variants = [(f"{layout} {kernel}", ws, jax.jit(_chain(d, f, layout == "(N,K)"), compiler_options=options))
-                    for layout, ws in weights.items() for kernel, options in KERNELS.items()]
+                    for layout in ("(N,K)", "(K,N)") for ws in [weights[layout]] for kernel, options in KERNELS.items()]
         if cpu.available():
-            variants.append(("(N,K) infire", weights["(N,K)"], jax.jit(_chain(d, f, True, cpu.matmul_nt))))
+            palette12 = lambda x, w: cpu.matmul_nt_palette12(x, *w[:5], w[1].shape[1])  # noqa: E731
+            variants += [
+                ("(N,K) infire", weights["(N,K)"], jax.jit(_chain(d, f, True, cpu.matmul_nt))),
+                ("(N,K) infire bf16", weights["bf16"], jax.jit(_chain(d, f, True, cpu.matmul_nt))),
+                ("(N,K) infire palette12", weights["palette12"], jax.jit(_chain(d, f, True, palette12))),
+            ]
+        bf16_out = None
         for name, ws, fn in variants:
             out = np.asarray(fn(ws, x))
             reference = out if reference is None else reference
             secs = statistics.median(bc.timed_runs(lambda: fn(ws, x).block_until_ready(), FLAGS.runs, warmup=2))
+            nbytes = own_bytes.get(name.split()[-1], weight_bytes)
             row["variants"][name] = dict(
-                ms=1e3 * secs, weight_gbps=weight_bytes / secs / 1e9,
+                ms=1e3 * secs, weight_bytes=nbytes, weight_gbps=nbytes / secs / 1e9,
                 gflops=2 * m * weight_bytes / 4 / secs / 1e9,
                 max_abs_diff=float(np.abs(out - reference).max()),
             )
+            if name.endswith("bf16"):
+                bf16_out = out
+            if name.endswith("palette12"):
+                row["variants"][name]["bitwise_equal_bf16"] = bool((out == bf16_out).all())
         base = row["variants"]["(N,K) ynn"]["ms"]
         for v in row["variants"].values():
             v["speed_vs_default"] = base / v["ms"]

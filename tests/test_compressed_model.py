@@ -44,13 +44,15 @@ def test_manifest_and_files(dirs):
     assert e["bf16_bytes"] == 2 * 64 * 176 and 0 < e["ratio"] < 0.75 and {"crc32", "file", "offset"} <= set(e)
 
 
-@pytest.mark.parametrize("mesh", ["tp=1", "pp=2,tp=2"])
-def test_bitwise_identical_to_raw_bf16(dirs, mesh):
+@pytest.mark.parametrize("mesh,kernels", [("tp=1", "auto"), ("tp=1", "xla"), ("pp=2,tp=2", "auto")])
+def test_bitwise_identical_to_raw_bf16(dirs, mesh, kernels):
+    """Like with like: on one CPU device kernels="auto" runs raw bf16 weights through the few-row CPU
+    kernel and compressed ones through its palette12 form (decoded in registers, same sums), "xla"
+    both through XLA's code (compressed: decoded to float32 inside the step); multi-device layouts
+    always take XLA's."""
     raw_dir, comp_dir, _ = dirs
-    # Both with XLA's code: on one CPU device raw bf16 weights would otherwise take the few-row CPU
-    # kernel (its sums run in another order), which compressed weights do not use.
-    raw = infire_jax.load(raw_dir, mesh=mesh, dtype="bfloat16", kernels="xla")
-    comp = infire_jax.load(comp_dir, mesh=mesh, dtype="bfloat16", kernels="xla")
+    raw = infire_jax.load(raw_dir, mesh=mesh, dtype="bfloat16", kernels=kernels)
+    comp = infire_jax.load(comp_dir, mesh=mesh, dtype="bfloat16", kernels=kernels)
 
     layers = comp.placed.module.layers
     assert comp.placed.module.unrolled == raw.placed.module.unrolled == (mesh == "tp=1")
@@ -79,8 +81,8 @@ def test_bitwise_identical_to_raw_bf16(dirs, mesh):
     prompts = [[5, 17, 99, 3], [42, 8]]
     assert raw.generate(prompts, max_new_tokens=6) == comp.generate(prompts, max_new_tokens=6)
 
-    if mesh == "tp=1":  # dtype applies to the params that stay raw (norms, embedding); bf16 -> f32 is exact
-        # (with XLA's dot, as the bf16 model: the float32 LM head would otherwise take the CPU kernel)
+    if kernels == "xla" and mesh == "tp=1":  # dtype applies to the params that stay raw (norms, embedding);
+        # bf16 -> f32 is exact (XLA's dot both ways: the kernel sums float32 and bf16 weights in other orders)
         f32 = infire_jax.load(comp_dir, mesh=mesh, dtype="float32", kernels="xla").logits(tokens)
         np.testing.assert_array_equal(a.view(np.uint32), f32.view(np.uint32))
 

@@ -162,3 +162,77 @@ def test_bf16_embedding_rows_are_widened_exactly():
     assert "infire_embed_rows_bf16" in hlo
     with pytest.raises(Exception, match="token id is outside the table"):
         jax.block_until_ready(jax.jit(cpu.embed_rows_bf16)(table, jnp.asarray([50], jnp.int32)))
+
+
+def _palette12_case(n: int, segments: int, s: int, seed: int, outliers: float = 0.02):
+    """bf16 bit patterns (n, segments * s) and their blocked palette12 form; `outliers` of the
+    weights scaled by 2**-20..2**-40 so their exponents miss the palette (escapes)."""
+    from infire_jax.compression import codec
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((n, segments, s)).astype(np.float32) * 0.02
+    mask = rng.random(w.shape) < outliers
+    w[mask] *= np.exp2(-rng.integers(20, 40, size=int(mask.sum()))).astype(np.float32)
+    bits = (w.view(np.uint32) >> 16).astype(np.uint16)
+    enc = codec.encode_palette12_blocks(*codec.split_bits(bits), (1, 1, 1))
+    operands = (enc["packed_idx"].reshape(n, -1), enc["sign_mant"].reshape(n, -1), enc["palette"],
+                enc["escape_idx"][0].astype(np.int32), enc["escape_val"][0])
+    return bits.reshape(n, -1), tuple(map(jnp.asarray, operands)), enc
+
+
+@pytest.mark.parametrize(
+    "m,n,segments,s",
+    # segments of 64 (a head_dim-split projection), halves not a multiple of 16 or of the vector
+    # width, an odd segment, 1-3 rows (decoded in place per tile), panels with rows left over
+    [(1, 24, 1, 576), (3, 17, 9, 64), (5, 9, 1, 37), (2, 13, 3, 20), (16, 40, 1, 1536), (33, 11, 2, 100)],
+)
+def test_palette12_weights_give_the_bf16_result_bit_for_bit(m, n, segments, s):
+    bits, operands, enc = _palette12_case(n, segments, s, seed=m * 100 + s)
+    assert operands[3].size > 0  # escapes exercised
+    x = jnp.asarray(np.random.default_rng(s).standard_normal((m, segments * s), np.float32))
+    want = np.asarray(jax.jit(cpu.matmul_nt)(x, jnp.asarray(bits).view(jnp.bfloat16)))
+    got = np.asarray(jax.jit(cpu.matmul_nt_palette12, static_argnums=6)(x, *operands, s))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_palette12_kernel_refuses_bad_operands():
+    _, (packed, sm, palette, esc_idx, esc_val), _ = _palette12_case(8, 1, 64, seed=1, outliers=0.05)
+    x = jnp.ones((2, 64), jnp.float32)
+    with pytest.raises(ValueError, match="S = segment dividing K"):
+        cpu.matmul_nt_palette12(x, packed, sm, palette, esc_idx, esc_val, 48)
+    with pytest.raises(ValueError, match="int32 escape_idx"):
+        cpu.matmul_nt_palette12(x, packed, sm, palette, esc_idx.astype(jnp.int16), esc_val, 64)
+    unsorted = esc_idx[::-1]
+    with pytest.raises(Exception, match="escape indices must be non-negative and sorted"):
+        jax.block_until_ready(jax.jit(cpu.matmul_nt_palette12, static_argnums=6)(x, packed, sm, palette, unsorted, esc_val, 64))
+
+
+def test_dense_decodes_a_compressed_weight_inside_the_kernel():
+    """layers.dense hands a one-device palette12 weight (the compressed checkpoint's runtime form)
+    to the fused kernel as stored: the same bits as the bf16 weight through the bf16 kernel."""
+    from infire_jax.compression.jax_decode import Palette12Weight
+
+    bits, _, enc = _palette12_case(2 * 48, 1, 64, seed=3)
+    mesh = make_mesh("tp=1")
+    leaves = dict(
+        packed_idx=enc["packed_idx"].reshape(2, 48, 32), sign_mant=enc["sign_mant"].reshape(2, 48, 64),
+        palette=enc["palette"], escape_idx=enc["escape_idx"][0][None].astype(np.int32), escape_val=enc["escape_val"][0][None],
+    )
+    w = Palette12Weight(**{k: jnp.asarray(v) for k, v in leaves.items()}, nibble_layout="halves", perm=(0, 1, 2),
+                        block_spec=(None, None, None), mesh=mesh)
+    w_bf16 = jnp.asarray(bits.reshape(2, 48, 64)).view(jnp.bfloat16)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 1, 64), np.float32))
+
+    def run(kernels, weight):
+        with use_layout(Layout(mesh, kernels=kernels)):
+            f = jax.jit(lambda x, w: layers.dense(x, w, "btd,gfd->btgf"))
+            return f.lower(x, weight).as_text(), np.asarray(f(x, weight))
+
+    hlo, got = run("auto", w)
+    assert "infire_matmul_nt_palette12" in hlo
+    np.testing.assert_array_equal(got.view(np.uint32), run("auto", w_bf16)[1].view(np.uint32))
+    hlo, xla = run("xla", w)  # decoded to float32 by XLA, then XLA's dot: same values, other sums
+    assert "infire_matmul" not in hlo
+    np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-6)
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), w)  # (layers, ...): not a one-slice weight
+    assert stacked.as_rows(1) is None

@@ -193,6 +193,25 @@ class Palette12Weight:
             )(packed_idx, sign_mant, palette, escape_idx, escape_val)
         return out if self.perm is None else out.transpose(np.argsort(self.perm))
 
+    def as_rows(self, contracted: int) -> tuple | None:
+        """This one-slice weight as N rows of K (its trailing ``contracted`` axes flattened) in the
+        operand form of a fused decode-and-multiply kernel (kernels/cpu.py matmul_nt_palette12):
+        (packed_idx (N, K / S * ceil(S / 2)), sign_mant (N, K), palette (16,), escape_idx (E,),
+        escape_val (E,), S) with S the last axis, the free reshapes of the stored leaves. None where
+        the stored form is not that: a stack, permuted axes, blocks over devices or block128 nibbles."""
+        one_block = self.block_spec is not None and not self.block_axes and self.escape_idx.ndim == 2
+        natural = self.perm is None or tuple(self.perm) == tuple(range(len(self.perm)))
+        if self.palette.ndim != 1 or self.nibble_layout != "halves" or not natural or not one_block:
+            return None
+        shape = self.sign_mant.shape
+        if not 0 < contracted < len(shape):
+            return None
+        n = int(np.prod(shape[: len(shape) - contracted]))
+        return (
+            self.packed_idx.reshape(n, -1), self.sign_mant.reshape(n, -1), self.palette, self.escape_idx[0],
+            self.escape_val[0], shape[-1],
+        )
+
     def decode_f32(self) -> jax.Array:
         """float32 weight in logical axis order; vmaps over leading stacked axes if the palette has them."""
         fn = self._decode_slice

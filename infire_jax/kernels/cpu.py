@@ -1,6 +1,8 @@
 """Hand-written decode kernels for XLA:CPU (FFI targets), built on first use.
 
-- `matmul_nt` (cpu_matmul.cc): x @ w.T for a few float32 rows and a float32 or bfloat16 weight.
+- `matmul_nt` (cpu_matmul.cc): x @ w.T for a few float32 rows and a float32 or bfloat16 weight;
+  `matmul_nt_palette12` the same for a palette12-compressed weight, decoded in registers (12 bits
+  read per weight, bit for bit the bf16 result) instead of to a float32 copy per step.
   Decode multiplies a handful of rows by every weight; at 4-16 rows XLA:CPU's dots with the
   (out, in) weights the models store run at 20-65 GFLOP/s on this project's 2-core machines, and
   the kernel runs 30 decoder layers' projections 2.1x (4 rows) and 1.5x (16 rows) faster, level
@@ -38,7 +40,8 @@ import numpy as np
 from infire_jax.sharding import current_layout
 
 __all__ = [
-    "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "enabled", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt", "paged_decode_attention",
+    "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "enabled", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
+    "matmul_nt_palette12", "paged_decode_attention",
 ]
 
 MATMUL_MAX_ROWS = 32  # float32 weights, measured: 1.17x at 32 rows, 0.84-1.07x at 64 (30-layer projection chain)
@@ -46,6 +49,7 @@ MATMUL_MAX_ROWS_BF16 = 64  # bf16 weights (XLA widens a copy first): 1.92x at 32
 _TARGETS = {
     "infire_matmul_nt": "InfireMatmulNT",
     "infire_matmul_nt_bf16": "InfireMatmulNTBF16",
+    "infire_matmul_nt_palette12": "InfireMatmulNTPalette12",
     "infire_paged_decode_attention": "InfirePagedDecodeAttention",
     "infire_embed_rows_bf16": "InfireEmbedRowsBF16",
 }
@@ -148,6 +152,36 @@ def matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
     target = "infire_matmul_nt" if w.dtype == jnp.float32 else "infire_matmul_nt_bf16"
     out = jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32)
     return jax.ffi.ffi_call(target, out, vmap_method="sequential")(x, w)
+
+
+def matmul_nt_palette12(
+    x: jax.Array,  # float32 (M, K)
+    packed_idx: jax.Array,  # uint8 (N, K / S * ceil(S / 2)): palette indices, "halves" nibbles per segment
+    sign_mant: jax.Array,  # uint8 (N, K)
+    palette: jax.Array,  # uint8 (16,): exponents
+    escape_idx: jax.Array,  # int32 (E,): sorted flat indices into (N, K); >= N * K is padding
+    escape_val: jax.Array,  # uint16 (E,): their bf16 patterns
+    segment: int,  # S: the weight's last axis, along which the nibbles are packed
+) -> jax.Array:
+    """float32 x (M, K) @ w.T for a blocked-palette12 weight w (N, K) (compression/codec.py), decoded
+    in registers: the same float32 (M, N) as `matmul_nt` on w's bf16 patterns, bit for bit. Call
+    `available()` first. Unsorted or negative escape indices fail the program with an error."""
+    m, k = x.shape if x.ndim == 2 else (None, None)
+    n = sign_mant.shape[0] if sign_mant.ndim == 2 else None
+    expected = [
+        (x, jnp.float32, (m, k)), (packed_idx, jnp.uint8, (n, k // segment * ((segment + 1) // 2) if k and segment > 0 else None)),
+        (sign_mant, jnp.uint8, (n, k)), (palette, jnp.uint8, (16,)), (escape_idx, jnp.int32, escape_val.shape),
+        (escape_val, jnp.uint16, escape_idx.shape),
+    ]
+    if m is None or n is None or segment < 1 or k % segment or escape_idx.ndim != 1 or any(a.dtype != d or a.shape != s for a, d, s in expected):
+        got = ", ".join(f"{a.dtype}{a.shape}" for a, _, _ in expected)
+        raise ValueError(
+            "matmul_nt_palette12 takes float32 x (M, K), uint8 packed_idx (N, K / S * ceil(S / 2)), uint8 sign_mant (N, K), "
+            f"uint8 palette (16,), int32 escape_idx (E,), uint16 escape_val (E,) with S = segment dividing K; got {got}, segment {segment}"
+        )
+    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
+    call = jax.ffi.ffi_call("infire_matmul_nt_palette12", out, vmap_method="sequential")
+    return call(x, packed_idx, sign_mant, palette, escape_idx, escape_val, segment=np.int64(segment))
 
 
 def embed_rows_bf16(table: jax.Array, tokens: jax.Array) -> jax.Array:

@@ -66,15 +66,24 @@ def _as_matmul(spec: str) -> int:
 
 def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
     """Whether a plain projection runs the CPU few-row kernel (kernels/cpu.py): the layout allows it
-    (Layout.cpu_kernels), x is float32, the stored weight float32 or bfloat16 (read as stored; a
-    compressed weight keeps XLA, which decodes it inside the step) and there are at most
-    MATMUL_MAX_ROWS rows (MATMUL_MAX_ROWS_BF16 for bf16: XLA widens a copy of it first)."""
-    if hasattr(w, "decode_f32"):
-        return False
+    (Layout.cpu_kernels), x is float32, the stored weight float32, bfloat16 or a one-device palette12
+    weight (read as stored: a compressed weight decodes in registers, not to a float32 copy per
+    step) and there are at most MATMUL_MAX_ROWS rows (MATMUL_MAX_ROWS_BF16 for bf16 and palette12,
+    where XLA's path widens or decodes a float32 copy of the weight first)."""
     rows = int(np.prod(x.shape[: x.ndim - contracted]))
-    dtypes_ok = x.dtype == jnp.float32 and w.dtype in (jnp.float32, jnp.bfloat16)
-    limit = cpu.MATMUL_MAX_ROWS_BF16 if w.dtype == jnp.bfloat16 else cpu.MATMUL_MAX_ROWS
-    return dtypes_ok and 0 < rows <= limit and cpu.enabled()
+    if hasattr(w, "decode_f32"):
+        fits = w.as_rows(contracted) is not None and rows <= cpu.MATMUL_MAX_ROWS_BF16
+    else:
+        limit = cpu.MATMUL_MAX_ROWS_BF16 if w.dtype == jnp.bfloat16 else cpu.MATMUL_MAX_ROWS
+        fits = w.dtype in (jnp.float32, jnp.bfloat16) and rows <= limit
+    return fits and x.dtype == jnp.float32 and rows > 0 and cpu.enabled()
+
+
+def _cpu_matmul(x2: jax.Array, w: Any, contracted: int) -> jax.Array:
+    """x2 (M, K) @ w.T by the CPU kernel, w as stored (see _cpu_kernel_fits)."""
+    if hasattr(w, "decode_f32"):
+        return cpu.matmul_nt_palette12(x2, *w.as_rows(contracted))
+    return cpu.matmul_nt(x2, w.reshape(-1, x2.shape[1]))
 
 
 def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
@@ -85,16 +94,17 @@ def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
     it on every step (measured 3.4 vs 12.3 GB/s for a scanned (24, 64, 576) weight). A few float32
     rows on one CPU device go to infire_jax's own kernel instead (_cpu_kernel_fits)."""
     n = _as_matmul(spec)
-    kernel = n and _cpu_kernel_fits(x, w, n)
-    if not kernel:  # the kernel reads a bf16 weight as stored
-        w = materialize(w, x.dtype)
-    if n:
+    if n and _cpu_kernel_fits(x, w, n):
         k = int(np.prod(w.shape[w.ndim - n :]))
-        x2, w2 = x.reshape(-1, k), w.reshape(-1, k)
-        y = cpu.matmul_nt(x2, w2) if kernel else jax.lax.dot_general(x2, w2, (((1,), (1,)), ((), ())))
-        y = y.reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
+        y = _cpu_matmul(x.reshape(-1, k), w, n).reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
     else:
-        y = jnp.einsum(spec, x, w)
+        w = materialize(w, x.dtype)
+        if n:
+            k = int(np.prod(w.shape[w.ndim - n :]))
+            y = jax.lax.dot_general(x.reshape(-1, k), w.reshape(-1, k), (((1,), (1,)), ((), ())))
+            y = y.reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
+        else:
+            y = jnp.einsum(spec, x, w)
     if bias is not None:
         y = y + materialize(bias, x.dtype)
     return y
