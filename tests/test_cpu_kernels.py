@@ -183,8 +183,10 @@ def _palette12_case(n: int, segments: int, s: int, seed: int, outliers: float = 
 @pytest.mark.parametrize(
     "m,n,segments,s",
     # segments of 64 (a head_dim-split projection), halves not a multiple of 16 or of the vector
-    # width, an odd segment, 1-3 rows (decoded in place per tile), panels with rows left over
-    [(1, 24, 1, 576), (3, 17, 9, 64), (5, 9, 1, 37), (2, 13, 3, 20), (16, 40, 1, 1536), (33, 11, 2, 100)],
+    # width, an odd segment, panels with rows left over, few rows of x and many
+    # (decoded in bf16 panels below 8 rows, widened to float32 panels from 8), chunks of many panels
+    [(1, 24, 1, 576), (3, 17, 9, 64), (5, 9, 1, 37), (2, 13, 3, 20), (16, 40, 1, 1536), (33, 11, 2, 100), (5, 600, 1, 64),
+     (9, 600, 2, 32)],
 )
 def test_palette12_weights_give_the_bf16_result_bit_for_bit(m, n, segments, s):
     bits, operands, enc = _palette12_case(n, segments, s, seed=m * 100 + s)

@@ -33,7 +33,11 @@ inline vec load(const float* p) {
   return v;
 }
 
+// Sum of the lanes. With 8 lanes ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): the order of the
+// matmul's four-at-once horizontal sums (_mm256_hadd_ps), so a dot product has the same bits in every
+// tile shape.
 inline float hsum(vec v) {
+  if constexpr (VW == 8) return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
   float s = 0.f;
 #pragma GCC unroll 16
   for (int i = 0; i < VW; ++i) s += v[i];
