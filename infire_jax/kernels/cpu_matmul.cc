@@ -354,10 +354,11 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Src& src, float* y, int
         return;
       }
     }
-    if constexpr (std::is_same_v<Src, Palette12>) {  // bf16 panels of 8 decoded rows
-      std::unique_ptr<uint16_t[]> panel(new uint16_t[8 * K]);
-      for (int64_t n = lo; n < hi; n += 8) {
-        const int64_t rows = std::min<int64_t>(8, hi - n);
+    if constexpr (std::is_same_v<Src, Palette12>) {  // bf16 panels of decoded rows, one column tile each
+      const int64_t panel_rows = M == 1 ? 8 : TN;
+      std::unique_ptr<uint16_t[]> panel(new uint16_t[panel_rows * K]);
+      for (int64_t n = lo; n < hi; n += panel_rows) {
+        const int64_t rows = std::min<int64_t>(panel_rows, hi - n);
         for (int64_t r = 0; r < rows; ++r) src.decode_row(n + r, panel.get() + r * K);
         weight_rows(x, Bf16Rows{panel.get(), K, n}, y, M, K, N, n, n + rows);
       }
