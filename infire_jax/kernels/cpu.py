@@ -1,13 +1,13 @@
 """Hand-written decode kernels for XLA:CPU (FFI targets), built on first use.
 
 - `matmul_nt` (cpu_matmul.cc): x @ w.T for a few float32 rows and a float32 or bfloat16 weight;
-  `matmul_nt_palette12` the same for a palette12-compressed weight, decoded in registers (12 bits
+  `matmul_nt_palette12` the same for a palette12-compressed weight, decoded on the fly (12 bits
   read per weight, bit for bit the bf16 result) instead of to a float32 copy per step.
   Decode multiplies a handful of rows by every weight; at 4-16 rows XLA:CPU's dots with the
   (out, in) weights the models store run at 20-65 GFLOP/s on this project's 2-core machines, and
-  the kernel runs 30 decoder layers' projections 2.1x (4 rows) and 1.5x (16 rows) faster, level
-  with XLA at one row. From about 64 rows XLA's dots win, so callers use it for at most
-  MATMUL_MAX_ROWS rows. A bfloat16 weight is widened in registers (exact): half the bytes to read,
+  the kernel runs 30 decoder layers' projections 2.6x (4 rows) and 1.6x (16 rows) faster, at least
+  level with XLA at one row. At 64 rows XLA's dots are level, so callers use it for at most
+  MATMUL_MAX_ROWS rows. A bfloat16 weight is widened in the kernel (exact): half the bytes to read,
   where XLA materialises a float32 copy first (so the kernel pays up to MATMUL_MAX_ROWS_BF16 rows).
 - `embed_rows_bf16` (cpu_embed.cc): rows of a bf16 embedding table as float32. XLA:CPU gathers
   bf16 through a table-sized copy, hoisted out of the decode loop (56-113 MB per dispatch).
@@ -44,7 +44,7 @@ __all__ = [
     "matmul_nt_palette12", "paged_decode_attention",
 ]
 
-MATMUL_MAX_ROWS = 32  # float32 weights, measured: 1.17x at 32 rows, 0.84-1.07x at 64 (30-layer projection chain)
+MATMUL_MAX_ROWS = 32  # float32 weights, measured: 1.42x at 32 rows, 1.00x at 64 (30-layer projection chain)
 MATMUL_MAX_ROWS_BF16 = 64  # bf16 weights (XLA widens a copy first): 1.92x at 32 rows, 1.65x at 64, 0.98x at 128
 _TARGETS = {
     "infire_matmul_nt": "InfireMatmulNT",

@@ -1,12 +1,13 @@
 // y = x @ w^T for float32 x (M, K) and a float32, bfloat16 or palette12-compressed w (N, K), as XLA
-// FFI handlers for the CPU backend (bf16 weights are widened to float32 in registers: exact, and half
-// the bytes to read; palette12 weights are decoded to the same bf16 patterns in registers: 12 bits
-// read per weight, and bit for bit the bf16 kernel's result).
+// FFI handlers for the CPU backend (bf16 weights are widened to float32 in the kernel: exact, and half
+// the bytes to read; palette12 weights are decoded to the same bf16 patterns: 12 bits read per
+// weight, and bit for bit the bf16 kernel's result).
 //
 // Why: at a few rows per step (decode batches of 2-32) XLA:CPU's dots with (out, in) weights run at
 // 20-65 GFLOP/s on this project's machines; this kernel keeps a tile of TM x TN dot products in
-// registers, reads every weight row once per tile of rows, and splits N over XLA's intra-op threads.
-// The weight stays in the (out, in) layout the models store (no transposed copy).
+// registers, reads every weight row once per column tile (the first row tile prefetching the next
+// one's), and splits N over XLA's intra-op threads. The weight stays in the (out, in) layout the
+// models store (no transposed copy).
 #include <type_traits>
 
 #include "cpu_common.h"
