@@ -161,17 +161,17 @@ struct Palette12 {
 // tile instead of 7, and the loads bound the tile (measured 1.13-1.18x slower at 4-32 rows).
 template <int MB, int NB>
 inline void accumulate(vec (&acc)[MB][NB], const float* x, vec (&w)[NB], int64_t K, int64_t k) {
-  constexpr bool pin = MB * NB + NB + 1 <= kVectorRegisters;
+  [[maybe_unused]] constexpr bool pin = MB * NB + NB + 1 <= kVectorRegisters;
 #if defined(__AVX__)
   if constexpr (pin)
 #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) asm("" : "+x"(w[j]));
+    for (int j = 0; j < NB; ++j) asm("" : "+v"(w[j]));
 #endif
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i) {
     vec xv = load(x + i * K + k);
 #if defined(__AVX__)
-    if constexpr (pin) asm("" : "+x"(xv));
+    if constexpr (pin) asm("" : "+v"(xv));
 #endif
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) acc[i][j] += xv * w[j];

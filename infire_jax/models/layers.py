@@ -67,12 +67,12 @@ def _as_matmul(spec: str) -> int:
 def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
     """Whether a plain projection runs the CPU few-row kernel (kernels/cpu.py): the layout allows it
     (Layout.cpu_kernels), x is float32, the stored weight float32, bfloat16 or a one-device palette12
-    weight (read as stored: a compressed weight decodes in registers, not to a float32 copy per
-    step) and there are at most MATMUL_MAX_ROWS rows (MATMUL_MAX_ROWS_BF16 for bf16 and palette12,
+    weight (read as stored: it decodes inside the kernel, not to a float32 copy per step; other
+    compressed forms such as int4 experts keep XLA) and there are at most MATMUL_MAX_ROWS rows (MATMUL_MAX_ROWS_BF16 for bf16 and palette12,
     where XLA's path widens or decodes a float32 copy of the weight first)."""
     rows = int(np.prod(x.shape[: x.ndim - contracted]))
-    if hasattr(w, "decode_f32"):
-        fits = w.as_rows(contracted) is not None and rows <= cpu.MATMUL_MAX_ROWS_BF16
+    if hasattr(w, "decode_f32"):  # compressed: the kernel takes palette12 in its one-device form
+        fits = hasattr(w, "as_rows") and w.as_rows(contracted) is not None and rows <= cpu.MATMUL_MAX_ROWS_BF16
     else:
         limit = cpu.MATMUL_MAX_ROWS_BF16 if w.dtype == jnp.bfloat16 else cpu.MATMUL_MAX_ROWS
         fits = w.dtype in (jnp.float32, jnp.bfloat16) and rows <= limit
