@@ -67,9 +67,9 @@ def _as_matmul(spec: str) -> int:
 def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
     """Whether a plain projection runs the CPU few-row kernel (kernels/cpu.py): the layout allows it
     (Layout.cpu_kernels), x is float32, the stored weight float32, bfloat16 or a one-device palette12
-    weight (read as stored: it decodes inside the kernel, not to a float32 copy per step; other
-    compressed forms such as int4 experts keep XLA) and there are at most MATMUL_MAX_ROWS rows (MATMUL_MAX_ROWS_BF16 for bf16 and palette12,
-    where XLA's path widens or decodes a float32 copy of the weight first)."""
+    weight (read as stored: palette12 decodes inside the kernel, not to a float32 copy per step;
+    other compressed forms such as int4 experts keep XLA) and there are at most MATMUL_MAX_ROWS rows
+    (MATMUL_MAX_ROWS_BF16 for bf16 and palette12: XLA's path widens or decodes a float32 copy first)."""
     rows = int(np.prod(x.shape[: x.ndim - contracted]))
     if hasattr(w, "decode_f32"):  # compressed: the kernel takes palette12 in its one-device form
         fits = hasattr(w, "as_rows") and w.as_rows(contracted) is not None and rows <= cpu.MATMUL_MAX_ROWS_BF16
@@ -94,17 +94,16 @@ def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
     it on every step (measured 3.4 vs 12.3 GB/s for a scanned (24, 64, 576) weight). A few float32
     rows on one CPU device go to infire_jax's own kernel instead (_cpu_kernel_fits)."""
     n = _as_matmul(spec)
-    if n and _cpu_kernel_fits(x, w, n):
-        k = int(np.prod(w.shape[w.ndim - n :]))
-        y = _cpu_matmul(x.reshape(-1, k), w, n).reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
-    else:
+    kernel = n and _cpu_kernel_fits(x, w, n)
+    if not kernel:  # the kernel reads the weight as stored (some compressed forms have no shape before this)
         w = materialize(w, x.dtype)
-        if n:
-            k = int(np.prod(w.shape[w.ndim - n :]))
-            y = jax.lax.dot_general(x.reshape(-1, k), w.reshape(-1, k), (((1,), (1,)), ((), ())))
-            y = y.reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
-        else:
-            y = jnp.einsum(spec, x, w)
+    if n:
+        k = int(np.prod(w.shape[w.ndim - n :]))
+        x2 = x.reshape(-1, k)
+        y = _cpu_matmul(x2, w, n) if kernel else jax.lax.dot_general(x2, w.reshape(-1, k), (((1,), (1,)), ((), ())))
+        y = y.reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
+    else:
+        y = jnp.einsum(spec, x, w)
     if bias is not None:
         y = y + materialize(bias, x.dtype)
     return y
