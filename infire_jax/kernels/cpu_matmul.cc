@@ -281,8 +281,9 @@ inline void tile(const float* x, const Src& src, float* y, int64_t K, int64_t N,
 template <int NB, typename Src>
 void row_tiles(const float* x, const Src& src, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t hi) {
   int64_t m = 0;
-  if (M > 1 && n0 + 2 * NB <= hi) {  // the first row tile fetches the chunk's next weight rows (not
-    // for one row: memory-bound, measured 2% slower)
+  // The first row tile fetches the chunk's next weight rows (not for one row of x: memory-bound
+  // there, measured 2% slower).
+  if (M > 1 && n0 + 2 * NB <= hi) {
     switch (std::min<int64_t>(M, TM)) {
       case TM: tile<TM, NB, true>(x, src, y, K, N, m, n0); break;
       case 3: tile<3, NB, true>(x, src, y, K, N, m, n0); break;
@@ -318,6 +319,19 @@ void weight_rows(const float* x, const Src& src, float* y, int64_t M, int64_t K,
 // registers once per row tile (`/tmp`-style 30-layer chain: bf16 at 16 rows 1.4x faster).
 constexpr int64_t kWidenFromRows = 8;
 
+// Weight rows [lo, hi) a panel of `panel_rows` rows at a time: fill(n, out) writes weight row n to
+// the panel (float32 or bf16 patterns), then every row of x passes over the panel.
+template <typename T, typename Fill>
+void by_panels(const float* x, float* y, int64_t M, int64_t K, int64_t N, int64_t lo, int64_t hi, int64_t panel_rows, Fill fill) {
+  using Rows = std::conditional_t<std::is_same_v<T, float>, F32Rows, Bf16Rows>;
+  std::unique_ptr<T[]> panel(new T[panel_rows * K]);
+  for (int64_t n = lo; n < hi; n += panel_rows) {
+    const int64_t rows = std::min(panel_rows, hi - n);
+    for (int64_t r = 0; r < rows; ++r) fill(n + r, panel.get() + r * K);
+    weight_rows(x, Rows{panel.get(), K, n}, y, M, K, N, n, n + rows);
+  }
+}
+
 // y = x @ w^T over XLA's intra-op threads: about eight chunks of weight rows per thread (balance),
 // each a multiple of 8 rows (whole tiles). x is float32 (M, K), y float32 (M, N).
 template <typename Src>
@@ -340,30 +354,17 @@ void matmul(ffi::ThreadPool& pool, const float* x, const Src& src, float* y, int
 #endif
   infire::parallel_for(pool, (N + chunk - 1) / chunk, [=, &src](int64_t c) {
     const int64_t lo = c * chunk, hi = std::min(N, (c + 1) * chunk);
-    if constexpr (narrow) {
-      if (widened) {  // float32 panels of TN rows
-        std::unique_ptr<uint16_t[]> scratch(new uint16_t[K]);
-        std::unique_ptr<float[]> panel(new float[TN * K]);
-        for (int64_t n = lo; n < hi; n += TN) {
-          const int64_t rows = std::min<int64_t>(TN, hi - n);
-          for (int64_t r = 0; r < rows; ++r) {
-            const uint16_t* bits = src.bf16_row(n + r, scratch.get());
-            for (int64_t k = 0; k < K; ++k) panel[r * K + k] = widen(bits[k]);
-          }
-          weight_rows(x, F32Rows{panel.get(), K, n}, y, M, K, N, n, n + rows);
-        }
-        return;
-      }
-    }
-    if constexpr (std::is_same_v<Src, Palette12>) {  // bf16 panels of decoded rows, one column tile each
-      const int64_t panel_rows = M == 1 ? 8 : TN;
-      std::unique_ptr<uint16_t[]> panel(new uint16_t[panel_rows * K]);
-      for (int64_t n = lo; n < hi; n += panel_rows) {
-        const int64_t rows = std::min<int64_t>(panel_rows, hi - n);
-        for (int64_t r = 0; r < rows; ++r) src.decode_row(n + r, panel.get() + r * K);
-        weight_rows(x, Bf16Rows{panel.get(), K, n}, y, M, K, N, n, n + rows);
-      }
-    } else {
+    if constexpr (!narrow) {
+      weight_rows(x, src, y, M, K, N, lo, hi);
+    } else if (widened) {  // float32 panels of one column tile
+      std::unique_ptr<uint16_t[]> scratch(new uint16_t[K]);
+      by_panels<float>(x, y, M, K, N, lo, hi, TN, [&](int64_t n, float* out) {
+        const uint16_t* bits = src.bf16_row(n, scratch.get());
+        for (int64_t k = 0; k < K; ++k) out[k] = widen(bits[k]);
+      });
+    } else if constexpr (std::is_same_v<Src, Palette12>) {  // bf16 panels: 8 rows for one row of x, else a column tile
+      by_panels<uint16_t>(x, y, M, K, N, lo, hi, M == 1 ? 8 : TN, [&](int64_t n, uint16_t* out) { src.decode_row(n, out); });
+    } else {  // bf16 rows read in place
       weight_rows(x, src, y, M, K, N, lo, hi);
     }
   });
