@@ -142,6 +142,31 @@ def test_paged_attention_equals_attention_over_the_gathered_cache(layer):
     np.testing.assert_allclose(np.asarray(jax.jit(paged)(*args)), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hd,g", [(64, 3), (20, 5)])
+def test_paged_attention_over_long_rows_matches_float64(hd, g):
+    """Rows long enough to be split into chunks of pages over the threads (their softmaxes merged),
+    next to an empty row and a one-position row; a head dim with a scalar tail: float64 attention."""
+    rng = np.random.default_rng(hd)
+    b, kv, page, width, layers_ = 4, 2, 4, 24, 2
+    num_pages = b * width + 3
+    f = lambda *s: rng.standard_normal(s, np.float32)  # noqa: E731
+    q, k_new, v_new = f(b, kv, g, hd) / np.sqrt(hd), f(b, kv, hd), f(b, kv, hd)
+    k_pages, v_pages = f(layers_, num_pages, kv, page, hd), f(layers_, num_pages, kv, page, hd)
+    table = rng.permutation(num_pages)[: b * width].reshape(b, width).astype(np.int32)
+    start = np.array([page * width, 0, 1, page * width - 3], np.int32)
+    got = np.asarray(jax.jit(cpu.paged_decode_attention, static_argnums=7)(q, k_new, v_new, k_pages, v_pages, table, start, 1))
+    want = np.zeros(q.shape)
+    for r in range(b):
+        for h in range(kv):
+            pos = np.arange(start[r])
+            keys = np.concatenate([k_pages[1, table[r, pos // page], h, pos % page], k_new[r, h][None]]).astype(np.float64)
+            vals = np.concatenate([v_pages[1, table[r, pos // page], h, pos % page], v_new[r, h][None]]).astype(np.float64)
+            scores = q[r, h].astype(np.float64) @ keys.T
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            want[r, h] = (p / p.sum(-1, keepdims=True)) @ vals
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
 def test_paged_attention_refuses_a_page_outside_the_pool():
     q, k_new, v_new, k_pages, v_pages, table, start = _paged_case(0)
     table[1, 0] = k_pages.shape[1]  # row 1 sees 6 positions: its first page must exist
