@@ -159,6 +159,7 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   const int32_t *tp = table.typed_data(), *sp = start.typed_data();
   float* op = out->typed_data();
   std::atomic<bool> bad_page{false};
+  if (B == 0) return ffi::Error::Success();
 
   // Chunks of pages per row: a row's positions are split only when the rows would leave threads idle.
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
