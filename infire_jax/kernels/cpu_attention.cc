@@ -136,8 +136,8 @@ struct Online {
   }
 };
 
-// Pages of one row's chunk handled per task: enough tasks for every thread when a few rows attend
-// over long contexts, few enough merges otherwise.
+// A row is split into chunks of at least this many pages (one task each) only when the rows alone
+// would leave threads idle: enough tasks for one long request, few merges otherwise.
 constexpr int64_t kMinPagesPerChunk = 4;
 
 ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
