@@ -47,10 +47,15 @@ flags.DEFINE_integer("max_pool_mb", 4096, "Skip a case whose K + V pools would e
 flags.DEFINE_string("out", "bench_paged_attention.json", "JSON output path.")
 
 
+def _pool_pages(batch: int, context: int) -> tuple[int, int]:
+    """Pages per row and pages in the pool (every row's, plus one never read)."""
+    width = -(-context // FLAGS.page_size)
+    return width, batch * width + 1
+
+
 def _case(batch: int, context: int, rng: np.random.Generator) -> tuple:
     L, kv, g, hd, page = FLAGS.layers, FLAGS.kv_heads, FLAGS.q_per_kv, FLAGS.head_dim, FLAGS.page_size
-    width = -(-context // page)
-    pages = batch * width + 1
+    width, pages = _pool_pages(batch, context)
     f = lambda *s: jnp.asarray(rng.standard_normal(s, np.float32))  # noqa: E731
     q = f(batch, 1, kv * g, hd) / np.sqrt(hd)
     k_new, v_new = f(batch, 1, kv, hd), f(batch, 1, kv, hd)
@@ -88,7 +93,7 @@ def main(argv: list[str]) -> None:
                         head_dim=FLAGS.head_dim, page_size=FLAGS.page_size, runs=FLAGS.runs, machine=bc.machine_info(), rows=[])
     for b in [int(x) for x in FLAGS.batch_sizes]:
         for ctx in [int(x) for x in FLAGS.contexts]:
-            pool_mb = 2 * FLAGS.layers * (b * -(-ctx // FLAGS.page_size) + 1) * FLAGS.kv_heads * FLAGS.page_size * FLAGS.head_dim * 4 / 1e6
+            pool_mb = 2 * FLAGS.layers * _pool_pages(b, ctx)[1] * FLAGS.kv_heads * FLAGS.page_size * FLAGS.head_dim * 4 / 1e6
             if pool_mb > FLAGS.max_pool_mb:
                 print(f"batch {b} x {ctx}: skipped (pools of {pool_mb:.0f} MB > --max_pool_mb)")
                 continue

@@ -171,6 +171,7 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   std::vector<float> accs(B * chunks * KV * G * hd, 0.f);
   std::vector<Online> states(B * chunks * KV * G);
   for (size_t i = 0; i < states.size(); ++i) states[i].acc = accs.data() + i * hd, states[i].hd = hd;
+  auto heads_of = [&](int64_t b, int64_t c, int64_t kv) { return states.data() + ((b * chunks + c) * KV + kv) * G; };
 
   // A task is one chunk of one row, all its KV heads: a page's KV heads are adjacent in the pool,
   // so the keys (and the values) of a page are one contiguous read.
@@ -189,7 +190,7 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
       for (int64_t kv = 0; kv < KV; ++kv) {
         const int64_t base = ((layer * NP + id) * KV + kv) * page * hd;
         const float* qrow = qp + (b * KV + kv) * G * hd;
-        Online* heads = states.data() + (task * KV + kv) * G;
+        Online* heads = heads_of(b, c, kv);
         for (int64_t g = 0; g < G; ++g) {
           for (int64_t s = 0; s < count; s += 8) dots(qrow + g * hd, kp + base + s * hd, std::min<int64_t>(8, count - s), hd, scores.data() + s);
           heads[g].add(scores.data(), vp + base, count);
@@ -205,8 +206,8 @@ ffi::Error PagedDecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     const int64_t b = row_head / KV, kv = row_head % KV;
     const float* qrow = qp + row_head * G * hd;
     for (int64_t g = 0; g < G; ++g) {
-      Online& h = states[((b * chunks) * KV + kv) * G + g];
-      for (int64_t c = 1; c < chunks; ++c) h.merge(states[((b * chunks + c) * KV + kv) * G + g]);
+      Online& h = heads_of(b, 0, kv)[g];
+      for (int64_t c = 1; c < chunks; ++c) h.merge(heads_of(b, c, kv)[g]);
       float self;
       dots(qrow + g * hd, knp + row_head * hd, 1, hd, &self);
       h.add(&self, vnp + row_head * hd, 1);
