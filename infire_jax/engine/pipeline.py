@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
 from infire_jax.kv import cache as kv_cache
-from infire_jax.models.attention import PagedLayerCache
+from infire_jax.models.attention import PagedLayerCache, rows_of_pages
 from infire_jax.sharding import Layout, use_layout
 
 __all__ = ["prefill", "decode", "stage_specs"]
@@ -125,9 +125,7 @@ def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -
     layer alone (slicing one layer out of an all-layer gather would copy it again)."""
     if per_layer:
         return [PagedLayerCache(pages, table, i) for i in range(pages.shape[0])]
-    g = pages[:, table]  # (L, B, P, H, page, d)
-    l, b, p, h, page, d = g.shape
-    return g.transpose(0, 1, 3, 2, 4, 5).reshape(l, b, h, p * page, d)
+    return rows_of_pages(pages[:, table])
 
 
 def decode(

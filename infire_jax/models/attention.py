@@ -59,6 +59,13 @@ def _causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, win
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4)
 
 
+def rows_of_pages(gathered: jax.Array) -> jax.Array:
+    """Pages gathered by a page table, (..., B, P, KV, page, hd), as each row's contiguous cache
+    (..., B, KV, P * page, hd)."""
+    *lead, p, kv, page, hd = gathered.shape
+    return jnp.swapaxes(gathered, -4, -3).reshape(*lead, kv, p * page, hd)
+
+
 @dataclasses.dataclass(frozen=True)
 class PagedLayerCache:
     """One layer's view of a paged KV pool, as a decode step's cache: the pool of every layer
@@ -71,9 +78,7 @@ class PagedLayerCache:
     layer: int
 
     def gather(self) -> jax.Array:
-        g = self.pages[self.layer][self.table]  # (B, P, KV, page, hd)
-        b, p, kv, page, hd = g.shape
-        return g.transpose(0, 2, 1, 3, 4).reshape(b, kv, p * page, hd)
+        return rows_of_pages(self.pages[self.layer][self.table])
 
 
 def _paged_kernel_fits(q: jax.Array, k_cache: PagedLayerCache, window: int | None) -> bool:
