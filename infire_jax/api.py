@@ -244,9 +244,10 @@ def load(
     configs/deployments/ (or a path) that gives both mesh and rules. With prefill_mesh and
     decode_mesh (e.g. "pp=2,tp=2@0-3" and "tp=4@4-7") prefill and decode run on distinct meshes,
     each with its own copy of the weights. kv_pages x page_size is the decode worker's KV capacity
-    in tokens; max_decode_batch bounds its continuous batch. kernels="auto" lets decode on one CPU
-    device (float32 compute, float32 or bf16 weights) use infire_jax's own kernels (kernels/cpu.py:
-    few-row projections, paged attention, bf16 embedding rows); "xla" keeps XLA's code everywhere."""
+    in tokens; max_decode_batch bounds its continuous batch. kernels="auto" lets decode and prefill on
+    one CPU device (float32 compute; float32, bf16 or compressed weights) use infire_jax's own kernels
+    (kernels/cpu.py: few-row projections, paged decode attention, causal prefill attention, bf16
+    embedding rows); "xla" keeps XLA's code everywhere."""
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")

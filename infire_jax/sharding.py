@@ -65,9 +65,9 @@ KERNEL_CHOICES = ("auto", "xla")
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A mesh plus the rules table that places logical axes on it, and the kernels to use: "auto"
-    lets decode on one CPU device (float32 compute, float32 or bf16 weights) use infire_jax's own
-    kernels where they pay (kernels/cpu.py: few-row projections, paged attention, bf16 embedding
-    rows), "xla" keeps XLA's code everywhere."""
+    lets decode and prefill on one CPU device (float32 compute; float32, bf16 or compressed weights)
+    use infire_jax's own kernels where they pay (kernels/cpu.py: few-row projections, paged decode
+    attention, causal prefill attention, bf16 embedding rows), "xla" keeps XLA's code everywhere."""
 
     mesh: jax.sharding.Mesh
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))

@@ -177,6 +177,60 @@ def test_paged_attention_refuses_a_page_outside_the_pool():
         cpu.paged_decode_attention(*args, 2)
 
 
+def _causal_float64(q, k, v):
+    """Causal attention of a prompt over itself in float64: q (B, T, KV, G, hd), k / v (B, T, KV, hd)."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    t = q.shape[1]
+    s = np.einsum("btkgd,bskd->bkgts", q, k)
+    s = np.where(np.tril(np.ones((t, t), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bkgts,bskd->btkgd", p / p.sum(-1, keepdims=True), v)
+
+
+@pytest.mark.parametrize(
+    "b,t,kv,g,hd",
+    [(1, 1, 1, 1, 8), (1, 5, 1, 2, 20), (2, 37, 3, 3, 64), (1, 130, 2, 4, 24), (1, 300, 1, 5, 128)],
+)
+def test_causal_prefill_attention_matches_float64(b, t, kv, g, hd):
+    """Single positions, partial query tiles and key steps, several query heads per KV head, head
+    dims with one-vector and scalar tails, and a prompt long enough for several key steps."""
+    rng = np.random.default_rng(t)
+    q = rng.standard_normal((b, t, kv, g, hd), np.float32) / np.sqrt(hd)
+    k, v = rng.standard_normal((b, t, kv, hd), np.float32), rng.standard_normal((b, t, kv, hd), np.float32)
+    got = np.asarray(jax.jit(cpu.causal_prefill_attention)(q, k, v))
+    np.testing.assert_allclose(got, _causal_float64(q, k, v), rtol=2e-5, atol=2e-6)
+
+
+def test_causal_prefill_attention_refuses_bad_operands():
+    q, kv = jnp.zeros((1, 4, 2, 3, 8)), jnp.zeros((1, 4, 2, 8))
+    with pytest.raises(ValueError, match=r"q \(B, T, KV, G, hd\) and k, v \(B, T, KV, hd\)"):
+        cpu.causal_prefill_attention(q, kv[:, :3], kv[:, :3])
+    with pytest.raises(ValueError, match="float32 q, k, v"):
+        cpu.causal_prefill_attention(q.astype(jnp.bfloat16), kv, kv)
+
+
+def test_prefill_attention_uses_the_kernel_where_it_applies():
+    """A prompt with no cache takes the kernel on a one-CPU layout (same values as XLA's blocked
+    attention); a windowed layer, a cache or kernels="xla" keep XLA."""
+    rng = np.random.default_rng(1)
+    b, t, h, kv, hd = 2, 40, 6, 2, 16
+    q = jnp.asarray(rng.standard_normal((b, t, h, hd), np.float32) / 4)
+    k, v = (jnp.asarray(rng.standard_normal((b, t, kv, hd), np.float32)) for _ in range(2))
+    start = jnp.zeros((b,), jnp.int32)
+
+    def run(kernels, **kw):
+        with use_layout(Layout(make_mesh("tp=1"), kernels=kernels)):
+            f = jax.jit(lambda q, k, v, s: gqa_attention(q, k, v, s, **kw))
+            return f.lower(q, k, v, start).as_text(), np.asarray(f(q, k, v, start))
+
+    hlo, got = run("auto")
+    assert "infire_causal_prefill_attention" in hlo
+    hlo_xla, want = run("xla")
+    assert "infire_causal_prefill_attention" not in hlo_xla
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert "infire_causal_prefill_attention" not in run("auto", window=8)[0]
+
+
 def test_bf16_embedding_rows_are_widened_exactly():
     table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 24), np.float32), jnp.bfloat16)
     tokens = jnp.asarray([[3, 0, 49], [7, 7, 12]], jnp.int32)

@@ -13,6 +13,9 @@
   bf16 through a table-sized copy, hoisted out of the decode loop (56-113 MB per dispatch).
 - `paged_decode_attention` (cpu_attention.cc): one new token per row attending over its pages of a
   paged KV pool in place, instead of gathering them into a contiguous cache first.
+- `causal_prefill_attention` (cpu_prefill_attention.cc): a prompt attending causally over itself
+  (prefill with no cache) with an online softmax over register tiles, instead of XLA's many small
+  blocked dots and softmax fusions.
 (Figures: WORKSPACE_NOTES.md, issue 9.)
 
 The library is compiled once per machine with the system C++ compiler (-O3, tuned for the host
@@ -41,7 +44,7 @@ from infire_jax.sharding import current_layout
 
 __all__ = [
     "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "enabled", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
-    "matmul_nt_palette12", "paged_decode_attention",
+    "matmul_nt_palette12", "paged_decode_attention", "causal_prefill_attention",
 ]
 
 MATMUL_MAX_ROWS = 32  # float32 weights, measured: 1.42x at 32 rows, 1.00x at 64 (30-layer projection chain)
@@ -51,10 +54,11 @@ _TARGETS = {
     "infire_matmul_nt_bf16": "InfireMatmulNTBF16",
     "infire_matmul_nt_palette12": "InfireMatmulNTPalette12",
     "infire_paged_decode_attention": "InfirePagedDecodeAttention",
+    "infire_causal_prefill_attention": "InfireCausalPrefillAttention",
     "infire_embed_rows_bf16": "InfireEmbedRowsBF16",
 }
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "cpu_matmul.cc", _HERE / "cpu_attention.cc", _HERE / "cpu_embed.cc")
+_SOURCES = (_HERE / "cpu_matmul.cc", _HERE / "cpu_attention.cc", _HERE / "cpu_prefill_attention.cc", _HERE / "cpu_embed.cc")
 _HEADERS = (_HERE / "cpu_common.h",)
 _FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type")
 _NATIVE = ("-march=native",)
@@ -218,3 +222,18 @@ def paged_decode_attention(
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     call = jax.ffi.ffi_call("infire_paged_decode_attention", out, vmap_method="sequential")
     return call(*arrays, table.astype(jnp.int32), start.astype(jnp.int32), layer=np.int64(layer))
+
+
+def causal_prefill_attention(
+    q: jax.Array,  # (B, T, KV, G, hd): the prompt's queries, rotated and scaled
+    k: jax.Array,  # (B, T, KV, hd)
+    v: jax.Array,  # (B, T, KV, hd)
+) -> jax.Array:
+    """Causal attention (B, T, KV, G, hd) of every prompt position over the positions up to its own
+    (no cache, no window), float32; call `available()` first."""
+    if q.ndim != 5 or k.shape != v.shape or k.shape != q.shape[:3] + q.shape[4:]:
+        raise ValueError(f"causal_prefill_attention takes q (B, T, KV, G, hd) and k, v (B, T, KV, hd); got {q.shape}, {k.shape}, {v.shape}")
+    if any(a.dtype != jnp.float32 for a in (q, k, v)):
+        raise ValueError(f"causal_prefill_attention takes float32 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call("infire_causal_prefill_attention", out, vmap_method="sequential")(q, k, v)

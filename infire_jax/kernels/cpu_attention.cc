@@ -19,11 +19,11 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using infire::exp_nonpositive;
 using infire::load;
+using infire::store;
 using infire::vec;
 using infire::VW;
-
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
 // out[s] = dot(q, k + s * hd) for s < n (n <= 8), eight dot products reduced together.
 template <bool kFull>
@@ -55,28 +55,6 @@ inline void dots(const float* q, const float* k, int64_t n, int64_t hd, float* o
     dots_of<true>(q, k, 8, hd, out);
   else
     dots_of<false>(q, k, n, hd, out);
-}
-
-// exp(x) lane-wise for the softmax's x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6
-// Taylor polynomial (relative error ~1e-7), times 2^n built in the exponent bits; x < -87 -> ~0.
-inline vec exp_nonpositive(vec x) {
-  typedef int32_t ivec __attribute__((vector_size(VW * 4)));
-  const vec lowest = vec{} - 87.f;
-  x = x < lowest ? lowest : x;
-  const vec shifter = vec{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vec n = (x * 1.44269504f + shifter) - shifter;
-  const vec r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts
-  vec p = vec{} + (1.f / 720);
-  p = p * r + (1.f / 120);
-  p = p * r + (1.f / 24);
-  p = p * r + (1.f / 6);
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
-  vec scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
 }
 
 // The running softmax of one query head: max, sum of exp(score - max) and the value sum `acc`.

@@ -33,6 +33,19 @@ inline vec load(const float* p) {
   return v;
 }
 
+inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
+
+// Every lane x.
+inline vec broadcast(float x) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (vec)_mm256_set1_ps(x);  // one vbroadcastss (`vec{} + x` adds a zero vector)
+#else
+  return vec{} + x;
+#endif
+}
+
 // Sum of the lanes. With 8 lanes ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): the order of the
 // matmul's four-at-once horizontal sums (_mm256_hadd_ps), so a dot product has the same bits in every
 // tile shape.
@@ -42,6 +55,28 @@ inline float hsum(vec v) {
 #pragma GCC unroll 16
   for (int i = 0; i < VW; ++i) s += v[i];
   return s;
+}
+
+// exp(x) lane-wise for the softmax's x <= 0: x = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6
+// Taylor polynomial (relative error ~1e-7), times 2^n built in the exponent bits; x < -87 -> ~0.
+inline vec exp_nonpositive(vec x) {
+  typedef int32_t ivec __attribute__((vector_size(VW * 4)));
+  const vec lowest = vec{} - 87.f;
+  x = x < lowest ? lowest : x;
+  const vec shifter = vec{} + 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vec n = (x * 1.44269504f + shifter) - shifter;
+  const vec r = (x - n * 0.693145752f) - n * 1.42860677e-6f;  // ln 2 in two parts
+  vec p = vec{} + (1.f / 720);
+  p = p * r + (1.f / 120);
+  p = p * r + (1.f / 24);
+  p = p * r + (1.f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+  vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
 }
 
 // fn(i) for i in [0, n): the calling thread and up to (pool threads - 1) helpers claim indices from an
