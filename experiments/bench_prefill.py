@@ -7,6 +7,8 @@ For each batch size, B prompts of --prompt_len tokens (default 512) are prefille
       tokens/s = B * prompt_len / median wall time. Compile time (first call) reported separately.
   ours (`generate`): Model.generate(max_new_tokens=1) — the same plus host-side padding, transfers
       and the cache handling of a request (time to first token).
+  ours_xla (peer): our engine with kernels="xla" (XLA's prompt attention instead of infire_jax's
+      causal prefill kernel), timed like ours' `generate`.
   transformers: model(input_ids, use_cache=True, logits_to_keep=1) in torch fp32 on CPU with
       torch.set_num_threads(2) (fills the KV cache, logits of the last position only, as ours).
   roofline: FLOPs of the prefill (linear layers + causal attention + one row of logits) / the
@@ -35,7 +37,8 @@ flags.DEFINE_list("batch_sizes", ["1", "4"], "Batch sizes (B x prompt_len tokens
                   "minutes per run with the transformers peer).")
 flags.DEFINE_integer("prompt_len", 512, "Prompt tokens per row.")
 flags.DEFINE_integer("runs", 5, "Timed runs per figure (median reported), after one warm-up run.")
-flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, llama_cpp (optional). Empty = none.")
+flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, ours_xla (our engine with kernels='xla'), "
+                  "llama_cpp (optional). Empty = none.")
 flags.DEFINE_integer("threads", 2, "Threads of the peers.")
 flags.DEFINE_boolean("generate", True, "Also time Model.generate(max_new_tokens=1).")
 flags.DEFINE_integer("bandwidth_mb", 512, "Size of the bandwidth probe buffer.")
@@ -107,7 +110,7 @@ def main(argv: list[str]) -> None:
     result["load_s"] = time.perf_counter() - t0
     peers = {}
     for name in [p for p in FLAGS.peer if p]:
-        peer, why = bc.make_peer(name, model_dir, FLAGS.threads)
+        peer, why = bc.make_peer(name, model_dir, FLAGS.threads, max_batch=max(batches), max_tokens=FLAGS.prompt_len + 2)
         peers[name] = peer if peer is not None else why
         if peer is None:
             print(f"peer {name}: {why}")
@@ -141,14 +144,18 @@ def main(argv: list[str]) -> None:
         row["ratios"] = dict(
             ours_over_peak=bc.ratio(ours, row["roofline"]["peak_tok_s"]),
             ours_over_jax_peak=bc.ratio(row["ours"]["gflops"], mach["matmul"]["jax_peak_gflops"]),
-            **{f"ours_over_{n}": bc.ratio(ours, p.get("tok_s")) for n, p in row["peers"].items()},
+            **{f"ours_over_{n}": bc.ratio(ours, p.get("tok_s")) for n, p in row["peers"].items() if n != "ours_xla"},
         )
+        if "ours_xla" in row["peers"]:  # like with like: both through Model.generate
+            row["ratios"]["ours_generate_over_ours_xla"] = bc.ratio(
+                row["ours"].get("generate", {}).get("tok_s"), row["peers"]["ours_xla"].get("tok_s"))
         rows.append(row)
         peer_txt = "  ".join(
             f"{n} {p['tok_s']:.0f}" if p.get("tok_s") else f"{n} {p.get('status', '-')}" for n, p in row["peers"].items()
         )
+        gen = row["ours"].get("generate", {}).get("tok_s")
         print(f"batch {b:3d} x {FLAGS.prompt_len}: ours {ours:7.0f} tok/s ({row['ours']['gflops']:.0f} GFLOP/s, "
-              f"{100 * row['ratios']['ours_over_peak']:.0f}% of peak)  {peer_txt}")
+              f"{100 * row['ratios']['ours_over_peak']:.0f}% of peak; generate {gen or float('nan'):.0f})  {peer_txt}")
         result["rows"] = rows
         bc.write_json(FLAGS.out, result)
     result["compile_seconds"] = {str(k): v for k, v in getattr(model.programs, "compile_seconds", {}).items()}
