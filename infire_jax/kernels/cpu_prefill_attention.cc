@@ -1,8 +1,8 @@
 // Causal self-attention of prompts (a prefill with no cache), as an XLA FFI handler for the CPU backend.
 //
 // Why: XLA runs a prompt's attention as many small batched dots (query blocks against the keys before
-// them) plus softmax fusions; at 512 tokens that was 17% of the SmolLM-135M prefill, at ~50 GFLOP/s
-// (WORKSPACE_NOTES.md, issue 9). Here a task is one (row, KV head, tile of TQ query positions): its
+// them) plus softmax fusions; at 512 tokens that was 17% of the SmolLM-135M prefill, at 64-79 GFLOP/s
+// of causal attention (this kernel: 115-135; WORKSPACE_NOTES.md, issue 9). Here a task is one (row, KV head, tile of TQ query positions): its
 // TQ x G query rows go over the keys up to the diagonal TK at a time with an online softmax, and both
 // products are broadcast-form register tiles (MR rows x NV vectors of keys or of head dims, no
 // horizontal sums). The keys are transposed once per (row, KV head), into one contiguous (hd, TK)
@@ -116,9 +116,8 @@ struct Task {
       const int64_t keys = std::min(TK, t1 - j0), kvecs = (keys + VW - 1) / VW;
       by_row_tiles(rows, [&](auto m, int64_t r) {  // scores of every key vector this step reaches
         constexpr int M = decltype(m)::value;
-        const float* qr = qs.data() + r * hd;
+        const float *qr = qs.data() + r * hd, *block = ktb + j0 * hd;  // block: this step's (hd, TK) keys
         int64_t j = 0;
-        const float* block = ktb + j0 * hd;  // this step's (hd, TK) keys
         for (; j + 2 <= kvecs; j += 2) score_tile<M, 2>(qr, hd, block + j * VW, TK, s.data() + r * TK + j * VW, TK);
         if (j < kvecs) score_tile<M, 1>(qr, hd, block + j * VW, TK, s.data() + r * TK + j * VW, TK);
       });
