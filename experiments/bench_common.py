@@ -496,6 +496,7 @@ class LlamaCppPeer:
     """llama.cpp (llama-cpp-python) on an f32 GGUF written from the same safetensors with `gguf`."""
 
     name = "llama_cpp"
+    batched = False  # llama-cpp-python's high-level API decodes one sequence at a time
 
     def __init__(self, model_dir: str | os.PathLike, threads: int = 2, n_ctx: int = 2048, n_batch: int = 512):
         import llama_cpp  # noqa: F401  (ImportError -> caller records 'unavailable')

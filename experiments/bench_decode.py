@@ -15,9 +15,11 @@ For each batch size, B prompts of --prompt_len tokens generate exactly --new_tok
   roofline: weight bytes / measured copy bandwidth (the issue's figure) and FLOPs / measured fp32
       matmul peak: roofline = B / max(weight-read time, compute time) per step.
 
-Timings on a shared machine: each figure carries the share of CPU other processes used while it was
-measured; runs where others used >= 10% of the CPUs are retried (up to 3x --runs) and left out of
-the median when enough quiet runs exist (`noisy: true` otherwise).
+Ours and the peers are timed in --runs interleaved rounds (each round times generate(1) and
+generate(new_tokens) of every system once), so the machine's slow minutes (its bandwidth moves
++-25% between minutes) hit all of them alike; `paired` holds, per peer, the median over the rounds
+of ours / the peer. A timing during which other processes used >= 10% of the CPUs is retried once
+(`noisy_timings` counts those still noisy).
 
   python experiments/bench_decode.py --batch_sizes=1,4,16 --out=/tmp/bench_decode.json
 """
@@ -58,26 +60,62 @@ flags.DEFINE_float("quiet_wait_budget", 120.0, "Total seconds of such waiting pe
 flags.DEFINE_string("out", "bench_decode.json", "JSON output path.")
 
 
-def _gen_runs(fn, runs: int) -> dict:
-    return bc.quiet_runs(fn, runs, warmup=1, max_runs=runs + 1, budget_s=30)
+def _timed(fn) -> dict:
+    """One timing of fn (retried once if other processes used the CPUs meanwhile)."""
+    return bc.quiet_runs(fn, 1, warmup=0, max_runs=2, budget_s=30)
 
 
-def bench_ours_generate(model, tokens: np.ndarray, new_tokens: int, runs: int) -> dict:
+def bench_generate(systems: dict, tokens: np.ndarray, new_tokens: int, runs: int) -> tuple[dict, dict]:
+    """Decode tok/s of every system, B * (new_tokens - 1) / (t(generate new_tokens) - t(generate 1)),
+    timed in rounds: each round times every system once, so a slow minute of the machine hits them
+    all alike. Returns per system the medians (and its first call), and per peer the median over the
+    rounds of ours / the peer (the paired ratio). `systems`: name -> generate(tokens, n) -> rows. A
+    peer that fails is dropped with its error as its status; ours failing is an error of the bench."""
     b = tokens.shape[0]
-    prompts = tokens.tolist()
-    t0 = time.perf_counter()
-    out = model.generate(prompts, max_new_tokens=new_tokens)
-    first_call = time.perf_counter() - t0
-    assert all(len(o) == new_tokens for o in out), [len(o) for o in out]
-    one = _gen_runs(lambda: model.generate(prompts, max_new_tokens=1), runs)
-    full = _gen_runs(lambda: model.generate(prompts, max_new_tokens=new_tokens), runs)
-    dt = full["median"] - one["median"]
-    return dict(
-        tok_s=b * (new_tokens - 1) / dt if dt > 0 else None,
-        end_to_end_tok_s=b * new_tokens / full["median"],
-        t_generate_1=one, t_generate_n=full, first_call_s=first_call,
-        tokens_first_row=out[0][:16],
-    )
+    out: dict = {}
+    live = dict(systems)
+
+    def attempt(name, fn):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a failing peer must not lose the others' figures
+            if name == "ours":
+                raise
+            out[name] = dict(status=f"failed: {type(e).__name__}: {e}")
+            live.pop(name)
+
+    for name, gen in systems.items():  # first call (compile for ours), then a warm-up of both lengths
+        t0 = time.perf_counter()
+        first = attempt(name, lambda: np.asarray(gen(tokens, new_tokens)))
+        if first is None:
+            continue
+        out[name] = dict(first_call_s=time.perf_counter() - t0, tokens_first_row=first[0][:16].tolist())
+        assert first.shape == (b, new_tokens), (name, first.shape)
+        attempt(name, lambda: gen(tokens, 1))
+    one = {name: [] for name in systems}
+    full = {name: [] for name in systems}
+    for _ in range(runs):
+        for name, gen in list(live.items()):
+            timings = attempt(name, lambda: (_timed(lambda: gen(tokens, 1)), _timed(lambda: gen(tokens, new_tokens))))
+            if timings:
+                one[name].append(timings[0])
+                full[name].append(timings[1])
+    per_round = {}
+    for name in live:
+        t1, tn = [r["median"] for r in one[name]], [r["median"] for r in full[name]]
+        dt = float(np.median(tn) - np.median(t1))
+        per_round[name] = [b * (new_tokens - 1) / (n - o) if n > o else None for o, n in zip(t1, tn)]
+        out[name].update(
+            tok_s=b * (new_tokens - 1) / dt if dt > 0 else None, end_to_end_tok_s=b * new_tokens / float(np.median(tn)),
+            t_generate_1=bc.summary(t1), t_generate_n=bc.summary(tn),
+            noisy_timings=sum(r["noisy"] for r in one[name] + full[name]),
+        )
+    paired = {}
+    for name in live:
+        if name != "ours":
+            pairs = [a / p for a, p in zip(per_round["ours"], per_round[name]) if a and p]
+            paired[f"ours_over_{name}"] = float(np.median(pairs)) if pairs else None
+    return out, paired
 
 
 def bench_ours_engine(model, tokens: np.ndarray, new_tokens: int, runs: int) -> dict:
@@ -98,19 +136,6 @@ def bench_ours_engine(model, tokens: np.ndarray, new_tokens: int, runs: int) -> 
     tpot = float(np.median(tpots))
     return dict(method="B / median(Request.metrics()['tpot_s'])", tok_s=tokens.shape[0] / tpot, tpot_s=tpots,
                 foreign=foreign)
-
-
-def bench_peer(peer, tokens: np.ndarray, new_tokens: int, runs: int) -> dict:
-    b = tokens.shape[0]
-    out = peer.generate(tokens, new_tokens)  # warm-up
-    assert out.shape == (b, new_tokens), out.shape
-    one = _gen_runs(lambda: peer.generate(tokens, 1), runs)
-    full = _gen_runs(lambda: peer.generate(tokens, new_tokens), runs)
-    dt = full["median"] - one["median"]
-    return dict(
-        tok_s=b * (new_tokens - 1) / dt if dt > 0 else None, end_to_end_tok_s=b * new_tokens / full["median"],
-        t_generate_1=one, t_generate_n=full, tokens_first_row=out[0][:16].tolist(),
-    )
 
 
 def main(argv: list[str]) -> None:
@@ -154,26 +179,26 @@ def main(argv: list[str]) -> None:
         context = FLAGS.prompt_len + FLAGS.new_tokens / 2
         read_bw = mach["bandwidth"].get("read_2threads_gbps", 0) * 1e9 or None
         row: dict = dict(batch=b, roofline=bc.decode_roofline(shape, bw, peak, b, context, read_bw))
-        print(f"batch {b}: ours ...", flush=True)
-        row["ours"] = {"generate": bench_ours_generate(model, tokens, FLAGS.new_tokens, FLAGS.runs)}
+        systems = {"ours": lambda toks, n: model.generate(toks.tolist(), max_new_tokens=n)}
+        row["peers"] = {}
+        for name, peer in peers.items():
+            if isinstance(peer, str):
+                row["peers"][name] = dict(status=peer)
+            elif b > 1 and not getattr(peer, "batched", True):
+                row["peers"][name] = dict(status=f"skipped: {name} runs one sequence at a time")
+            else:
+                systems[name] = peer.generate
+        print(f"batch {b}: {', '.join(systems)} in {FLAGS.runs} interleaved rounds ...", flush=True)
+        figures, paired = bench_generate(systems, tokens, FLAGS.new_tokens, FLAGS.runs)
+        row["ours"] = {"generate": figures.pop("ours")}
+        row["peers"].update(figures)
+        row["paired"] = paired
         if FLAGS.engine_metrics:
             try:
                 row["ours"]["engine"] = bench_ours_engine(model, tokens, FLAGS.new_tokens, min(3, FLAGS.runs))
             except Exception as e:  # noqa: BLE001 - engine internals move; never lose the generate figure
                 row["ours"]["engine"] = dict(error=f"{type(e).__name__}: {e}")
         ours = row["ours"]["generate"]["tok_s"]
-        row["peers"] = {}
-        for name, peer in peers.items():
-            if isinstance(peer, str):
-                row["peers"][name] = dict(status=peer)
-                continue
-            print(f"batch {b}: {name} ...", flush=True)
-            try:
-                row["peers"][name] = bench_peer(peer, tokens, FLAGS.new_tokens, FLAGS.runs)
-            except NotImplementedError as e:
-                row["peers"][name] = dict(status=f"skipped: {e}")
-            except Exception as e:  # noqa: BLE001
-                row["peers"][name] = dict(status=f"failed: {type(e).__name__}: {e}")
         rf = row["roofline"]
         row["ratios"] = dict(
             ours_over_roofline=bc.ratio(ours, rf["roofline_tok_s"]),
@@ -183,7 +208,8 @@ def main(argv: list[str]) -> None:
         )
         rows.append(row)
         peer_txt = "  ".join(
-            f"{n} {p['tok_s']:.1f}" if p.get("tok_s") else f"{n} {p.get('status', '-')}" for n, p in row["peers"].items()
+            f"{n} {p['tok_s']:.1f} (paired {row['paired'].get(f'ours_over_{n}') or float('nan'):.2f}x)" if p.get("tok_s")
+            else f"{n} {p.get('status', '-')}" for n, p in row["peers"].items()
         )
         prog = row["ours"].get("engine", {}).get("tok_s")
         print(
