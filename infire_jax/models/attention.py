@@ -88,9 +88,10 @@ def _paged_kernel_fits(q: jax.Array, k_cache: PagedLayerCache, window: int | Non
     return f32 and one_token and cpu.enabled()
 
 
-def _prefill_kernel_fits(q: jax.Array, window: int | None) -> bool:
+def _prefill_kernel_fits(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> bool:
     """A float32 prompt attending over itself (no cache, no window), on a layout that allows CPU kernels."""
-    return q.dtype == jnp.float32 and q.shape[1] > 1 and window is None and cpu.enabled()
+    f32 = q.dtype == k.dtype == v.dtype == jnp.float32
+    return f32 and q.shape[1] > 1 and window is None and cpu.enabled()
 
 
 def gqa_attention(
@@ -115,7 +116,7 @@ def gqa_attention(
     # No constraint here: the split of q's heads carries over to (kv, group) by itself, also when
     # kv_heads < tp (each device then attends with its own q heads against replicated K/V).
     qg = q.reshape(b, t, kv, h // kv, hd)
-    if k_cache is None and _prefill_kernel_fits(q, window):
+    if k_cache is None and _prefill_kernel_fits(q, k_new, v_new, window):
         return cpu.causal_prefill_attention(qg, k_new, v_new).reshape(b, t, h, hd)
     pos_new = start[:, None] + jnp.arange(t)[None, :]  # (B, T)
     if k_cache is None and t >= 2 * QUERY_BLOCK:
