@@ -84,13 +84,18 @@ def bench_generate(systems: dict, tokens: np.ndarray, new_tokens: int, runs: int
             out[name] = dict(status=f"failed: {type(e).__name__}: {e}")
             live.pop(name)
 
+    def first_call(gen):
+        rows = np.asarray(gen(tokens, new_tokens))
+        if rows.shape != (b, new_tokens):
+            raise RuntimeError(f"generated {rows.shape} tokens, expected {(b, new_tokens)}")
+        return rows
+
     for name, gen in systems.items():  # first call (compile for ours), then a warm-up of both lengths
         t0 = time.perf_counter()
-        first = attempt(name, lambda: np.asarray(gen(tokens, new_tokens)))
+        first = attempt(name, lambda: first_call(gen))
         if first is None:
             continue
         out[name] = dict(first_call_s=time.perf_counter() - t0, tokens_first_row=first[0][:16].tolist())
-        assert first.shape == (b, new_tokens), (name, first.shape)
         attempt(name, lambda: gen(tokens, 1))
     one = {name: [] for name in systems}
     full = {name: [] for name in systems}
