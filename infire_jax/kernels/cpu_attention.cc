@@ -19,9 +19,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using infire::exp_nonpositive;
 using infire::load;
-using infire::store;
+using infire::Online;
 using infire::vec;
 using infire::VW;
 
@@ -56,63 +55,6 @@ inline void dots(const float* q, const float* k, int64_t n, int64_t hd, float* o
   else
     dots_of<false>(q, k, n, hd, out);
 }
-
-// The running softmax of one query head: max, sum of exp(score - max) and the value sum `acc`.
-struct Online {
-  float max = -INFINITY, sum = 0.f;
-  float* acc = nullptr;  // hd floats
-  int64_t hd = 0;
-
-  // Positions with these scores (modified in place) and value rows v + s * hd.
-  void add(float* scores, const float* v, int64_t count) {
-    float top = max;
-    for (int64_t s = 0; s < count; ++s) top = std::max(top, scores[s]);
-    if (top > max) rescale(std::exp(max - top)), max = top;
-    int64_t s = 0;
-    for (; s + VW <= count; s += VW) store(scores + s, exp_nonpositive(load(scores + s) - max));
-    for (; s < count; ++s) scores[s] = std::exp(scores[s] - max);
-    for (s = 0; s < count; ++s) sum += scores[s];
-    weighted_sum(scores, v, count);
-  }
-
-  // acc += sum over s of w[s] * v[s * hd : (s + 1) * hd], a block of acc in registers across the
-  // positions (in memory, each position's update would wait on the previous one's store).
-  void weighted_sum(const float* w, const float* v, int64_t count) {
-    int64_t d = 0;
-    for (; d + 8 * VW <= hd; d += 8 * VW) {
-      vec a[8];
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) a[j] = load(acc + d + j * VW);
-      for (int64_t s = 0; s < count; ++s)
-#pragma GCC unroll 8
-        for (int j = 0; j < 8; ++j) a[j] += w[s] * load(v + s * hd + d + j * VW);
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) store(acc + d + j * VW, a[j]);
-    }
-    for (; d + VW <= hd; d += VW) {
-      vec a = load(acc + d);
-      for (int64_t s = 0; s < count; ++s) a += w[s] * load(v + s * hd + d);
-      store(acc + d, a);
-    }
-    for (; d < hd; ++d)
-      for (int64_t s = 0; s < count; ++s) acc[d] += w[s] * v[s * hd + d];
-  }
-
-  // Another head state over other positions (a chunk of the same row).
-  void merge(const Online& o) {
-    if (o.sum == 0.f) return;
-    const float top = std::max(max, o.max), mine = std::exp(max - top), theirs = std::exp(o.max - top);
-    rescale(mine);
-    sum += o.sum * theirs;
-    weighted_sum(&theirs, o.acc, 1);
-    max = top;
-  }
-
-  void rescale(float scale) {
-    sum *= scale;
-    for (float* a = acc; a < acc + hd; ++a) *a *= scale;
-  }
-};
 
 // A row is split into chunks of at least this many pages (one task each) only when the rows alone
 // would leave threads idle: enough tasks for one long request, few merges otherwise.

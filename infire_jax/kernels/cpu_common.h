@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -78,6 +79,89 @@ inline vec exp_nonpositive(vec x) {
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+// c[i * ldc + x] (+)= sum over r < depth of a[i * lda + r] * b[r * ldb + x], for i < M and x < NV * VW:
+// M x NV accumulators in registers, one broadcast of a and NV loads of b per step of r (no horizontal
+// sums). kAccumulate adds to c, else c is overwritten.
+template <int M, int NV, bool kAccumulate>
+inline void tile_product(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t depth, float* c, int64_t ldc) {
+  vec acc[M][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[i][j] = kAccumulate ? load(c + i * ldc + j * VW) : vec{};
+  for (int64_t r = 0; r < depth; ++r) {
+    vec bv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) bv[j] = load(b + r * ldb + j * VW);
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+      const vec ab = broadcast(a[i * lda + r]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[i][j] += ab * bv[j];
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < M; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) store(c + i * ldc + j * VW, acc[i][j]);
+}
+
+// o[i * ldo + d] += sum over s < count of w[i * ldw + s] * v[s * ldv + d], for i < M and d < hd:
+// NV vectors of d at a time in registers across the positions (in memory, each position's update
+// would wait on the previous one's store), then single vectors, then scalars.
+template <int M, int NV>
+inline void add_weighted_rows(const float* w, int64_t ldw, const float* v, int64_t ldv, int64_t count, float* o, int64_t ldo,
+                              int64_t hd) {
+  int64_t d = 0;
+  for (; d + NV * VW <= hd; d += NV * VW) tile_product<M, NV, true>(w, ldw, v + d, ldv, count, o + d, ldo);
+  for (; d + VW <= hd; d += VW) tile_product<M, 1, true>(w, ldw, v + d, ldv, count, o + d, ldo);
+  for (; d < hd; ++d)
+    for (int i = 0; i < M; ++i)
+      for (int64_t s = 0; s < count; ++s) o[i * ldo + d] += w[i * ldw + s] * v[s * ldv + d];
+}
+
+// The running softmax of one query head: max, sum of exp(score - max) and the value sum `acc`.
+struct Online {
+  float max = -INFINITY, sum = 0.f;
+  float* acc = nullptr;  // hd floats
+  int64_t hd = 0;
+
+  // Positions with these scores (modified in place) and value rows v + s * hd.
+  void add(float* scores, const float* v, int64_t count) {
+    float top = max;
+    for (int64_t s = 0; s < count; ++s) top = std::max(top, scores[s]);
+    raise_max(top);
+    int64_t s = 0;
+    for (; s + VW <= count; s += VW) store(scores + s, exp_nonpositive(load(scores + s) - max));
+    for (; s < count; ++s) scores[s] = std::exp(scores[s] - max);
+    for (s = 0; s < count; ++s) sum += scores[s];
+    weighted_sum(scores, v, count);
+  }
+
+  // acc += sum over s of w[s] * v[s * hd : (s + 1) * hd].
+  void weighted_sum(const float* w, const float* v, int64_t count) { add_weighted_rows<1, 8>(w, 0, v, hd, count, acc, 0, hd); }
+
+  // Another head state over other positions (a chunk of the same row).
+  void merge(const Online& o) {
+    if (o.sum == 0.f) return;
+    const float top = std::max(max, o.max), mine = std::exp(max - top), theirs = std::exp(o.max - top);
+    rescale(mine);
+    sum += o.sum * theirs;
+    weighted_sum(&theirs, o.acc, 1);
+    max = top;
+  }
+
+  // A new maximum: what was summed under the old one is rescaled to it.
+  void raise_max(float top) {
+    if (top > max) rescale(std::exp(max - top)), max = top;
+  }
+
+  void rescale(float scale) {
+    sum *= scale;
+    for (float* a = acc; a < acc + hd; ++a) *a *= scale;
+  }
+};
 
 // fn(i) for i in [0, n): the calling thread and up to (pool threads - 1) helpers claim indices from an
 // atomic counter, so a helper that starts late (or never) delays nothing and nothing can deadlock;

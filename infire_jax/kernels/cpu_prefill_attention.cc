@@ -19,64 +19,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using infire::broadcast;
+using infire::add_weighted_rows;
 using infire::exp_nonpositive;
 using infire::load;
+using infire::Online;
 using infire::store;
+using infire::tile_product;
 using infire::vec;
 using infire::VW;
 
 constexpr int64_t TQ = 16;      // query positions per task
 constexpr int64_t TK = 8 * VW;  // keys per step of the online softmax
 constexpr int MR = 6;           // query rows per register tile (MR x 2 accumulators, 2 operand vectors)
-
-// s[i * lds + j] = dot(q_i, k_j) for i < M rows of q (hd apart) and the NV * VW keys of kt, a
-// transposed (hd, ldk) block whose key j is column j.
-template <int M, int NV>
-inline void score_tile(const float* q, int64_t hd, const float* kt, int64_t ldk, float* s, int64_t lds) {
-  vec acc[M][NV] = {};
-  for (int64_t d = 0; d < hd; ++d) {
-    vec k[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) k[j] = load(kt + d * ldk + j * VW);
-#pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) {
-      const vec qb = broadcast(q[i * hd + d]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] += qb * k[j];
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store(s + i * lds + j * VW, acc[i][j]);
-}
-
-// o_i[0 : NV * VW] += sum over j < keys of p[i * ldp + j] * v_j[0 : NV * VW] for i < M rows of o (hd
-// apart); value row j at v + j * ldv.
-template <int M, int NV>
-inline void value_tile(const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t keys, float* o, int64_t hd) {
-  vec acc[M][NV];
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) acc[i][j] = load(o + i * hd + j * VW);
-  for (int64_t s = 0; s < keys; ++s) {
-    vec vv[NV];
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) vv[j] = load(v + s * ldv + j * VW);
-#pragma GCC unroll 8
-    for (int i = 0; i < M; ++i) {
-      const vec pb = broadcast(p[i * ldp + s]);
-#pragma GCC unroll 4
-      for (int j = 0; j < NV; ++j) acc[i][j] += pb * vv[j];
-    }
-  }
-#pragma GCC unroll 8
-  for (int i = 0; i < M; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NV; ++j) store(o + i * hd + j * VW, acc[i][j]);
-}
 
 template <int M>
 using Rows = std::integral_constant<int, M>;
@@ -106,59 +60,49 @@ struct Task {
 
   void run(int64_t b, int64_t kv, int64_t t0, int64_t t1) const {
     const int64_t rows = (t1 - t0) * G, head_row = KV * G * hd;  // floats between positions of q / out
-    std::vector<float> qs(rows * hd), o(rows * hd, 0.f), s(rows * TK), top(rows, -INFINITY), sum(rows, 0.f);
+    std::vector<float> qs(rows * hd), o(rows * hd, 0.f), s(rows * TK);
+    std::vector<Online> heads(rows);  // row r's softmax, its value sum in o
+    for (int64_t r = 0; r < rows; ++r) heads[r].acc = o.data() + r * hd, heads[r].hd = hd;
     for (int64_t t = t0; t < t1; ++t)
       std::copy_n(q + (b * T + t) * head_row + kv * G * hd, G * hd, qs.data() + (t - t0) * G * hd);
     const float* vb = v + (b * T * KV + kv) * hd;  // value row of position j: vb + j * KV * hd
     const float* ktb = kt + (b * KV + kv) * steps * hd * TK;
-    const int64_t hv = hd - hd % (2 * VW);
     for (int64_t j0 = 0; j0 < t1; j0 += TK) {
       const int64_t keys = std::min(TK, t1 - j0), kvecs = (keys + VW - 1) / VW;
       by_row_tiles(rows, [&](auto m, int64_t r) {  // scores of every key vector this step reaches
         constexpr int M = decltype(m)::value;
         const float *qr = qs.data() + r * hd, *block = ktb + j0 * hd;  // block: this step's (hd, TK) keys
         int64_t j = 0;
-        for (; j + 2 <= kvecs; j += 2) score_tile<M, 2>(qr, hd, block + j * VW, TK, s.data() + r * TK + j * VW, TK);
-        if (j < kvecs) score_tile<M, 1>(qr, hd, block + j * VW, TK, s.data() + r * TK + j * VW, TK);
+        for (; j + 2 <= kvecs; j += 2) tile_product<M, 2, false>(qr, hd, block + j * VW, TK, hd, s.data() + r * TK + j * VW, TK);
+        if (j < kvecs) tile_product<M, 1, false>(qr, hd, block + j * VW, TK, hd, s.data() + r * TK + j * VW, TK);
       });
       for (int64_t r = 0; r < rows; ++r) {  // mask past the diagonal, then the online softmax
         float* sr = s.data() + r * TK;
         const int64_t visible = std::min(keys, t0 + r / G - j0 + 1);  // keys j0 .. position of row r (>= 1)
         for (int64_t j = std::max<int64_t>(visible, 0); j < kvecs * VW; ++j) sr[j] = -INFINITY;
-        vec mv = broadcast(top[r]);  // masked scores are -inf: the max over whole vectors is the visible max
+        Online& h = heads[r];
+        vec mv = infire::broadcast(h.max);  // masked scores are -inf: the max over whole vectors is the visible max
         for (int64_t j = 0; j < kvecs * VW; j += VW) mv = mv > load(sr + j) ? mv : load(sr + j);
         float m = mv[0];
         for (int j = 1; j < VW; ++j) m = std::max(m, mv[j]);
-        if (m > top[r]) {
-          const float scale = std::exp(top[r] - m);
-          sum[r] *= scale;
-          for (float *a = o.data() + r * hd, *e = a + hd; a < e; ++a) *a *= scale;
-          top[r] = m;
-        }
+        h.raise_max(m);
         vec total{};
         for (int64_t j = 0; j < kvecs * VW; j += VW) store(sr + j, exp_nonpositive(load(sr + j) - m));
         std::fill(sr + std::max<int64_t>(visible, 0), sr + kvecs * VW, 0.f);  // exactly nothing past the diagonal
         for (int64_t j = 0; j < kvecs * VW; j += VW) total += load(sr + j);
-        sum[r] += infire::hsum(total);
+        h.sum += infire::hsum(total);
       }
-      by_row_tiles(rows, [&](auto m, int64_t r) {  // weighted values, NV vectors of head dims at a time
+      by_row_tiles(rows, [&](auto m, int64_t r) {  // weighted values, 2 vectors of head dims at a time
         constexpr int M = decltype(m)::value;
         const int64_t ks = std::min(keys, t0 + (r + M - 1) / G - j0 + 1);  // keys any of these rows sees
-        const float* p = s.data() + r * TK;
-        float* orow = o.data() + r * hd;
-        int64_t d = 0;
-        for (; d < hv; d += 2 * VW) value_tile<M, 2>(p, TK, vb + (j0 * KV) * hd + d, KV * hd, ks, orow + d, hd);
-        for (; d + VW <= hd; d += VW) value_tile<M, 1>(p, TK, vb + (j0 * KV) * hd + d, KV * hd, ks, orow + d, hd);
-        for (; d < hd; ++d)
-          for (int i = 0; i < M; ++i)
-            for (int64_t j = 0; j < ks; ++j) orow[i * hd + d] += p[i * TK + j] * vb[(j0 + j) * KV * hd + d];
+        add_weighted_rows<M, 2>(s.data() + r * TK, TK, vb + j0 * KV * hd, KV * hd, ks, o.data() + r * hd, hd, hd);
       });
     }
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = (t - t0) * G + g;
+        const Online& h = heads[(t - t0) * G + g];
         float* dst = out + (b * T + t) * head_row + (kv * G + g) * hd;
-        for (int64_t d = 0; d < hd; ++d) dst[d] = o[r * hd + d] / sum[r];
+        for (int64_t d = 0; d < hd; ++d) dst[d] = h.acc[d] / h.sum;
       }
   }
 };
