@@ -32,7 +32,8 @@ from absl import app, flags  # noqa: E402
 
 import bench_common as bc  # noqa: E402
 from infire_jax.kernels import cpu  # noqa: E402
-from infire_jax.models.attention import PagedLayerCache, gqa_attention  # noqa: E402
+from infire_jax.kv.paged import PagedLayerCache  # noqa: E402
+from infire_jax.models.attention import gqa_attention  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("batch_sizes", ["1", "16"], "Rows decoding at once.")

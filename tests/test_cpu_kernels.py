@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from infire_jax.kernels import cpu
-from infire_jax.models.attention import PagedLayerCache, gqa_attention
+from infire_jax.kv.paged import PagedLayerCache
+from infire_jax.models.attention import gqa_attention
 from infire_jax.mesh import make_mesh
 from infire_jax.models import layers
 from infire_jax.sharding import Layout, use_layout

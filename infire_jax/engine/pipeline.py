@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
 from infire_jax.kv import cache as kv_cache
-from infire_jax.models.attention import PagedLayerCache, rows_of_pages
+from infire_jax.kv.paged import PagedLayerCache, rows_of_pages
 from infire_jax.sharding import Layout, use_layout
 
 __all__ = ["prefill", "decode", "stage_specs"]

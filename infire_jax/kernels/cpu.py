@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infire_jax.sharding import current_layout
 
 __all__ = [
     "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "enabled", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
@@ -136,13 +135,6 @@ def available() -> bool:
             stacklevel=2,
         )
         return False
-
-
-def enabled() -> bool:
-    """Whether the program being traced may use these kernels: its layout allows them
-    (Layout.cpu_kernels: asked for, one CPU device) and they could be built."""
-    layout = current_layout()
-    return layout is not None and layout.cpu_kernels and available()
 
 
 def matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:

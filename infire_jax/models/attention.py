@@ -11,15 +11,15 @@ layer attends over its own group's cache, a windowed group's being a ring of W s
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from infire_jax.kernels import cpu
+from infire_jax.kernels import dispatch
+from infire_jax.kv.paged import PagedLayerCache
 
-__all__ = ["PagedLayerCache", "gqa_attention", "grouped_attention"]
+__all__ = ["gqa_attention", "grouped_attention"]
 
 _NEG = -1e30
 QUERY_BLOCK = 128  # prompt queries per causal block when there is no cache (see gqa_attention)
@@ -59,41 +59,6 @@ def _causal_blocks(q: jax.Array, k: jax.Array, v: jax.Array, pos: jax.Array, win
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4)
 
 
-def rows_of_pages(gathered: jax.Array) -> jax.Array:
-    """Pages gathered by a page table, (..., B, P, KV, page, hd), as each row's contiguous cache
-    (..., B, KV, P * page, hd)."""
-    *lead, p, kv, page, hd = gathered.shape
-    return jnp.swapaxes(gathered, -4, -3).reshape(*lead, kv, p * page, hd)
-
-
-@dataclasses.dataclass(frozen=True)
-class PagedLayerCache:
-    """One layer's view of a paged KV pool, as a decode step's cache: the pool of every layer
-    (L, pages, KV, page, hd), this layer's index and each row's page table (B, P) (row b's position
-    p is in page table[b, p // page]). Attention reads the pages in place where a kernel can
-    (kernels/cpu.py), else gathers them into a contiguous (B, KV, P * page, hd) cache."""
-
-    pages: jax.Array
-    table: jax.Array
-    layer: int
-
-    def gather(self) -> jax.Array:
-        return rows_of_pages(self.pages[self.layer][self.table])
-
-
-def _paged_kernel_fits(q: jax.Array, k_cache: PagedLayerCache, window: int | None) -> bool:
-    """One new float32 token per row over a paged cache, on a layout that allows CPU kernels."""
-    f32 = q.dtype == k_cache.pages.dtype == jnp.float32
-    one_token = q.shape[1] == 1 and window is None
-    return f32 and one_token and cpu.enabled()
-
-
-def _prefill_kernel_fits(q: jax.Array, k: jax.Array, v: jax.Array, window: int | None) -> bool:
-    """A float32 prompt attending over itself (no cache, no window), on a layout that allows CPU kernels."""
-    f32 = q.dtype == k.dtype == v.dtype == jnp.float32
-    return f32 and q.shape[1] > 1 and window is None and cpu.enabled()
-
-
 def gqa_attention(
     q: jax.Array,  # (B, T, H, hd), already rotated and scaled
     k_new: jax.Array,  # (B, T, KV, hd)
@@ -104,24 +69,37 @@ def gqa_attention(
     *,
     window: int | None = None,  # chunked-local attention: only keys in the same window of positions
 ) -> jax.Array:
+    """Attention output (B, T, H, hd); the kernel dispatch picks how each case runs."""
     b, t, h, hd = q.shape
     kv = k_new.shape[2]
     if isinstance(k_cache, PagedLayerCache):
-        if _paged_kernel_fits(q, k_cache, window):
-            out = cpu.paged_decode_attention(
-                q.reshape(b, kv, h // kv, hd), k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start, k_cache.layer
-            )
-            return out.reshape(b, t, h, hd)
-        k_cache, v_cache = k_cache.gather(), v_cache.gather()
+        pages = k_cache, v_cache
+        return dispatch.paged_decode_attention(
+            q, k_new, v_new, k_cache, v_cache, start, window,
+            xla=lambda: gqa_attention(q, k_new, v_new, start, pages[0].gather(), pages[1].gather(), window=window),
+        )
     # No constraint here: the split of q's heads carries over to (kv, group) by itself, also when
     # kv_heads < tp (each device then attends with its own q heads against replicated K/V).
     qg = q.reshape(b, t, kv, h // kv, hd)
-    if k_cache is None and _prefill_kernel_fits(q, k_new, v_new, window):
-        return cpu.causal_prefill_attention(qg, k_new, v_new).reshape(b, t, h, hd)
-    pos_new = start[:, None] + jnp.arange(t)[None, :]  # (B, T)
-    if k_cache is None and t >= 2 * QUERY_BLOCK:
-        return _causal_blocks(qg, k_new, v_new, pos_new, window).reshape(b, t, h, hd)
+    if k_cache is None:
+        return dispatch.causal_prefill_attention(
+            qg, k_new, v_new, window, xla=lambda: _prompt_attention(qg, k_new, v_new, start, window)
+        ).reshape(b, t, h, hd)
+    return _attention(qg, k_new, v_new, start, k_cache, v_cache, window).reshape(b, t, h, hd)
 
+
+def _prompt_attention(qg, k_new, v_new, start, window):
+    """XLA's causal attention of a prompt over itself: blocked for long prompts, else one softmax."""
+    t = qg.shape[1]
+    if t >= 2 * QUERY_BLOCK:
+        return _causal_blocks(qg, k_new, v_new, start[:, None] + jnp.arange(t)[None, :], window)
+    return _attention(qg, k_new, v_new, start, None, None, window)
+
+
+def _attention(qg, k_new, v_new, start, k_cache, v_cache, window):
+    """XLA's attention (B, T, KV, G, hd) of new tokens over an optional contiguous cache plus themselves."""
+    t = qg.shape[1]
+    pos_new = start[:, None] + jnp.arange(t)[None, :]  # (B, T)
     s_new = jnp.einsum("btkgd,bskd->bkgts", qg, k_new)
     mask_new = jnp.arange(t)[None, :, None] >= jnp.arange(t)[None, None, :]  # (1, T, T) causal
     if window is not None:
@@ -143,7 +121,7 @@ def gqa_attention(
         out = out + jnp.einsum("bkgts,bskd->btkgd", probs[..., s:], v_new)
     else:
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v_new)
-    return out.reshape(b, t, h, hd)
+    return out
 
 
 def grouped_attention(

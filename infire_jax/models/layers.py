@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infire_jax.kernels import cpu
+from infire_jax.compression.weights import EncodedWeight
+from infire_jax.kernels import dispatch
 from infire_jax.sharding import current_layout
 
 __all__ = ["materialize", "embed_lookup", "dense", "rms_norm", "rope_tables", "apply_rope", "gated_mlp"]
@@ -24,7 +25,7 @@ __all__ = ["materialize", "embed_lookup", "dense", "rms_norm", "rope_tables", "a
 def materialize(w: Any, dtype: jnp.dtype) -> jax.Array:
     """A stored weight in the compute dtype. bf16 -> f32 goes through bit operations: exact, and
     30-50x faster than `astype` on CPUs without native bf16 (identical result on GPUs)."""
-    if hasattr(w, "decode_f32"):  # compressed weight (infire_jax.compression.jax_decode)
+    if isinstance(w, EncodedWeight):  # compressed or quantised (compression/weights.py)
         w = w.decode_f32()
     if w.dtype == dtype:
         return w
@@ -43,14 +44,16 @@ def embed_lookup(table: Any, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
     converting the whole table, hoisted out of the decode loop (a 113 MB float32 copy per dispatch,
     31.6 ms for SmolLM-135M, 4 ms per one-row decode step); gathering the table's 16-bit patterns
     instead still copies the table once per dispatch (bitcast), so on a layout that allows CPU
-    kernels the rows come from one (kernels/cpu.py), elsewhere from the 16-bit gather."""
-    if hasattr(table, "decode_f32"):  # a compressed table decodes whole
+    kernels the rows come from one (kernels/dispatch.py), elsewhere from the 16-bit gather."""
+    if isinstance(table, EncodedWeight):  # a compressed table decodes whole
         return jnp.take(materialize(table, dtype), tokens, axis=0)
-    if table.dtype == jnp.bfloat16 and dtype == jnp.float32:
-        if cpu.enabled():
-            return cpu.embed_rows_bf16(table, tokens)
-        return _widen_bf16_bits(jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), tokens, axis=0))
-    return materialize(jnp.take(table, tokens, axis=0), dtype)
+
+    def xla() -> jax.Array:
+        if table.dtype == jnp.bfloat16 and dtype == jnp.float32:
+            return _widen_bf16_bits(jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), tokens, axis=0))
+        return materialize(jnp.take(table, tokens, axis=0), dtype)
+
+    return dispatch.embed_rows(table, tokens, dtype, xla=xla)
 
 
 def _as_matmul(spec: str) -> int:
@@ -64,46 +67,25 @@ def _as_matmul(spec: str) -> int:
     return n if ok and "." not in rhs else 0
 
 
-def _cpu_kernel_fits(x: jax.Array, w: Any, contracted: int) -> bool:
-    """Whether a plain projection runs the CPU few-row kernel (kernels/cpu.py): the layout allows it
-    (Layout.cpu_kernels), x is float32, the stored weight float32, bfloat16 or a one-device palette12
-    weight (read as stored: palette12 decodes inside the kernel, not to a float32 copy per step;
-    other compressed forms such as int4 experts keep XLA) and there are at most MATMUL_MAX_ROWS rows
-    (MATMUL_MAX_ROWS_BF16 for bf16 and palette12: XLA's path widens or decodes a float32 copy first)."""
-    rows = int(np.prod(x.shape[: x.ndim - contracted]))
-    if hasattr(w, "decode_f32"):  # compressed: the kernel takes palette12 in its one-device form
-        fits = hasattr(w, "as_rows") and w.as_rows(contracted) is not None and rows <= cpu.MATMUL_MAX_ROWS_BF16
-    else:
-        limit = cpu.MATMUL_MAX_ROWS_BF16 if w.dtype == jnp.bfloat16 else cpu.MATMUL_MAX_ROWS
-        fits = w.dtype in (jnp.float32, jnp.bfloat16) and rows <= limit
-    return fits and x.dtype == jnp.float32 and rows > 0 and cpu.enabled()
-
-
-def _cpu_matmul(x2: jax.Array, w: Any, contracted: int) -> jax.Array:
-    """x2 (M, K) @ w.T by the CPU kernel, w as stored (see _cpu_kernel_fits)."""
-    if hasattr(w, "decode_f32"):
-        return cpu.matmul_nt_palette12(x2, *w.as_rows(contracted))
-    return cpu.matmul_nt(x2, w.reshape(-1, x2.shape[1]))
-
-
 def dense(x: jax.Array, w: Any, spec: str, bias: Any = None) -> jax.Array:
     """einsum(spec, x, w) with the weight materialised in x's dtype (plus an optional bias).
 
     A plain projection runs as one 2-D dot_general of (tokens, K) with the weight viewed as (N, K):
     with higher-rank weights XLA:CPU canonicalises the dot by transposing the weight, a full copy of
-    it on every step (measured 3.4 vs 12.3 GB/s for a scanned (24, 64, 576) weight). A few float32
-    rows on one CPU device go to infire_jax's own kernel instead (_cpu_kernel_fits)."""
+    it on every step (measured 3.4 vs 12.3 GB/s for a scanned (24, 64, 576) weight). The kernel
+    dispatch may run it with a kernel that reads the weight as stored (kernels/dispatch.py)."""
     n = _as_matmul(spec)
-    kernel = n and _cpu_kernel_fits(x, w, n)
-    if not kernel:  # the kernel reads the weight as stored (some compressed forms have no shape before this)
-        w = materialize(w, x.dtype)
     if n:
-        k = int(np.prod(w.shape[w.ndim - n :]))
-        x2 = x.reshape(-1, k)
-        y = _cpu_matmul(x2, w, n) if kernel else jax.lax.dot_general(x2, w.reshape(-1, k), (((1,), (1,)), ((), ())))
-        y = y.reshape(x.shape[: x.ndim - n] + w.shape[: w.ndim - n])
+
+        def xla() -> jax.Array:
+            wm = materialize(w, x.dtype)  # some encoded forms have a shape only once decoded
+            k = int(np.prod(wm.shape[wm.ndim - n :]))
+            y = jax.lax.dot_general(x.reshape(-1, k), wm.reshape(-1, k), (((1,), (1,)), ((), ())))
+            return y.reshape(x.shape[: x.ndim - n] + wm.shape[: wm.ndim - n])
+
+        y = dispatch.projection(x, w, n, xla=xla)
     else:
-        y = jnp.einsum(spec, x, w)
+        y = jnp.einsum(spec, x, materialize(w, x.dtype))
     if bias is not None:
         y = y + materialize(bias, x.dtype)
     return y
