@@ -104,6 +104,7 @@ def main(argv: list[str]) -> None:
     t_start = time.perf_counter()
     logging.set_verbosity(logging.WARNING)
     from infire_jax.engine import batch
+    from infire_jax.engine.build import EngineOptions, build_engine
 
     if bool(FLAGS.prefill_workers) != bool(FLAGS.decode_workers):
         _fail("give both --prefill_workers and --decode_workers (disaggregated) or neither (colocated --mesh)")
@@ -145,10 +146,9 @@ def main(argv: list[str]) -> None:
 
             model_dir = FLAGS.model_dir or str(tiny.ensure_default_model())
             summary["model_dir"] = model_dir
-            engine = batch.build_engine(
-                model_dir, prefill_specs, decode_specs, rules=rules, dtype=FLAGS.dtype, decode_steps=FLAGS.decode_steps,
-                kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, max_decode_batch=FLAGS.max_decode_batch,
-            )
+            options = EngineOptions(decode_steps=FLAGS.decode_steps, kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
+                                    max_decode_batch=FLAGS.max_decode_batch)
+            engine = build_engine(model_dir, prefill_specs, decode_specs, rules=rules, dtype=FLAGS.dtype, options=options)
             builder = batch.RequestBuilder.from_model_dir(model_dir, context=engine.context,
                                                           default_max_tokens=FLAGS.max_tokens)
             summary["load_s"] = round(time.perf_counter() - t_start, 3)

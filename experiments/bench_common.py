@@ -298,7 +298,6 @@ def measure_matmul_peak(runs: int = 7) -> dict[str, Any]:
     """fp32 matmul GFLOP/s (median per shape) with jax (jit, x @ w.T and x @ w) and numpy.
     peak_gflops = the best median over all of them (the machine's attainable fp32 rate)."""
     import jax
-    import jax.numpy as jnp
 
     rng = np.random.default_rng(0)
     res: dict[str, Any] = {"jax": {}, "numpy": {}}

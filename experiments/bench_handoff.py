@@ -35,7 +35,6 @@ def main(argv):
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
-    import jax.numpy as jnp
     import numpy as np
 
     from infire_jax.kv import transfer

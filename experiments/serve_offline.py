@@ -57,27 +57,11 @@ def _devices_needed(specs: list[str]) -> int:
 
 
 def build_engine(model_dir, prefill_specs, decode_specs):
-    from infire_jax.api import _layout, place_model
-    from infire_jax.config import load_config
-    from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker
-    from infire_jax.engine.programs import Programs
+    from infire_jax.engine.build import EngineOptions, build_engine as build
 
-    cfg = load_config(model_dir)
-    placed: dict[str, Programs] = {}
-
-    def programs(spec):  # a mesh listed for both roles is one colocated placement
-        if spec not in placed:
-            p = place_model(model_dir, _layout(spec, None), cfg=cfg, dtype=FLAGS.dtype)
-            placed[spec] = Programs(p, decode_steps=FLAGS.decode_steps)
-        return placed[spec]
-
-    prefill = [PrefillWorker(f"prefill{i}:{s}", programs(s)) for i, s in enumerate(prefill_specs)]
-    decode = [
-        DecodeWorker(f"decode{i}:{s}", programs(s), num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
-                     max_batch=FLAGS.max_decode_batch)
-        for i, s in enumerate(decode_specs)
-    ]
-    return Engine(prefill, decode)
+    options = EngineOptions(decode_steps=FLAGS.decode_steps, kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
+                            max_decode_batch=FLAGS.max_decode_batch)
+    return build(model_dir, prefill_specs, decode_specs, dtype=FLAGS.dtype, options=options)
 
 
 def load_requests(vocab: int, tokenize) -> list[tuple[list[int], int]]:

@@ -18,6 +18,7 @@ import pytest
 
 from infire_jax.checkpoint import tiny
 from infire_jax.engine import batch
+from infire_jax.engine.build import build_engine
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "experiments" / "batch_generate.py"
@@ -173,7 +174,7 @@ def test_results_writer_redoes_a_torn_tail_and_locks(tmp_path):
 
 
 def test_text_stop_ends_the_request_early(model_dir, builder, tmp_path):
-    engine = batch.build_engine(model_dir, ["tp=1"], ["tp=1"])
+    engine = build_engine(model_dir, ["tp=1"], ["tp=1"])
     items = [batch.InputLine(1, "free", {"body": dict(prompt="hello world, this is", max_tokens=40, ignore_eos=True)}),
              batch.InputLine(2, "stop", {"body": dict(prompt="hello world, this is", max_tokens=40, stop="\n")})]
     with batch.ResultsWriter(tmp_path / "out.jsonl") as w:

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 import infire_jax
-from infire_jax.api import place_model, _layout
+from infire_jax.engine.build import place_programs
 from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker
-from infire_jax.engine.programs import Programs
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.kv import transfer
 from infire_jax.kv.cache import OutOfPages, PageAllocator
@@ -54,7 +53,7 @@ def test_disaggregated_equals_colocated_with_staggered_arrivals(model_dir, coloc
 
 
 def test_kv_layout_mismatch_raises(model_dir):
-    p = Programs(place_model(model_dir, _layout("tp=1@0", None)))
+    p = place_programs(model_dir, "tp=1@0")
     spec = p.kv_spec()
     other = transfer.KVSpec(spec.model, spec.num_layers, spec.heads, spec.dims, "bfloat16", spec.logical_axes)
     with pytest.raises(transfer.KVLayoutMismatch, match="dtype"):
@@ -87,11 +86,11 @@ def test_500_requests_two_prefill_one_decode_with_too_few_pages(model_dir, coloc
     new = [int(n) for n in rng.integers(1, 7, 500)]
     want = [colocated.run_requests([p], [SamplingParams(n)])[0].output for p, n in zip(prompts[:40], new[:40])]
     prefill = [
-        PrefillWorker(f"prefill{i}", Programs(place_model(model_dir, _layout(f"tp=1@{i}", None))), max_batch=8)
+        PrefillWorker(f"prefill{i}", place_programs(model_dir, f"tp=1@{i}"), max_batch=8)
         for i in range(2)
     ]
     decode = DecodeWorker(
-        "decode", Programs(place_model(model_dir, _layout("tp=2@2-3", None)), decode_steps=4),
+        "decode", place_programs(model_dir, "tp=2@2-3", decode_steps=4),
         num_pages=12, page_size=8, max_batch=16,
     )
     engine = Engine(prefill, [decode])

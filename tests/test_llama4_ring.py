@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 import infire_jax
-from infire_jax.api import _layout, place_model
+from infire_jax.engine.build import place_programs
 from infire_jax.engine.disagg import DecodeWorker
-from infire_jax.engine.programs import Programs
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.kv import cache as kv_cache
 from tests.helpers import save_reference, torch_greedy, torch_logits
@@ -86,7 +85,7 @@ def test_ring_memory_does_not_grow_with_the_context(model):
 def test_models_without_chunked_layers_keep_one_cache(tmp_path):
     """Other families: no cache groups, one page array per k/v over every layer slot, as before."""
     save_reference("llama", tmp_path)
-    programs = Programs(place_model(tmp_path, _layout("tp=1", None)))
+    programs = place_programs(tmp_path, "tp=1")
     worker = DecodeWorker("d", programs, num_pages=8, page_size=4, max_batch=2)
     assert programs.cache_groups is None and programs.kv_spec().groups == () and len(worker.pools) == 1
     assert isinstance(worker.k_pages, jax.Array) and worker.k_pages.shape == (3, 8, 2, 4, 16)

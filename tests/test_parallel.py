@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import infire_jax
-from infire_jax.api import stage_slots
+from infire_jax.sharding import stage_slots
 from infire_jax.engine.inspect import hlo_collectives, inspect_model, layout_figure, layout_table
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.mesh import MeshSpecError, make_mesh, parse_mesh

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from infire_jax.checkpoint import hf
+from infire_jax.compression.weights import EncodedWeight
 
 __all__ = ["MARKER", "is_saved_model", "save", "restore", "split_layers"]
 
@@ -47,7 +48,7 @@ def _canonical_values(placed: Any) -> dict[str, tuple[Any, tuple]]:
     slots = np.asarray(placed.module.layer_slots)
     out, per_layer = {}, {}
     for name, var in _flat(placed.state).items():
-        if hasattr(var.get_value(), "decode_f32"):
+        if isinstance(var.get_value(), EncodedWeight):
             raise ValueError(
                 "Model.save does not write compressed weights; the compressed checkpoint directory the "
                 "model was loaded from is already its saved form (or load the original and save that)"
@@ -127,7 +128,7 @@ def _repeat_kv(value: jax.Array, axes: tuple, r: int) -> jax.Array:
 
 
 def _kv_repeat(module: Any) -> int:
-    return getattr(module, "kv_heads", module.cfg.num_kv_heads) // module.cfg.num_kv_heads
+    return module.kv_heads // module.cfg.num_kv_heads
 
 
 def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_slots: tuple[int, ...], kv_repeat: int = 1) -> None:

@@ -59,7 +59,6 @@ __all__ = [
     "RequestBuilder",
     "ResultsWriter",
     "run_job",
-    "build_engine",
     "engine_throughput",
     "result_key",
 ]
@@ -731,42 +730,6 @@ def run_job(
 # ------------------------------------------------------------------------------------------------
 # Engines
 # ------------------------------------------------------------------------------------------------
-
-def build_engine(
-    model_dir: str | os.PathLike,
-    prefill_specs: Sequence[str],
-    decode_specs: Sequence[str],
-    *,
-    rules: dict | None = None,
-    dtype: str = "float32",
-    decode_steps: int = 8,
-    kv_pages: int = 512,
-    page_size: int = 16,
-    max_decode_batch: int = 16,
-):
-    """An Engine with one prefill worker per spec of prefill_specs and one decode worker per spec of
-    decode_specs (a spec listed for both roles is one colocated placement), as serve_offline.py."""
-    from infire_jax.api import _layout, place_model
-    from infire_jax.config import load_config
-    from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker
-    from infire_jax.engine.programs import Programs
-
-    cfg = load_config(model_dir)
-    placed: dict[str, Programs] = {}
-
-    def programs(spec: str) -> Programs:
-        if spec not in placed:
-            p = place_model(model_dir, _layout(spec, rules), cfg=cfg, dtype=dtype)
-            placed[spec] = Programs(p, decode_steps=decode_steps)
-        return placed[spec]
-
-    prefill = [PrefillWorker(f"prefill{i}:{s}", programs(s)) for i, s in enumerate(prefill_specs)]
-    decode = [
-        DecodeWorker(f"decode{i}:{s}", programs(s), num_pages=kv_pages, page_size=page_size, max_batch=max_decode_batch)
-        for i, s in enumerate(decode_specs)
-    ]
-    return Engine(prefill, decode)
-
 
 def engine_throughput(engine, prompts: Sequence[np.ndarray], params: Sequence[SamplingParams]) -> dict[str, Any]:
     """serve_offline.py's measurement on this engine: submit every request, Engine.run(), stats()."""

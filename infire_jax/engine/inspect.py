@@ -215,7 +215,7 @@ def layout_table(placed: Any) -> str:
     slots = module.layer_slots
     per_stage = len(module.active) // mesh.shape["pp"]
     lines = [f"mesh {dict(mesh.shape)}  rules: " + ", ".join(f"{k}->{v}" for k, v in layout.rules.items() if v)]
-    stored_kv = getattr(module, "kv_heads", cfg.num_kv_heads)  # KV heads may be repeated for tp
+    stored_kv = module.kv_heads  # KV heads may be repeated for tp
     repeat = stored_kv // cfg.num_kv_heads
     sizes = dict(heads=cfg.num_heads, kv_heads=stored_kv, mlp=cfg.intermediate_size, vocab=cfg.vocab_size)
     for idx, dev in np.ndenumerate(mesh.devices):

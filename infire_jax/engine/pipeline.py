@@ -25,7 +25,6 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
-from infire_jax.kv import cache as kv_cache
 from infire_jax.kv.paged import PagedLayerCache, rows_of_pages
 from infire_jax.sharding import Layout, use_layout
 
@@ -158,7 +157,7 @@ def decode(
     b = tokens.shape[0]
     mb = b // pp
     ticks = steps * pp + pp - 1
-    groups = kv_cache.cache_groups(module)
+    groups = module.cache_groups()
     windows = groups.windows if groups else (None,)
     # per group, (stages, stage-local stack) -> the stage-local slot whose new K/V it stores
     write_slots = [jnp.asarray(t) for t in groups.write_slots(len(module.active) // pp)] if groups else None
@@ -180,7 +179,7 @@ def decode(
                 tables = [_rows(t, r0, mb) for t in as_groups(page_table)]
                 x_in = jnp.where(s == 0, model.embed_tokens(_rows(toks, r0, mb)[:, None]), recv)
                 ctx = model.context(pos, 1)
-                per_layer = getattr(model, "unrolled", False)
+                per_layer = model.unrolled
                 kc = tuple(_gather_pages(k, t, per_layer) for k, t in zip(kp, tables))
                 vc = tuple(_gather_pages(v, t, per_layer) for v, t in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])

@@ -8,7 +8,6 @@ several decode steps (with on-device sampling) per dispatch.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import Any
@@ -21,8 +20,9 @@ from flax import nnx
 from infire_jax.engine import pipeline
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
+from infire_jax.loader import PlacedModel
 from infire_jax.engine.sampling import sample
-from infire_jax.sharding import Layout, use_layout
+from infire_jax.sharding import use_layout
 
 __all__ = ["Programs", "bucket", "PlacedModel"]
 
@@ -45,23 +45,6 @@ def _xla_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any rejection means: do not pass the option
         return False
-
-
-@dataclasses.dataclass
-class PlacedModel:
-    """An NNX model's graph and its parameters placed on a layout."""
-
-    graphdef: Any
-    state: Any  # nnx.State of jax.Arrays with NamedShardings
-    layout: Layout
-
-    @functools.cached_property
-    def module(self) -> Any:
-        return nnx.merge(self.graphdef, self.state)
-
-    @property
-    def cfg(self):
-        return self.module.cfg
 
 
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
@@ -191,7 +174,7 @@ class Programs:
     # for every other model they are single values, as they always were (`pack`).
     @functools.cached_property
     def cache_groups(self) -> kv_cache.CacheGroups | None:
-        return kv_cache.cache_groups(self.placed.module)
+        return self.placed.module.cache_groups()
 
     def pack(self, per_group: Any) -> Any:
         """Per-group values in the form the page arguments take: a tuple, or the value of the one group."""
@@ -281,7 +264,7 @@ class Programs:
     @property
     def kv_repeat(self) -> int:
         m = self.placed.module
-        return getattr(m, "kv_heads", m.cfg.num_kv_heads) // m.cfg.num_kv_heads
+        return m.kv_heads // m.cfg.num_kv_heads
 
     def canonical_kv_shardings(self, b: int, t: int) -> tuple[jax.sharding.NamedSharding, ...]:
         spec = self.kv_spec()

@@ -124,6 +124,15 @@ class WorkerConfig:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
 
+    def engine_options(self):
+        """This worker's settings as the engine builder takes them (engine/build.py)."""
+        from infire_jax.engine.build import EngineOptions
+
+        return EngineOptions(
+            decode_steps=self.decode_steps, kv_pages=self.num_pages, page_size=self.page_size,
+            max_decode_batch=self.max_batch, prefill_max_tokens=self.max_batch_tokens,
+        )
+
     def mesh_devices(self) -> int:
         from infire_jax.mesh import parse_mesh
 
@@ -190,14 +199,15 @@ class _Server:
     def __init__(self, cfg: WorkerConfig, opts: dict[str, Any], conn):
         import jax
 
-        from infire_jax.api import _layout, place_model
-        from infire_jax.engine.programs import Programs
+        from infire_jax.engine.build import place_programs
         from infire_jax.kv.remote_transfer import TransferEndpoint
 
         self.cfg, self.opts, self.conn = cfg, opts, conn
-        self.layout = _layout(cfg.mesh, cfg.rules)
-        placed = place_model(opts["model_dir"], self.layout, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype)
-        self.programs = Programs(placed, decode_steps=cfg.decode_steps)
+        self.programs = place_programs(
+            opts["model_dir"], cfg.mesh, rules=cfg.rules, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
+            decode_steps=cfg.decode_steps,
+        )
+        self.layout = self.programs.layout
         self.kv_spec = self.programs.kv_spec()
         self.endpoint = TransferEndpoint(int(opts.get("num_transports", 2)))
         self.tamper: dict[str, Any] = {}  # test hooks (the "debug" message): simulate a misbehaving peer
@@ -226,9 +236,9 @@ class _Server:
 class _PrefillServer(_Server):
     def __init__(self, cfg, opts, conn):
         super().__init__(cfg, opts, conn)
-        from infire_jax.engine.disagg import PrefillWorker
+        from infire_jax.engine.build import prefill_worker
 
-        self.worker = PrefillWorker(cfg.name, self.programs, max_batch=cfg.max_batch, max_batch_tokens=cfg.max_batch_tokens)
+        self.worker = prefill_worker(cfg.name, self.programs, cfg.engine_options())
         self.uuids = itertools.count(1)
 
     def serve(self) -> None:
@@ -324,11 +334,9 @@ class _PrefillServer(_Server):
 class _DecodeServer(_Server):
     def __init__(self, cfg, opts, conn):
         super().__init__(cfg, opts, conn)
-        from infire_jax.engine.disagg import DecodeWorker
+        from infire_jax.engine.build import decode_worker
 
-        self.worker = DecodeWorker(
-            cfg.name, self.programs, num_pages=cfg.num_pages, page_size=cfg.page_size, max_batch=cfg.max_batch
-        )
+        self.worker = decode_worker(cfg.name, self.programs, cfg.engine_options())
         self.requests: dict[Any, Any] = {}  # id -> disagg.Request, while it lives here
         self.sent: dict[Any, int] = {}  # id -> tokens already reported
 

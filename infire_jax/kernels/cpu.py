@@ -42,7 +42,7 @@ import numpy as np
 
 
 __all__ = [
-    "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "enabled", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
+    "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
     "matmul_nt_palette12", "paged_decode_attention", "causal_prefill_attention",
 ]
 

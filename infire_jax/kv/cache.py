@@ -7,9 +7,8 @@ up to the decode chunk), so a running request never runs out; a request that doe
 and pages return to the free list when it finishes or fails.
 
 Cache groups. A model may declare that its layers fall into groups cached differently
-(`module.cache_groups()` -> CacheGroups; models without the hook are one full-length group and run
-exactly the programs they always did). Each group has its own pair of page arrays (layers of that
-group only) and its own page allocator, and every request its own page list per group:
+(`module.cache_groups()` -> CacheGroups, or None: one full-length group; models/contract.py). Each
+group has its own pair of page arrays (layers of that group only) and its own page allocator, and every request its own page list per group:
   window None  every position is kept: a request's pages grow with its length (global attention).
   window W     the layer only reads keys of the query's own window of W positions (Llama 4's chunked
                attention: positions floor(p / W) * W .. p), so the group keeps a ring of W positions
@@ -32,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "PageAllocator", "OutOfPages", "paged_axes", "pages_needed", "CacheGroups", "Pool", "cache_groups", "pools",
+    "PageAllocator", "OutOfPages", "paged_axes", "pages_needed", "CacheGroups", "Pool", "pools",
     "ring_window",
 ]
 
@@ -108,12 +107,6 @@ class CacheGroups:
                         table[stage, index[stage, slot]] = slot
             out.append(table)
         return out
-
-
-def cache_groups(module: Any) -> CacheGroups | None:
-    """The module's cache groups, or None for a model cached as one full-length group."""
-    hook = getattr(module, "cache_groups", None)
-    return hook() if hook is not None else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -86,6 +86,14 @@ class Llama(nnx.Module):
     # caches a pair of arrays with these logical axes (MLA: the latent and the rope key).
     kv_logical_axes = ("layers", "batch", "kv_heads", "cache_seq", "head_dim")
 
+    @staticmethod
+    def ffn_kinds(cfg: ModelConfig) -> tuple[str, ...]:
+        return ("dense",) * cfg.num_layers
+
+    def cache_groups(self) -> None:
+        """One full-length cache for every layer."""
+        return None
+
     @property
     def unrolled(self) -> bool:
         """Layers run as an unrolled loop (so a caller may pass the KV cache as a per-layer list)."""

@@ -566,6 +566,16 @@ class MoEDecoder(nnx.Module):
             out[KINDS[self.plan.slot_kind[slot]]].append((layer, self.plan.slot_pos[slot]))
         return {k: tuple(v) for k, v in out.items() if v}
 
+    @property
+    def kv_heads(self) -> int:
+        """KV heads as cached (MoE families never repeat them for tp)."""
+        return self.cfg.num_kv_heads
+
+    @property
+    def unrolled(self) -> bool:
+        """The layers are stacked and scanned (never a per-layer list)."""
+        return False
+
     # ---- family hooks ----------------------------------------------------------------------
     @staticmethod
     def ffn_kinds(cfg: ModelConfig) -> tuple[str, ...]:

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import pathlib
@@ -265,14 +264,6 @@ class AbstractModel:
         return self.layer_slots[i] // (self.num_slots // self.stages)
 
 
-def _family_class(cfg: ModelConfig):
-    from infire_jax.models import FAMILIES
-
-    if cfg.family not in FAMILIES:
-        raise ConfigError(f"model family {cfg.family!r} has no registered model class (models.FAMILIES: {sorted(FAMILIES)})")
-    return FAMILIES[cfg.family][0]
-
-
 def build_abstract(
     cfg: ModelConfig,
     mesh: str,
@@ -282,31 +273,26 @@ def build_abstract(
     weights: str = "bf16",
     int4_native: bool = False,
 ) -> AbstractModel:
-    """Build the family class abstractly (nnx.eval_shape) for `mesh` + `rules` and shard every
-    parameter as the loader would (api.place_model's layer slots and kv_repeat rule)."""
-    import jax.numpy as jnp
+    """Build the family abstractly for `mesh` + `rules` exactly as the loader does (loader.abstract_model:
+    its layer slots and kv_repeat rule; layers stacked) and shard every parameter."""
     from flax import nnx
 
     from infire_jax import mesh as mesh_lib
-    from infire_jax.sharding import DEFAULT_RULES, Layout, stage_slots, use_layout
+    from infire_jax.loader import abstract_model
+    from infire_jax.models import family_of
+    from infire_jax.sharding import DEFAULT_RULES, Layout
 
     spec = mesh_lib.parse_mesh(mesh)
     layout = Layout(_abstract_mesh(spec), dict(rules or DEFAULT_RULES))
     mesh_shape = dict(spec.sizes)
     if layout.axis_size("layers") > cfg.num_layers:
         raise PlanError(f"mesh {mesh}: {layout.axis_size('layers')} pipeline stages for {cfg.num_layers} layers")
-    cls = _family_class(cfg)
-    num_slots, slots = stage_slots(cfg.num_layers, layout.axis_size("layers"))
-    kwargs: dict[str, Any] = dict(layer_slots=slots, num_slots=num_slots)
-    tp_ways = layout.axis_size("kv_heads")
-    kv_repeat = 1
-    if "kv_repeat" in inspect.signature(cls.__init__).parameters and cfg.num_kv_heads < tp_ways and tp_ways % cfg.num_kv_heads == 0:
-        kv_repeat = tp_ways // cfg.num_kv_heads
-        kwargs["kv_repeat"] = kv_repeat
-    dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[param_dtype]
-    with warnings.catch_warnings(), np.errstate(all="ignore"), use_layout(layout):
+    if param_dtype not in ("bfloat16", "float32"):
+        raise PlanError(f"param_dtype {param_dtype!r}: the planner sizes 'bfloat16' or 'float32' weights")
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
-        module = nnx.eval_shape(lambda: cls(cfg, **kwargs, param_dtype=dtype, compute_dtype=dtype))
+        module, options = abstract_model(cfg, layout, dtype=param_dtype, compute_dtype=param_dtype, layer_list=False)
+    kv_repeat, num_slots, slots = options.kv_repeat, options.num_slots, options.layer_slots
     _, state = nnx.split(module)
     params = []
     for path, var in nnx.to_flat_state(state):
@@ -334,7 +320,7 @@ def build_abstract(
         pspec = tuple(layout.spec(kv_axes, s))
         shard = _split_sizes(pspec, mesh_shape, s)
         slot_shard.append((1,) + tuple(shard[1:]))
-    kinds = cls.ffn_kinds(cfg) if hasattr(cls, "ffn_kinds") else ("dense",) * cfg.num_layers
+    kinds = family_of(cfg).ffn_kinds(cfg)
     return AbstractModel(
         cfg=cfg, mesh=str(spec), mesh_shape=mesh_shape, rules=dict(layout.rules), num_slots=num_slots,
         layer_slots=tuple(slots), kv_repeat=kv_repeat, params=params, kv_axes=kv_axes, kv_slot_shapes=slot_shapes,
