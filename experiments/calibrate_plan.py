@@ -12,22 +12,25 @@ times are process CPU time (this machine is shared; see the module docstring of 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from absl import app, flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+FLAGS = flags.FLAGS
+flags.DEFINE_string("out", "calibrate_plan.json", "Write the report JSON here.")
+flags.DEFINE_integer("runs", 5, "Timed runs per case (median).")
+flags.DEFINE_string("root", None, "Where the tiny checkpoints are written (default: a temp dir).")
+flags.DEFINE_string("models", None, "Comma-separated subset of smollm-L8,smollm-L30,smollm-L16-D384.")
+flags.DEFINE_bool("wall", False, "Wall time on all cores instead of CPU time on one core.")
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="calibrate_plan.json")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--root", default=None, help="where the tiny checkpoints are written (default: a temp dir)")
-    ap.add_argument("--models", default=None, help="comma-separated subset of smollm-L8,smollm-L30,smollm-L16-D384")
-    ap.add_argument("--wall", action="store_true", help="wall time on all cores instead of CPU time on one core")
-    args = ap.parse_args(argv)
+
+def main(argv) -> int:
+    del argv
+    args = FLAGS
 
     from infire_jax.plan import calibrate as cal
 
@@ -52,4 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

@@ -18,12 +18,28 @@ and a one-line message.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
+from absl import app, flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "kimi_k25", "A name in configs/models/, a config.json path or a model directory.")
+flags.DEFINE_string("hardware", "h100", "Accelerator (plan/hardware.py): h100, h200, b200, cpu, ...")
+flags.DEFINE_integer("count", 8, "Devices.")
+flags.DEFINE_string("weights", "auto", "auto | bf16 | int4_experts | compressed | fp32")
+flags.DEFINE_string("mesh", None, "e.g. tp=8 or pp=2,tp=4 (default: search every pp x ep x tp mesh).")
+flags.DEFINE_string("kv_dtype", "bf16", "KV cache dtype.")
+flags.DEFINE_string("role", "colocated", "colocated | prefill | decode (sets the activation workspace).")
+flags.DEFINE_integer("max_step_tokens", None, "Tokens per forward (default 4096; decode: batch).")
+flags.DEFINE_integer("max_decode_batch", 256, "Decode batch the activations are sized for.")
+flags.DEFINE_string("objective", "kv_bytes", "kv_bytes | tokens (mesh search).")
+flags.DEFINE_bool("json", False, "Print one JSON object.")
+flags.DEFINE_string("plot", None, "PNG: memory per device of the best plans.")
+flags.DEFINE_string("standard_plot", None, "PNG of K2.5 7/8xH100 (int4) and Scout 1/2xH200 (bf16).")
 
 
 def _weights(model: str, weights: str) -> str:
@@ -84,22 +100,9 @@ def plot_memory(plans, path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="kimi_k25")
-    ap.add_argument("--hardware", default="h100")
-    ap.add_argument("--count", type=int, default=8)
-    ap.add_argument("--weights", default="auto", help="auto | bf16 | int4_experts | compressed | fp32")
-    ap.add_argument("--mesh", default=None, help="e.g. tp=8 or pp=2,tp=4 (default: search)")
-    ap.add_argument("--kv_dtype", default="bf16")
-    ap.add_argument("--role", default="colocated", help="colocated | prefill | decode (sets the activation workspace)")
-    ap.add_argument("--max_step_tokens", type=int, default=None, help="tokens per forward (default 4096; decode: batch)")
-    ap.add_argument("--max_decode_batch", type=int, default=256)
-    ap.add_argument("--objective", default="kv_bytes", help="kv_bytes | tokens (mesh search)")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--plot", default=None, help="PNG: memory per device of the best plans")
-    ap.add_argument("--standard_plot", default=None, help="PNG of K2.5 7/8xH100 (int4) and Scout 1/2xH200 (bf16)")
-    args = ap.parse_args(argv)
+def main(argv) -> int:
+    del argv
+    args = FLAGS
 
     from infire_jax.plan.capacity import ConfigError, Deployment, HardwareError, PlanError, plan_best
 
@@ -148,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

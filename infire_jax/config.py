@@ -11,7 +11,16 @@ import json
 import pathlib
 from typing import Any, Callable
 
-__all__ = ["ModelConfig", "ConfigError", "from_hf_config", "load_config", "FAMILIES", "NESTED"]
+__all__ = ["ModelConfig", "ConfigError", "from_hf_config", "load_config", "FAMILIES", "NESTED", "configs_dir"]
+
+
+def configs_dir() -> pathlib.Path:
+    """The shipped configs (deployments/, models/): inside the package after a plain install (pyproject
+    maps the repository's configs/ to infire_jax/configs), the repository's top-level configs/ in a source
+    checkout or an editable install, where users edit them."""
+    package = pathlib.Path(__file__).resolve().parent
+    installed = package / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
 
 
 class ConfigError(ValueError):

@@ -31,7 +31,6 @@ __all__ = [
     "stage_slots",
 ]
 
-DEPLOYMENTS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs" / "deployments"
 
 MeshAxes = str | tuple[str, ...] | None
 
@@ -135,11 +134,14 @@ def logical_spec(
 
 def load_deployment(name_or_path: str | pathlib.Path) -> tuple[str, dict[str, MeshAxes]]:
     """(mesh spec, rules table) of a deployment JSON: a path, or a name in configs/deployments/."""
+    from infire_jax.config import configs_dir
+
+    shipped = configs_dir() / "deployments"
     path = pathlib.Path(name_or_path)
     if not path.is_file():
-        path = DEPLOYMENTS_DIR / f"{name_or_path}.json"
+        path = shipped / f"{name_or_path}.json"
     if not path.is_file():
-        known = sorted(p.stem for p in DEPLOYMENTS_DIR.glob("*.json"))
+        known = sorted(p.stem for p in shipped.glob("*.json"))
         raise FileNotFoundError(f"no deployment {name_or_path!r}: give a JSON path or one of {known}")
     spec = json.loads(path.read_text())
     rules = dict(DEFAULT_RULES) | {k: tuple(v) if isinstance(v, list) else v for k, v in spec.get("rules", {}).items()}

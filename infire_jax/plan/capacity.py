@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from infire_jax.config import ConfigError, ModelConfig, from_hf_config
+from infire_jax.config import ConfigError, ModelConfig, configs_dir, from_hf_config
 from infire_jax.plan.hardware import GiB, Hardware, HardwareError, get_hardware
 
 __all__ = [
@@ -68,7 +68,7 @@ __all__ = [
     "candidate_meshes",
 ]
 
-MODELS_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs" / "models"
+MODELS_DIR = configs_dir() / "models"
 WEIGHT_FORMATS = ("bf16", "fp32", "int4_experts", "compressed")
 INT4_GROUP = 32
 INT4_RATIO = (0.5 + 2.0 / INT4_GROUP) / 2.0  # int4 + one bf16 scale per 32 weights, over bf16: 0.28125

@@ -1,0 +1,414 @@
+"""Compressed checkpoints: the distribution format on disk, the runtime format on the device.
+
+Directory layout written by :func:`compress_checkpoint` (experiments/compress_checkpoint.py)::
+
+    manifest.json          format tag, per-tensor entry and whole-model totals (below)
+    weights-00001.ijxc     container(s): 8-byte magic b"IJXCONT1", then one blob per tensor, each
+    ...                    64-byte aligned; a blob is compression.to_bytes(encode(t, "huffman"))
+    config.json, generation_config.json, tokenizer*.json, ...   copied from the source
+
+Every tensor is stored as bf16 (an fp32/fp16 source is rounded to bf16 first, round-to-nearest-even
+as ``astype`` does, and its manifest entry says ``source_dtype``), encoded with the Huffman
+distribution format, or raw where that does not pay. Manifest entry per tensor: file, offset,
+nbytes (the blob: payload + a ~0.3 KB self-describing header, which dominates for tiny tensors such
+as norms), payload_bytes, crc32 (of the blob), kind, shape, dtype, source_dtype, bf16_bytes, ratio
+(nbytes / bf16_bytes) and the runtime (palette12) bytes and ratio; ``totals`` holds whole-model
+ratios (all tensors, and the matrices alone).
+
+:func:`load_into` (reached through ``infire_jax.load(dir)``) first checks every container's size
+against the manifest (a truncated file fails before anything is decoded, naming the first tensor
+cut off), then reads each tensor, verifies its CRC32 (a flipped byte fails naming the tensor), and
+places the model's parameters:
+
+* stacked layer matrices (logical axes start with "layers", rank >= 3: wqkv, wo, w_gate_up,
+  w_down) become :class:`~infire_jax.compression.jax_decode.Palette12Weight` values in codec's
+  blocked palette12 layout (12 bits per weight): a palette per layer slot; each layer slice stored
+  in its natural (out..., in...) order (the decoded array is the (N, K) operand of layers.dense's
+  2-D dot as is, no transposing copy) and cut into the blocks the layout's sharding gives
+  each device, every block packed on its own with its own escape list. Leaves: packed_idx /
+  sign_mant sharded exactly as the bf16 weight would be (layers on pp, heads / kv_heads / mlp on
+  tp, in stored axis order), palette (L, 16) on pp, escapes (L, G, E) on (pp, the weight's tp
+  axes). Every leaf has the leading layers axis, so pipeline.stage_specs (one P("pp") per
+  Variable, a pytree prefix of its leaves) and the lax.scan over layers work unchanged, and inside
+  the step each device decodes only its own shard (a shard_map over the weight's mesh axes, see
+  Palette12Weight.decode_f32): no weight collectives, and tp peers hold 1/tp of the compressed
+  weight, as with bf16. A matrix for which this would not be smaller than bf16 stays raw.
+* everything else (embeddings, LM head, norms, biases) is placed raw in the model's param dtype,
+  exactly like the safetensors loader does (bf16 -> f32 is exact).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import shutil
+import warnings
+import zlib
+from typing import Any, Callable, Iterable
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from infire_jax.compression import codec
+from infire_jax.checkpoint import hf
+
+__all__ = [
+    "FORMAT",
+    "MANIFEST",
+    "CompressedCheckpointError",
+    "compress_checkpoint",
+    "is_compressed_checkpoint",
+    "read_manifest",
+    "read_tensor",
+    "load_into",
+]
+
+FORMAT = "infire_jax-compressed-v1"
+MANIFEST = "manifest.json"
+CONTAINER_MAGIC = b"IJXCONT1"
+_ALIGN = 64
+_COPIED = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt", "tokenizer.model",
+)
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+_FLOAT_SOURCES = {"BF16": "bfloat16", "F32": "float32", "F16": "float16", "F64": "float64"}
+
+
+class CompressedCheckpointError(ValueError):
+    """A compressed checkpoint that cannot be read: corrupt or truncated data, bad manifest."""
+
+
+# ------------------------------------------------------------------------------------- writing
+
+
+def compress_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    container_max_bytes: int = 2 << 30,
+    runtime_ratio: bool = True,
+    on_tensor: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Compress the HF safetensors checkpoint in ``src`` into a new directory ``dst``.
+
+    Reads one tensor at a time (converted to bf16 if stored wider), encodes it with the Huffman
+    distribution format (raw where that does not pay), appends it to the current container file
+    (a new one starts past ``container_max_bytes``), and writes manifest.json last, so an
+    interrupted run leaves no loadable directory. ``runtime_ratio`` also measures each tensor's
+    palette12 (runtime format) ratio. Returns the manifest."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} has no config.json; expected a Hugging Face checkpoint directory")
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new directory")
+    present = hf.list_tensors(src)
+    bad = {n: d for n, (_, _, d) in present.items() if d not in _FLOAT_SOURCES}
+    if bad:
+        raise hf.CheckpointError(f"only floating-point tensors can be compressed; got {bad}")
+    dst.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, dict[str, Any]] = {}
+    containers: dict[str, int] = {}
+    out, out_name, pos = None, "", 0
+    handles: dict[pathlib.Path, Any] = {}
+    from safetensors import safe_open
+
+    try:
+        for name, (path, shape, st_dtype) in present.items():
+            if path not in handles:
+                handles[path] = safe_open(path, framework="numpy").__enter__()
+            a = handles[path].get_tensor(name)
+            x = a if a.dtype == _BF16 else a.astype(np.float32).astype(_BF16)
+            c = codec.encode(x, "huffman")
+            blob = codec.to_bytes(c)
+            if out is None or (pos > len(CONTAINER_MAGIC) and pos + len(blob) > container_max_bytes):
+                if out is not None:
+                    out.close()
+                    containers[out_name] = pos
+                out_name = f"weights-{len(containers) + 1:05d}.ijxc"
+                out = open(dst / out_name, "wb")
+                out.write(CONTAINER_MAGIC)
+                pos = len(CONTAINER_MAGIC)
+            pad = -pos % _ALIGN
+            out.write(b"\0" * pad + blob)
+            pos += pad
+            bf16_bytes = 2 * int(np.prod(shape, dtype=np.int64))
+            entry = dict(
+                file=out_name, offset=pos, nbytes=len(blob), payload_bytes=c.nbytes, crc32=zlib.crc32(blob),
+                kind=c.kind, shape=list(shape), dtype="bfloat16", source_dtype=_FLOAT_SOURCES[st_dtype],
+                bf16_bytes=bf16_bytes, ratio=round(len(blob) / bf16_bytes, 5) if bf16_bytes else 1.0,
+            )
+            if runtime_ratio:
+                r = codec.transcode_to_palette12(c, allow_raw=False) if x.size else c
+                entry["palette12_bytes"] = r.nbytes
+                entry["palette12_ratio"] = round(r.nbytes / bf16_bytes, 5) if bf16_bytes else 1.0
+            pos += len(blob)
+            tensors[name] = entry
+            if on_tensor:
+                on_tensor(name, entry)
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+        if out is not None:
+            out.close()
+            containers[out_name] = pos
+
+    copied = []
+    for fname in _COPIED:
+        if (src / fname).is_file():
+            shutil.copy(src / fname, dst / fname)
+            copied.append(fname)
+    manifest = dict(
+        format=FORMAT,
+        codec="huffman",
+        runtime_format="palette12",
+        containers=containers,
+        source=dict(
+            path=str(src.absolute()),
+            dtypes=sorted({e["source_dtype"] for e in tensors.values()}),
+            converted_to_bf16=sorted({e["source_dtype"] for e in tensors.values()} - {"bfloat16"}) != [],
+            copied_files=copied,
+        ),
+        totals=_totals(tensors),
+        tensors=tensors,
+    )
+    tmp = dst / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, dst / MANIFEST)
+    return manifest
+
+
+def _totals(tensors: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    bf16 = sum(e["bf16_bytes"] for e in tensors.values())
+    comp = sum(e["nbytes"] for e in tensors.values())
+    kinds = collections.Counter(e["kind"] for e in tensors.values())
+    out = dict(
+        tensors=len(tensors), bf16_bytes=bf16, compressed_bytes=comp, ratio=round(comp / bf16, 5) if bf16 else 1.0,
+        kinds=dict(kinds),
+    )
+    if tensors and all("palette12_bytes" in e for e in tensors.values()):
+        p12 = sum(e["palette12_bytes"] for e in tensors.values())
+        out |= dict(palette12_bytes=p12, palette12_ratio=round(p12 / bf16, 5) if bf16 else 1.0)
+    matrices = [e for e in tensors.values() if len(e["shape"]) >= 2]
+    if matrices:
+        mb = sum(e["bf16_bytes"] for e in matrices)
+        out["matrices_ratio"] = round(sum(e["nbytes"] for e in matrices) / mb, 5)
+    return out
+
+
+# ------------------------------------------------------------------------------------- reading
+
+
+def is_compressed_checkpoint(path: str | os.PathLike) -> bool:
+    """A directory with our manifest.json (or an unreadable manifest.json next to container files,
+    so that load reports the broken manifest instead of missing safetensors)."""
+    path = pathlib.Path(path)
+    p = path / MANIFEST
+    if not p.is_file():
+        return False
+    try:
+        return json.loads(p.read_text()).get("format") == FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return any(path.glob("*.ijxc"))
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    try:
+        m = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CompressedCheckpointError(f"cannot read {path / MANIFEST}: {e}") from None
+    if m.get("format") != FORMAT:
+        raise CompressedCheckpointError(
+            f"{path / MANIFEST}: format {m.get('format')!r}, this reader knows {FORMAT!r}")
+    for key in ("containers", "tensors"):
+        if not isinstance(m.get(key), dict):
+            raise CompressedCheckpointError(f"{path / MANIFEST}: missing {key!r}")
+    return m
+
+
+def check_containers(path: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Every container exists, starts with the magic and has exactly the manifest's size; else one
+    error naming the file and the first tensor it cuts off (a truncated download or copy)."""
+    path = pathlib.Path(path)
+    for fname, size in manifest["containers"].items():
+        f = path / fname
+        if not f.is_file():
+            raise CompressedCheckpointError(f"container {fname} named by the manifest is missing from {path}")
+        actual = f.stat().st_size
+        if actual < size:
+            cut = sorted(
+                (e["offset"], n) for n, e in manifest["tensors"].items()
+                if e["file"] == fname and e["offset"] + e["nbytes"] > actual
+            )
+            raise CompressedCheckpointError(
+                f"container {f} is truncated: {actual} of {size} bytes; tensor {cut[0][1]!r}"
+                + (f" and {len(cut) - 1} more tensors" if len(cut) > 1 else "")
+                + " lie past its end. Re-copy or re-create the checkpoint."
+            )
+        if actual != size:
+            raise CompressedCheckpointError(f"container {f} has {actual} bytes, the manifest says {size}")
+        with open(f, "rb") as fh:
+            if fh.read(len(CONTAINER_MAGIC)) != CONTAINER_MAGIC:
+                raise CompressedCheckpointError(f"container {f} does not start with {CONTAINER_MAGIC!r}")
+
+
+def read_tensor(path: str | os.PathLike, name: str, entry: dict[str, Any]) -> codec.Compressed:
+    """One tensor's Compressed form, checksum-verified; CompressedCheckpointError names the tensor."""
+    f = pathlib.Path(path) / entry["file"]
+    with open(f, "rb") as fh:
+        fh.seek(entry["offset"])
+        blob = fh.read(entry["nbytes"])
+    if len(blob) != entry["nbytes"]:
+        raise CompressedCheckpointError(
+            f"tensor {name!r}: {f} is truncated "
+            f"(read {len(blob)} of {entry['nbytes']} bytes at offset {entry['offset']})"
+        )
+    crc = zlib.crc32(blob)
+    if crc != entry["crc32"]:
+        raise CompressedCheckpointError(
+            f"checksum mismatch in tensor {name!r} "
+            f"({f}, bytes {entry['offset']}..{entry['offset'] + entry['nbytes']}): "
+            f"CRC32 {crc:#010x}, manifest says {entry['crc32']:#010x}; the file is corrupt"
+        )
+    try:
+        c = codec.from_bytes(blob)
+    except ValueError as e:
+        raise CompressedCheckpointError(f"tensor {name!r} in {f}: {e}") from None
+    if list(c.shape) != list(entry["shape"]):
+        raise CompressedCheckpointError(f"tensor {name!r}: payload shape {c.shape}, manifest says {entry['shape']}")
+    return c
+
+
+# ------------------------------------------------------------------------------------- placing
+
+
+def is_compressible(var: Any, per_layer: bool = False) -> bool:
+    """Layer matrices: stacked (leading logical axis "layers" and at least two more axes), or one
+    layer's matrix (per_layer: a weight of the models' layer-list form, two axes or more)."""
+    axes = var.get_metadata().get("logical_axes") or ()
+    return len(axes) >= 2 if per_layer else len(axes) >= 3 and axes[0] == "layers"
+
+
+def _is_expert_stack(var: Any) -> bool:
+    """Routed-expert weights (layers x experts x ...): the on-device palette12 form stacks slices
+    along one axis only, and the expert dispatch indexes the experts axis too."""
+    return "experts" in (var.get_metadata().get("logical_axes") or ())
+
+
+def _bits_to(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """bf16 bit patterns -> dtype, exactly as the safetensors loader converts bf16."""
+    if dtype == _BF16:
+        return bits.view(_BF16)
+    f32 = (bits.astype(np.uint32) << 16).view(np.float32)
+    return f32 if dtype == np.float32 else f32.astype(dtype)
+
+
+def load_into(
+    model_dir: str | os.PathLike,
+    variables: dict[tuple[str, ...], Any],
+    layout: Any,
+    tensor_map: dict[str, tuple[tuple[str, ...], tuple[int, ...], tuple[int, ...]]],
+    ignore: Iterable[str] = (),
+    on_tensor: Callable[[str], None] | None = None,
+    ignore_layers_from: int | None = None,
+    prefix: str = "",
+    skip_prefixes: Iterable[str] = (),
+) -> dict[tuple[str, ...], Any]:
+    """Values for the abstract nnx Variables ``variables`` (path -> Variable) on ``layout``: a
+    sharded jax.Array per raw parameter, a Palette12Weight per compressed stacked matrix.
+
+    tensor_map as for hf.load_into (HF name -> (parameter path, leading index, HF shape[, transform
+    of the HF array])); parts of a parameter no tensor maps to (pipeline padding slots) are zeros.
+    ignore_layers_from / prefix / skip_prefixes as for hf.load_into (multimodal wrappers, MTP layers)."""
+    from infire_jax.compression import jax_decode
+
+    model_dir = pathlib.Path(model_dir)
+    manifest = read_manifest(model_dir)
+    entries = manifest["tensors"]
+    present = {n: (model_dir / e["file"], tuple(e["shape"]), e["dtype"]) for n, e in entries.items()}
+    tensor_map = {prefix + n: entry for n, entry in tensor_map.items()}  # as for hf.load_into
+    ignore = [prefix + n for n in ignore]
+    hf.check_tensors(present, {n: entry[2] for n, entry in tensor_map.items()}, ignore, ignore_layers_from, prefix, skip_prefixes)
+    check_containers(model_dir, manifest)
+    sources: dict[tuple[str, ...], list[tuple[str, tuple[int, ...], Any]]] = collections.defaultdict(list)
+    for name, (path, index, _, *transform) in tensor_map.items():
+        if path not in variables:
+            raise KeyError(f"tensor map names parameter {path} that the model does not have")
+        sources[path].append((name, index, transform[0] if transform else None))
+
+    mesh = layout.mesh
+    out: dict[tuple[str, ...], Any] = {}
+    kept_raw: list[str] = []
+    for path, var in variables.items():
+        spec_struct = var.get_value()
+        shape, dtype = tuple(spec_struct.shape), np.dtype(spec_struct.dtype)
+        axes = var.get_metadata()["logical_axes"]
+        wspec = tuple(layout.spec(axes, shape))
+        wspec = wspec + (None,) * (len(shape) - len(wspec))
+        exp = np.zeros(shape, np.uint8)
+        sm = np.zeros(shape, np.uint8)
+        for name, lead, transform in sources[path]:
+            parts = codec.decode_parts(read_tensor(model_dir, name, entries[name]))
+            if transform is not None:  # e.g. repeated KV heads; works on the uint8 split as on values
+                parts = tuple(transform(a) for a in parts)
+            exp[lead] = parts[0].reshape(exp[lead].shape)  # lead: ints and slices, as for hf.load_into
+            sm[lead] = parts[1].reshape(sm[lead].shape)
+        value = None
+        per_layer = hf.layer_list_key(path) is not None
+        if is_compressible(var, per_layer) and _is_expert_stack(var):
+            kept_raw.append("/".join(path))
+        elif is_compressible(var, per_layer):
+            # Natural (N..., K...) order: layers.dense runs projections as 2-D dots over (N, K), which
+            # XLA:CPU reads in place (a contraction-first order measured 0.43x raw bf16 speed).
+            perm = tuple(range(len(shape) - (0 if per_layer else 1)))
+            if per_layer:  # encoded as a stack of one, then that one slice taken
+                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, jax_decode)
+                value = None if value is None else _first_slice(value)
+            else:
+                value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode)
+        if value is None:
+            bits = codec.join_bits(exp, sm)
+            value = jax.device_put(_bits_to(bits, dtype), layout.sharding(axes, shape))
+        out[path] = value
+        if on_tensor:
+            on_tensor("/".join(path))
+    if kept_raw:
+        warnings.warn(
+            f"{model_dir}: routed-expert weights {kept_raw} are decoded to bf16 on load (exactly) and kept "
+            "uncompressed on the device: on-device palette12 covers attention and dense MLP matrices only",
+            stacklevel=2,
+        )
+    return out
+
+
+def _first_slice(stacked: Any) -> Any:
+    """Slice 0 of a stacked Palette12Weight (every leaf has the leading stack axis), each leaf
+    keeping its sharding minus that axis."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    def first(a: jax.Array) -> jax.Array:
+        spec = PartitionSpec(*tuple(a.sharding.spec)[1:])
+        return jax.jit(lambda x: x[0], out_shardings=NamedSharding(a.sharding.mesh, spec))(a)
+
+    return jax.tree.map(first, stacked)
+
+
+def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, perm: tuple[int, ...],
+                     jax_decode: Any) -> Any:
+    """The stacked blocked Palette12Weight of one parameter (slice axes stored in ``perm`` order),
+    or None if it would not be smaller than bf16."""
+    order = (0,) + tuple(1 + p for p in perm)
+    exp, sm = np.ascontiguousarray(exp.transpose(order)), np.ascontiguousarray(sm.transpose(order))
+    spec = tuple(wspec[i] for i in order)
+    blocks = jax_decode.block_counts(mesh, spec[1:])
+    slices = [codec.encode_palette12_blocks(exp[i], sm[i], blocks) for i in range(exp.shape[0])]
+    leaves = jax_decode.stack_palette12_blocks(slices)
+    if sum(a.nbytes for a in leaves.values()) >= 2 * exp.size:
+        return None
+    is_range = all(codec.palette_is_range(s["palette"][: s["n_palette"]]) for s in slices)
+    return jax_decode.place_stacked_palette12(leaves, mesh, spec, is_range, perm)

@@ -1,0 +1,125 @@
+"""Assembling engines: the one place that turns a model and a deployment into workers and an Engine.
+
+api.load, the batch jobs (engine/batch.py), experiments/serve_offline.py and the multi-process workers
+(engine/remote.py) all build through here: `place_programs` places a model on one mesh and wraps it in
+its compiled programs, `Deployment` places a model once per distinct mesh spec of its prefill and
+decode roles (a spec listed for both roles is one colocated placement), and makes the Engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, Mapping, Sequence
+
+from infire_jax.config import ModelConfig, load_config
+from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker
+from infire_jax.engine.programs import Programs
+from infire_jax.loader import dtype_of, make_layout, place_model
+
+__all__ = ["EngineOptions", "Deployment", "place_programs", "prefill_worker", "decode_worker", "build_engine"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+    """Serving knobs of a deployment's workers.
+
+    decode_steps: tokens per decode dispatch; kv_pages x page_size: each decode worker's KV capacity in
+    tokens; max_decode_batch: rows of a decode worker's continuous batch, and of a prefill batch (with
+    fewer, a full decode batch arrives in groups and its first and last dispatches run part-empty);
+    prefill_max_tokens: padded tokens per prefill batch."""
+
+    decode_steps: int = 8
+    kv_pages: int = 512
+    page_size: int = 16
+    max_decode_batch: int = 16
+    prefill_max_tokens: int = 8192
+
+
+def place_programs(
+    model_dir: str | pathlib.Path,
+    mesh: str,
+    *,
+    rules: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+    compute_dtype: str = "float32",
+    kernels: str = "auto",
+    decode_steps: int = 8,
+    cfg: ModelConfig | None = None,
+) -> Programs:
+    """The model placed on one mesh spec, with its compiled programs."""
+    placed = place_model(model_dir, make_layout(mesh, rules, kernels), dtype=dtype, compute_dtype=compute_dtype, cfg=cfg)
+    return Programs(placed, decode_steps=decode_steps)
+
+
+def prefill_worker(name: str, programs: Programs, options: EngineOptions) -> PrefillWorker:
+    return PrefillWorker(name, programs, max_batch=options.max_decode_batch, max_batch_tokens=options.prefill_max_tokens)
+
+
+def decode_worker(name: str, programs: Programs, options: EngineOptions) -> DecodeWorker:
+    return DecodeWorker(
+        name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
+        steps=options.decode_steps,
+    )
+
+
+class Deployment:
+    """A model placed for a set of prefill and decode meshes (each distinct spec once)."""
+
+    def __init__(
+        self,
+        model_dir: str | pathlib.Path,
+        prefill_meshes: Sequence[str],
+        decode_meshes: Sequence[str],
+        *,
+        rules: Mapping[str, Any] | None = None,
+        dtype: str = "float32",
+        compute_dtype: str = "float32",
+        kernels: str = "auto",
+        options: EngineOptions = EngineOptions(),
+    ):
+        if not prefill_meshes or not decode_meshes:
+            raise ValueError("a deployment needs at least one prefill mesh and one decode mesh")
+        dtype_of(dtype), dtype_of(compute_dtype)
+        self.model_dir = pathlib.Path(model_dir)
+        self.cfg = load_config(self.model_dir)
+        self.options = options
+        self.prefill_meshes, self.decode_meshes = list(prefill_meshes), list(decode_meshes)
+        self._place = dict(rules=rules, dtype=dtype, compute_dtype=compute_dtype, kernels=kernels)
+        specs = list(dict.fromkeys(self.prefill_meshes + self.decode_meshes))
+        layouts = {s: make_layout(s, rules, kernels) for s in specs}
+        devices = {s: {d.id for d in layouts[s].mesh.devices.flat} for s in specs}
+        for i, a in enumerate(specs):
+            for b in specs[i + 1 :]:
+                if devices[a] & devices[b]:
+                    raise ValueError(
+                        f"meshes {a!r} and {b!r} share devices {sorted(devices[a] & devices[b])}; give distinct "
+                        "placements disjoint device ranges (e.g. '@0-3' and '@4-7'), or list the same spec for "
+                        "both roles to colocate them"
+                    )
+        self._programs: dict[str, Programs] = {}
+        for s in specs:
+            self._programs[s] = place_programs(
+                self.model_dir, s, **self._place, decode_steps=options.decode_steps, cfg=self.cfg
+            )
+
+    def programs(self, mesh: str) -> Programs:
+        return self._programs[mesh]
+
+    @property
+    def colocated(self) -> bool:
+        """One placement serves both roles."""
+        return self.prefill_meshes == self.decode_meshes and len(self._programs) == 1
+
+    def engine(self) -> Engine:
+        """A new Engine over this deployment's placements (workers named role index : mesh)."""
+        prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], self.options) for i, s in enumerate(self.prefill_meshes)]
+        decode = [decode_worker(f"decode{i}:{s}", self._programs[s], self.options) for i, s in enumerate(self.decode_meshes)]
+        return Engine(prefill, decode)
+
+
+def build_engine(
+    model_dir: str | pathlib.Path, prefill_meshes: Sequence[str], decode_meshes: Sequence[str], **kwargs: Any
+) -> Engine:
+    """An Engine for a deployment (see Deployment for the arguments)."""
+    return Deployment(model_dir, prefill_meshes, decode_meshes, **kwargs).engine()

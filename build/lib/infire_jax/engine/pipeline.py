@@ -1,0 +1,239 @@
+"""Pipeline parallelism inside one SPMD program: shard_map over the "pp" mesh axis only.
+
+tp/dp/ep stay automatic (GSPMD) inside each stage; only the stacked layer parameters and the KV cache
+are split across stages, and the only cross-stage traffic is a ring ppermute of activations (plus the
+sampled token ids going from the last stage back to the first).
+
+Prefill runs M microbatches through the stages in GPipe order (M + pp - 1 ticks).
+
+Decode keeps pp independent decode microbatches in flight: at tick i stage s works on microbatch
+(i - s) mod pp, so once the ring is full every stage works every tick. The microbatch that leaves
+the last stage samples its next token, which reaches stage 0 by the ring in time for the next tick.
+Each call starts from an empty ring and runs `steps` tokens per row (fill and drain cost pp - 1
+ticks out of steps * pp + pp - 1), so requests can join and leave the batch between any two calls.
+
+With pp == 1 the same code runs without shard_map: one stage, one microbatch, no ring.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from infire_jax.engine.sampling import sample
+from infire_jax.kv.paged import PagedLayerCache, rows_of_pages
+from infire_jax.sharding import Layout, use_layout
+
+__all__ = ["prefill", "decode", "stage_specs"]
+
+PP = "pp"
+
+
+def stage_specs(state: Any, layout: Layout) -> Any:
+    """shard_map specs for an nnx.State: P('pp') for parameters whose leading logical axis the
+    layout places on pp (the stacked layers), P() for the rest. Read from the logical axes, so it
+    works on tracers too."""
+
+    def spec(var):
+        axes = var.get_metadata().get("logical_axes") or (None,)
+        return P(PP) if PP in layout.spec(axes[:1]) else P()
+
+    return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _ring(x: jax.Array, pp: int) -> jax.Array:
+    """Send x from stage s to stage (s + 1) mod pp."""
+    if pp == 1:
+        return x
+    return jax.lax.ppermute(x, PP, [(s, (s + 1) % pp) for s in range(pp)])
+
+
+def _stage_index(pp: int) -> jax.Array:
+    return jax.lax.axis_index(PP) if pp > 1 else jnp.int32(0)
+
+
+def _run_staged(layout: Layout, fn, args: tuple, in_specs: tuple, out_specs: Any):
+    pp = layout.mesh.shape[PP]
+    if pp == 1:
+        return fn(*args)
+    return jax.shard_map(
+        fn, mesh=layout.mesh, in_specs=in_specs, out_specs=out_specs, axis_names={PP}, check_vma=False
+    )(*args)
+
+
+def _rows(x: jax.Array, start: jax.Array, size: int, axis: int = 0) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def prefill(
+    graphdef: Any, state: Any, layout: Layout, tokens: jax.Array, start: jax.Array, microbatches: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Normed hidden states (B, T, D) and the K/V of all layers (L, B, KV, T, hd)."""
+    pp = layout.mesh.shape[PP]
+    b, t = tokens.shape
+    m_count = microbatches if pp > 1 else 1
+    mb = b // m_count
+    active_all = jnp.asarray(nnx.merge(graphdef, state).active)
+
+    def staged(state, tokens, start, active):
+        with use_layout(layout):
+            model = nnx.merge(graphdef, state)
+            s = _stage_index(pp)
+            x_all = model.embed_tokens(tokens)
+            ctx_all = model.context(start, t)
+            k_shape, v_shape = model.kv_shapes(b, t)
+            k_shape, v_shape = (active.shape[0],) + k_shape[1:], (active.shape[0],) + v_shape[1:]
+
+            def tick(carry, i):
+                recv, kbuf, vbuf, out = carry
+                m = i - s
+                valid = (m >= 0) & (m < m_count)
+                r0 = jnp.clip(m, 0, m_count - 1) * mb
+                x_in = jnp.where(s == 0, _rows(x_all, r0, mb), recv)
+                ctx = jax.tree.map(lambda a: _rows(a, r0, mb), ctx_all)
+                y, kn, vn = model.stack(x_in, ctx, active=active)
+                keep = lambda new, old: jnp.where(valid, new, old)  # noqa: E731
+                kbuf = jax.lax.dynamic_update_slice_in_dim(kbuf, keep(kn, _rows(kbuf, r0, mb, 1)), r0, 1)
+                vbuf = jax.lax.dynamic_update_slice_in_dim(vbuf, keep(vn, _rows(vbuf, r0, mb, 1)), r0, 1)
+                last = valid & (s == pp - 1)
+                out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(last, y, _rows(out, r0, mb)), r0, 0)
+                return (_ring(y, pp), kbuf, vbuf, out), None
+
+            init = (
+                jnp.zeros((mb, t, x_all.shape[-1]), x_all.dtype),
+                jnp.zeros(k_shape, x_all.dtype),
+                jnp.zeros(v_shape, x_all.dtype),
+                jnp.zeros(x_all.shape, x_all.dtype),
+            )
+            (_, kbuf, vbuf, out), _ = jax.lax.scan(tick, init, jnp.arange(m_count + pp - 1))
+            return model.norm(out)[None], kbuf, vbuf
+
+    specs = (stage_specs(state, layout), P(), P(), P(PP))
+    hidden, k, v = _run_staged(layout, staged, (state, tokens, start, active_all), specs, (P(PP), P(PP), P(PP)))
+    return hidden[-1], k, v
+
+
+def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -> jax.Array | list:
+    """(L, pages, H, page, d)[:, table (B, P)] -> a contiguous per-row view (L, B, H, P * page, d),
+    or with per_layer a list of L per-layer views of the pool (attention.PagedLayerCache): a model
+    that runs its layers unrolled reads each layer's pages in place (a CPU kernel) or gathers that
+    layer alone (slicing one layer out of an all-layer gather would copy it again)."""
+    if per_layer:
+        return [PagedLayerCache(pages, table, i) for i in range(pages.shape[0])]
+    return rows_of_pages(pages[:, table])
+
+
+def decode(
+    graphdef: Any,
+    state: Any,
+    layout: Layout,
+    k_pages: Any,
+    v_pages: Any,
+    page_table: Any,
+    lengths: jax.Array,
+    tokens: jax.Array,
+    active: jax.Array,
+    sampling: dict,
+    steps: int,
+    with_logits: bool = False,
+) -> tuple[Any, Any, Any]:
+    """`steps` decode steps for every row of a paged batch, from an empty pipeline.
+
+    Row r feeds tokens[r] at position lengths[r] (its KV goes to page page_table[r, pos // page]),
+    samples the next token and repeats. Inactive rows write nothing. With pp stages the B rows form
+    pp microbatches and the program runs steps * pp + pp - 1 ticks: pp - 1 to fill the pipeline, then
+    every stage works every tick, then pp - 1 to drain. Returns the sampled tokens (steps, B) (and
+    their logits (steps, B, vocab) as a pair if with_logits) and the updated pages.
+
+    A model with KV cache groups (kv/cache.py) takes k_pages, v_pages and page_table as tuples with
+    one entry per group; a windowed group's position p goes to ring slot p mod W."""
+    pp = layout.mesh.shape[PP]
+    module = nnx.merge(graphdef, state)
+    active_layers = jnp.asarray(module.active)
+    b = tokens.shape[0]
+    mb = b // pp
+    ticks = steps * pp + pp - 1
+    groups = module.cache_groups()
+    windows = groups.windows if groups else (None,)
+    # per group, (stages, stage-local stack) -> the stage-local slot whose new K/V it stores
+    write_slots = [jnp.asarray(t) for t in groups.write_slots(len(module.active) // pp)] if groups else None
+    as_groups = (lambda x: x) if groups else (lambda x: (x,))  # noqa: E731
+
+    def staged(state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers):
+        with use_layout(layout):
+            model = nnx.merge(graphdef, state)
+            s = _stage_index(pp)
+            d = model.cfg.hidden_size
+            vocab = model.cfg.vocab_size
+
+            def tick(carry, i):
+                kp, vp, recv, toks, lens, out_tok, out_logits = carry
+                m = jnp.mod(i - s, pp)
+                valid = (i >= s) & (i - s < steps * pp)
+                r0 = m * mb
+                pos = _rows(lens, r0, mb)
+                tables = [_rows(t, r0, mb) for t in as_groups(page_table)]
+                x_in = jnp.where(s == 0, model.embed_tokens(_rows(toks, r0, mb)[:, None]), recv)
+                ctx = model.context(pos, 1)
+                per_layer = model.unrolled
+                kc = tuple(_gather_pages(k, t, per_layer) for k, t in zip(kp, tables))
+                vc = tuple(_gather_pages(v, t, per_layer) for v, t in zip(vp, tables))
+                kc, vc = (kc, vc) if groups else (kc[0], vc[0])
+                y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
+                ok = valid & _rows(active, r0, mb)
+                kp, vp = list(kp), list(vp)
+                for g, (table, window) in enumerate(zip(tables, windows)):
+                    num_pages, page = kp[g].shape[1], kp[g].shape[3]
+                    slot = pos if window is None else pos % window
+                    target = jnp.where(ok, table[jnp.arange(mb), slot // page], num_pages)  # out of range: dropped
+                    kg, vg = (kn, vn) if groups is None else (kn[write_slots[g][s]], vn[write_slots[g][s]])
+                    kp[g] = kp[g].at[:, target, :, slot % page, :].set(kg[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
+                    vp[g] = vp[g].at[:, target, :, slot % page, :].set(vg[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
+                kp, vp = tuple(kp), tuple(vp)
+                lens = jax.lax.dynamic_update_slice_in_dim(lens, pos + valid.astype(pos.dtype), r0, 0)
+                logits = model.logits(model.norm(y)[:, 0]).astype(jnp.float32)
+                nxt = sample(logits, pos + 1, jax.tree.map(lambda a: _rows(a, r0, mb), sampling))
+                # The microbatch leaving the last stage enters stage 0 next tick with its new token.
+                exit_i = i - (pp - 1)
+                exit_ok = (exit_i >= 0) & (exit_i < steps * pp)
+                m_exit, k_exit = jnp.mod(exit_i, pp), jnp.maximum(exit_i, 0) // pp
+                got = _ring(nxt, pp)
+                old = _rows(toks, m_exit * mb, mb)
+                toks = jax.lax.dynamic_update_slice_in_dim(toks, jnp.where(exit_ok & (s == 0), got, old), m_exit * mb, 0)
+                # The last stage records what it sampled (its own microbatch is the exiting one).
+                keep = exit_ok & (s == pp - 1)
+                at = (jnp.minimum(k_exit, steps - 1), r0)
+                cur = jax.lax.dynamic_slice(out_tok, at, (1, mb))
+                out_tok = jax.lax.dynamic_update_slice(out_tok, jnp.where(keep, nxt[None], cur), at)
+                if with_logits:
+                    cur = jax.lax.dynamic_slice(out_logits, at + (0,), (1, mb, vocab))
+                    out_logits = jax.lax.dynamic_update_slice(out_logits, jnp.where(keep, logits[None], cur), at + (0,))
+                return (kp, vp, _ring(y, pp), toks, lens, out_tok, out_logits), None
+
+            carry = (
+                as_groups(k_pages),
+                as_groups(v_pages),
+                jnp.zeros((mb, 1, d), model.compute_dtype),
+                tokens,
+                lengths,
+                jnp.zeros((steps, b), jnp.int32),
+                jnp.zeros((steps, b, vocab) if with_logits else (0,), jnp.float32),
+            )
+            (kp, vp, _, _, _, out_tok, out_logits), _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
+            out = (out_tok[None], out_logits[None]) if with_logits else out_tok[None]
+            return (out, kp, vp) if groups else (out, kp[0], vp[0])
+
+    specs = (
+        stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), {k: P() for k in sampling}, P(PP),
+    )
+    out_spec = (P(PP), P(PP)) if with_logits else P(PP)
+    out, kp, vp = _run_staged(
+        layout, staged,
+        (state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers),
+        specs, (out_spec, P(PP), P(PP)),
+    )
+    return jax.tree.map(lambda e: e[-1], out), kp, vp

@@ -1,0 +1,336 @@
+"""The compiled programs of a (model, layout) pair: forward (full logits), prefill, decode.
+
+Every program is jitted with explicit input and output shardings, once per shape bucket: batch
+sizes and prompt lengths are padded up to powers of two, so prompts of many lengths share a handful
+of executables. The KV cache is donated to the decode program, which updates it in place and runs
+several decode steps (with on-device sampling) per dispatch.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from infire_jax.engine import pipeline
+from infire_jax.kv import cache as kv_cache
+from infire_jax.kv import transfer
+from infire_jax.loader import PlacedModel
+from infire_jax.engine.sampling import sample
+from infire_jax.sharding import use_layout
+
+__all__ = ["Programs", "bucket", "PlacedModel"]
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+_NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # an experimental XLA:CPU option
+
+
+@functools.cache
+def _xla_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether this jaxlib's XLA:CPU knows the (experimental) compile options: a newer one may drop
+    them, and an unknown option fails the compile."""
+    try:
+        x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(x).compile()
+        return True
+    except Exception:  # noqa: BLE001 - any rejection means: do not pass the option
+        return False
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
+
+
+class Programs:
+    """Compiled forward / prefill / decode programs for one PlacedModel."""
+
+    def __init__(self, placed: PlacedModel, decode_steps: int = 8):
+        self.placed = placed
+        self.layout = placed.layout
+        self.decode_steps = decode_steps
+        self._state_shardings = jax.tree.map(lambda x: x.sharding, placed.state)
+        self._cache: dict[tuple, Any] = {}
+        self.compile_seconds: dict[tuple, float] = {}
+
+    # ---- shardings -------------------------------------------------------------------------
+    def _sh(self, axes: tuple, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+        return self.layout.sharding(axes, shape)
+
+    def kv_shardings(self, batch: int, seq: int) -> tuple[jax.sharding.NamedSharding, jax.sharding.NamedSharding]:
+        m = self.placed.module
+        return tuple(self._sh(m.kv_logical_axes, shape) for shape in m.kv_shapes(batch, seq))
+
+    def _sampling_shardings(self, b: int) -> dict[str, Any]:
+        return {k: self._sh(("batch",), (b,)) for k in SAMPLING_KEYS}
+
+    def put(self, x: np.ndarray, axes: tuple) -> jax.Array:
+        return jax.device_put(x, self._sh(axes, x.shape))
+
+    def put_sampling(self, packed: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: self.put(packed[k], ("batch",)) for k in SAMPLING_KEYS}
+
+    def _compiled(self, key: tuple, build) -> Any:
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _timed(self, key: tuple, fn, *args):
+        """Run fn; record the first call's wall time per key (dominated by compilation)."""
+        if key in self.compile_seconds:
+            return fn(*args)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        self.compile_seconds[key] = time.perf_counter() - t0
+        return out
+
+    def decode_compiler_options(self, batch: int) -> dict[str, Any]:
+        """XLA options for a decode program of `batch` rows. On CPU: copy insertion with region
+        analysis (without it XLA:CPU copies the loop-carried KV pages defensively inside the decode
+        loop), and for one row no YNNPACK fusions: with kernels="xla" its weight matvecs are XLA's own
+        dots either way and only the tiny attention dots went to YNNPACK, 3% slower per 8-step
+        dispatch (179.3 vs 173.7 ms); with more rows YNNPACK's matmuls are XLA's fast ones
+        (WORKSPACE_NOTES, issue 9). With the CPU kernels (kernels="auto") no weight dot is left to XLA."""
+        if {d.platform for d in self.layout.mesh.devices.flat} != {"cpu"}:
+            return {}
+        options: dict[str, Any] = {"xla_cpu_copy_insertion_use_region_analysis": True}
+        if batch == 1 and _xla_accepts(_NO_YNN):
+            options.update(_NO_YNN)
+        return options
+
+    @property
+    def num_compiled(self) -> int:
+        return len(self._cache)
+
+    # ---- programs --------------------------------------------------------------------------
+    @property
+    def stages(self) -> int:
+        return self.layout.mesh.shape["pp"]
+
+    def batch_bucket(self, n: int) -> int:
+        """Padded batch size: a power of two, and a multiple of the pipeline depth."""
+        return -(-bucket(n) // self.stages) * self.stages
+
+    def _run_prefill(self, state, tokens):
+        return pipeline.prefill(
+            self.placed.graphdef, state, self.layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32), self.stages
+        )
+
+    def forward_fn(self, b: int, t: int):
+        """(state, tokens (b, t)) -> logits (b, t, vocab): the whole sequence, no cache."""
+        graphdef, layout = self.placed.graphdef, self.layout
+
+        def forward(state, tokens):
+            h, _, _ = self._run_prefill(state, tokens)
+            with use_layout(layout):
+                return nnx.merge(graphdef, state).logits(h).astype(jnp.float32)
+
+        vocab = self.placed.cfg.vocab_size
+        return self._compiled(
+            ("forward", b, t),
+            lambda: jax.jit(
+                forward,
+                in_shardings=(self._state_shardings, self._sh(("batch", "seq"), (b, t))),
+                out_shardings=self._sh(("batch", "seq", "vocab"), (b, t, vocab)),
+            ),
+        )
+
+    def prefill_fn(self, b: int, t: int):
+        """(state, tokens (b, t) right-padded, lengths (b,), sampling) ->
+        (first sampled token (b,), its logits (b, vocab), k, v (L, b, KV, t, hd))."""
+        graphdef, layout = self.placed.graphdef, self.layout
+
+        def prefill(state, tokens, lengths, sp):
+            h, k, v = self._run_prefill(state, tokens)
+            with use_layout(layout):
+                last = h[jnp.arange(tokens.shape[0]), lengths - 1]
+                logits = nnx.merge(graphdef, state).logits(last).astype(jnp.float32)
+                return sample(logits, lengths, sp), logits, k, v
+
+        vocab = self.placed.cfg.vocab_size
+        k_sh, v_sh = self.kv_shardings(b, t)
+        row = self._sh(("batch",), (b,))
+        return self._compiled(
+            ("prefill", b, t),
+            lambda: jax.jit(
+                prefill,
+                in_shardings=(self._state_shardings, self._sh(("batch", "seq"), (b, t)), row, self._sampling_shardings(b)),
+                out_shardings=(row, self._sh(("batch", "vocab"), (b, vocab)), k_sh, v_sh),
+            ),
+        )
+
+    # ---- paged decode ----------------------------------------------------------------------
+    # A model with KV cache groups (kv/cache.py; Llama 4's chunked layers) has one page pool per group:
+    # the page arguments below (counts, sizes, arrays, tables) are then tuples with one entry per group;
+    # for every other model they are single values, as they always were (`pack`).
+    @functools.cached_property
+    def cache_groups(self) -> kv_cache.CacheGroups | None:
+        return self.placed.module.cache_groups()
+
+    def pack(self, per_group: Any) -> Any:
+        """Per-group values in the form the page arguments take: a tuple, or the value of the one group."""
+        return tuple(per_group) if self.cache_groups else per_group[0]
+
+    def unpack(self, packed: Any) -> tuple:
+        """The inverse of pack: one value per group."""
+        return tuple(packed) if self.cache_groups else (packed,)
+
+    def pool_shapes(self, num_pages: Any, page_size: Any) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """(k, v) page-array shapes per group."""
+        m, groups = self.placed.module, self.cache_groups
+        layers = groups.plan.sizes if groups else (len(m.active),)
+        return [
+            tuple((n, pages, s[2], ps, s[4]) for s in m.kv_shapes(1, 1))
+            for n, pages, ps in zip(layers, self.unpack(num_pages), self.unpack(page_size))
+        ]
+
+    def page_shardings(self, num_pages: Any, page_size: Any):
+        axes = kv_cache.paged_axes(self.placed.module.kv_logical_axes)
+        shs = [tuple(self._sh(axes, shape) for shape in pair) for pair in self.pool_shapes(num_pages, page_size)]
+        return self.pack([k for k, _ in shs]), self.pack([v for _, v in shs])
+
+    def allocate_pages(self, num_pages: Any, page_size: Any) -> tuple[Any, Any]:
+        """Zeroed k and v pages, created directly in their shardings."""
+        dtype = self.placed.module.compute_dtype
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        out = [[], []]
+        for pair, shs in zip(self.pool_shapes(num_pages, page_size), zip(self.unpack(k_sh), self.unpack(v_sh))):
+            for i, (shape, sh) in enumerate(zip(pair, shs)):
+                out[i].append(jax.jit(lambda shape=shape: jnp.zeros(shape, dtype), out_shardings=sh)())
+        return self.pack(out[0]), self.pack(out[1])
+
+    def decode_fn(self, b: int, pages_per_row: Any, num_pages: Any, page_size: Any, steps: int, with_logits: bool = False):
+        """(state, k_pages, v_pages, page_table (b, P), lengths, tokens, active, sampling) ->
+        (tokens (steps, b)[, logits], k_pages, v_pages); the pages are donated (updated in place)."""
+        graphdef, layout = self.placed.graphdef, self.layout
+
+        def decode(state, k_pages, v_pages, page_table, lengths, tokens, active, sp):
+            return pipeline.decode(
+                graphdef, state, layout, k_pages, v_pages, page_table, lengths, tokens, active, sp, steps, with_logits
+            )
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        out = (rep, rep) if with_logits else rep
+        return self._compiled(
+            ("decode", b, pages_per_row, num_pages, page_size, steps, with_logits),
+            lambda: jax.jit(
+                decode,
+                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
+                out_shardings=(out, k_sh, v_sh),
+                donate_argnums=(1, 2),
+                compiler_options=self.decode_compiler_options(b),
+            ),
+        )
+
+    # ---- KV handoff --------------------------------------------------------------------------
+    def kv_spec(self) -> transfer.KVSpec:
+        m, groups = self.placed.module, self.cache_groups
+        shapes = m.kv_shapes(1, 1)
+        repeat = self.kv_repeat
+        return transfer.KVSpec(
+            model=transfer.model_fingerprint(self.placed.cfg),
+            num_layers=len(m.layer_slots),
+            heads=tuple(sh[2] // repeat for sh in shapes),
+            dims=tuple(sh[4] for sh in shapes),
+            dtype=str(jnp.dtype(m.compute_dtype)),
+            logical_axes=tuple(m.kv_logical_axes),
+            groups=tuple((len(groups.layers(g, m.layer_slots)[0]), w) for g, w in enumerate(groups.windows))
+            if groups else (),
+        )
+
+    def _group_layers(self) -> list[tuple[np.ndarray, np.ndarray, int | None]]:
+        """Per group: (slots of its real layers in layer order, their positions in the group's page
+        arrays, window)."""
+        m, groups = self.placed.module, self.cache_groups
+        if groups is None:
+            slots = np.asarray(m.layer_slots)
+            return [(slots, slots, None)]
+        out = []
+        for g, w in enumerate(groups.windows):
+            layers, pos = groups.layers(g, m.layer_slots)
+            out.append((np.asarray(m.layer_slots)[layers], np.asarray(pos), w))
+        return out
+
+    @property
+    def kv_repeat(self) -> int:
+        m = self.placed.module
+        return m.kv_heads // m.cfg.num_kv_heads
+
+    def canonical_kv_shardings(self, b: int, t: int) -> tuple[jax.sharding.NamedSharding, ...]:
+        spec = self.kv_spec()
+        return tuple(self._sh(spec.logical_axes, shape) for shape in spec.array_shapes(b, t))
+
+    def canonical_kv_fn(self, b: int, t: int):
+        """(prefill k, v in slot order (with repeated KV heads), lengths (b,)) -> canonical KV: per
+        cache group a (k, v) pair of its real layers, each KV head once; a windowed group only its ring
+        of the prompt's last partial window (kv/cache.py ring_window). The form that crosses between
+        meshes of different layouts."""
+        repeat, parts = self.kv_repeat, self._group_layers()
+
+        def canon(k, v, lengths):
+            out = []
+            for slots, _, window in parts:
+                for x in (k, v):
+                    x = x[slots][:, :, ::repeat]
+                    out.append(x if window is None else kv_cache.ring_window(x, lengths, window))
+            return tuple(out)
+
+        row = self._sh(("batch",), (b,))
+        return self._compiled(
+            ("canonical", b, t),
+            lambda: jax.jit(
+                canon, in_shardings=self.kv_shardings(b, t) + (row,), out_shardings=self.canonical_kv_shardings(b, t)
+            ),
+        )
+
+    def insert_fn(self, b: int, t: int, num_pages: Any, page_size: Any):
+        """(k_pages, v_pages, canonical KV arrays, page ids (b, seq / page)) -> pages with each row's
+        prompt KV written into its pages (rows with page id = num_pages are skipped). Per cache group
+        (see decode_fn) the ids and the canonical (k, v) pair of its layers (seq = t, or the ring)."""
+        repeat, parts = self.kv_repeat, self._group_layers()
+
+        def insert(k_pages, v_pages, kv, page_ids):
+            k_pages, v_pages, page_ids = self.unpack(k_pages), self.unpack(v_pages), self.unpack(page_ids)
+            out = [[], []]
+            for g, (_, positions, _) in enumerate(parts):
+                for i, pages in enumerate((k_pages[g], v_pages[g])):
+                    x, page = kv[2 * g + i], pages.shape[3]
+                    x = jnp.repeat(x, repeat, axis=2) if repeat > 1 else x
+                    x = jnp.zeros((pages.shape[0],) + x.shape[1:], x.dtype).at[positions].set(x)
+                    s_, b_, h, t_, d = x.shape
+                    x = x.reshape(s_, b_, h, t_ // page, page, d).transpose(0, 1, 3, 2, 4, 5)
+                    x = x.reshape(s_, b_ * (t_ // page), h, page, d)
+                    out[i].append(pages.at[:, page_ids[g].reshape(-1)].set(x.astype(pages.dtype), mode="drop"))
+            return self.pack(out[0]), self.pack(out[1])
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("insert", b, t, num_pages, page_size),
+            lambda: jax.jit(
+                insert,
+                in_shardings=(k_sh, v_sh, self.canonical_kv_shardings(b, t), rep),
+                out_shardings=(k_sh, v_sh),
+                donate_argnums=(0, 1),
+            ),
+        )
+
+    # ---- host-side drivers -----------------------------------------------------------------
+    def logits(self, tokens: np.ndarray) -> np.ndarray:
+        b, t = tokens.shape
+        bb, tb = self.batch_bucket(b), bucket(t, 16)
+        padded = np.zeros((bb, tb), np.int32)
+        padded[:b, :t] = tokens
+        fn = self.forward_fn(bb, tb)
+        out = self._timed(("forward", bb, tb), fn, self.placed.state, self.put(padded, ("batch", "seq")))
+        return np.asarray(out)[:b, :t]

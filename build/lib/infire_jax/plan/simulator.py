@@ -1,0 +1,884 @@
+"""Roofline step costs and a discrete-event simulator of prefill / decode clusters.
+
+Step cost (CostModel.stage_time), per device of one pipeline stage, from the per-device shards of
+the real model (capacity.AbstractModel) and the hardware:
+
+  flops  = 2 * dense_elems * N + 2 * (k / E) * expert_elems * N          (linear layers, N tokens)
+         + 2 * head_elems * R                                            (LM head, R rows with logits)
+         + sum over layer types of layers_t * attn_t * positions_t       (QK and PV per key position)
+  bytes  = dense_bytes + expert_bytes * (1 - (1 - k / E) ** N)           (the distinct experts the N
+                                                                          tokens touch, uniform routing)
+         + sum over layer types of layers_t * kv_t * cached positions read (chunked layers capped)
+  time   = max(flops / (peak * flops_eff), bytes / (bw * bw_eff))
+         + layers * (all-reduces per layer) * (latency + 2 (g-1)/g * N * D * act_bytes / link_bw)
+         + step overhead + layers * layer overhead
+
+Instances (each a mesh with its own pp / tp / ep, built as a CapacityPlan for its role):
+  decode   one token for every running row per iteration; with pp the rows form pp microbatches
+           in flight, so an iteration (= time per output token) is pp stage times of rows / pp;
+  prefill  chunked: each iteration takes up to `chunk` prompt tokens from the queue (several short
+           prompts, or a slice of a long one, attending to its earlier slices); with pp, chunks are
+           pipelined (the instance is busy one stage time per chunk, a chunk finishes pp stage
+           times after it starts);
+  colocated  chunked prefill mixed with decode (vLLM's scheduler): every running row decodes and
+           the rest of the `chunk` token budget goes to prompts, so long prompts slow the decode
+           rows down (the interference disaggregation removes).
+A finished prefill sends its KV (canonical bytes of the prompt) to the decode instance with the
+most free cache: NVLink when both instances fit in one node, else the network, one stream per
+device of the smaller instance. Requests reserve their whole KV (prompt + output, chunked layers
+capped) when they join a decode batch; one that can never fit is rejected (counts as a miss).
+
+Metrics: TTFT = first token (end of prefill) - arrival; TPOT = (last token - first token) /
+(output - 1). Goodput = the highest Poisson arrival rate at which >= 90% of requests meet both
+SLOs (bisection), per GPU = / GPUs the plan uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import heapq
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from infire_jax.plan.capacity import CapacityPlan, Deployment, PlanError, load_hf_config, moe_dims, plan_capacity
+from infire_jax.plan.hardware import GiB, Hardware, get_hardware
+
+__all__ = [
+    "CostModel",
+    "Workload",
+    "WORKLOADS",
+    "Request",
+    "InstanceSpec",
+    "ClusterPlan",
+    "simulate",
+    "goodput",
+    "search",
+    "SimResult",
+    "candidate_plans",
+    "throughput_bound",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# Step costs
+# ------------------------------------------------------------------------------------------------
+
+
+class CostModel:
+    """Roofline time of one pipeline stage's step on one device of a planned mesh."""
+
+    def __init__(self, plan: CapacityPlan, hardware: Hardware | None = None):
+        hw = hardware or plan.hardware
+        am = plan.abstract
+        cfg = am.cfg
+        self.plan, self.hw, self.cfg = plan, hw, cfg
+        self.pp = am.mesh_shape["pp"]
+        self.devices = am.devices
+        self.stage_devices = self.devices // self.pp
+        self.act_bytes = 2 if hw.compute_dtype == "bfloat16" else 4
+        m = moe_dims(am)
+        self.experts, self.top_k = m.experts, m.top_k
+        dense_b = expert_b = layer_b = 0.0
+        dense_e = expert_e = head_e = 0.0
+        for p in am.params:
+            name = p.path[-1]
+            if name.endswith("_shape"):
+                continue
+            elems = math.prod(p.shard_shape) * (8 if name.endswith("_packed") else 1)
+            if p.kind == "routed_expert":
+                expert_b += p.bytes_per_device
+                if not name.endswith("_scale"):
+                    expert_e += elems
+                continue
+            if p.kind == "embedding":
+                if cfg.tie_word_embeddings:  # the embedding is the LM head
+                    dense_b += p.bytes_per_device
+                    head_e += elems
+                continue  # a gather of a few rows otherwise
+            dense_b += p.bytes_per_device
+            if p.logical_axes[:1] == ("layers",):
+                layer_b += p.bytes_per_device
+            if p.kind == "lm_head":
+                head_e += elems
+            elif p.kind != "norm":
+                dense_e += elems
+        self.dense_bytes, self.expert_bytes = dense_b, expert_b
+        self.layer_bytes = layer_b  # stacked per-layer weights other than routed experts
+        self.dense_elems, self.expert_elems, self.head_elems = dense_e, expert_e, head_e
+        # layers and KV of the bottleneck stage, per layer type
+        self.layers = dict(plan.kv_layers_per_device)
+        self.n_layers = sum(self.layers.values())
+        self.kv_per_layer = dict(plan.kv_bytes_per_token_per_layer)
+        self.chunk = plan.chunk_size
+        h = cfg.num_heads
+        hl = h / am.axis_ways("heads", h)
+        if cfg.get("kv_lora_rank"):
+            r, rope = cfg.get("kv_lora_rank"), cfg.get("qk_rope_head_dim")
+            nope, v = cfg.get("qk_nope_head_dim"), cfg.get("v_head_dim")
+            self.attn_decode = 2 * hl * (r + rope) + 2 * hl * r  # absorbed: latent scores + latent values
+            self.attn_prefill = 2 * hl * (nope + rope) + 2 * hl * v  # expanded per-head keys / values
+            self.expand_per_prefix = 2 * hl * (nope + v) * r  # expanding cached latents for a chunk
+        else:
+            self.attn_decode = self.attn_prefill = 4 * hl * cfg.head_dim
+            self.expand_per_prefix = 0.0
+        # collectives per layer: attention output over tp, FFN output over the ways the FFN splits
+        tp = am.axis_ways("heads", h)
+        ffn_ways = am.axis_ways("mlp", cfg.intermediate_size)
+        self.ar_groups = []
+        if tp > 1:
+            self.ar_groups.append(tp)
+        moe_ways = am.mesh_shape["tp"] * am.mesh_shape["ep"]
+        if m.experts and moe_ways > 1:
+            self.ar_groups.append(moe_ways)
+        elif not m.experts and ffn_ways > 1:
+            self.ar_groups.append(ffn_ways)
+        self.link = hw.link_bw if self.stage_devices <= hw.devices_per_node else hw.network_bw
+        self.p2p_link = hw.link_bw if self.devices <= hw.devices_per_node else hw.network_bw
+        self.d = cfg.hidden_size
+        self.peak = hw.flops * hw.flops_efficiency
+        self.bw = hw.hbm_bw * hw.bw_efficiency
+
+    # -- pieces ----------------------------------------------------------------------------
+    def touched(self, tokens: float) -> float:
+        """Expected fraction of a layer's experts that `tokens` tokens route to (uniform routing)."""
+        if not self.experts:
+            return 0.0
+        return 1.0 - (1.0 - self.top_k / self.experts) ** max(tokens, 0.0)
+
+    def comm_time(self, tokens: float) -> float:
+        t = 0.0
+        msg = tokens * self.d * self.act_bytes
+        for g in self.ar_groups:
+            t += self.hw.collective_latency_s + 2.0 * (g - 1) / g * msg / self.link
+        t *= self.n_layers
+        if self.pp > 1:
+            t += self.hw.collective_latency_s + msg / self.p2p_link
+        return t
+
+    def _ctx_terms(self, ctx_full: float, ctx_capped: float) -> tuple[float, float]:
+        """(attention FLOPs per unit coefficient, KV bytes) for summed key positions."""
+        pos = kv = 0.0
+        for t, n in self.layers.items():
+            c = ctx_capped if t == "chunked" else ctx_full
+            pos += n * c
+            kv += n * self.kv_per_layer[t] * c
+        return pos, kv
+
+    def stage_time(
+        self,
+        tokens: float,
+        logit_rows: float,
+        dec_ctx_full: float = 0.0,
+        dec_ctx_capped: float = 0.0,
+        pf_pairs_full: float = 0.0,
+        pf_pairs_capped: float = 0.0,
+        pf_prefix_full: float = 0.0,
+        pf_prefix_capped: float = 0.0,
+        detail: bool = False,
+    ) -> Any:
+        """Seconds for one stage to run `tokens` tokens: decode rows with summed contexts dec_ctx_*
+        (keys read per row), prefill query-key pairs pf_pairs_* and cached prefix positions pf_prefix_*
+        (read once per chunk); `*_capped` are the same with chunked-attention layers' windows."""
+        lin = 2.0 * (self.dense_elems + self.expert_elems * (self.top_k / self.experts if self.experts else 0.0)) * tokens
+        head = 2.0 * self.head_elems * logit_rows
+        dpos, dkv = self._ctx_terms(dec_ctx_full, dec_ctx_capped)
+        ppos, _ = self._ctx_terms(pf_pairs_full, pf_pairs_capped)
+        xpos, xkv = self._ctx_terms(pf_prefix_full, pf_prefix_capped)
+        attn = self.attn_decode * dpos + self.attn_prefill * ppos + self.expand_per_prefix * xpos
+        flops = lin + head + attn
+        nbytes = self.dense_bytes + self.expert_bytes * self.touched(tokens) + dkv + xkv
+        if self.hw.matmul_rates:  # measured rate by rows (this CPU): the linear layers run at m = tokens
+            t_c = (lin / self.hw.matmul_rate(tokens) + head / self.hw.matmul_rate(logit_rows)
+                   + attn / self.hw.matmul_rate(max(tokens, 1)))
+        else:
+            t_c = flops / self.peak
+        t_m = nbytes / self.bw
+        t_comm = self.comm_time(tokens)
+        t_extra = self.hw.weight_passes * self.layer_bytes / self.bw if self.hw.weight_passes else 0.0
+        t = max(t_c, t_m) + t_comm + t_extra + self.hw.step_overhead_s + self.n_layers * self.hw.layer_overhead_s
+        if detail:
+            return dict(time=t, compute=t_c, memory=t_m, comm=t_comm, extra=t_extra, flops=flops, bytes=nbytes,
+                        bound="compute" if t_c > t_m else "memory")
+        return t
+
+    # -- whole steps -----------------------------------------------------------------------
+    def decode_step(self, batch: int, context: float, detail: bool = False) -> Any:
+        """Time per output token for `batch` rows at mean context `context` (pp microbatches in flight)."""
+        rows = batch / self.pp
+        capped = min(context, self.chunk) if self.chunk else context
+        st = self.stage_time(rows, rows, rows * context, rows * capped, detail=detail)
+        if detail:
+            return {k: (v * self.pp if k in ("time", "compute", "memory", "comm") else v) for k, v in st.items()}
+        return self.pp * st
+
+    def prefill_time(self, prompt: int, chunk: int) -> float:
+        """Latency of prefilling one prompt alone in chunks of `chunk` tokens (pp: stages in sequence)."""
+        t, done = 0.0, 0
+        while done < prompt:
+            c = min(chunk, prompt - done)
+            t += self.stage_time(c, 1, **self.chunk_terms(done, c))
+            done += c
+        return t * self.pp
+
+    def chunk_terms(self, offset: int, c: int) -> dict[str, float]:
+        """Attention terms of a prefill slice of c tokens after `offset` cached tokens."""
+        pairs = c * (offset + (c + 1) / 2.0)
+        if self.chunk:
+            # chunked layers: each query sees at most the tokens of its own window
+            cap = self.chunk
+            pairs_c = c * min(offset + (c + 1) / 2.0, cap / 2.0 + 0.5) if offset + c > cap else pairs
+            prefix_c = min(offset, cap)
+        else:
+            pairs_c, prefix_c = pairs, offset
+        return dict(pf_pairs_full=pairs, pf_pairs_capped=pairs_c, pf_prefix_full=offset, pf_prefix_capped=prefix_c)
+
+
+# ------------------------------------------------------------------------------------------------
+# Workloads
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """Prompt / output lengths as clipped log-normals (median, sigma, min, max) and default SLOs."""
+
+    name: str
+    prompt: tuple[float, float, int, int]
+    output: tuple[float, float, int, int]
+    ttft_slo: float  # seconds
+    tpot_slo: float  # seconds
+    description: str = ""
+
+    def sample(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+
+        def draw(spec):
+            med, sigma, lo, hi = spec
+            return np.clip(np.round(med * np.exp(sigma * rng.standard_normal(n))), lo, hi).astype(np.int64)
+
+        return draw(self.prompt), draw(self.output)
+
+    def means(self, n: int = 20000) -> tuple[float, float]:
+        return _means(self, n)
+
+
+@functools.lru_cache(maxsize=64)
+def _means(w: Workload, n: int) -> tuple[float, float]:
+    p, o = w.sample(n, seed=12345)
+    return float(p.mean()), float(o.mean())
+
+
+WORKLOADS: dict[str, Workload] = {
+    "chat": Workload(
+        "chat", prompt=(600, 1.0, 32, 8192), output=(250, 0.7, 16, 2048), ttft_slo=2.0, tpot_slo=0.060,
+        description="chatbot: short prompts (median 600 tokens), medium answers (median 250); SLO TTFT 2 s, TPOT 60 ms",
+    ),
+    "rag": Workload(
+        "rag", prompt=(12000, 0.35, 4000, 32000), output=(200, 0.5, 32, 1024), ttft_slo=8.0, tpot_slo=0.020,
+        description="long-context RAG: prompts median 12k tokens, short answers (median 200); SLO TTFT 8 s, tight TPOT 20 ms",
+    ),
+    "agent": Workload(
+        "agent", prompt=(24000, 0.5, 4000, 100000), output=(400, 0.8, 16, 4096), ttft_slo=10.0, tpot_slo=0.050,
+        description="coding agent: long growing contexts (median 24k), medium outputs (median 400); SLO TTFT 10 s, TPOT 50 ms",
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Cluster plans
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class InstanceSpec:
+    role: str  # prefill / decode / colocated
+    mesh: str
+    count: int  # instances of this kind
+    chunk: int  # token budget per iteration (prefill / colocated)
+    max_batch: int
+    cost: CostModel = dataclasses.field(repr=False)
+    capacity: CapacityPlan = dataclasses.field(repr=False)
+
+    @property
+    def devices(self) -> int:
+        return self.cost.devices
+
+    def describe(self) -> dict[str, Any]:
+        return dict(role=self.role, mesh=self.capacity.mesh, instances=self.count, devices_each=self.devices,
+                    chunk=self.chunk, max_batch=self.max_batch,
+                    kv_free_gib_per_device=round(self.capacity.kv_free_per_device / GiB, 2))
+
+
+@dataclasses.dataclass
+class ClusterPlan:
+    instances: list[InstanceSpec]
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(i.role == "prefill" for i in self.instances)
+
+    @property
+    def gpus(self) -> int:
+        return sum(i.devices * i.count for i in self.instances)
+
+    def describe(self) -> dict[str, Any]:
+        kinds = {i.role: i for i in self.instances}
+        if self.disaggregated:
+            p, d = kinds["prefill"], kinds["decode"]
+            label = f"{p.count}P[{p.capacity.mesh}] : {d.count}D[{d.capacity.mesh}]"
+        else:
+            c = kinds["colocated"]
+            label = f"{c.count}x colocated[{c.capacity.mesh}] chunk {c.chunk}"
+        return dict(label=label, gpus=self.gpus, disaggregated=self.disaggregated,
+                    instances=[i.describe() for i in self.instances])
+
+
+# ------------------------------------------------------------------------------------------------
+# The discrete-event simulation
+# ------------------------------------------------------------------------------------------------
+
+
+class Request:
+    __slots__ = ("id", "arrival", "prompt", "output", "t_first", "t_done", "done_prefill", "rejected", "kv")
+
+    def __init__(self, i: int, arrival: float, prompt: int, output: int):
+        self.id, self.arrival, self.prompt, self.output = i, arrival, int(prompt), int(output)
+        self.t_first = self.t_done = None
+        self.done_prefill = 0
+        self.rejected = False
+        self.kv = 0.0
+
+
+class _Sim:
+    def __init__(self):
+        self.heap: list = []
+        self.seq = 0
+        self.now = 0.0
+
+    def at(self, t: float, fn: Callable, *args) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, fn, args))
+
+    def next_time(self) -> float:
+        return self.heap[0][0] if self.heap else math.inf
+
+    def run(self) -> None:
+        while self.heap:
+            t, _, fn, args = heapq.heappop(self.heap)
+            self.now = t
+            fn(*args)
+
+
+class _Instance:
+    """One instance (prefill, decode or colocated) with its queue and running rows."""
+
+    def __init__(self, sim: _Sim, spec: InstanceSpec, on_prefilled: Callable | None, on_done: Callable):
+        self.sim, self.spec, self.cost = sim, spec, spec.cost
+        self.pp = spec.cost.pp
+        self.on_prefilled, self.on_done = on_prefilled, on_done
+        self.kv_capacity = max(0.0, spec.capacity.kv_free_per_device)
+        self.kv_used = 0.0
+        self.waiting: list[Request] = []  # prefill queue (prefill / colocated) or KV-ready queue (decode)
+        self.prefilling: list[Request] = []  # admitted, prompt not finished (colocated / prefill)
+        self.rows: list[Request] = []
+        self.ctx = np.zeros(0, np.int64)
+        self.rem = np.zeros(0, np.int64)
+        self.busy = False
+        self.outstanding = 0.0  # tokens queued (router load)
+        self.chunk_cap = spec.capacity.chunk_size
+        self.version = 0  # bumped when a fast-forwarded decode run is cut short
+        self.ff: tuple[float, float, int] | None = None  # (start, step time, steps) of the running decode run
+        self._kv_need: dict[int, float] = {}
+
+    # -- KV accounting ------------------------------------------------------------------------
+    def kv_need(self, r: Request) -> float:
+        need = self._kv_need.get(r.id)
+        if need is None:
+            need = self._kv_need[r.id] = self.spec.capacity.seq_bytes_per_device(r.prompt + r.output)
+        return need
+
+    def free_kv(self) -> float:
+        return self.kv_capacity - self.kv_used
+
+    # -- entry points -------------------------------------------------------------------------
+    def submit(self, r: Request) -> None:
+        if self.spec.role != "prefill" and self.kv_need(r) > self.kv_capacity:
+            r.rejected = True
+            r.t_first = r.t_done = math.inf
+            self.on_done(r)
+            return
+        self.waiting.append(r)
+        self.outstanding += r.prompt if self.spec.role != "decode" else r.output
+        if not self.busy:
+            self._start()
+        elif self.ff is not None:
+            self._cut_short()
+
+    def _cut_short(self) -> None:
+        """A request arrived during a fast-forwarded decode run: end the run after the step in progress."""
+        start, t1, k = self.ff
+        done = min(k, int((self.sim.now - start) / t1) + 1)
+        if done < k:
+            self.version += 1
+            self.ff = None
+            self.sim.at(start + done * t1, self._decode_done, done, self.version)
+
+    # -- scheduling ---------------------------------------------------------------------------
+    def _admit_rows(self) -> None:
+        """Decode instance: KV-ready requests join the batch (FCFS) while cache and rows allow."""
+        while self.waiting and len(self.rows) < self.spec.max_batch:
+            r = self.waiting[0]
+            need = self.kv_need(r)
+            if need > self.free_kv():
+                break
+            self.waiting.pop(0)
+            r.kv = need
+            self.kv_used += need
+            self._add_row(r)
+
+    def _add_row(self, r: Request) -> None:
+        self.rows.append(r)
+        self.ctx = np.append(self.ctx, r.prompt + 1)
+        self.rem = np.append(self.rem, r.output - 1)
+
+    def _admit_prefill(self) -> None:
+        """Prefill / colocated: queued prompts start (colocated reserves their KV first)."""
+        while self.waiting:
+            r = self.waiting[0]
+            if self.spec.role == "colocated":
+                if len(self.rows) + len(self.prefilling) >= self.spec.max_batch:
+                    break
+                need = self.kv_need(r)
+                if need > self.free_kv():
+                    break
+                r.kv = need
+                self.kv_used += need
+            elif len(self.prefilling) >= 64:
+                break
+            self.waiting.pop(0)
+            self.prefilling.append(r)
+
+    def _start(self) -> None:
+        if self.busy:
+            return
+        role = self.spec.role
+        if role == "decode":
+            self._admit_rows()
+            if self.rows:
+                self._decode_iteration()
+            return
+        self._admit_prefill()
+        if self.prefilling:
+            self._mixed_iteration()
+        elif role == "colocated" and self.rows:
+            self._decode_iteration()
+
+    def _decode_iteration(self) -> None:
+        """k decode steps at once (until a row finishes or another event may change the batch)."""
+        n = len(self.rows)
+        cost = self.cost
+        mean_ctx = float(self.ctx.mean())
+        t1 = cost.decode_step(n, mean_ctx)
+        k = max(1, int(self.rem.min()) if n else 1)
+        if k > 1:
+            t1 = cost.decode_step(n, mean_ctx + (k - 1) / 2.0)
+        self.busy = True
+        self.ff = (self.sim.now, t1, k)
+        self.sim.at(self.sim.now + k * t1, self._decode_done, k, self.version)
+
+    def _decode_done(self, k: int, version: int) -> None:
+        if version != self.version:
+            return  # this run was cut short; its replacement event ends it
+        self.busy = False
+        self.ff = None
+        self.ctx += k
+        self.rem -= k
+        self._retire()
+        self._start()
+
+    def _retire(self) -> None:
+        if not len(self.rows):
+            return
+        done = np.nonzero(self.rem <= 0)[0]
+        if not len(done):
+            return
+        now = self.sim.now
+        keep = np.ones(len(self.rows), bool)
+        keep[done] = False
+        for i in done:
+            r = self.rows[i]
+            r.t_done = now
+            self.kv_used -= r.kv
+            if self.spec.role == "decode":
+                self.outstanding -= r.output
+            self.on_done(r)
+        self.rows = [r for r, k_ in zip(self.rows, keep) if k_]
+        self.ctx, self.rem = self.ctx[keep], self.rem[keep]
+
+    def _mixed_iteration(self) -> None:
+        """One chunked-prefill iteration (colocated: plus one token of every running row)."""
+        cost = self.cost
+        n_dec = len(self.rows)
+        budget = self.spec.chunk - (n_dec if self.spec.role == "colocated" else 0)
+        terms = dict(pf_pairs_full=0.0, pf_pairs_capped=0.0, pf_prefix_full=0.0, pf_prefix_capped=0.0)
+        taken: list[tuple[Request, int]] = []
+        tokens = 0
+        for r in self.prefilling:
+            if budget <= 0:
+                break
+            c = min(budget, r.prompt - r.done_prefill)
+            for key, v in cost.chunk_terms(r.done_prefill, c).items():
+                terms[key] += v
+            taken.append((r, c))
+            budget -= c
+            tokens += c
+        finishing = sum(1 for r, c in taken if r.done_prefill + c >= r.prompt)
+        if n_dec:
+            ctx = self.ctx.astype(np.float64)
+            dec_full = float(ctx.sum())
+            dec_capped = float(np.minimum(ctx, self.chunk_cap).sum()) if self.chunk_cap else dec_full
+        else:
+            dec_full = dec_capped = 0.0
+        if self.pp > 1 and n_dec:  # rows in pp microbatches; the chunk rides with one of them
+            per = cost.stage_time((n_dec / self.pp), n_dec / self.pp, dec_full / self.pp, dec_capped / self.pp)
+            t = (self.pp - 1) * per + cost.stage_time(tokens + n_dec / self.pp, finishing + n_dec / self.pp,
+                                                      dec_full / self.pp, dec_capped / self.pp, **terms)
+            latency_extra = 0.0
+        else:
+            t = cost.stage_time(tokens + n_dec, finishing + n_dec, dec_full, dec_capped, **terms)
+            latency_extra = (self.pp - 1) * t if self.spec.role == "prefill" else 0.0
+            if self.spec.role == "colocated":
+                t *= self.pp
+        self.busy = True
+        self.sim.at(self.sim.now + t, self._mixed_done, taken, n_dec, latency_extra)
+
+    def _mixed_done(self, taken, n_dec: int, latency_extra: float) -> None:
+        self.busy = False
+        now = self.sim.now
+        if n_dec:
+            self.ctx[:n_dec] += 1
+            self.rem[:n_dec] -= 1
+        finished = []
+        for r, c in taken:
+            r.done_prefill += c
+            if r.done_prefill >= r.prompt:
+                finished.append(r)
+        if finished:
+            self.prefilling = [r for r in self.prefilling if r.done_prefill < r.prompt]
+        self._retire() if n_dec else None
+        for r in finished:
+            self.outstanding -= r.prompt
+            if self.spec.role == "prefill":
+                self.sim.at(now + latency_extra, self._prefilled, r)
+            else:  # colocated: first token now, the row decodes from the next iteration
+                r.t_first = now
+                if r.output <= 1:
+                    r.t_done = now
+                    self.kv_used -= r.kv
+                    self.on_done(r)
+                else:
+                    self._add_row(r)
+        self._start()
+
+    def _prefilled(self, r: Request) -> None:
+        r.t_first = self.sim.now
+        self.on_prefilled(r)
+
+
+@dataclasses.dataclass
+class SimResult:
+    rate: float
+    n: int
+    ttft: dict[str, float]
+    tpot: dict[str, float]
+    attainment: float  # fraction of requests meeting both SLOs
+    rejected: int
+    throughput_tok_s: float
+    makespan: float
+
+    def row(self) -> dict[str, Any]:
+        return dict(rate=round(self.rate, 4), attainment=round(self.attainment, 4), rejected=self.rejected,
+                    ttft_p50_ms=self.ttft["p50"] * 1e3, ttft_p90_ms=self.ttft["p90"] * 1e3,
+                    ttft_p99_ms=self.ttft["p99"] * 1e3, tpot_p50_ms=self.tpot["p50"] * 1e3,
+                    tpot_p90_ms=self.tpot["p90"] * 1e3, tpot_p99_ms=self.tpot["p99"] * 1e3,
+                    throughput_tok_s=round(self.throughput_tok_s, 1))
+
+
+def _pct(a: np.ndarray) -> dict[str, float]:
+    if not len(a):
+        return dict(p50=math.inf, p90=math.inf, p99=math.inf)
+    return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
+
+
+def run_length(workload: Workload, rate: float, n_min: int = 300, n_max: int = 2000, lifetimes: float = 6.0,
+               min_seconds: float = 60.0) -> int:
+    """Requests to simulate at `rate`: arrivals spanning max(`lifetimes` x (TTFT SLO + mean output x
+    TPOT SLO), min_seconds), so the batch fills and an overload shows as a growing queue rather than
+    hiding in the TTFT slack; clipped to [n_min, n_max]."""
+    _, mo = workload.means()
+    life = workload.ttft_slo + mo * workload.tpot_slo
+    return int(min(n_max, max(n_min, rate * max(lifetimes * life, min_seconds))))
+
+
+def simulate(
+    plan: ClusterPlan,
+    workload: Workload,
+    rate: float,
+    n: int | None = None,
+    seed: int = 0,
+    ttft_slo: float | None = None,
+    tpot_slo: float | None = None,
+    warmup: float = 0.2,
+) -> SimResult:
+    """Run Poisson arrivals at `rate` req/s through the cluster plan (n requests; default
+    run_length()). Metrics cover the requests after the first `warmup` fraction (the empty start)."""
+    if ttft_slo is not None or tpot_slo is not None:
+        workload = dataclasses.replace(workload, ttft_slo=ttft_slo or workload.ttft_slo,
+                                       tpot_slo=tpot_slo or workload.tpot_slo)
+    n = n or run_length(workload, rate)
+    prompts, outputs = workload.sample(n, seed)
+    rng = np.random.default_rng(seed + 1)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    sim = _Sim()
+    reqs = [Request(i, float(arrivals[i]), prompts[i], outputs[i]) for i in range(n)]
+    done: list[Request] = []
+    pre: list[_Instance] = []
+    dec: list[_Instance] = []
+    col: list[_Instance] = []
+
+    def finished(r: Request) -> None:
+        done.append(r)
+
+    xfer = None
+    if plan.disaggregated:
+        p_spec = next(i for i in plan.instances if i.role == "prefill")
+        d_spec = next(i for i in plan.instances if i.role == "decode")
+        hw = p_spec.cost.hw
+        same_node = p_spec.devices + d_spec.devices <= hw.devices_per_node
+        link = hw.link_bw if same_node else hw.network_bw
+        streams = min(p_spec.devices, d_spec.devices)
+        per_token = d_spec.capacity.kv_bytes_per_token_total
+        xfer = (per_token, streams * link * hw.bw_efficiency, hw.collective_latency_s * 10)
+
+        def prefilled(r: Request) -> None:
+            if r.output <= 1:
+                r.t_done = sim.now
+                finished(r)
+                return
+            target = max(dec, key=lambda d: d.free_kv() - sum(d.kv_need(w) for w in d.waiting))
+            t = r.prompt * xfer[0] / xfer[1] + xfer[2]
+            sim.at(sim.now + t, target.submit, r)
+
+        for spec in plan.instances:
+            for _ in range(spec.count):
+                if spec.role == "prefill":
+                    pre.append(_Instance(sim, spec, prefilled, finished))
+                else:
+                    dec.append(_Instance(sim, spec, None, finished))
+        front = pre
+    else:
+        for spec in plan.instances:
+            for _ in range(spec.count):
+                col.append(_Instance(sim, spec, None, finished))
+        front = col
+
+    def arrive(r: Request) -> None:
+        target = min(front, key=lambda x: x.outstanding + (len(x.rows) * 8 if x.spec.role == "colocated" else 0))
+        target.submit(r)
+
+    for r in reqs:
+        sim.at(r.arrival, arrive, r)
+    sim.run()
+    ttft_slo, tpot_slo = workload.ttft_slo, workload.tpot_slo
+    reqs = reqs[int(warmup * n):]
+    ok = [r for r in reqs if not r.rejected and r.t_done is not None]
+    ttft = np.array([r.t_first - r.arrival for r in ok])
+    tpot = np.array([(r.t_done - r.t_first) / (r.output - 1) for r in ok if r.output > 1])
+    good = sum(1 for r in ok if r.t_first - r.arrival <= ttft_slo and
+               (r.output <= 1 or (r.t_done - r.t_first) / (r.output - 1) <= tpot_slo))
+    end = max((r.t_done for r in ok), default=0.0)
+    toks = sum(r.output for r in ok)
+    return SimResult(rate=rate, n=len(reqs), ttft=_pct(ttft), tpot=_pct(tpot), attainment=good / max(1, len(reqs)),
+                     rejected=sum(r.rejected for r in reqs), throughput_tok_s=toks / max(end, 1e-9), makespan=end)
+
+
+# ------------------------------------------------------------------------------------------------
+# Goodput and plan search
+# ------------------------------------------------------------------------------------------------
+
+
+def throughput_bound(plan: ClusterPlan, workload: Workload) -> float:
+    """An optimistic requests/s bound: min(prefill capacity, decode capacity) of the plan, the decode
+    batch limited by the KV cache, max_batch and the TPOT SLO."""
+    mp, mo = workload.means()
+    pre = dec = 0.0
+    for spec in plan.instances:
+        cost = spec.cost
+        if spec.role in ("prefill", "colocated"):
+            pre_rate = spec.chunk / (cost.stage_time(spec.chunk, 1, **cost.chunk_terms(int(mp / 2), spec.chunk)))
+            pre += spec.count * pre_rate / mp
+        if spec.role in ("decode", "colocated"):
+            ctx = mp + mo / 2
+            per_req = spec.capacity.seq_bytes_per_device(mp + mo)
+            b = int(min(spec.max_batch, spec.capacity.kv_free_per_device / max(per_req, 1.0)))
+            while b > 1 and cost.decode_step(b, ctx) > workload.tpot_slo:
+                b = int(b * 0.8)
+            if b < 1:
+                continue
+            dec += spec.count * b / cost.decode_step(b, ctx) / mo
+    return min(pre, dec)
+
+
+def goodput(
+    plan: ClusterPlan,
+    workload: Workload,
+    n: int | None = None,
+    seed: int = 0,
+    target: float = 0.9,
+    iters: int = 7,
+    ttft_slo: float | None = None,
+    tpot_slo: float | None = None,
+    bound: float | None = None,
+) -> tuple[float, SimResult | None]:
+    """Highest rate (req/s) with >= target of requests meeting both SLOs (bisection)."""
+    hi = (bound if bound is not None else throughput_bound(plan, workload)) * 1.3
+    if hi <= 0:
+        return 0.0, None
+    lo, best = 0.0, None
+    kw = dict(n=n, seed=seed, ttft_slo=ttft_slo, tpot_slo=tpot_slo)
+    for _ in range(4):  # the bound is a model too: raise it while the plan still meets the SLOs
+        r = simulate(plan, workload, hi, **kw)
+        if r.attainment < target:
+            break
+        lo, best, hi = hi, r, hi * 2
+    else:
+        return lo, best
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        r = simulate(plan, workload, mid, **kw)
+        if r.attainment >= target:
+            lo, best = mid, r
+        else:
+            hi = mid
+    if best is None:
+        r = simulate(plan, workload, lo if lo > 0 else hi / 2 ** iters, **kw)
+        if r.attainment >= target:
+            return r.rate, r
+        return 0.0, r
+    return lo, best
+
+
+def _instance_meshes(size: int, hw: Hardware) -> list[str]:
+    """Meshes of one instance: tp inside a node, pp across (and pp=2 inside a node)."""
+    node = hw.devices_per_node
+    out = []
+    if size <= node:
+        out.append(f"tp={size}" if size > 1 else "tp=1")
+        if size >= 4:
+            out.append(f"pp=2,tp={size // 2}")
+    elif size % node == 0:
+        out.append(f"pp={size // node},tp={node}")
+    return out
+
+
+@dataclasses.dataclass
+class _Choice:
+    mesh: str
+    role: str
+    cap: CapacityPlan
+    cost: CostModel
+
+
+def _choices(model, hw: Hardware, weights: str, count: int, kv_dtype: str, max_batch: int,
+             meshes: Sequence[str] | None = None) -> dict[str, list[_Choice]]:
+    name, hf = load_hf_config(model)
+    out: dict[str, list[_Choice]] = {"prefill": [], "decode": [], "colocated": []}
+    size = 1
+    while size <= count:
+        for mesh in _instance_meshes(size, hw):
+            if meshes is not None and mesh not in meshes:
+                continue
+            for role in out:
+                try:
+                    cap = plan_capacity(hf | {"_name": name}, Deployment(hw, size, mesh=mesh, weights=weights, kv_dtype=kv_dtype,
+                                                                         role=role, max_decode_batch=max_batch))
+                except PlanError:
+                    continue
+                if cap.fits:
+                    out[role].append(_Choice(mesh, role, cap, CostModel(cap, hw)))
+        size *= 2
+    # keep the two smallest fitting instance sizes per role (larger ones rarely pay per GPU)
+    for role, lst in out.items():
+        sizes = sorted({c.cost.devices for c in lst})[:2]
+        out[role] = [c for c in lst if c.cost.devices in sizes]
+    return out
+
+
+def candidate_plans(
+    model, hardware: str | Hardware, count: int, weights: str = "bf16", kv_dtype: str = "bf16",
+    max_batch: int = 256, chunks: Sequence[int] = (512, 2048, 8192), prefill_chunk: int = 8192,
+    meshes: Sequence[str] | None = None,
+) -> tuple[list[ClusterPlan], list[ClusterPlan]]:
+    """(disaggregated, colocated) cluster plans that use at most `count` devices (instance meshes:
+    tp inside a node, pp across nodes and pp=2 inside one; `meshes` restricts them)."""
+    hw = get_hardware(hardware)
+    if count < 1:
+        raise PlanError(f"device count must be >= 1, got {count}")
+    ch = _choices(model, hw, weights, count, kv_dtype, max_batch, meshes)
+    if not ch["colocated"]:
+        raise PlanError(f"the model fits on no instance of up to {count} {hw.name} devices")
+    dis, col = [], []
+    for p in ch["prefill"]:
+        for d in ch["decode"]:
+            for n_p in range(1, count // p.cost.devices + 1):
+                left = count - n_p * p.cost.devices
+                n_d = left // d.cost.devices
+                if n_d < 1:
+                    continue
+                # every split of the devices: n_p prefill instances, the rest decode
+                dis.append(ClusterPlan([
+                    InstanceSpec("prefill", p.mesh, n_p, prefill_chunk, max_batch, p.cost, p.cap),
+                    InstanceSpec("decode", d.mesh, n_d, 0, max_batch, d.cost, d.cap),
+                ]))
+    for c in ch["colocated"]:
+        n_c = count // c.cost.devices
+        for chunk in chunks:
+            col.append(ClusterPlan([InstanceSpec("colocated", c.mesh, n_c, chunk, max_batch, c.cost, c.cap)]))
+    return dis, col
+
+
+def search(
+    model, hardware: str | Hardware, count: int, workload: Workload, weights: str = "bf16", kv_dtype: str = "bf16",
+    n: int | None = None, seed: int = 0, ttft_slo: float | None = None, tpot_slo: float | None = None,
+    max_batch: int = 256, log: Callable[[str], None] | None = None, prune: bool = True,
+    meshes: Sequence[str] | None = None, iters: int = 7,
+) -> dict[str, Any]:
+    """Best disaggregated and best colocated plan by goodput per GPU (plans whose optimistic bound
+    cannot beat the best found so far are skipped)."""
+    if tpot_slo is not None or ttft_slo is not None:
+        workload = dataclasses.replace(workload, ttft_slo=ttft_slo or workload.ttft_slo, tpot_slo=tpot_slo or workload.tpot_slo)
+    dis, col = candidate_plans(model, hardware, count, weights, kv_dtype, max_batch, meshes=meshes)
+    out: dict[str, Any] = {"workload": dataclasses.asdict(workload)}
+    evaluated = []
+    for kind, plans in (("disaggregated", dis), ("colocated", col)):
+        best = None
+        scored = sorted(((throughput_bound(p, workload), p) for p in plans), key=lambda x: -x[0] / x[1].gpus)
+        for bound, p in scored:
+            if prune and best is not None and bound * 1.5 / p.gpus <= best["goodput_per_gpu"]:
+                continue
+            g, res = goodput(p, workload, n=n, seed=seed, bound=bound, iters=iters)
+            row = dict(plan=p.describe(), goodput=g, goodput_per_gpu=g / p.gpus, bound=bound)
+            if res is not None:
+                row |= res.row()
+            evaluated.append(row | {"kind": kind})
+            if log:
+                log(f"{kind:14s} {p.describe()['label']:60s} goodput {g:7.3f} req/s ({g / p.gpus:.4f}/GPU)")
+            if best is None or row["goodput_per_gpu"] > best["goodput_per_gpu"]:
+                best = row | {"cluster": p}
+        out[f"best_{kind}"] = best
+    out["evaluated"] = evaluated
+    out["candidates"] = dict(disaggregated=len(dis), colocated=len(col))
+    return out
