@@ -57,20 +57,16 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import flags_common  # noqa: E402  (experiments/flags_common.py)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "JSONL of requests (see the module doc).", required=True)
 flags.DEFINE_string("output", None, "JSONL of results; appended to, and resumed from when it exists.", required=True)
 flags.DEFINE_string("summary", None, "Also write the summary JSON here.")
-flags.DEFINE_string("model_dir", None, "HF checkpoint directory (default: the embedded tiny model).")
-flags.DEFINE_string("mesh", "tp=1", "Colocated mesh (used when no worker lists are given).")
+flags_common.define_model_flags()
+flags_common.define_worker_flags()
 flags.DEFINE_string("deployment", None, "Colocated deployment (configs/deployments/ name or JSON path): mesh + rules.")
-flags.DEFINE_string("prefill_workers", None, "';'-separated mesh specs, one per prefill worker (with --decode_workers).")
-flags.DEFINE_string("decode_workers", None, "';'-separated mesh specs, one per decode worker (with --prefill_workers).")
-flags.DEFINE_string("dtype", "float32", "Weight storage dtype.")
-flags.DEFINE_integer("kv_pages", 512, "KV pages per decode worker.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per decode worker.")
-flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
+flags_common.define_engine_flags()
 flags.DEFINE_integer("max_tokens", 16, "max_tokens of lines that give none (OpenAI's completions default).")
 flags.DEFINE_integer("max_inflight", 256, "Requests submitted to the engine at a time (bounds memory, not speed).")
 flags.DEFINE_enum("fsync", "background", ["background", "always", "never"],
@@ -83,6 +79,7 @@ flags.DEFINE_bool("compare_engine", False,
                   "a scratch file); medians of both go in the summary under engine_comparison.")
 flags.DEFINE_integer("compare_repeats", 3, "Paired repeats for --compare_engine (medians are reported).")
 
+flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
 def _devices_needed(specs: list[str]) -> int:
     from infire_jax.mesh import parse_mesh
@@ -104,7 +101,7 @@ def main(argv: list[str]) -> None:
     t_start = time.perf_counter()
     logging.set_verbosity(logging.WARNING)
     from infire_jax.engine import batch
-    from infire_jax.engine.build import EngineOptions, build_engine
+    from infire_jax.engine.build import build_engine
 
     if bool(FLAGS.prefill_workers) != bool(FLAGS.decode_workers):
         _fail("give both --prefill_workers and --decode_workers (disaggregated) or neither (colocated --mesh)")
@@ -132,8 +129,7 @@ def main(argv: list[str]) -> None:
         from infire_jax.sharding import load_deployment
 
         mesh, rules = load_deployment(FLAGS.deployment)
-    prefill_specs = FLAGS.prefill_workers.split(";") if FLAGS.prefill_workers else [mesh]
-    decode_specs = FLAGS.decode_workers.split(";") if FLAGS.decode_workers else [mesh]
+    prefill_specs, decode_specs = flags_common.worker_specs(mesh)
     summary: dict = dict(input=FLAGS.input, output=FLAGS.output, repaired_torn_bytes=writer.dropped_bytes,
                          stray_results=stray, deployment=dict(prefill=prefill_specs, decode=decode_specs))
     pending = [it for it in items if it.key not in writer.done]
@@ -146,9 +142,8 @@ def main(argv: list[str]) -> None:
 
             model_dir = FLAGS.model_dir or str(tiny.ensure_default_model())
             summary["model_dir"] = model_dir
-            options = EngineOptions(decode_steps=FLAGS.decode_steps, kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
-                                    max_decode_batch=FLAGS.max_decode_batch)
-            engine = build_engine(model_dir, prefill_specs, decode_specs, rules=rules, dtype=FLAGS.dtype, options=options)
+            engine = build_engine(model_dir, prefill_specs, decode_specs, rules=rules, dtype=FLAGS.dtype,
+                                  options=flags_common.engine_options())
             builder = batch.RequestBuilder.from_model_dir(model_dir, context=engine.context,
                                                           default_max_tokens=FLAGS.max_tokens)
             summary["load_s"] = round(time.perf_counter() - t_start, 3)

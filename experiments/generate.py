@@ -19,8 +19,10 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import flags_common  # noqa: E402  (experiments/flags_common.py)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "HF checkpoint directory (default: the embedded tiny model).")
+flags_common.define_model_flags()
 flags.DEFINE_multi_string("prompt", ["The weather today is"], "Prompt text (repeat for a batch).")
 flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
@@ -30,9 +32,9 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (request i uses seed + i).")
 flags.DEFINE_string("mesh", "tp=1", "Mesh spec, e.g. 'tp=2' or 'pp=2,tp=2@0-3'.")
 flags.DEFINE_string("prefill_mesh", None, "Disaggregated: prefill mesh, e.g. 'pp=2,tp=2@0-3' (with --decode_mesh).")
 flags.DEFINE_string("decode_mesh", None, "Disaggregated: decode mesh on other devices, e.g. 'tp=4@4-7'.")
-flags.DEFINE_string("dtype", "float32", "Weight storage dtype: float32 or bfloat16.")
 flags.DEFINE_integer("devices", None, "Simulated CPU devices (default: as many as the mesh needs).")
 
+flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
 def main(argv: list[str]) -> None:
     del argv

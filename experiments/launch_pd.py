@@ -25,8 +25,10 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import flags_common  # noqa: E402  (experiments/flags_common.py)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "HF checkpoint directory (default: the embedded tiny model).")
+flags_common.define_model_flags()
 flags.DEFINE_string("prefill_mesh", "tp=1", "Mesh of each prefill worker process (its own devices).")
 flags.DEFINE_string("decode_mesh", "tp=1", "Mesh of each decode worker process (its own devices).")
 flags.DEFINE_integer("num_prefill", 1, "Prefill worker processes.")
@@ -42,14 +44,10 @@ flags.DEFINE_bool("stop_at_eos", True, "Stop a request at the model's EOS tokens
 flags.DEFINE_enum("mode", "mesh", ["mesh", "single"],
                   "Transfer layout: 'mesh' = the prefill side reshards to the decode layout and every shard "
                   "crosses once; 'single' = one device each side, the decode side reshards locally.")
-flags.DEFINE_string("dtype", "float32", "Weight storage dtype of every worker.")
 flags.DEFINE_string("compute_dtype", "float32", "Activation / KV dtype of the prefill workers.")
 flags.DEFINE_string("decode_compute_dtype", None, "Activation / KV dtype of the decode workers (default: "
                     "--compute_dtype; a different one demonstrates the KV layout check).")
-flags.DEFINE_integer("decode_steps", 8, "Decode steps per decode call.")
-flags.DEFINE_integer("kv_pages", 256, "KV pages per decode worker.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("max_decode_batch", 16, "Continuous-batch size limit per decode worker.")
+flags_common.define_engine_flags(kv_pages=256)
 flags.DEFINE_integer("num_transports", 2, "Transport addresses per transfer server (same on every worker).")
 flags.DEFINE_float("timeout", 300.0, "Seconds before unfinished requests fail with RequestTimeout.")
 flags.DEFINE_float("start_timeout", 180.0, "Seconds for every worker to load and answer the handshake.")
@@ -64,6 +62,7 @@ flags.DEFINE_string("out", None, "Write per-request metrics and stats to this JS
 
 DEFAULT_PROMPTS = ["The weather today is", "Once upon a time", "In a distant galaxy far away, a small robot"]
 
+flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
 def _load_prompts(tokenizer, bos):
     items = []

@@ -22,11 +22,12 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import flags_common  # noqa: E402  (experiments/flags_common.py)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "HF checkpoint directory (default: the embedded tiny model).")
-flags.DEFINE_string("mesh", "tp=1", "Colocated mesh (used when no worker lists are given).")
-flags.DEFINE_string("prefill_workers", None, "';'-separated mesh specs, one per prefill worker.")
-flags.DEFINE_string("decode_workers", None, "';'-separated mesh specs, one per decode worker.")
+flags_common.define_model_flags()
+flags_common.define_worker_flags()
+flags_common.define_engine_flags()
 flags.DEFINE_string("prompts_file", None, "JSONL prompts (see module doc).")
 flags.DEFINE_integer("num_requests", 32, "Random prompts when no --prompts_file.")
 flags.DEFINE_integer("min_len", 4, "Random prompt length range.")
@@ -34,17 +35,13 @@ flags.DEFINE_integer("max_len", 64, "Random prompt length range.")
 flags.DEFINE_integer("max_new_tokens", 32, "Default generation length.")
 flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 flags.DEFINE_integer("seed", 0, "Prompt and sampling seed.")
-flags.DEFINE_integer("kv_pages", 512, "KV pages per decode worker.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per decode worker.")
-flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
-flags.DEFINE_string("dtype", "float32", "Weight storage dtype.")
 flags.DEFINE_bool("warmup", True, "Run the workload once first so the timed run excludes compilation.")
 flags.DEFINE_bool("multiprocess", False, "Run each worker as its own OS process on 127.0.0.1 (KV over "
                   "jax.experimental.transfer; mesh specs then refer to each process's own devices).")
 flags.DEFINE_float("timeout", 600.0, "Multi-process: seconds before unfinished requests fail.")
 flags.DEFINE_string("out", None, "Write the metrics JSON here.")
 
+flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
 def _devices_needed(specs: list[str]) -> int:
     from infire_jax.mesh import parse_mesh
@@ -57,11 +54,9 @@ def _devices_needed(specs: list[str]) -> int:
 
 
 def build_engine(model_dir, prefill_specs, decode_specs):
-    from infire_jax.engine.build import EngineOptions, build_engine as build
+    from infire_jax.engine.build import build_engine as build
 
-    options = EngineOptions(decode_steps=FLAGS.decode_steps, kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
-                            max_decode_batch=FLAGS.max_decode_batch)
-    return build(model_dir, prefill_specs, decode_specs, dtype=FLAGS.dtype, options=options)
+    return build(model_dir, prefill_specs, decode_specs, dtype=FLAGS.dtype, options=flags_common.engine_options())
 
 
 def load_requests(vocab: int, tokenize) -> list[tuple[list[int], int]]:
@@ -131,8 +126,7 @@ def run_multiprocess(model_dir, prefill_specs, decode_specs, vocab: int, tokeniz
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    prefill_specs = FLAGS.prefill_workers.split(";") if FLAGS.prefill_workers else [FLAGS.mesh]
-    decode_specs = FLAGS.decode_workers.split(";") if FLAGS.decode_workers else [FLAGS.mesh]
+    prefill_specs, decode_specs = flags_common.worker_specs()
     if FLAGS.multiprocess:
         from infire_jax.checkpoint import tiny
         from infire_jax.config import load_config

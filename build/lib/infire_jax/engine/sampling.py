@@ -96,4 +96,3 @@ def sample(logits: jax.Array, position: jax.Array, params: dict[str, jax.Array])
     any_random = jnp.any(params["temperature"] > 0)
     drawn = jax.lax.cond(any_random, lambda: _sample_rows(logits, position, params), lambda: greedy)
     return jnp.where(params["temperature"] > 0, drawn, greedy)
-from infire_jax.api import load  # probe

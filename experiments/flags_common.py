@@ -1,0 +1,53 @@
+"""Flags shared by the scripts that run a deployment (generate, serve_offline, batch_generate, launch_pd):
+one definition each, and one conversion into the engine's options (engine/build.py EngineOptions).
+
+A script calls the `define_*` functions at import time, before absl parses the command line.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def define_model_flags() -> None:
+    """--model_dir and --dtype."""
+    flags.DEFINE_string("model_dir", None, "HF checkpoint directory (default: the embedded tiny model).")
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weight storage dtype.")
+
+
+def define_engine_flags(kv_pages: int = 512) -> None:
+    """The decode workers' KV capacity and batching: --kv_pages, --page_size, --max_decode_batch, --decode_steps."""
+    flags.DEFINE_integer("kv_pages", kv_pages, "KV pages per decode worker.")
+    flags.DEFINE_integer("page_size", 16, "Tokens per KV page (a power of two <= 16).")
+    flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per decode worker (and rows per prefill batch).")
+    flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
+
+
+def define_worker_flags() -> None:
+    """Where the model runs: --mesh (colocated) or --prefill_workers / --decode_workers (N:M workers)."""
+    flags.DEFINE_string("mesh", "tp=1", "Colocated mesh (used when no worker lists are given).")
+    flags.DEFINE_string("prefill_workers", None, "';'-separated mesh specs, one per prefill worker.")
+    flags.DEFINE_string("decode_workers", None, "';'-separated mesh specs, one per decode worker.")
+
+
+def worker_specs(mesh: str | None = None) -> tuple[list[str], list[str]]:
+    """(prefill specs, decode specs) from --prefill_workers / --decode_workers, else `mesh` (or --mesh)
+    for both roles (one colocated placement)."""
+    if bool(FLAGS.prefill_workers) != bool(FLAGS.decode_workers):
+        raise flags.ValidationError("give both --prefill_workers and --decode_workers, or neither (colocated --mesh)")
+    if FLAGS.prefill_workers:
+        return [s for s in FLAGS.prefill_workers.split(";") if s], [s for s in FLAGS.decode_workers.split(";") if s]
+    mesh = mesh or FLAGS.mesh
+    return [mesh], [mesh]
+
+
+def engine_options():
+    """EngineOptions from the engine flags."""
+    from infire_jax.engine.build import EngineOptions
+
+    return EngineOptions(
+        decode_steps=FLAGS.decode_steps, kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
+        max_decode_batch=FLAGS.max_decode_batch,
+    )
