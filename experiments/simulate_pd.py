@@ -17,14 +17,32 @@ best_disaggregated (goodput_per_gpu, plan, ttft/tpot p50/p90/p99 at that rate) a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import sys
 import time
 
+from absl import app, flags
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "kimi_k25", "A name in configs/models/, a config.json path or a model directory.")
+flags.DEFINE_string("hardware", "h100", "Accelerator (plan/hardware.py).")
+flags.DEFINE_integer("count", 32, "Devices in the cluster.")
+flags.DEFINE_string("workload", "chat", "chat | rag | agent")
+flags.DEFINE_string("weights", "auto", "auto | bf16 | int4_experts | compressed | fp32")
+flags.DEFINE_string("kv_dtype", "bf16", "KV cache dtype.")
+flags.DEFINE_float("ttft_slo", None, "TTFT SLO in ms (default: the workload's).")
+flags.DEFINE_float("tpot_slo", None, "TPOT SLO in ms (default: the workload's).")
+flags.DEFINE_integer("requests", None, "Requests per simulation (default: by rate, 300-2000).")
+flags.DEFINE_integer("seed", 0, "Arrival and length seed.")
+flags.DEFINE_string("meshes", None, "Restrict instance meshes, ';'-separated (e.g. 'tp=8;pp=2,tp=8').")
+flags.DEFINE_bool("no_prune", False, "Simulate every candidate plan.")
+flags.DEFINE_bool("decode_table", False, "Print roofline decode step times per mesh instead.")
+flags.DEFINE_string("plot", None, "PNG: p90 TTFT and TPOT vs arrival rate for the two best plans.")
+flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
 def _weights(model: str, weights: str) -> str:
@@ -106,25 +124,9 @@ def _clean(row: dict | None) -> dict | None:
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="kimi_k25")
-    ap.add_argument("--hardware", default="h100")
-    ap.add_argument("--count", type=int, default=32)
-    ap.add_argument("--workload", default="chat", help="chat | rag | agent")
-    ap.add_argument("--weights", default="auto")
-    ap.add_argument("--kv_dtype", default="bf16")
-    ap.add_argument("--ttft_slo", type=float, default=None, help="ms (default: the workload's)")
-    ap.add_argument("--tpot_slo", type=float, default=None, help="ms (default: the workload's)")
-    ap.add_argument("--requests", type=int, default=None, help="requests per simulation (default: by rate, 300-2000)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--meshes", default=None, help="restrict instance meshes, ';'-separated (e.g. 'tp=8;pp=2,tp=8')")
-    ap.add_argument("--no_prune", action="store_true", help="simulate every candidate plan")
-    ap.add_argument("--decode_table", action="store_true")
-    ap.add_argument("--plot", default=None)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args(argv)
-
+def main(argv) -> int:
+    del argv
+    args = FLAGS
     from infire_jax.plan.capacity import ConfigError, HardwareError, PlanError
     from infire_jax.plan.simulator import WORKLOADS, search
 
@@ -190,4 +192,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)
