@@ -1,8 +1,13 @@
 """Compile the prefill and decode programs for a model + deployment and report, as JSON, the
-per-device parameter and KV bytes and every collective (kind, groups, bytes, count per call).
+per-device parameter and KV bytes and every collective (kind, groups, mesh axes, bytes, count per call).
 
   python experiments/inspect_program.py --mesh pp=2,tp=2
   python experiments/inspect_program.py --deployment pp2_tp4 --png /tmp/layout.png
+  python experiments/inspect_program.py --mesh pp=2,tp=2 --trace_dir /tmp/trace   # then: tensorboard --logdir
+      /tmp/trace, or open /tmp/trace/plugins/profile/<run>/perfetto_trace.json.gz in ui.perfetto.dev
+
+--png draws infire_jax.viz.layout_figure: the mesh (pp rows, tp columns), each device's slices and memory
+bar, and the collectives per step, from the same numbers as the JSON.
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ flags.DEFINE_integer("batch", 4, "Decode/prefill batch.")
 flags.DEFINE_integer("prompt_len", 32, "Prefill length.")
 flags.DEFINE_integer("cache_len", 128, "Decode cache positions per row.")
 flags.DEFINE_integer("steps", 8, "Decode steps per call (collectives are reported per step).")
-flags.DEFINE_string("png", None, "Also draw the layout (which device holds which layers/heads) to this PNG.")
+flags.DEFINE_string("png", None, "Also draw the layout figure (infire_jax.viz.layout_figure) to this PNG.")
+flags.DEFINE_string("hardware", None, "Draw each device's memory bar against this hardware's memory (h100, h200, cpu).")
+flags.DEFINE_string("trace_dir", None, "Also run one prefill and a few decode steps under jax.profiler into this "
+                    "directory (TensorBoard's profile plugin / Perfetto).")
+flags.DEFINE_integer("trace_decode_calls", 2, "Decode calls (of --steps tokens each) in the trace.")
 flags.DEFINE_string("out", None, "Write the JSON here too.")
 
 
@@ -34,17 +43,23 @@ def main(argv: list[str]) -> None:
 
     jax.config.update("jax_num_cpu_devices", 8)
     import infire_jax
+    from infire_jax import viz
     from infire_jax.checkpoint import tiny
-    from infire_jax.engine.inspect import inspect_model, layout_figure, layout_table
+    from infire_jax.engine.inspect import inspect_model, layout_table
 
     model_dir = FLAGS.model_dir or tiny.ensure_default_model()
     kwargs = dict(deployment=FLAGS.deployment) if FLAGS.deployment else dict(mesh=FLAGS.mesh)
-    model = infire_jax.load(model_dir, **kwargs)
+    model = infire_jax.load(model_dir, decode_steps=FLAGS.steps, **kwargs)
     report = inspect_model(model.programs, FLAGS.batch, FLAGS.prompt_len, FLAGS.cache_len, FLAGS.steps)
     report["layout"] = layout_table(model.placed).splitlines()
+    data = viz.measured_layout(model.programs, report=report, hardware=FLAGS.hardware)
+    report["weight_bytes_per_device_by_kind"] = {d.device: d.weights for d in data.devices}
     if FLAGS.png:
-        layout_figure(model.placed, FLAGS.png)
+        viz.layout_figure(data).savefig(FLAGS.png)
         report["png"] = FLAGS.png
+    if FLAGS.trace_dir:
+        files = viz.write_trace(model, FLAGS.trace_dir, prompt_len=FLAGS.prompt_len, decode_calls=FLAGS.trace_decode_calls)
+        report["trace_files"] = [str(f) for f in files]
     text = json.dumps(report, indent=1)
     print(text)
     if FLAGS.out:

@@ -8,7 +8,7 @@ import pytest
 
 import infire_jax
 from infire_jax.sharding import stage_slots
-from infire_jax.engine.inspect import hlo_collectives, inspect_model, layout_figure, layout_table
+from infire_jax.engine.inspect import collective_axes, hlo_collectives, inspect_model, layout_table
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.mesh import MeshSpecError, make_mesh, parse_mesh
 from tests.helpers import save_reference
@@ -194,12 +194,31 @@ def test_rotated_pipeline_batches_equal_one_by_one(model_dir):
         assert model.run_requests([p], [sp])[0].output == got
 
 
-def test_layout_rendering(reports, tmp_path):
+def test_layout_table(reports):
     model, _ = reports["pp=2,tp=2"]
     text = layout_table(model.placed)
     assert "device 3 | stage 1 | layers 2-2 | heads 2-3" in text
-    layout_figure(model.placed, str(tmp_path / "layout.png"))
-    assert (tmp_path / "layout.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "groups, axes",
+    [
+        ("[2,2]<=[4]", ("tp",)),  # iota groups {0,1},{2,3}
+        ("[2,2]<=[2,2]T(1,0)", ("pp",)),  # transposed iota: {0,2},{1,3}
+        ("{{0,2},{2,0},{1,3},{3,1}}", ("pp",)),  # source-target pairs across stages
+        ("mesh['axis_0'=1,'axis_1'=2,'axis_2'=2], device_ids=([2,2]T(1,0)) {'axis_1'}", ("tp",)),
+        ("mesh['axis_0'=2,'axis_1'=2], device_ids=([4]) {'axis_0'}", ("pp",)),
+        ("{}", ("pp", "tp")),
+    ],
+)
+def test_collective_axes(groups, axes):
+    assert collective_axes(groups, {"dp": 1, "pp": 2, "ep": 1, "tp": 2}) == axes
+
+
+def test_reported_collectives_name_their_mesh_axes(reports):
+    _, report = reports["pp=2,tp=2"]
+    axes = {tuple(c["axes"]) for prog in ("prefill", "decode") for c in report[prog]["collectives"]}
+    assert ("tp",) in axes and ("pp",) in axes and axes <= {("tp",), ("pp",), ("pp", "tp")}
 
 
 def test_hlo_parser_counts_loop_trips():

@@ -66,6 +66,7 @@ __all__ = [
     "plan_capacity",
     "plan_best",
     "candidate_meshes",
+    "param_kind",
 ]
 
 MODELS_DIR = configs_dir() / "models"
@@ -191,7 +192,9 @@ class ParamShard:
         return math.prod(self.shard_shape) * self.itemsize * self.factor
 
 
-def _kind(path: tuple[str, ...], axes: tuple) -> str:
+def param_kind(path: tuple[str, ...], axes: tuple) -> str:
+    """What a parameter is, from its path and logical axes: embedding, lm_head, routed_expert, router,
+    norm, shared_expert, dense_mlp or attention."""
     name = path[-1]
     if path == ("embed",):
         return "embedding"
@@ -300,7 +303,7 @@ def build_abstract(
         value = var.get_value()
         axes = tuple(var.get_metadata()["logical_axes"])
         pspec = tuple(layout.spec(axes, value.shape))
-        kind = _kind(path, axes)
+        kind = param_kind(path, axes)
         factor = 1.0
         floating = np.dtype(value.dtype).kind == "f" or str(value.dtype) == "bfloat16"
         if weights == "int4_experts" and kind == "routed_expert" and not int4_native and floating:
@@ -450,17 +453,22 @@ class CapacityPlan:
     def kv_free_total(self) -> float:
         return self.kv_free_per_device * self.count
 
-    def seq_bytes_per_device(self, length: float) -> float:
-        """Bottleneck device's cache bytes for one sequence of `length` tokens (chunked layers capped)."""
-        best = 0.0
+    def seq_bytes_per_stage(self, length: float) -> list[float]:
+        """Cache bytes one sequence of `length` tokens takes on a device of each pipeline stage
+        (chunked layers capped)."""
+        out = []
         for st in self.stage_layers:
             b = 0.0
             for t, n in st.items():
                 per = self.kv_bytes_per_token_per_layer[t]
                 eff = min(length, self.chunk_size) if (t == "chunked" and self.chunk_size) else length
                 b += n * per * eff
-            best = max(best, b)
-        return best
+            out.append(b)
+        return out
+
+    def seq_bytes_per_device(self, length: float) -> float:
+        """Bottleneck device's cache bytes for one sequence of `length` tokens (chunked layers capped)."""
+        return max(self.seq_bytes_per_stage(length), default=0.0)
 
     def max_cache_tokens(self, length: int) -> float:
         """Tokens that fit in one replica's cache as sequences of `length` tokens."""

@@ -48,6 +48,7 @@ from infire_jax.plan.hardware import GiB, Hardware, get_hardware
 
 __all__ = [
     "CostModel",
+    "StepCollective",
     "Workload",
     "WORKLOADS",
     "Request",
@@ -65,6 +66,32 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # Step costs
 # ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCollective:
+    """A collective the cost model charges: `count` executions of `bytes` (per device, the message
+    each one carries) over a group of `group` devices along mesh `axes`; each costs one collective
+    latency + wire_factor * bytes / link_bw (ring all-reduce: 2 (g-1)/g)."""
+
+    kind: str
+    what: str
+    axes: tuple[str, ...]
+    group: int
+    count: float
+    bytes: float
+    wire_factor: float
+    link_bw: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.count * self.bytes
+
+
+def _rule_axes(am: Any, logical: str) -> tuple[str, ...]:
+    axes = am.rules.get(logical)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if am.mesh_shape[a] > 1)
 
 
 class CostModel:
@@ -125,16 +152,17 @@ class CostModel:
             self.attn_decode = self.attn_prefill = 4 * hl * cfg.head_dim
             self.expand_per_prefix = 0.0
         # collectives per layer: attention output over tp, FFN output over the ways the FFN splits
+        # (group size, the mesh axes of the group, what it reduces)
         tp = am.axis_ways("heads", h)
         ffn_ways = am.axis_ways("mlp", cfg.intermediate_size)
-        self.ar_groups = []
+        self.ar_groups: list[tuple[int, tuple[str, ...], str]] = []
         if tp > 1:
-            self.ar_groups.append(tp)
+            self.ar_groups.append((tp, _rule_axes(am, "heads"), "attention output"))
         moe_ways = am.mesh_shape["tp"] * am.mesh_shape["ep"]
         if m.experts and moe_ways > 1:
-            self.ar_groups.append(moe_ways)
+            self.ar_groups.append((moe_ways, tuple(a for a in ("ep", "tp") if am.mesh_shape[a] > 1), "MoE output"))
         elif not m.experts and ffn_ways > 1:
-            self.ar_groups.append(ffn_ways)
+            self.ar_groups.append((ffn_ways, _rule_axes(am, "mlp"), "MLP output"))
         self.link = hw.link_bw if self.stage_devices <= hw.devices_per_node else hw.network_bw
         self.p2p_link = hw.link_bw if self.devices <= hw.devices_per_node else hw.network_bw
         self.d = cfg.hidden_size
@@ -148,15 +176,25 @@ class CostModel:
             return 0.0
         return 1.0 - (1.0 - self.top_k / self.experts) ** max(tokens, 0.0)
 
-    def comm_time(self, tokens: float) -> float:
-        t = 0.0
+    def collectives(self, tokens: float) -> list[StepCollective]:
+        """What one device of the bottleneck stage sends while its stage runs `tokens` tokens: an
+        all-reduce of the hidden states per layer and group (attention output over tp, FFN output
+        over the ways the FFN splits), and with pp the hidden states handed to the next stage."""
         msg = tokens * self.d * self.act_bytes
-        for g in self.ar_groups:
-            t += self.hw.collective_latency_s + 2.0 * (g - 1) / g * msg / self.link
-        t *= self.n_layers
+        out = [StepCollective("all-reduce", what, axes, g, self.n_layers, msg, 2.0 * (g - 1) / g, self.link)
+               for g, axes, what in self.ar_groups]
         if self.pp > 1:
-            t += self.hw.collective_latency_s + msg / self.p2p_link
-        return t
+            out.append(StepCollective("send", "hidden states to the next stage", ("pp",), 2, 1, msg, 1.0, self.p2p_link))
+        return out
+
+    def decode_collectives(self, batch: int) -> list[StepCollective]:
+        """Collectives per device for one decode step of `batch` rows (pp microbatches of batch / pp
+        rows each pass through every stage: counts x pp, as decode_step's time)."""
+        return [dataclasses.replace(c, count=c.count * self.pp) for c in self.collectives(batch / self.pp)]
+
+    def comm_time(self, tokens: float) -> float:
+        lat = self.hw.collective_latency_s
+        return sum(c.count * (lat + c.wire_factor * c.bytes / c.link_bw) for c in self.collectives(tokens))
 
     def _ctx_terms(self, ctx_full: float, ctx_capped: float) -> tuple[float, float]:
         """(attention FLOPs per unit coefficient, KV bytes) for summed key positions."""
