@@ -31,7 +31,8 @@ import jax
 import numpy as np
 
 from infire_jax import mesh as mesh_lib
-from infire_jax.engine.inspect import DeviceShare, device_shares, inspect_model, per_device_bytes
+from infire_jax.engine.inspect import DeviceShare, device_shares, inspect_model, per_device_bytes, placed_shares
+from infire_jax.engine.programs import Programs
 from infire_jax.plan.capacity import Deployment, load_hf_config, param_kind, plan_capacity
 from infire_jax.plan.hardware import GiB, Hardware, get_hardware
 from infire_jax.plan.simulator import CostModel
@@ -150,7 +151,7 @@ def _hardware_reserve(hw: Hardware) -> dict[str, float]:
 
 
 def measured_layout(
-    programs: Any,
+    programs: Programs,
     *,
     report: Mapping[str, Any] | None = None,
     batch: int = 4,
@@ -176,9 +177,8 @@ def measured_layout(
         kind = param_kind(tuple(str(p) for p in path), tuple(var.get_metadata()["logical_axes"]))
         for dev, b in per_device_bytes([(value.shape, value.dtype, value.sharding)]).items():
             by_kind[kind][dev] = by_kind[kind].get(dev, 0) + b
-    module, cfg = placed.module, placed.cfg
-    stored_kv = getattr(module, "kv_heads", cfg.num_kv_heads)
-    shares = device_shares(placed.layout, cfg, module.layer_slots, len(module.active), stored_kv // cfg.num_kv_heads)
+    cfg = placed.cfg
+    shares = placed_shares(placed)
     hw = get_hardware(hardware) if hardware is not None else None
     kv = {int(k): v for k, v in report["kv_bytes_per_device"].items()}
     devices = [
@@ -228,7 +228,7 @@ def planned_layout(
     """The layout of a model config on a deployment, on paper: the capacity planner's weights by kind,
     reserved memory and KV cache (`batch` sequences of `context` tokens), and the cost model's
     collectives for a decode step of `batch` rows and a prefill pass of `prefill_tokens` tokens.
-    `deployment.mesh` must be given; one replica is drawn."""
+    Without `deployment.mesh` the planner's default (tp over all devices) is drawn; one replica."""
     plan = plan_capacity(model, deployment)
     cost = CostModel(plan)
     am = plan.abstract
@@ -263,6 +263,10 @@ def planned_layout(
 # Drawing helpers (the layout figure is laid out in inches on one full-figure axes)
 # ------------------------------------------------------------------------------------------------
 
+CELL_W, GAP, PANEL_GAP, STAGE_COL, MARGIN = 2.55, 0.1, 0.35, 1.5, 0.3  # inches
+BAR_H, LINE = 0.2, 0.2  # memory bar height, table row height
+EM = 0.6  # a generous average character width of DejaVu Sans, in em (it averages ~0.55)
+
 
 def _unit(largest: float) -> tuple[str, float]:
     for name, size in (("GiB", GiB), ("MiB", float(1 << 20)), ("KiB", 1024.0)):
@@ -281,7 +285,7 @@ def _fmt_count(n: float) -> str:
 
 
 def _wrap(text: str, width_in: float, fontsize: float) -> str:
-    chars = max(20, int(width_in * 72 / (fontsize * 0.56)))
+    chars = max(20, int(width_in * 72 / (fontsize * EM)))
     return "\n".join(textwrap.wrap(text, chars))
 
 
@@ -303,13 +307,9 @@ def _layers(share: DeviceShare) -> str:
     return f"layers {share.layers[0]}-{share.layers[-1]}" if share.layers else "no layers"
 
 
-CELL_W, GAP, PANEL_GAP, STAGE_COL, MARGIN = 2.55, 0.1, 0.35, 1.5, 0.3  # inches
-BAR_H, LINE = 0.2, 0.2  # memory bar height, table row height
-
-
 def _text_width(text: str, fontsize: float) -> float:
-    """A generous estimate of a single line's width in inches (DejaVu Sans averages ~0.55 em)."""
-    return len(text) * fontsize * 0.6 / 72
+    """A generous estimate of a single line's width in inches."""
+    return len(text) * fontsize * EM / 72
 
 
 def _draw_bar(ax: Any, x: float, y: float, d: DeviceMemory, scale: float) -> None:

@@ -78,14 +78,12 @@ def test_measured_figure_shows_inspect_programs_numbers(loaded, mesh):
     assert texts_outside(fig) == []
 
 
-def test_text_check_catches_clipped_text(loaded):
-    model = loaded["pp=2,tp=2"]
+def test_text_check_catches_clipped_text():
     data = viz.planned_layout("llama4_scout", Deployment("h200", 2, mesh="tp=2"), batch=8, context=8192)
     fig = viz.layout_figure(data)
     assert texts_outside(fig) == []
     fig.text(0.98, 0.5, "a title running off the right edge")
     assert texts_outside(fig) == ["a title running off the right edge"]
-    del model
 
 
 def test_planned_figure_is_the_planners():

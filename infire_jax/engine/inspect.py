@@ -21,7 +21,7 @@ from infire_jax.kv import cache as kv_cache
 
 __all__ = [
     "Collective", "DeviceShare", "collective_axes", "device_shares", "group_members", "hlo_collectives", "inspect_model",
-    "layout_table", "per_device_bytes",
+    "layout_table", "per_device_bytes", "placed_shares",
 ]
 
 _KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "ragged-all-to-all")
@@ -316,14 +316,19 @@ def device_shares(
     return out
 
 
+def placed_shares(placed: Any) -> list[DeviceShare]:
+    """device_shares of a placed (loaded) model."""
+    cfg, module = placed.cfg, placed.module
+    stored_kv = module.kv_heads  # KV heads may be repeated for tp
+    return device_shares(placed.layout, cfg, module.layer_slots, len(module.active), stored_kv // cfg.num_kv_heads)
+
+
 def layout_table(placed: Any) -> str:
     """Text map of a deployment: for each device, its pipeline stage, the layers it holds and the
     slice of heads / KV heads / experts / MLP columns / vocab it owns."""
-    layout, cfg, module = placed.layout, placed.cfg, placed.module
-    stored_kv = module.kv_heads  # KV heads may be repeated for tp
-    shares = device_shares(layout, cfg, module.layer_slots, len(module.active), stored_kv // cfg.num_kv_heads)
+    layout = placed.layout
     lines = [f"mesh {dict(layout.mesh.shape)}  rules: " + ", ".join(f"{k}->{v}" for k, v in layout.rules.items() if v)]
-    for d in shares:
+    for d in placed_shares(placed):
         parts = [f"device {d.device}", f"stage {d.stage}", f"layers {d.layers[0]}-{d.layers[-1]}" if d.layers else "layers -"]
         parts += [f"{k} {a}-{b}" + ("" if ways > 1 else " (all)") for k, (a, b, ways) in d.slices.items()]
         lines.append(" | ".join(parts))
