@@ -32,6 +32,7 @@ FLOORS = {
     "infire_jax.engine": 5,
     "infire_jax.plan": 5,
     "infire_jax.plan.calibrate": 6,
+    "infire_jax.viz": 6,  # figures of what engine/inspect measures and plan/ computes
     "infire_jax.api": 7,
     "infire_jax": 8,  # the package's __init__: the public surface
 }
