@@ -332,16 +332,15 @@ def _draw_bar(ax: Any, x: float, y: float, d: DeviceMemory, scale: float) -> Non
                                    edgecolor=_COLORS["over capacity"], hatch="////", linewidth=1.0))
 
 
-def _bar_label(d: DeviceMemory, unit: tuple[str, float]) -> tuple[str, str]:
+def _bar_label(d: DeviceMemory) -> tuple[str, str]:
     """Lines under a device's bar: what it holds, then what is reserved and left (or missing)."""
-    name, size = unit
-    text = f"weights {d.weight_bytes / size:,.1f} · KV {d.kv / size:,.1f} {name}"
+    text = f"weights {_fmt_bytes(d.weight_bytes)} · KV {_fmt_bytes(d.kv)}"
     if d.capacity is None:
         return text, "#222222"
-    rest = f"reserved {sum(d.reserved.values()) / size:,.1f} · "
+    rest = f"reserved {_fmt_bytes(sum(d.reserved.values()))} · "
     if d.free >= 0:
-        return text + "\n" + rest + f"free {d.free / size:,.1f} of {d.capacity / size:,.1f} {name}", "#222222"
-    return text + "\n" + rest + f"{-d.free / size:,.1f} {name} short of {d.capacity / size:,.1f}", _COLORS["over capacity"]
+        return text + "\n" + rest + f"free {_fmt_bytes(d.free)} of {_fmt_bytes(d.capacity)}", "#222222"
+    return text + "\n" + rest + f"{_fmt_bytes(-d.free)} over {_fmt_bytes(d.capacity)}", _COLORS["over capacity"]
 
 
 def _pp_bytes(data: LayoutData) -> float:
@@ -453,7 +452,6 @@ def layout_figure(data: LayoutData, *, max_rows: int = 6) -> Any:
     y = height - title_h - legend_h
 
     # -- the mesh: stage column, then one panel per (dp, ep) -----------------------------------
-    unit = _unit(max(max(d.used, d.capacity or 0.0) for d in data.devices))
     inner = CELL_W - 0.16
     scale = max(max(d.used, d.capacity or 0.0) for d in data.devices) / inner or 1.0  # bytes per inch of bar
     pp_bytes = _pp_bytes(data)
@@ -488,7 +486,7 @@ def layout_figure(data: LayoutData, *, max_rows: int = 6) -> Any:
                 ax.text(x + 0.08, yt - 0.3, "\n".join(_owned_lines(d.share)), fontsize=7.5, va="top", linespacing=1.25)
                 bar_y = yt - cell_h + 0.3 + 0.14 * with_capacity
                 _draw_bar(ax, x + 0.08, bar_y, d, scale)
-                label, col = _bar_label(d, unit)
+                label, col = _bar_label(d)
                 ax.text(x + 0.08, bar_y - 0.06, label, fontsize=7, va="top", color=col, linespacing=1.3)
     y -= grid_h + 0.3
 
