@@ -300,7 +300,13 @@ def _owned_lines(share: DeviceShare) -> list[str]:
     for logical, (first, last, ways) in share.slices.items():
         what = f"{first}-{last}" if ways > 1 else "all"
         items.append(f"{_SLICE_NAMES.get(logical, logical)} {what}")
-    return [" · ".join(items[i:i + 2]) for i in range(0, len(items), 2)]
+    lines: list[str] = []
+    for item in items:  # two to a line where they fit the box
+        if lines and lines[-1].count(" · ") == 0 and _text_width(lines[-1] + " · " + item, 7.5) <= CELL_W - 0.16:
+            lines[-1] += " · " + item
+        else:
+            lines.append(item)
+    return lines
 
 
 def _layers(share: DeviceShare) -> str:
