@@ -202,6 +202,7 @@ def measured_layout(
             rows.append(CollectiveRow(program, kind, axes, sum(c["count"] for c in cs) / per,
                                       sum(c["total_bytes"] for c in cs) / per, "largest " + re.sub(r"\{[^}]*\}", "", top["shape"])))
     b = report["batch"]
+    ticks, calls = report["decode"].get("ticks"), report["decode"].get("steps", 1)
     name = title or f"{cfg.family} ({cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.architecture})"
     return LayoutData(
         title=f"{name} on {_mesh_name(mesh)}",
@@ -210,8 +211,7 @@ def measured_layout(
         devices=devices,
         collectives=sorted(rows, key=lambda r: (r.program != "prefill", -r.bytes)),
         steps=dict(prefill=f"one call: {b} rows x {report['prompt_len']} prompt tokens",
-                   decode=f"one token for {b} rows ({report['decode'].get('ticks', '?')} pipeline ticks per "
-                          f"{report['decode'].get('steps', 1)} steps)"),
+                   decode=f"one token for {b} rows" + (f" ({ticks} pipeline ticks per {calls} steps)" if ticks != calls else "")),
         kv_what=f"KV cache for {b} rows x {report['cache_len']} positions (paged)",
         hardware=hw.name if hw else None,
     )
