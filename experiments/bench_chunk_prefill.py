@@ -8,13 +8,15 @@ as the engine uses them):
               the time to first token with a prefix cache;
   fresh       chunk_fn over the same new tokens at start = 0 (no history): `cached - fresh` is what
               attending to the cached pages costs;
+  chunked     the whole prompt as successive chunk_fn calls of --chunk tokens from position 0 (a
+              chunked prefill without a cache), against `whole`;
   speedup     whole / cached (the agent-trace acceptance asks >= 5x for turns >= 2).
 and one layer's attention of the chunk over the cached pages alone (models/attention.py gqa_attention
 with a paged cache), by the CPU kernel (kernels/cpu.py paged_prefill_attention) and by XLA (the pages
 gathered into a contiguous cache, every score materialised).
 Paired: every figure of a row is timed in the same run, alternating, medians of --runs quiet runs.
 
-  python experiments/bench_chunk_prefill.py --history=512,2048,4096 --new=256 --out=/tmp/bench_chunk.json
+  python experiments/bench_chunk_prefill.py --history=1792,3840 --new=256 --out=/tmp/bench_chunk.json
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import bench_common as bc  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "HF checkpoint (default: the smollm-135m preset under ~/.cache/infire_jax/bench/).")
-flags.DEFINE_list("history", ["512", "2048", "4096"], "Cached tokens before the new ones.")
+flags.DEFINE_list("history", ["1792", "3840"], "Cached tokens before the new ones (history + new = a power of two: the "
+                  "whole-prompt prefill pads its prompt to one).")
 flags.DEFINE_integer("new", 256, "New tokens of the turn (one chunk).")
+flags.DEFINE_integer("chunk", 512, "Chunk size of the chunked prefill (the history's KV, and the `chunked` figure).")
 flags.DEFINE_integer("page_size", 16, "KV page size.")
 flags.DEFINE_integer("runs", 3, "Timed runs per figure (median reported), after one warm-up run.")
 flags.DEFINE_string("kernels", "auto", "auto (infire_jax's CPU kernels) or xla, for the whole-model figures.")
@@ -106,21 +110,22 @@ def main(argv: list[str]) -> None:
             continue
         tokens = np.random.default_rng(history).integers(3, vocab, (1, total)).astype(np.int32)
         per_row = bucket(-(-total // page))
-        pages = p.allocate_pages(per_row, page)
         table = np.arange(per_row, dtype=np.int32)[None]
-        c = bucket(new, 16)
+        pools = {name: p.allocate_pages(per_row, page) for name in ("cached", "fresh", "chunked")}
 
-        def chunk(start: int, n: int, tokens_row: np.ndarray):
-            nonlocal pages
+        def chunk(pool: str, start: int, n: int) -> int:
+            """One chunk_fn call: tokens[start : start + n] at `start` over pool's pages."""
             padded = np.zeros((1, bucket(n, 16)), np.int32)
-            padded[0, :n] = tokens_row
+            padded[0, :n] = tokens[0, start : start + n]
             fn = p.chunk_fn(1, padded.shape[1], per_row, per_row, page)
-            tok, _, *pages = fn(state, *pages, table, np.int32([start]), np.int32([n]), padded, sp)
+            tok, _, *pools[pool] = fn(state, *pools[pool], table, np.int32([start]), np.int32([n]), padded, sp)
             return int(np.asarray(tok)[0])
 
-        # the history's KV, written by chunks of `c` (as a chunked prefill would)
-        for s in range(0, history, c):
-            chunk(s, min(c, history - s), tokens[0, s : min(s + c, history)])
+        def chunked(pool: str, start: int, stop: int, size: int) -> int:
+            """tokens[start:stop] as successive chunks of `size` (a chunked prefill)."""
+            return [chunk(pool, s, min(size, stop - s)) for s in range(start, stop, size)][-1]
+
+        chunked("cached", 0, history, FLAGS.chunk)  # the history's KV
         t = bucket(total, 16)
         whole_tokens = np.zeros((1, t), np.int32)
         whole_tokens[0, :total] = tokens[0]
@@ -132,30 +137,31 @@ def main(argv: list[str]) -> None:
             k.block_until_ready()
             return int(np.asarray(first)[0])
 
-        t0 = time.perf_counter()
-        want = whole()
-        compile_whole = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        got = chunk(history, new, tokens[0, history:])
-        compile_chunk = time.perf_counter() - t0
         figures = {
             "whole": whole,
-            "cached": lambda: chunk(history, new, tokens[0, history:]),
-            "fresh": lambda: chunk(0, new, tokens[0, history:]),
+            "cached": lambda: chunk("cached", history, new),
+            "fresh": lambda: chunk("fresh", 0, new),  # the same chunk without a history (other tokens' KV: timing only)
+            "chunked": lambda: chunked("chunked", 0, total, FLAGS.chunk),
         }
+        first_call_s, first = {}, {}
+        for name, fn in figures.items():
+            t0 = time.perf_counter()
+            first[name] = fn()
+            first_call_s[name] = time.perf_counter() - t0
         times: dict[str, list] = {k: [] for k in figures}
         for _ in range(FLAGS.runs):  # paired: alternate the figures run by run
             for name, fn in figures.items():
                 times[name].append(bc.quiet_runs(fn, 1, warmup=0, max_runs=3, budget_s=30)["median"])
-        chunk(history, new, tokens[0, history:])  # the history's pages again (fresh wrote over them)
         med = {k: float(np.median(v)) for k, v in times.items()}
-        row = dict(history=history, new=new, total=total, same_first_token=want == got,
-                   seconds=med, times=times, first_call_s=dict(whole=compile_whole, chunk=compile_chunk),
-                   speedup=med["whole"] / med["cached"], cached_attention_s=med["cached"] - med["fresh"], attention=attention,
+        same = first["whole"] == first["cached"] == first["chunked"]
+        row = dict(history=history, new=new, total=total, chunk=FLAGS.chunk, same_first_token=same,
+                   seconds=med, times=times, first_call_s=first_call_s,
+                   speedup=med["whole"] / med["cached"], cached_attention_s=med["cached"] - med["fresh"],
+                   chunked_over_whole=med["chunked"] / med["whole"], attention=attention,
                    whole_tok_s=total / med["whole"], cached_new_tok_s=new / med["cached"])
         result["rows"].append(row)
-        print(f"  whole {med['whole']:.3f} s, cached {med['cached']:.3f} s "
-              f"(fresh {med['fresh']:.3f} s), speedup {row['speedup']:.1f}x, same token {want == got}")
+        print(f"  whole {med['whole']:.3f} s, cached {med['cached']:.3f} s (fresh {med['fresh']:.3f} s): "
+              f"speedup {row['speedup']:.1f}x; chunks of {FLAGS.chunk} from 0: {med['chunked']:.3f} s; same token {same}")
         bc.write_json(FLAGS.out, result)
 
 

@@ -133,19 +133,39 @@ def check_family(programs: Programs, prompts, prefix, *, decode=True, temperatur
             assert drv.decode(prompts, first, pages, params).tolist() == want_tokens.tolist(), name
 
 
+def _checkpoint(tmp_path_factory, name: str):
+    out = tmp_path_factory.mktemp(name)
+    if name in ("llama4", "deepseek_v3"):
+        from tests.reference.test_moe_reference import save_moe_reference
+
+        save_moe_reference(name, out)
+    else:
+        write_tiny_checkpoint(out, name, tokenizer=False)
+    return out
+
+
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("chunk_llama"), "tiny-llama", tokenizer=False)
+def checkpoints(tmp_path_factory):
+    made = {}
+    return lambda name: made.get(name) or made.setdefault(name, _checkpoint(tmp_path_factory, name))
 
 
-# 80 tokens: chunks of 64 take two calls; a 37-token prefix leaves a 43-token rest (one chunk of the 64
-# bucket, or 16-token chunks starting mid-window for Llama 4's ring layers). Row 2 is shorter: its
-# padding columns and, once through, n_new = 0 rows run along.
-PROMPTS = [np.random.default_rng(i).integers(3, 150, n).tolist() for i, n in enumerate((80, 23))]
-PREFIX = (37, 5)
+# 120 tokens: chunks of 64 take two calls; a 69-token prefix (mid-window for Llama 4's 8-position ring
+# layers: 69 = 8 * 8 + 5) leaves a 51-token rest, one chunk of the 64 bucket or 16-token chunks that
+# cross window boundaries. Row 2 is shorter: its padding columns and, once through, n_new = 0 rows run
+# along. (All prefills share one 128-position bucket and all chunks two buckets: few compiles.)
+PROMPTS = [np.random.default_rng(i).integers(3, 150, n).tolist() for i, n in enumerate((120, 23))]
+PREFIX = (69, 5)
+CASES = [  # (checkpoint, mesh): every family on one device, each layout with a dense, a ring and an MLA model
+    ("tiny-llama", "tp=1"), ("tiny-qwen3", "tp=1"), ("llama4", "tp=1"), ("deepseek_v3", "tp=1"),
+    ("tiny-llama", "tp=2"), ("tiny-llama", "pp=2"), ("llama4", "pp=2,tp=2"), ("deepseek_v3", "pp=2,tp=2"),
+]
 
 
-@pytest.mark.parametrize("mesh", ["tp=1", "tp=2", "pp=2"])
-def test_dense_chunks_match_prefill(llama_dir, mesh):
-    programs = Programs(place_model(llama_dir, make_layout(mesh)))
-    check_family(programs, PROMPTS, PREFIX)
+@pytest.mark.parametrize("name, mesh", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_chunks_match_the_whole_prompt_prefill(checkpoints, name, mesh):
+    programs = Programs(place_model(checkpoints(name), make_layout(mesh)))
+    one_device = mesh == "tp=1"
+    check_family(programs, PROMPTS, PREFIX, decode=name == "tiny-llama" and one_device)
+    if name == "tiny-llama" and one_device:  # the same programs, drawing with a temperature and seeds
+        check_family(programs, PROMPTS, PREFIX, temperature=0.8)

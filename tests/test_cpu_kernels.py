@@ -232,6 +232,73 @@ def test_prefill_attention_uses_the_kernel_where_it_applies():
     assert "infire_causal_prefill_attention" not in run("auto", window=8)[0]
 
 
+def _paged_chunk_case(seed, b, t, kv, g, hd, page, width, starts, layers_=2):
+    rng = np.random.default_rng(seed)
+    f = lambda *s: rng.standard_normal(s, np.float32)  # noqa: E731
+    num_pages = b * width + 3
+    q, k_new, v_new = f(b, t, kv, g, hd) / np.sqrt(hd), f(b, t, kv, hd), f(b, t, kv, hd)
+    k_pages, v_pages = f(layers_, num_pages, kv, page, hd), f(layers_, num_pages, kv, page, hd)
+    table = rng.permutation(num_pages)[: b * width].reshape(b, width).astype(np.int32)
+    return q, k_new, v_new, k_pages, v_pages, table, np.asarray(starts, np.int32)
+
+
+@pytest.mark.parametrize(
+    "b,t,kv,g,hd,page,width,starts",
+    [(3, 37, 2, 3, 64, 4, 24, [0, 6, 50]), (2, 5, 1, 5, 20, 16, 8, [100, 128]), (1, 300, 3, 3, 64, 16, 40, [330])],
+)
+def test_paged_prefill_attention_matches_float64(b, t, kv, g, hd, page, width, starts):
+    """A chunk after a cached prefix read from the pages: no prefix, one inside a page, a full table,
+    partial key steps and query tiles, a head dim with a scalar tail, a prefix longer than the chunk."""
+    q, k_new, v_new, k_pages, v_pages, table, start = _paged_chunk_case(t, b, t, kv, g, hd, page, width, starts)
+    got = np.asarray(jax.jit(cpu.paged_prefill_attention, static_argnums=7)(q, k_new, v_new, k_pages, v_pages, table, start, 1))
+    want = np.zeros(q.shape)
+    for r in range(b):
+        pos = np.arange(start[r])
+        for h in range(kv):
+            keys = np.concatenate([k_pages[1, table[r, pos // page], h, pos % page], k_new[r, :, h]]).astype(np.float64)
+            vals = np.concatenate([v_pages[1, table[r, pos // page], h, pos % page], v_new[r, :, h]]).astype(np.float64)
+            scores = np.einsum("tgd,sd->tgs", q[r, :, h].astype(np.float64), keys)
+            visible = np.arange(len(keys))[None, :] <= start[r] + np.arange(t)[:, None]  # cached + causal
+            scores = np.where(visible[:, None], scores, -np.inf)
+            p = np.exp(scores - scores.max(-1, keepdims=True))
+            want[r, :, h] = np.einsum("tgs,sd->tgd", p / p.sum(-1, keepdims=True), vals)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+def test_paged_prefill_attention_refuses_bad_operands():
+    q, k_new, v_new, k_pages, v_pages, table, start = _paged_chunk_case(0, 2, 5, 2, 3, 16, 4, 4, [6, 0])
+    table[0, 1] = k_pages.shape[1]  # row 0's cached positions 4 and 5 sit in a page outside the pool
+    with pytest.raises(Exception, match="page table entry for a cached position is out of range"):
+        jax.block_until_ready(jax.jit(cpu.paged_prefill_attention, static_argnums=7)(q, k_new, v_new, k_pages, v_pages, table, start, 0))
+    with pytest.raises(ValueError, match="outside the pool's 2 layers"):
+        cpu.paged_prefill_attention(q, k_new, v_new, k_pages, v_pages, table, start, 2)
+    with pytest.raises(ValueError, match=r"q \(B, T, KV, G, hd\) and k_new, v_new \(B, T, KV, hd\)"):
+        cpu.paged_prefill_attention(q, k_new[:, :4], v_new[:, :4], k_pages, v_pages, table, start, 0)
+
+
+def test_chunk_attention_over_pages_uses_the_kernel():
+    """Several new tokens over a paged cache take the kernel on a one-CPU layout, with XLA's values
+    (the pages gathered); a windowed layer keeps XLA."""
+    q, k_new, v_new, k_pages, v_pages, table, start = _paged_chunk_case(3, 2, 9, 2, 3, 16, 4, 5, [7, 13])
+    q = q.reshape(2, 9, 6, 16)
+
+    def run(kernels, window=None):
+        def attend(q, k_new, v_new, k_pages, v_pages, table, start):
+            with use_layout(Layout(make_mesh("tp=1"), kernels=kernels)):
+                views = PagedLayerCache(k_pages, table, 1), PagedLayerCache(v_pages, table, 1)
+                return gqa_attention(q, k_new, v_new, start, *views, window=window)
+
+        args = (q, k_new, v_new, k_pages, v_pages, table, start)
+        return jax.jit(attend).lower(*args).as_text(), np.asarray(jax.jit(attend)(*args))
+
+    hlo, got = run("auto")
+    assert "infire_paged_prefill_attention" in hlo
+    hlo_xla, want = run("xla")
+    assert "infire_paged_prefill_attention" not in hlo_xla
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+    assert "infire_paged_prefill_attention" not in run("auto", window=8)[0]
+
+
 def test_bf16_embedding_rows_are_widened_exactly():
     table = jnp.asarray(np.random.default_rng(0).standard_normal((50, 24), np.float32), jnp.bfloat16)
     tokens = jnp.asarray([[3, 0, 49], [7, 7, 12]], jnp.int32)

@@ -127,31 +127,37 @@ def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -
     return rows_of_pages(pages[:, table])
 
 
-def _group_kv(kn: jax.Array, vn: jax.Array, write_slots: list | None, stage: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
-    """The new K/V of a stage's layer slots (slots, B, KV, T, hd), split per cache group: each
-    group's stage-local stack of the slots it stores (CacheGroups.write_slots), or the one group."""
-    if write_slots is None:
-        return [(kn, vn)]
-    return [(kn[w[stage]], vn[w[stage]]) for w in write_slots]
-
-
 def _write_kv(
-    k_pages: tuple, v_pages: tuple, new_kv: list, tables: list, windows: tuple, pos: jax.Array, ok: jax.Array,
-    end: jax.Array,
+    k_pages: tuple, v_pages: tuple, tables: list, windows: tuple, rows: jax.Array, pos: jax.Array, ok: jax.Array,
+    new_kv: list, arrange, end: jax.Array | None = None,
 ) -> tuple[tuple, tuple]:
-    """Store new K/V (per group: (layers, B, KV, T, hd) each) at positions pos (B, T) where ok (B, T):
-    position p goes to page table[b, p // page] (a windowed group: ring slot p mod W), the rest is
-    dropped. end (B,) is one past each row's last new position: a ring keeps only the last W
-    positions before it (older ones of the chunk would share their slots)."""
+    """Store new K/V in the pages of every cache group. Entry i of rows, pos, ok (N,) is row rows[i]'s
+    position pos[i], stored where ok[i]: in page table[rows[i], pos[i] // page] (a windowed group: ring
+    slot pos mod W). new_kv[g] is group g's (k, v), which `arrange` turns into (N, layers, KV, hd).
+    end (N,), one past the last new position of entry i's row, marks a chunk: a ring keeps only its
+    last W positions (older ones would share their slots) and positions the table does not cover are
+    dropped; without it (decode: one token per row) every entry is stored."""
     k_pages, v_pages = list(k_pages), list(v_pages)
     for g, ((kg, vg), table, window) in enumerate(zip(new_kv, tables, windows)):
         num_pages, page = k_pages[g].shape[1], k_pages[g].shape[3]
-        keep, slot = (ok, pos) if window is None else (ok & (pos >= end[:, None] - window), pos % window)
-        page_ids = jnp.take_along_axis(table, slot // page, axis=1, mode="clip")
-        target = jnp.where(keep, page_ids, num_pages)  # out of range: dropped
-        for pages, x in ((k_pages, kg), (v_pages, vg)):
-            pages[g] = pages[g].at[:, target, :, slot % page, :].set(x.transpose(1, 3, 0, 2, 4), mode="drop")
+        slot = pos if window is None else pos % window
+        keep = ok
+        if end is not None:  # a chunk: positions past the table are dropped, not clamped onto its last page
+            keep = keep & (slot // page < table.shape[1])
+            if window is not None:
+                keep = keep & (pos >= end - window)
+        target = jnp.where(keep, table[rows, slot // page], num_pages)  # out of range: dropped
+        k_pages[g] = k_pages[g].at[:, target, :, slot % page, :].set(arrange(kg), mode="drop")
+        v_pages[g] = v_pages[g].at[:, target, :, slot % page, :].set(arrange(vg), mode="drop")
     return tuple(k_pages), tuple(v_pages)
+
+
+def _group_kv(kn: jax.Array, vn: jax.Array, write_slots: list | None, stage: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """The new K/V (slots, B, ...) of a stage's layer slots, per cache group: the group's stage-local
+    stack (CacheGroups.write_slots), or every slot for a model with one group."""
+    if write_slots is None:
+        return [(kn, vn)]
+    return [(kn[w[stage]], vn[w[stage]]) for w in write_slots]
 
 
 def decode(
@@ -212,8 +218,8 @@ def decode(
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
                 y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
                 ok = valid & _rows(active, r0, mb)
-                per_group = _group_kv(kn, vn, write_slots, s)
-                kp, vp = _write_kv(kp, vp, per_group, tables, windows, pos[:, None], ok[:, None], pos + 1)
+                one = lambda x: x[:, :, :, 0].transpose(1, 0, 2, 3)  # noqa: E731  (L, mb, KV, 1, hd) -> (mb, L, KV, hd)
+                kp, vp = _write_kv(kp, vp, tables, windows, jnp.arange(mb), pos, ok, _group_kv(kn, vn, write_slots, s), one)
                 lens = jax.lax.dynamic_update_slice_in_dim(lens, pos + valid.astype(pos.dtype), r0, 0)
                 logits = model.logits(model.norm(y)[:, 0]).astype(jnp.float32)
                 nxt = sample(logits, pos + 1, jax.tree.map(lambda a: _rows(a, r0, mb), sampling))
@@ -309,9 +315,14 @@ def chunk(
                 vc = tuple(_gather_pages(v, table, per_layer) for v, table in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
                 y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
+                flat = lambda x: x.reshape(-1)  # noqa: E731  (mb, t) entries, row-major
                 cols = jnp.arange(t)[None, :]
-                per_group = _group_kv(kn, vn, write_slots, s)
-                kp, vp = _write_kv(kp, vp, per_group, tables, windows, first[:, None] + cols, valid & (cols < count[:, None]), first + count)
+                rows, pos = flat(jnp.repeat(jnp.arange(mb)[:, None], t, 1)), flat(first[:, None] + cols)
+                ok = flat(valid & (cols < count[:, None]))
+                end = flat(jnp.repeat((first + count)[:, None], t, 1))
+                # (L, mb, KV, t, hd) -> (mb * t, L, KV, hd)
+                many = lambda x: x.transpose(1, 3, 0, 2, 4).reshape((mb * t, x.shape[0], x.shape[2], x.shape[4]))  # noqa: E731
+                kp, vp = _write_kv(kp, vp, tables, windows, rows, pos, ok, _group_kv(kn, vn, write_slots, s), many, end)
                 y_last = y[jnp.arange(mb), jnp.maximum(count - 1, 0)]
                 done = valid & (s == pp - 1)
                 last = jax.lax.dynamic_update_slice_in_dim(last, jnp.where(done, y_last, _rows(last, r0, mb)), r0, 0)

@@ -244,6 +244,8 @@ class Programs:
         prompt's first token: a prompt run as chunks draws what the whole-prompt prefill draws. Serves
         prefix reuse (start = cached tokens) and chunked prefill (successive chunks of one prompt).
         The pages are donated; one program per (b, c, pages_per_row, pool) bucket."""
+        if b % self.stages:
+            raise ValueError(f"chunk_fn: b={b} rows must be a multiple of the {self.stages} pipeline stages (use batch_bucket)")
         graphdef, layout = self.placed.graphdef, self.layout
 
         def run(state, k_pages, v_pages, page_table, start, n_new, tokens, sp):
