@@ -315,11 +315,11 @@ def chunk(
                 vc = tuple(_gather_pages(v, table, per_layer) for v, table in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
                 y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
-                flat = lambda x: x.reshape(-1)  # noqa: E731  (mb, t) entries, row-major
-                cols = jnp.arange(t)[None, :]
-                rows, pos = flat(jnp.repeat(jnp.arange(mb)[:, None], t, 1)), flat(first[:, None] + cols)
-                ok = flat(valid & (cols < count[:, None]))
-                end = flat(jnp.repeat((first + count)[:, None], t, 1))
+                # entries (row, column) of the chunk, row-major: mb * t of them
+                cols = jnp.arange(t)
+                rows, end = jnp.repeat(jnp.arange(mb), t), jnp.repeat(first + count, t)
+                pos = (first[:, None] + cols).reshape(-1)
+                ok = (valid & (cols[None, :] < count[:, None])).reshape(-1)
                 # (L, mb, KV, t, hd) -> (mb * t, L, KV, hd)
                 many = lambda x: x.transpose(1, 3, 0, 2, 4).reshape((mb * t, x.shape[0], x.shape[2], x.shape[4]))  # noqa: E731
                 kp, vp = _write_kv(kp, vp, tables, windows, rows, pos, ok, _group_kv(kn, vn, write_slots, s), many, end)
