@@ -34,7 +34,7 @@ import collections
 import dataclasses
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
@@ -257,6 +257,10 @@ class _Worker:
     @property
     def capacity_pages(self) -> int:
         return self.pools[0].num_pages
+
+    @property
+    def free_blocks(self) -> int:
+        return self.kv.free_blocks
 
     def cached_prefix(self, r: Request) -> int:
         """Tokens of the request's prompt whose KV this worker's index holds (no side effects)."""
@@ -718,13 +722,24 @@ class DecodeWorker(_Decoding):
         return self._decode_call(self.steps)
 
 
+class Placeable(Protocol):
+    """What the router reads of a worker: a worker itself, or a remote engine's view of one."""
+
+    def fits(self, r: Any) -> bool: ...
+    def cached_prefix(self, r: Any) -> int: ...
+    @property
+    def load_tokens(self) -> int: ...
+    @property
+    def free_blocks(self) -> int: ...
+
+
 class Router:
     """Places requests on workers: the smallest (uncached prompt tokens + queued tokens), ties to the
     worker with the most free pages. A worker that cannot hold the request is never chosen."""
 
     @staticmethod
-    def choose(workers: Sequence[_Worker], r: Request) -> _Worker | None:
+    def choose(workers: Sequence[Placeable], r: Any) -> Any:
         fits = [w for w in workers if w.fits(r)]
         if not fits:
             return None
-        return min(fits, key=lambda w: (len(r.prompt) - w.cached_prefix(r) + w.load_tokens, -w.kv.free_blocks))
+        return min(fits, key=lambda w: (len(r.prompt) - w.cached_prefix(r) + w.load_tokens, -w.free_blocks))
