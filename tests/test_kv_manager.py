@@ -202,3 +202,33 @@ def test_soak_1000_requests_under_page_pressure():
     assert served == 1000
     assert m.idle() and m.free_blocks == blocks  # every page free or held only by the index
     assert m.evicted_pages > 100 and hits > 1000, (m.evicted_pages, hits)  # the pressure and the reuse were real
+
+
+def test_router_keeps_a_conversation_where_it_is_cached_until_the_queue_outweighs_it():
+    """core.Router: the least (uncached prompt tokens + queued tokens); session affinity falls out."""
+    import types
+
+    from infire_jax.engine.core import Router
+
+    class Worker:
+        def __init__(self, cached, load, free=10, fits=True):
+            self.cached, self.load_tokens, self.free_blocks, self._fits = cached, load, free, fits
+
+        def fits(self, r):
+            return self._fits
+
+        def cached_prefix(self, r):
+            return self.cached
+
+    r = types.SimpleNamespace(prompt=np.zeros(1000, np.int32))
+    home, other = Worker(cached=900, load=0), Worker(cached=0, load=0, free=99)
+    assert Router.choose([other, home], r) is home
+    home.load_tokens = 850  # 100 uncached + 850 queued < 1000 uncached elsewhere
+    assert Router.choose([other, home], r) is home
+    home.load_tokens = 950
+    assert Router.choose([other, home], r) is other
+    fresh = types.SimpleNamespace(prompt=np.zeros(10, np.int32))
+    a, b = Worker(0, 0, free=5), Worker(0, 0, free=50)
+    assert Router.choose([a, b], fresh) is b  # a tie goes to the most free pages
+    assert Router.choose([Worker(900, 0, fits=False), b], r) is b  # never where it cannot fit
+    assert Router.choose([Worker(0, 0, fits=False)], r) is None

@@ -1,0 +1,294 @@
+"""Replay a multi-turn agent trace through a deployment with the prefix cache on and off, side by side.
+
+  python experiments/agent_trace.py --out /tmp/trace.jsonl --vocab_size 49152 --system_tokens 1024 ...
+  python experiments/bench_agent_trace.py --trace /tmp/trace.jsonl --model_dir /tmp/smollm \
+      --out /tmp/agent.json --png /tmp/agent_ttft.png                                   # colocated
+  python experiments/bench_agent_trace.py --trace ... --prefill_workers "tp=1@0" --decode_workers "tp=1@1"
+  python experiments/bench_agent_trace.py --trace ... --prefill_workers tp=1 --decode_workers tp=1 --multiprocess
+
+Each arm (prefix cache on, off) first replays a warm-up copy of the trace (same lengths and schedule,
+other token ids: it compiles the same programs and caches nothing the measured pass can use), then the
+trace. JSON: per arm TTFT / TPOT p50, p90, p99 (all turns, turn 0, later turns), tokens/s, hit ratio,
+prefill tokens computed, KV pages and bytes sent prefill -> decode, evictions; and the ratios
+off / on. --png: the TTFT distributions (CDFs) of both arms.
+
+--scenario long_prompt: chunked prefill instead. `--rows` requests decode while one prompt of
+--long_prompt tokens arrives; arms are --prefill_chunk (e.g. 256) and whole-prompt prefill. Reported:
+the decoding rows' longest gap between tokens while the long prompt is prefilled, and its TTFT.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("scenario", "trace", ["trace", "long_prompt"], "What to measure (see the module doc).")
+flags.DEFINE_string("trace", None, "Trace JSONL (experiments/agent_trace.py); default: a small generated one.")
+flags.DEFINE_string("model_dir", None, "Checkpoint (default: the embedded tiny model).")
+flags.DEFINE_string("mesh", "tp=1", "Colocated mesh (when no worker lists are given).")
+flags.DEFINE_string("prefill_workers", None, "';'-separated mesh specs, one per prefill worker.")
+flags.DEFINE_string("decode_workers", None, "';'-separated mesh specs, one per decode worker.")
+flags.DEFINE_bool("multiprocess", False, "Workers as OS processes (engine/remote.py).")
+flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill call (0 = whole prompts).")
+flags.DEFINE_integer("kv_pages", 1024, "KV pages per worker.")
+flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
+flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per worker.")
+flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
+flags.DEFINE_string("dtype", "float32", "Weight storage dtype.")
+flags.DEFINE_float("time_scale", 1.0, "Multiply the trace's arrival times (0 = everything at once).")
+flags.DEFINE_bool("warmup", True, "Replay a warm-up copy of the trace first in each arm.")
+flags.DEFINE_integer("rows", 8, "long_prompt: decoding rows.")
+flags.DEFINE_integer("long_prompt", 4000, "long_prompt: tokens of the arriving prompt.")
+flags.DEFINE_integer("row_prompt", 64, "long_prompt: prompt tokens of each decoding row.")
+flags.DEFINE_string("out", None, "Write the JSON here.")
+flags.DEFINE_string("png", None, "Write the TTFT distributions here (trace scenario).")
+
+
+def _pcts(xs: list[float]) -> dict[str, float | None]:
+    if not xs:
+        return dict(p50=None, p90=None, p99=None, n=0)
+    xs = sorted(xs)
+    at = lambda q: xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]  # noqa: E731
+    return dict(p50=at(0.5), p90=at(0.9), p99=at(0.99), n=len(xs))
+
+
+def _specs() -> tuple[list[str], list[str]]:
+    if bool(FLAGS.prefill_workers) != bool(FLAGS.decode_workers):
+        raise app.UsageError("give both --prefill_workers and --decode_workers, or neither (colocated --mesh)")
+    if FLAGS.prefill_workers:
+        return FLAGS.prefill_workers.split(";"), FLAGS.decode_workers.split(";")
+    if FLAGS.multiprocess:
+        raise app.UsageError("--multiprocess needs --prefill_workers and --decode_workers")
+    return [FLAGS.mesh], [FLAGS.mesh]
+
+
+class _InProcess:
+    """Programs per mesh spec, placed once; an engine per arm on them."""
+
+    def __init__(self, model_dir: str, prefill_specs: list[str], decode_specs: list[str]):
+        from infire_jax.api import _layout, place_model
+        from infire_jax.config import load_config
+        from infire_jax.engine.programs import Programs
+
+        cfg = load_config(model_dir)
+        self.specs = prefill_specs, decode_specs
+        self.programs = {
+            s: Programs(place_model(model_dir, _layout(s, None), cfg=cfg, dtype=FLAGS.dtype), decode_steps=FLAGS.decode_steps)
+            for s in dict.fromkeys(prefill_specs + decode_specs)
+        }
+
+    def engine(self, prefix_cache: bool, prefill_chunk: int | None):
+        from infire_jax.engine.disagg import ColocatedWorker, DecodeWorker, Engine, PrefillWorker
+
+        pre, dec = self.specs
+        kw = dict(num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, prefix_cache=prefix_cache)
+        if pre == dec:
+            return Engine([], [ColocatedWorker(f"c{i}", self.programs[s], max_batch=FLAGS.max_decode_batch,
+                                               prefill_chunk=prefill_chunk, **kw) for i, s in enumerate(dec)])
+        return Engine(
+            [PrefillWorker(f"p{i}", self.programs[s], max_batch=FLAGS.max_decode_batch, prefill_chunk=prefill_chunk, **kw)
+             for i, s in enumerate(pre)],
+            [DecodeWorker(f"d{i}", self.programs[s], max_batch=FLAGS.max_decode_batch, **kw) for i, s in enumerate(dec)],
+        )
+
+
+class _Remote:
+    def __init__(self, model_dir: str, prefill_specs: list[str], decode_specs: list[str]):
+        self.model_dir, self.specs = model_dir, (prefill_specs, decode_specs)
+
+    def engine(self, prefix_cache: bool, prefill_chunk: int | None):
+        from infire_jax.engine.remote import RemoteEngine, WorkerConfig
+
+        pre, dec = self.specs
+        kw = dict(num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, prefix_cache=prefix_cache, dtype=FLAGS.dtype,
+                  max_batch=FLAGS.max_decode_batch, decode_steps=FLAGS.decode_steps)
+        engine = RemoteEngine(
+            self.model_dir,
+            [WorkerConfig("prefill", f"p{i}", mesh=s, prefill_chunk=prefill_chunk, **kw) for i, s in enumerate(pre)],
+            [WorkerConfig("decode", f"d{i}", mesh=s, **kw) for i, s in enumerate(dec)],
+            start_timeout=600.0, stall_timeout=600.0,
+        )
+        return engine.start()
+
+
+def _shifted(trace, vocab: int):
+    """The trace with other token ids (same lengths and schedule): a warm-up that caches nothing useful."""
+    import dataclasses
+
+    span = vocab - 3
+    return [dataclasses.replace(t, append=tuple(3 + (x - 3 + span // 2) % span for x in t.append)) for t in trace]
+
+
+def run_trace(deploy, trace, vocab: int) -> dict:
+    from infire_jax.engine.trace import replay
+
+    out = {}
+    for arm, cache in (("cache_off", False), ("cache_on", True)):
+        engine = deploy.engine(cache, FLAGS.prefill_chunk or None)
+        try:
+            if FLAGS.warmup:
+                replay(engine, _shifted(trace, vocab), time_scale=FLAGS.time_scale)
+            engine.reset_stats()
+            t0 = time.perf_counter()
+            records = replay(engine, trace, time_scale=FLAGS.time_scale)
+            wall = time.perf_counter() - t0
+            stats = engine.stats()
+        finally:
+            if hasattr(engine, "close"):
+                engine.close()
+        generated = sum(r["generated_tokens"] for r in records)
+        ttft = [r["ttft_s"] for r in records]
+        later = [r["ttft_s"] for r in records if r["turn"] >= 1]
+        out[arm] = dict(
+            ttft_s=_pcts(ttft), ttft_turn0_s=_pcts([r["ttft_s"] for r in records if r["turn"] == 0]),
+            ttft_later_turns_s=_pcts(later), tpot_s=_pcts([r["tpot_s"] for r in records if "tpot_s" in r]),
+            wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
+            prompt_tokens=sum(len(r["prompt"]) for r in records), cached_tokens=sum(r["cached_tokens"] for r in records),
+            **{k: stats.get(k) for k in ("hit_ratio", "prefill_tokens_computed", "prefix_hit_tokens", "decode_hit_tokens",
+                                         "kv_pages_transferred", "kv_bytes_transferred", "evicted_pages", "transfers")},
+            ttft_later=later, ttft_all=ttft,
+        )
+        del engine
+        gc.collect()
+        print(f"{arm}: TTFT p50 later turns {out[arm]['ttft_later_turns_s']['p50']:.3f} s, "
+              f"{out[arm]['tokens_per_s']:.1f} tok/s, prefill computed {out[arm]['prefill_tokens_computed']}", flush=True)
+    on, off = out["cache_on"], out["cache_off"]
+    ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
+    out["off_over_on"] = dict(
+        ttft_p50_later_turns=ratio(off["ttft_later_turns_s"]["p50"], on["ttft_later_turns_s"]["p50"]),
+        ttft_p90_later_turns=ratio(off["ttft_later_turns_s"]["p90"], on["ttft_later_turns_s"]["p90"]),
+        prefill_tokens_computed=ratio(off["prefill_tokens_computed"], on["prefill_tokens_computed"]),
+        kv_bytes_transferred=ratio(off["kv_bytes_transferred"], on["kv_bytes_transferred"]),
+        tokens_per_s=ratio(off["tokens_per_s"], on["tokens_per_s"]),
+    )
+    return out
+
+
+def run_long_prompt(deploy, vocab: int) -> dict:
+    """--rows rows decode; one --long_prompt-token prompt arrives once they all decode."""
+    import numpy as np
+
+    from infire_jax.engine.sampling import SamplingParams
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, vocab, FLAGS.row_prompt).tolist() for _ in range(FLAGS.rows)]
+    long = rng.integers(3, vocab, FLAGS.long_prompt).tolist()
+    out = {}
+    for arm, chunk in (("whole", None), (f"chunk_{FLAGS.prefill_chunk}", FLAGS.prefill_chunk or None)):
+        engine = deploy.engine(False, chunk)
+        for attempt in ("warmup", "measured"):
+            shift = 0 if attempt == "measured" else 1
+            reqs = [engine.submit([(t + shift) % vocab for t in p], SamplingParams(1024)) for p in rows]
+            while not all(len(r.output) > 1 for r in reqs):
+                engine.step()
+            arrivals: dict = {r.id: [] for r in reqs}
+            big = engine.submit([(t + shift) % vocab for t in long], SamplingParams(2))
+            seen = {r.id: len(r.output) for r in reqs}
+            while "first_token" not in big.times:
+                engine.step()
+                now = time.perf_counter()
+                for r in reqs:
+                    if len(r.output) != seen[r.id]:
+                        arrivals[r.id].append(now)
+                        seen[r.id] = len(r.output)
+            t_first = big.times["first_token"]
+            for _ in range(3):  # the rows' next tokens after the prompt's first
+                engine.step()
+                now = time.perf_counter()
+                for r in reqs:
+                    if len(r.output) != seen[r.id]:
+                        arrivals[r.id].append(now)
+                        seen[r.id] = len(r.output)
+            gaps = []
+            for r in reqs:
+                times = [big.submitted] + arrivals[r.id]
+                gaps += [b - a for a, b in zip(times, times[1:])]
+            for r in reqs + [big]:
+                r.finish_reason = r.finish_reason or "length"
+            engine.run()
+            engine.requests.clear()
+        out[arm] = dict(longest_gap_s=max(gaps), median_gap_s=statistics.median(gaps),
+                        long_prompt_ttft_s=t_first - big.submitted, prefill_chunk=chunk)
+        print(arm, json.dumps(out[arm]), flush=True)
+        del engine
+        gc.collect()
+    chunked = out[f"chunk_{FLAGS.prefill_chunk}"]
+    out["chunked_over_whole"] = dict(longest_gap=chunked["longest_gap_s"] / out["whole"]["longest_gap_s"],
+                                     long_prompt_ttft=chunked["long_prompt_ttft_s"] / out["whole"]["long_prompt_ttft_s"])
+    return out
+
+
+def _plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "ttft_later", "turns >= 2"), (axes[1], "ttft_all", "all turns")):
+        for arm in ("cache_off", "cache_on"):
+            xs = sorted(result[arm][key])
+            ax.step(xs, [(i + 1) / len(xs) for i in range(len(xs))], where="post", label=arm.replace("_", " "))
+        ax.set_xscale("log")
+        ax.set_xlabel("TTFT (s)")
+        ax.set_ylabel("fraction of turns")
+        ax.set_title(f"TTFT, {title}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    prefill_specs, decode_specs = _specs()
+    if not FLAGS.multiprocess:
+        import jax
+
+        from infire_jax.mesh import parse_mesh
+
+        meshes = [parse_mesh(s) for s in prefill_specs + decode_specs]
+        jax.config.update("jax_num_cpu_devices", max(m.last_device + 1 if m.last_device is not None else m.num_devices
+                                                     for m in meshes))
+    from infire_jax.checkpoint import tiny
+    from infire_jax.config import load_config
+    from infire_jax.engine import trace as trace_lib
+
+    model_dir = str(FLAGS.model_dir or tiny.ensure_default_model())
+    vocab = load_config(model_dir).vocab_size
+    deploy = (_Remote if FLAGS.multiprocess else _InProcess)(model_dir, prefill_specs, decode_specs)
+    result: dict = dict(
+        scenario=FLAGS.scenario, model_dir=model_dir, multiprocess=FLAGS.multiprocess,
+        deployment=dict(prefill=prefill_specs, decode=decode_specs, colocated=prefill_specs == decode_specs),
+        flags={k: FLAGS[k].value for k in ("prefill_chunk", "kv_pages", "page_size", "max_decode_batch", "decode_steps",
+                                            "time_scale", "trace")},
+    )
+    if FLAGS.scenario == "long_prompt":
+        result.update(run_long_prompt(deploy, vocab))
+    else:
+        trace = trace_lib.read_trace(FLAGS.trace) if FLAGS.trace else trace_lib.make_trace(
+            sessions=4, turns=4, vocab_size=vocab, system_tokens=256, tool_tokens=(32, 64), user_tokens=(8, 16),
+            max_tokens=8, session_interval_s=0.2)
+        result.update(run_trace(deploy, trace, vocab), turns=len(trace))
+        if FLAGS.png:
+            _plot(result, FLAGS.png)
+        for arm in ("cache_on", "cache_off"):
+            result[arm].pop("ttft_all")
+            result[arm].pop("ttft_later")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("cache_on", "cache_off")}, indent=1, default=str))
+    if FLAGS.out:
+        with open(FLAGS.out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    app.run(main)
