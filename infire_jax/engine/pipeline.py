@@ -283,7 +283,7 @@ def chunk(
     active_layers = jnp.asarray(module.active)
     b, t = tokens.shape
     mb = b // pp
-    groups = kv_cache.cache_groups(module)
+    groups = module.cache_groups()
     windows = groups.windows if groups else (None,)
     write_slots = [jnp.asarray(w) for w in groups.write_slots(len(module.active) // pp)] if groups else None
     as_groups = (lambda x: x) if groups else (lambda x: (x,))  # noqa: E731
@@ -294,7 +294,7 @@ def chunk(
             s = _stage_index(pp)
             x_all = model.embed_tokens(tokens)
             ctx_all = model.context(start, t)
-            per_layer = getattr(model, "unrolled", False)
+            per_layer = model.unrolled
 
             def tick(carry, i):
                 kp, vp, recv, last = carry
