@@ -232,6 +232,39 @@ class Programs:
             ),
         )
 
+    def chunk_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
+        """(state, k_pages, v_pages, page_table (b, P), start (b,), n_new (b,), tokens (b, c), sampling) ->
+        (next token (b,), its logits (b, vocab) or None, k_pages, v_pages): prefill over a cached prefix.
+
+        Row r's tokens[r, :n_new[r]] (right-padded; n_new = 0: a padding row that writes nothing) sit
+        at positions start[r] ..; they attend to the row's cached positions < start[r] in its pages and
+        causally to each other, their K/V is written into the pages (the table covers positions up to
+        start + n_new - 1; a windowed group's ring as in decode_fn), and the next token is drawn from
+        the last one's logits, keyed by its position start + n_new exactly as prefill_fn keys a
+        prompt's first token: a prompt run as chunks draws what the whole-prompt prefill draws. Serves
+        prefix reuse (start = cached tokens) and chunked prefill (successive chunks of one prompt).
+        The pages are donated; one program per (b, c, pages_per_row, pool) bucket."""
+        graphdef, layout = self.placed.graphdef, self.layout
+
+        def run(state, k_pages, v_pages, page_table, start, n_new, tokens, sp):
+            hidden, k_pages, v_pages = pipeline.chunk(graphdef, state, layout, k_pages, v_pages, page_table, start, n_new, tokens)
+            with use_layout(layout):
+                logits = nnx.merge(graphdef, state).logits(hidden).astype(jnp.float32)
+            return sample(logits, start + n_new, sp), logits if with_logits else None, k_pages, v_pages
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("chunk", b, c, pages_per_row, num_pages, page_size, with_logits),
+            lambda: jax.jit(
+                run,
+                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
+                out_shardings=(rep, rep if with_logits else None, k_sh, v_sh),
+                donate_argnums=(1, 2),
+                compiler_options=self.decode_compiler_options(b),
+            ),
+        )
+
     # ---- KV handoff --------------------------------------------------------------------------
     def kv_spec(self) -> transfer.KVSpec:
         m, groups = self.placed.module, self.cache_groups

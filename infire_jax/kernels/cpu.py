@@ -15,7 +15,9 @@
   paged KV pool in place, instead of gathering them into a contiguous cache first.
 - `causal_prefill_attention` (cpu_prefill_attention.cc): a prompt attending causally over itself
   (prefill with no cache) with an online softmax over register tiles, instead of XLA's many small
-  blocked dots and softmax fusions.
+  blocked dots and softmax fusions. `paged_prefill_attention`: the same for a chunk of new tokens
+  after a cached prefix read from its pages in place (prefix reuse, chunked prefill), instead of
+  gathering the pages and materialising every score.
 (Figures: WORKSPACE_NOTES.md, issue 9.)
 
 The library is compiled once per machine with the system C++ compiler (-O3, tuned for the host
@@ -43,7 +45,7 @@ import numpy as np
 
 __all__ = [
     "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
-    "matmul_nt_palette12", "paged_decode_attention", "causal_prefill_attention",
+    "matmul_nt_palette12", "paged_decode_attention", "causal_prefill_attention", "paged_prefill_attention",
 ]
 
 MATMUL_MAX_ROWS = 32  # float32 weights, measured: 1.42x at 32 rows, 1.00x at 64 (30-layer projection chain)
@@ -54,6 +56,7 @@ _TARGETS = {
     "infire_matmul_nt_palette12": "InfireMatmulNTPalette12",
     "infire_paged_decode_attention": "InfirePagedDecodeAttention",
     "infire_causal_prefill_attention": "InfireCausalPrefillAttention",
+    "infire_paged_prefill_attention": "InfirePagedPrefillAttention",
     "infire_embed_rows_bf16": "InfireEmbedRowsBF16",
 }
 _HERE = pathlib.Path(__file__).parent
@@ -229,3 +232,30 @@ def causal_prefill_attention(
         raise ValueError(f"causal_prefill_attention takes float32 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call("infire_causal_prefill_attention", out, vmap_method="sequential")(q, k, v)
+
+
+def paged_prefill_attention(
+    q: jax.Array,  # (B, T, KV, G, hd): a chunk of new tokens per row, rotated and scaled
+    k_new: jax.Array,  # (B, T, KV, hd): the chunk's keys and values (not in the pool yet)
+    v_new: jax.Array,
+    k_pages: jax.Array,  # (L, pages, KV, page, hd): the pool of every layer
+    v_pages: jax.Array,
+    table: jax.Array,  # (B, P) int32: row b's position p sits in page table[b, p // page]
+    start: jax.Array,  # (B,) int32: cached positions before the chunk (its first position)
+    layer: int,
+) -> jax.Array:
+    """Attention (B, T, KV, G, hd) of each row's new token t over the row's cached positions < start[b]
+    (read from layer `layer` of the pool in place) and the new tokens up to t; call `available()`
+    first. A table entry out of range for a cached position fails the program with an error."""
+    b, t, kv, g, hd = q.shape if q.ndim == 5 else (None,) * 5
+    if q.ndim != 5 or k_new.shape != (b, t, kv, hd) or v_new.shape != k_new.shape:
+        raise ValueError(f"paged_prefill_attention takes q (B, T, KV, G, hd) and k_new, v_new (B, T, KV, hd); got {q.shape}, {k_new.shape}, {v_new.shape}")
+    if k_pages.ndim != 5 or k_pages.shape != v_pages.shape or (k_pages.shape[2], k_pages.shape[4]) != (kv, hd):
+        raise ValueError(f"pages {k_pages.shape} do not match q {q.shape}: expected (layers, pages, {kv}, page, {hd})")
+    if not 0 <= layer < k_pages.shape[0]:
+        raise ValueError(f"layer {layer} is outside the pool's {k_pages.shape[0]} layers")
+    if any(a.dtype != jnp.float32 for a in (q, k_new, v_new, k_pages, v_pages)):
+        raise ValueError("paged_prefill_attention takes float32 q, k, v and pages")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call("infire_paged_prefill_attention", out, vmap_method="sequential")
+    return call(q, k_new, v_new, k_pages, v_pages, table.astype(jnp.int32), start.astype(jnp.int32), layer=np.int64(layer))

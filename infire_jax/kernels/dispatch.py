@@ -22,7 +22,7 @@ from infire_jax.compression.weights import EncodedWeight, RowEncodedWeight
 from infire_jax.kernels import cpu
 from infire_jax.sharding import current_layout
 
-__all__ = ["backend", "projection", "embed_rows", "paged_decode_attention", "causal_prefill_attention"]
+__all__ = ["backend", "projection", "embed_rows", "paged_attention", "causal_prefill_attention"]
 
 XlaFn = Callable[[], jax.Array]
 
@@ -78,9 +78,9 @@ def embed_rows(table: Any, tokens: jax.Array, dtype: Any, *, xla: XlaFn) -> jax.
     return xla()
 
 
-def paged_decode_attention(
-    q: jax.Array,  # (B, 1, H, hd), rotated and scaled
-    k_new: jax.Array,  # (B, 1, KV, hd)
+def paged_attention(
+    q: jax.Array,  # (B, T, H, hd), rotated and scaled
+    k_new: jax.Array,  # (B, T, KV, hd)
     v_new: jax.Array,
     k_cache: Any,  # kv.paged.PagedLayerCache
     v_cache: Any,
@@ -89,15 +89,16 @@ def paged_decode_attention(
     *,
     xla: XlaFn,
 ) -> jax.Array:
-    """Attention (B, T, H, hd) of new tokens over a paged cache plus themselves. The CPU kernel reads
-    the pages in place for one float32 token per row with no window; XLA gathers them first."""
+    """Attention (B, T, H, hd) of new tokens over a paged cache plus themselves (causally): decode
+    (T = 1) and a chunk of a prompt after a cached prefix. The CPU kernels read the pages in place for
+    float32 tokens with no window; XLA gathers them first."""
     b, t, h, hd = q.shape
     kv = k_new.shape[2]
     f32 = q.dtype == k_cache.pages.dtype == jnp.float32
-    if backend() == "cpu" and f32 and t == 1 and window is None:
-        out = cpu.paged_decode_attention(
-            q.reshape(b, kv, h // kv, hd), k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start, k_cache.layer
-        )
+    if backend() == "cpu" and f32 and window is None:
+        kernel = cpu.paged_decode_attention if t == 1 else cpu.paged_prefill_attention
+        qg = q.reshape((b, kv, h // kv, hd) if t == 1 else (b, t, kv, h // kv, hd))
+        out = kernel(qg, k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start, k_cache.layer)
         return out.reshape(b, t, h, hd)
     return xla()
 

@@ -74,7 +74,7 @@ def gqa_attention(
     kv = k_new.shape[2]
     if isinstance(k_cache, PagedLayerCache):
         pages = k_cache, v_cache
-        return dispatch.paged_decode_attention(
+        return dispatch.paged_attention(
             q, k_new, v_new, k_cache, v_cache, start, window,
             xla=lambda: gqa_attention(q, k_new, v_new, start, pages[0].gather(), pages[1].gather(), window=window),
         )
