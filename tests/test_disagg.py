@@ -87,7 +87,7 @@ def test_500_requests_two_prefill_one_decode_with_too_few_pages(model_dir, coloc
     new = [int(n) for n in rng.integers(1, 7, 500)]
     want = [colocated.run_requests([p], [SamplingParams(n)])[0].output for p, n in zip(prompts[:40], new[:40])]
     prefill = [
-        PrefillWorker(f"prefill{i}", place_programs(model_dir, f"tp=1@{i}"), max_batch=8)
+        PrefillWorker(f"prefill{i}", place_programs(model_dir, f"tp=1@{i}"), max_batch=8, page_size=8)
         for i in range(2)
     ]
     decode = DecodeWorker(
@@ -135,8 +135,8 @@ def test_decode_batch_bound_is_respected(colocated):
     engine = Engine([PrefillWorker("prefill", colocated.programs)], [decode])
     reqs = [engine.submit([1, 2, i + 3], SamplingParams(6)) for i in range(5)]
     sizes = []
-    step = decode.step
-    decode.step = lambda: (sizes.append(len(decode.running)), step())[1]
+    join = decode._join
+    decode._join = lambda: (join(), sizes.append(len(decode.running)))[0]  # the batch of each decode call
     engine.run()
     assert max(sizes) == 2 and all(r.status == "done" and len(r.output) == 6 for r in reqs)
 

@@ -107,23 +107,23 @@ def test_continuous_batching_recycles_rings(ref, model):
     worker = engine.decode_workers[0]
     batches, ring_owners = [], {}
 
-    def observed_step():  # what each decode call runs with
+    def observed_join():  # what each decode call runs with
+        type(worker)._join(worker)
         batches.append(tuple(r.id for r in worker.running))
         for r in worker.running:
             pages = worker.pages(r)
             assert len(pages[1]) == CHUNK // PAGE and len(pages[0]) == worker.pages_for(r)[0]
             for page in pages[1]:
                 ring_owners.setdefault(page, set()).add(r.id)
-        return type(worker).step(worker)
 
-    worker.step = observed_step
+    worker._join = observed_join
     try:
         reqs = [engine.submit(p, SamplingParams(n)) for p, n in zip(prompts[:3], news[:3])]
         engine.step()
         reqs += [engine.submit(p, SamplingParams(n)) for p, n in zip(prompts[3:], news[3:])]
         engine.run()
     finally:
-        del worker.step
+        del worker._join
     for r in reqs:
         engine.requests.pop(r.id)
     assert max(map(len, batches)) == 4 and len(set(batches)) > 3  # a full batch whose rows changed
