@@ -8,9 +8,11 @@
 
 Each arm (prefix cache on, off) first replays a warm-up copy of the trace (same lengths and schedule,
 other token ids: it compiles the same programs and caches nothing the measured pass can use), then the
-trace. JSON: per arm TTFT / TPOT p50, p90, p99 (all turns, turn 0, later turns), tokens/s, hit ratio,
-prefill tokens computed, KV pages and bytes sent prefill -> decode, evictions; and the ratios
-off / on. --png: the TTFT distributions (CDFs) of both arms.
+trace (--rounds > 1: paired rounds, arms alternating). JSON: per arm TTFT / TPOT p50, p90, p99 (all
+turns, turn 0, later turns), tokens/s, hit ratio, prefill tokens computed, KV pages and bytes sent
+prefill -> decode, evictions; and the ratios off / on. --png: the TTFT distributions (CDFs) of both
+arms. A trace of one turn per session and no shared system prompt has a 0% hit rate: the cache's
+overhead.
 
 --scenario long_prompt: chunked prefill instead. `--rows` requests decode while one prompt of
 --long_prompt tokens arrives; arms are --prefill_chunk (e.g. 256) and whole-prompt prefill. Reported:
@@ -46,6 +48,8 @@ flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
 flags.DEFINE_string("dtype", "float32", "Weight storage dtype.")
 flags.DEFINE_float("time_scale", 1.0, "Multiply the trace's arrival times (0 = everything at once).")
 flags.DEFINE_bool("warmup", True, "Replay a warm-up copy of the trace first in each arm.")
+flags.DEFINE_integer("rounds", 1, "Paired rounds (arms alternate their order; with more than one, every round "
+                     "replays the trace with other token ids, so rounds share no cached prefix).")
 flags.DEFINE_integer("rows", 8, "long_prompt: decoding rows.")
 flags.DEFINE_integer("long_prompt", 4000, "long_prompt: tokens of the arriving prompt.")
 flags.DEFINE_integer("row_prompt", 64, "long_prompt: prompt tokens of each decoding row.")
@@ -120,47 +124,73 @@ class _Remote:
         return engine.start()
 
 
-def _shifted(trace, vocab: int):
-    """The trace with other token ids (same lengths and schedule): a warm-up that caches nothing useful."""
+def _shifted(trace, vocab: int, shift: int):
+    """The trace with other token ids (same lengths and schedule): nothing in it is cached by a pass
+    with another shift."""
     import dataclasses
 
     span = vocab - 3
-    return [dataclasses.replace(t, append=tuple(3 + (x - 3 + span // 2) % span for x in t.append)) for t in trace]
+    step = span // 7 + 1
+    return [dataclasses.replace(t, append=tuple(3 + (x - 3 + shift * step) % span for x in t.append)) for t in trace]
+
+
+def _arm_result(records: list[dict], stats: dict, wall: float) -> dict:
+    generated = sum(r["generated_tokens"] for r in records)
+    return dict(
+        records=records, wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
+        prompt_tokens=sum(len(r["prompt"]) for r in records), cached_tokens=sum(r["cached_tokens"] for r in records),
+        **{k: stats.get(k) for k in ("hit_ratio", "prefill_tokens_computed", "prefix_hit_tokens", "decode_hit_tokens",
+                                     "kv_pages_transferred", "kv_bytes_transferred", "evicted_pages", "transfers")},
+    )
 
 
 def run_trace(deploy, trace, vocab: int) -> dict:
+    """--rounds rounds; in each, both arms replay the trace (other token ids every round, so no round
+    reuses another's cache), in alternating order; each arm's engine replays a warm-up pass first."""
     from infire_jax.engine.trace import replay
 
-    out = {}
-    for arm, cache in (("cache_off", False), ("cache_on", True)):
-        engine = deploy.engine(cache, FLAGS.prefill_chunk or None)
-        try:
+    arms = {"cache_off": False, "cache_on": True}
+    engines = {}
+    rounds: list[dict[str, dict]] = []
+    try:
+        for arm, cache in arms.items():
+            engines[arm] = deploy.engine(cache, FLAGS.prefill_chunk or None)
             if FLAGS.warmup:
-                replay(engine, _shifted(trace, vocab), time_scale=FLAGS.time_scale)
-            engine.reset_stats()
-            t0 = time.perf_counter()
-            records = replay(engine, trace, time_scale=FLAGS.time_scale)
-            wall = time.perf_counter() - t0
-            stats = engine.stats()
-        finally:
+                replay(engines[arm], _shifted(trace, vocab, 0), time_scale=FLAGS.time_scale)
+        for k in range(FLAGS.rounds):
+            order = list(arms) if k % 2 == 0 else list(arms)[::-1]
+            this = {}
+            for arm in order:
+                engine = engines[arm]
+                engine.reset_stats()
+                t0 = time.perf_counter()
+                records = replay(engine, _shifted(trace, vocab, k + 1) if FLAGS.rounds > 1 else trace,
+                                 time_scale=FLAGS.time_scale)
+                this[arm] = _arm_result(records, engine.stats(), time.perf_counter() - t0)
+                print(f"round {k} {arm}: {this[arm]['tokens_per_s']:.2f} tok/s, prefill computed "
+                      f"{this[arm]['prefill_tokens_computed']}", flush=True)
+            rounds.append(this)
+    finally:
+        for engine in engines.values():
             if hasattr(engine, "close"):
                 engine.close()
-        generated = sum(r["generated_tokens"] for r in records)
-        ttft = [r["ttft_s"] for r in records]
-        later = [r["ttft_s"] for r in records if r["turn"] >= 1]
+    out = {}
+    for arm in arms:
+        records = [r for rd in rounds for r in rd[arm]["records"]]
+        per_round = [rd[arm] for rd in rounds]
+        med = lambda key: statistics.median(x[key] for x in per_round if x[key] is not None) if all(  # noqa: E731
+            x[key] is not None for x in per_round) else None
         out[arm] = dict(
-            ttft_s=_pcts(ttft), ttft_turn0_s=_pcts([r["ttft_s"] for r in records if r["turn"] == 0]),
-            ttft_later_turns_s=_pcts(later), tpot_s=_pcts([r["tpot_s"] for r in records if "tpot_s" in r]),
-            wall_s=wall, generated_tokens=generated, tokens_per_s=generated / wall,
-            prompt_tokens=sum(len(r["prompt"]) for r in records), cached_tokens=sum(r["cached_tokens"] for r in records),
-            **{k: stats.get(k) for k in ("hit_ratio", "prefill_tokens_computed", "prefix_hit_tokens", "decode_hit_tokens",
-                                         "kv_pages_transferred", "kv_bytes_transferred", "evicted_pages", "transfers")},
-            ttft_later=later, ttft_all=ttft,
+            ttft_s=_pcts([r["ttft_s"] for r in records]),
+            ttft_turn0_s=_pcts([r["ttft_s"] for r in records if r["turn"] == 0]),
+            ttft_later_turns_s=_pcts([r["ttft_s"] for r in records if r["turn"] >= 1]),
+            tpot_s=_pcts([r["tpot_s"] for r in records if "tpot_s" in r]),
+            tokens_per_s=med("tokens_per_s"), tokens_per_s_rounds=[x["tokens_per_s"] for x in per_round],
+            **{k: med(k) for k in ("wall_s", "generated_tokens", "prompt_tokens", "cached_tokens", "hit_ratio",
+                                   "prefill_tokens_computed", "prefix_hit_tokens", "decode_hit_tokens",
+                                   "kv_pages_transferred", "kv_bytes_transferred", "evicted_pages", "transfers")},
+            ttft_later=[r["ttft_s"] for r in records if r["turn"] >= 1], ttft_all=[r["ttft_s"] for r in records],
         )
-        del engine
-        gc.collect()
-        print(f"{arm}: TTFT p50 later turns {out[arm]['ttft_later_turns_s']['p50']:.3f} s, "
-              f"{out[arm]['tokens_per_s']:.1f} tok/s, prefill computed {out[arm]['prefill_tokens_computed']}", flush=True)
     on, off = out["cache_on"], out["cache_off"]
     ratio = lambda a, b: (a / b) if a and b else None  # noqa: E731
     out["off_over_on"] = dict(
@@ -169,6 +199,8 @@ def run_trace(deploy, trace, vocab: int) -> dict:
         prefill_tokens_computed=ratio(off["prefill_tokens_computed"], on["prefill_tokens_computed"]),
         kv_bytes_transferred=ratio(off["kv_bytes_transferred"], on["kv_bytes_transferred"]),
         tokens_per_s=ratio(off["tokens_per_s"], on["tokens_per_s"]),
+        tokens_per_s_paired_median=statistics.median(
+            rd["cache_off"]["tokens_per_s"] / rd["cache_on"]["tokens_per_s"] for rd in rounds),
     )
     return out
 
