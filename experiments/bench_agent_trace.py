@@ -21,6 +21,7 @@ the decoding rows' longest gap between tokens while the long prompt is prefilled
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -32,20 +33,15 @@ from absl import app, flags, logging
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import flags_common  # noqa: E402  (experiments/flags_common.py)
+
 FLAGS = flags.FLAGS
+flags_common.define_model_flags()
+flags_common.define_engine_flags(kv_pages=1024)
+flags_common.define_worker_flags()
 flags.DEFINE_enum("scenario", "trace", ["trace", "long_prompt"], "What to measure (see the module doc).")
 flags.DEFINE_string("trace", None, "Trace JSONL (experiments/agent_trace.py); default: a small generated one.")
-flags.DEFINE_string("model_dir", None, "Checkpoint (default: the embedded tiny model).")
-flags.DEFINE_string("mesh", "tp=1", "Colocated mesh (when no worker lists are given).")
-flags.DEFINE_string("prefill_workers", None, "';'-separated mesh specs, one per prefill worker.")
-flags.DEFINE_string("decode_workers", None, "';'-separated mesh specs, one per decode worker.")
 flags.DEFINE_bool("multiprocess", False, "Workers as OS processes (engine/remote.py).")
-flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill call (0 = whole prompts).")
-flags.DEFINE_integer("kv_pages", 1024, "KV pages per worker.")
-flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
-flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per worker.")
-flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
-flags.DEFINE_string("dtype", "float32", "Weight storage dtype.")
 flags.DEFINE_float("time_scale", 1.0, "Multiply the trace's arrival times (0 = everything at once).")
 flags.DEFINE_bool("warmup", True, "Replay a warm-up copy of the trace first in each arm.")
 flags.DEFINE_integer("rounds", 1, "Paired rounds (arms alternate their order; with more than one, every round "
@@ -65,44 +61,18 @@ def _pcts(xs: list[float]) -> dict[str, float | None]:
     return dict(p50=at(0.5), p90=at(0.9), p99=at(0.99), n=len(xs))
 
 
-def _specs() -> tuple[list[str], list[str]]:
-    if bool(FLAGS.prefill_workers) != bool(FLAGS.decode_workers):
-        raise app.UsageError("give both --prefill_workers and --decode_workers, or neither (colocated --mesh)")
-    if FLAGS.prefill_workers:
-        return FLAGS.prefill_workers.split(";"), FLAGS.decode_workers.split(";")
-    if FLAGS.multiprocess:
-        raise app.UsageError("--multiprocess needs --prefill_workers and --decode_workers")
-    return [FLAGS.mesh], [FLAGS.mesh]
-
-
 class _InProcess:
-    """Programs per mesh spec, placed once; an engine per arm on them."""
+    """The model placed once per mesh spec (engine/build.py Deployment); an engine per arm on it."""
 
     def __init__(self, model_dir: str, prefill_specs: list[str], decode_specs: list[str]):
-        from infire_jax.api import _layout, place_model
-        from infire_jax.config import load_config
-        from infire_jax.engine.programs import Programs
+        from infire_jax.engine.build import Deployment
 
-        cfg = load_config(model_dir)
-        self.specs = prefill_specs, decode_specs
-        self.programs = {
-            s: Programs(place_model(model_dir, _layout(s, None), cfg=cfg, dtype=FLAGS.dtype), decode_steps=FLAGS.decode_steps)
-            for s in dict.fromkeys(prefill_specs + decode_specs)
-        }
+        self.deployment = Deployment(model_dir, prefill_specs, decode_specs, dtype=FLAGS.dtype,
+                                     options=flags_common.engine_options())
 
     def engine(self, prefix_cache: bool, prefill_chunk: int | None):
-        from infire_jax.engine.disagg import ColocatedWorker, DecodeWorker, Engine, PrefillWorker
-
-        pre, dec = self.specs
-        kw = dict(num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, prefix_cache=prefix_cache)
-        if pre == dec:
-            return Engine([], [ColocatedWorker(f"c{i}", self.programs[s], max_batch=FLAGS.max_decode_batch,
-                                               prefill_chunk=prefill_chunk, **kw) for i, s in enumerate(dec)])
-        return Engine(
-            [PrefillWorker(f"p{i}", self.programs[s], max_batch=FLAGS.max_decode_batch, prefill_chunk=prefill_chunk, **kw)
-             for i, s in enumerate(pre)],
-            [DecodeWorker(f"d{i}", self.programs[s], max_batch=FLAGS.max_decode_batch, **kw) for i, s in enumerate(dec)],
-        )
+        options = dataclasses.replace(self.deployment.options, prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
+        return self.deployment.engine(options)
 
 
 class _Remote:
@@ -127,8 +97,6 @@ class _Remote:
 def _shifted(trace, vocab: int, shift: int):
     """The trace with other token ids (same lengths and schedule): nothing in it is cached by a pass
     with another shift."""
-    import dataclasses
-
     span = vocab - 3
     step = span // 7 + 1
     return [dataclasses.replace(t, append=tuple(3 + (x - 3 + shift * step) % span for x in t.append)) for t in trace]
@@ -156,7 +124,7 @@ def run_trace(deploy, trace, vocab: int) -> dict:
         for arm, cache in arms.items():
             engines[arm] = deploy.engine(cache, FLAGS.prefill_chunk or None)
             if FLAGS.warmup:
-                replay(engines[arm], _shifted(trace, vocab, 0), time_scale=FLAGS.time_scale)
+                replay(engines[arm], _shifted(trace, vocab, FLAGS.rounds), time_scale=FLAGS.time_scale)
         for k in range(FLAGS.rounds):
             order = list(arms) if k % 2 == 0 else list(arms)[::-1]
             this = {}
@@ -164,8 +132,7 @@ def run_trace(deploy, trace, vocab: int) -> dict:
                 engine = engines[arm]
                 engine.reset_stats()
                 t0 = time.perf_counter()
-                records = replay(engine, _shifted(trace, vocab, k + 1) if FLAGS.rounds > 1 else trace,
-                                 time_scale=FLAGS.time_scale)
+                records = replay(engine, _shifted(trace, vocab, k), time_scale=FLAGS.time_scale)
                 this[arm] = _arm_result(records, engine.stats(), time.perf_counter() - t0)
                 print(f"round {k} {arm}: {this[arm]['tokens_per_s']:.2f} tok/s, prefill computed "
                       f"{this[arm]['prefill_tokens_computed']}", flush=True)
@@ -282,7 +249,9 @@ def _plot(result: dict, path: str) -> None:
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    prefill_specs, decode_specs = _specs()
+    prefill_specs, decode_specs = flags_common.worker_specs()
+    if FLAGS.multiprocess and prefill_specs == decode_specs:
+        raise app.UsageError("--multiprocess needs --prefill_workers and --decode_workers")
     if not FLAGS.multiprocess:
         import jax
 
@@ -308,7 +277,7 @@ def main(argv: list[str]) -> None:
         result.update(run_long_prompt(deploy, vocab))
     else:
         trace = trace_lib.read_trace(FLAGS.trace) if FLAGS.trace else trace_lib.make_trace(
-            sessions=4, turns=4, vocab_size=vocab, system_tokens=256, tool_tokens=(32, 64), user_tokens=(8, 16),
+            sessions=4, turns=4, vocab_size=vocab, system_tokens=128, tool_tokens=(32, 64), user_tokens=(8, 16),
             max_tokens=8, session_interval_s=0.2)
         result.update(run_trace(deploy, trace, vocab), turns=len(trace))
         if FLAGS.png:

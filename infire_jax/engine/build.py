@@ -134,14 +134,16 @@ class Deployment:
         """One placement serves both roles."""
         return self.prefill_meshes == self.decode_meshes and len(self._programs) == 1
 
-    def engine(self) -> Engine:
+    def engine(self, options: EngineOptions | None = None) -> Engine:
         """A new Engine over this deployment's placements (workers named role index : mesh): colocated
-        workers (one per mesh) when both roles list the same meshes, else prefill and decode workers."""
+        workers (one per mesh) when both roles list the same meshes, else prefill and decode workers.
+        options: other serving knobs than the deployment's (decode_steps stays the programs')."""
+        o = options or self.options
         if self.prefill_meshes == self.decode_meshes:
-            return Engine([], [colocated_worker(f"colocated{i}:{s}", self._programs[s], self.options)
+            return Engine([], [colocated_worker(f"colocated{i}:{s}", self._programs[s], o)
                                for i, s in enumerate(self.decode_meshes)])
-        prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], self.options) for i, s in enumerate(self.prefill_meshes)]
-        decode = [decode_worker(f"decode{i}:{s}", self._programs[s], self.options) for i, s in enumerate(self.decode_meshes)]
+        prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], o) for i, s in enumerate(self.prefill_meshes)]
+        decode = [decode_worker(f"decode{i}:{s}", self._programs[s], o) for i, s in enumerate(self.decode_meshes)]
         return Engine(prefill, decode)
 
 
