@@ -172,7 +172,7 @@ def run_trace(deploy, trace, vocab: int) -> dict:
     return out
 
 
-def run_long_prompt(deploy, vocab: int) -> dict:
+def run_long_prompt(deploy, vocab: int, context: int) -> dict:
     """--rows rows decode; one --long_prompt-token prompt arrives once they all decode."""
     import numpy as np
 
@@ -180,17 +180,24 @@ def run_long_prompt(deploy, vocab: int) -> dict:
 
     rng = np.random.default_rng(0)
     rows = [rng.integers(3, vocab, FLAGS.row_prompt).tolist() for _ in range(FLAGS.rows)]
+    # the rows decode until stopped: as many tokens as the context leaves
+    row_tokens = min(1024, context - FLAGS.row_prompt - FLAGS.decode_steps)
     long = rng.integers(3, vocab, FLAGS.long_prompt).tolist()
     out = {}
     for arm, chunk in (("whole", None), (f"chunk_{FLAGS.prefill_chunk}", FLAGS.prefill_chunk or None)):
         engine = deploy.engine(False, chunk)
         for attempt in ("warmup", "measured"):
             shift = 0 if attempt == "measured" else 1
-            reqs = [engine.submit([(t + shift) % vocab for t in p], SamplingParams(1024)) for p in rows]
-            while not all(len(r.output) > 1 for r in reqs):
+            reqs = [engine.submit([(t + shift) % vocab for t in p], SamplingParams(row_tokens)) for p in rows]
+            while not all(len(r.output) > 1 or r.finished for r in reqs):
                 engine.step()
+            for r in reqs:
+                if r.status == "failed":
+                    raise RuntimeError(f"a decoding row failed: {r.error}")
             arrivals: dict = {r.id: [] for r in reqs}
             big = engine.submit([(t + shift) % vocab for t in long], SamplingParams(2))
+            if big.status == "failed":
+                raise RuntimeError(f"the long prompt failed: {big.error}")
             seen = {r.id: len(r.output) for r in reqs}
             while "first_token" not in big.times:
                 engine.step()
@@ -274,7 +281,7 @@ def main(argv: list[str]) -> None:
                                             "time_scale", "trace")},
     )
     if FLAGS.scenario == "long_prompt":
-        result.update(run_long_prompt(deploy, vocab))
+        result.update(run_long_prompt(deploy, vocab, load_config(model_dir).max_position_embeddings))
     else:
         trace = trace_lib.read_trace(FLAGS.trace) if FLAGS.trace else trace_lib.make_trace(
             sessions=4, turns=4, vocab_size=vocab, system_tokens=128, tool_tokens=(32, 64), user_tokens=(8, 16),
