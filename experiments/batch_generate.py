@@ -32,7 +32,8 @@ Input, one JSON object per line (blank lines are skipped):
 Output, one line per input line, appended as each request finishes (written at once, fsync'd by a
 background thread, see --fsync):
   {"custom_id": "q1", "line": 1, "text": "...", "token_ids": [...], "finish_reason": "stop"|"length",
-   "stop_reason": null | 1 | "\\n\\n", "usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
+   "stop_reason": null | 1 | "\\n\\n", "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
+   "prompt_tokens_details": {"cached_tokens"}},
    "timing": {"queue_s", "ttft_s", "tpot_s", "e2e_s"}, "error": null}
   {"custom_id": "q3" | null, "line": 7, "error": {"code": "invalid_json" | "invalid_request" |
    "invalid_parameter" | "prompt_too_long" | "no_chat_template" | "no_tokenizer" | "chat_template_error" |

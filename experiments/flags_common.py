@@ -18,11 +18,17 @@ def define_model_flags() -> None:
 
 
 def define_engine_flags(kv_pages: int = 512) -> None:
-    """The decode workers' KV capacity and batching: --kv_pages, --page_size, --max_decode_batch, --decode_steps."""
-    flags.DEFINE_integer("kv_pages", kv_pages, "KV pages per decode worker.")
+    """The workers' KV capacity, batching and prefix cache: --kv_pages, --page_size, --max_decode_batch,
+    --decode_steps, --prefix_cache, --prefill_chunk."""
+    flags.DEFINE_integer("kv_pages", kv_pages, "KV pages per worker (decode: its cache; prefill: its prefix cache).")
     flags.DEFINE_integer("page_size", 16, "Tokens per KV page (a power of two <= 16).")
     flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per decode worker (and rows per prefill batch).")
     flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch.")
+    flags.DEFINE_bool("prefix_cache", True, "Keep finished requests' KV pages indexed by their tokens, so a prompt that "
+                      "starts with them computes only the rest (and in P/D only the pages a decode worker lacks cross); "
+                      "--noprefix_cache computes every prompt from position 0.")
+    flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill call: a longer prompt is prefilled in chunks "
+                         "between decode steps (P/D: its pages cross chunk by chunk); 0 = whole prompts.")
 
 
 def define_worker_flags() -> None:
@@ -49,5 +55,6 @@ def engine_options():
 
     return EngineOptions(
         decode_steps=FLAGS.decode_steps, kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
-        max_decode_batch=FLAGS.max_decode_batch,
+        max_decode_batch=FLAGS.max_decode_batch, prefix_cache=FLAGS.prefix_cache,
+        prefill_chunk=FLAGS.prefill_chunk or None,
     )

@@ -112,13 +112,15 @@ def main(argv: list[str]) -> None:
     ]
     prefill = [
         WorkerConfig("prefill", f"prefill{i}", mesh=FLAGS.prefill_mesh, dtype=FLAGS.dtype,
-                     compute_dtype=FLAGS.compute_dtype, page_size=FLAGS.page_size)
+                     compute_dtype=FLAGS.compute_dtype, page_size=FLAGS.page_size, num_pages=FLAGS.kv_pages,
+                     prefill_chunk=FLAGS.prefill_chunk or None, prefix_cache=FLAGS.prefix_cache)
         for i in range(FLAGS.num_prefill)
     ]
     decode = [
         WorkerConfig("decode", f"decode{i}", mesh=FLAGS.decode_mesh, dtype=FLAGS.dtype,
                      compute_dtype=FLAGS.decode_compute_dtype or FLAGS.compute_dtype, decode_steps=FLAGS.decode_steps,
-                     num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, max_batch=FLAGS.max_decode_batch)
+                     num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, max_batch=FLAGS.max_decode_batch,
+                     prefix_cache=FLAGS.prefix_cache)
         for i in range(FLAGS.num_decode)
     ]
     engine = RemoteEngine(

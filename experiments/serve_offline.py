@@ -79,12 +79,8 @@ def load_requests(vocab: int, tokenize) -> list[tuple[list[int], int]]:
 
 
 def run(engine, requests) -> tuple[list[dict], dict]:
-    from infire_jax.kv.transfer import TransferStats
-
     engine.requests.clear()
-    engine.started = time.perf_counter()
-    for w in engine.decode_workers:
-        w.transfer_stats = TransferStats()
+    engine.reset_stats()
     for i, (ids, n) in enumerate(requests):
         engine.submit(ids, dict(max_new_tokens=n, temperature=FLAGS.temperature, seed=FLAGS.seed + i), request_id=i)
     engine.run()
@@ -96,13 +92,15 @@ def run_multiprocess(model_dir, prefill_specs, decode_specs, vocab: int, tokeniz
     """The same workload through worker processes (engine/remote.py); one timed run."""
     from infire_jax.engine.remote import RemoteEngine, WorkerConfig
 
+    cache = dict(page_size=FLAGS.page_size, num_pages=FLAGS.kv_pages, prefix_cache=FLAGS.prefix_cache)
     prefill = [
-        WorkerConfig("prefill", f"prefill{i}", mesh=s, dtype=FLAGS.dtype, page_size=FLAGS.page_size)
+        WorkerConfig("prefill", f"prefill{i}", mesh=s, dtype=FLAGS.dtype, prefill_chunk=FLAGS.prefill_chunk or None,
+                     **cache)
         for i, s in enumerate(prefill_specs)
     ]
     decode = [
         WorkerConfig("decode", f"decode{i}", mesh=s, dtype=FLAGS.dtype, decode_steps=FLAGS.decode_steps,
-                     num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, max_batch=FLAGS.max_decode_batch)
+                     max_batch=FLAGS.max_decode_batch, **cache)
         for i, s in enumerate(decode_specs)
     ]
     requests = load_requests(vocab, tokenize)

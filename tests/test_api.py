@@ -135,20 +135,19 @@ def test_prompt_lengths_share_compiled_programs(model):
 
 
 def test_a_full_decode_batch_is_prefilled_at_once(model):
-    """generate with more prompts than 8 (the old prefill batch) hands the KV over once and decodes
+    """generate with more prompts than 8 (the old prefill batch) prefills them in one call and decodes
     every row from the first dispatch: a batch arriving in groups runs part-empty dispatches."""
     n = 12
     worker = model.engine.decode_workers[0]
-    transfers = worker.transfer_stats.transfers
-    rows_per_dispatch = []
-    step = type(worker).step
-    worker.step = lambda: (rows_per_dispatch.append(len(worker.running)), step(worker))[1]
+    rows_per_dispatch, prefill_rows = [], []
+    decode, prefill = type(worker)._decode_call, type(worker)._prefill_call
+    worker._decode_call = lambda steps: (decode(worker, steps), rows_per_dispatch.append(len(worker.in_call)))[0]
+    worker._prefill_call = lambda: (prefill(worker), prefill_rows.append(len(worker.in_call)))[0]
     try:
         outs = model.generate([[i + 1, 7, 9] for i in range(n)], max_new_tokens=9)
     finally:
-        del worker.step
-    assert worker.transfer_stats.transfers - transfers == 1
-    assert rows_per_dispatch == [n] and all(len(o) == 9 for o in outs)
+        del worker._decode_call, worker._prefill_call
+    assert prefill_rows == [n] and rows_per_dispatch == [n] and all(len(o) == 9 for o in outs)
     assert outs[3] == model.generate([[4, 7, 9]], max_new_tokens=9)[0]
 
 

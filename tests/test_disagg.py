@@ -49,7 +49,8 @@ def test_disaggregated_equals_colocated_with_staggered_arrivals(model_dir, coloc
     stats = engine.stats()
     prefill_batches = len({r.times["prefill_start"] for r in early + late})
     assert stats["transfers"] == prefill_batches  # one transfer per prefill batch, not per layer/request
-    assert all(r.transfer_seconds > 0 and r.metrics()["ttft_s"] > 0 for r in early + late)
+    assert all(r.transfer_bytes > 0 and r.metrics()["ttft_s"] > 0 for r in early + late)
+    assert stats["kv_pages_transferred"] == sum(-(-len(p) // 16) for p in prompts)  # every prompt page once
 
 
 def test_kv_layout_mismatch_raises(model_dir):
@@ -86,7 +87,7 @@ def test_500_requests_two_prefill_one_decode_with_too_few_pages(model_dir, coloc
     new = [int(n) for n in rng.integers(1, 7, 500)]
     want = [colocated.run_requests([p], [SamplingParams(n)])[0].output for p, n in zip(prompts[:40], new[:40])]
     prefill = [
-        PrefillWorker(f"prefill{i}", place_programs(model_dir, f"tp=1@{i}"), max_batch=8)
+        PrefillWorker(f"prefill{i}", place_programs(model_dir, f"tp=1@{i}"), max_batch=8, page_size=8)
         for i in range(2)
     ]
     decode = DecodeWorker(
@@ -104,7 +105,9 @@ def test_500_requests_two_prefill_one_decode_with_too_few_pages(model_dir, coloc
     assert [len(r.output) for r in reqs] == [n if r.finish_reason == "length" else len(r.output) for r, n in zip(reqs, new)]
     assert all(len(r.output) == n for r, n in zip(reqs, new))
     assert [r.output for r in reqs[:40]] == want
-    assert decode.allocator.free == decode.num_pages
+    for w in prefill + [decode]:
+        w.kv.check()
+        assert w.kv.idle()  # every page free or held only by the prefix index
     assert sum(w.pending_tokens for w in prefill) == 0
 
 
@@ -122,7 +125,7 @@ def test_bad_requests_fail_alone(colocated):
     errors = [r.error for r in bad]
     assert all(r.status == "failed" for r in bad)
     assert "empty" in errors[0] and "context" in errors[1] and "temperature" in errors[2] and "vocabulary" in errors[3]
-    assert engine.decode_workers[0].allocator.free == engine.decode_workers[0].num_pages
+    assert engine.decode_workers[0].kv.idle()
     for r in [good] + bad:
         engine.requests.pop(r.id)
 
@@ -132,8 +135,8 @@ def test_decode_batch_bound_is_respected(colocated):
     engine = Engine([PrefillWorker("prefill", colocated.programs)], [decode])
     reqs = [engine.submit([1, 2, i + 3], SamplingParams(6)) for i in range(5)]
     sizes = []
-    step = decode.step
-    decode.step = lambda: (sizes.append(len(decode.running)), step())[1]
+    join = decode._join
+    decode._join = lambda: (join(), sizes.append(len(decode.running)))[0]  # the batch of each decode call
     engine.run()
     assert max(sizes) == 2 and all(r.status == "done" and len(r.output) == 6 for r in reqs)
 
@@ -143,7 +146,7 @@ def test_decode_reads_only_the_pages_it_reaches(colocated):
     the pages up to its length + steps (so a long max_tokens does not make every step attend over
     the unwritten rest); the tokens are those of a roomy one-shot run."""
     decode = DecodeWorker("decode", colocated.programs, num_pages=64, page_size=4, max_batch=2)
-    engine = Engine([PrefillWorker("prefill", colocated.programs)], [decode])
+    engine = Engine([PrefillWorker("prefill", colocated.programs, page_size=4)], [decode])
     req = engine.submit([5, 6, 7], SamplingParams(40))
     tables = []
     fn = colocated.programs.decode_fn

@@ -74,7 +74,7 @@ def test_ring_memory_does_not_grow_with_the_context(model):
     short, long = (small.pages_for(_request(n, 200)) for n in (10, 800))
     assert short[1] == long[1] == CHUNK // PAGE
     steps = small.steps
-    assert long[0] == -(-(800 + -(-200 // steps) * steps + 1) // PAGE) > short[0]
+    assert long[0] == -(-(800 + 200 + steps) // PAGE) > short[0]
     assert kv_cache.Pool(8, PAGE, CHUNK).pages_for(3) == 1  # nor more than the request spans
     # a window that page_size does not divide: ring pages of gcd(window, page_size) positions
     groups = programs.cache_groups
@@ -107,27 +107,29 @@ def test_continuous_batching_recycles_rings(ref, model):
     worker = engine.decode_workers[0]
     batches, ring_owners = [], {}
 
-    def observed_step():  # what each decode call runs with
+    def observed_join():  # what each decode call runs with
+        type(worker)._join(worker)
         batches.append(tuple(r.id for r in worker.running))
         for r in worker.running:
-            assert len(r.pages[1]) == CHUNK // PAGE and len(r.pages[0]) == worker.pages_for(r)[0]
-            for page in r.pages[1]:
+            pages = worker.pages(r)
+            assert len(pages[1]) == CHUNK // PAGE and len(pages[0]) == worker.pages_for(r)[0]
+            for page in pages[1]:
                 ring_owners.setdefault(page, set()).add(r.id)
-        return DecodeWorker.step(worker)
 
-    worker.step = observed_step
+    worker._join = observed_join
     try:
         reqs = [engine.submit(p, SamplingParams(n)) for p, n in zip(prompts[:3], news[:3])]
         engine.step()
         reqs += [engine.submit(p, SamplingParams(n)) for p, n in zip(prompts[3:], news[3:])]
         engine.run()
     finally:
-        del worker.step
+        del worker._join
     for r in reqs:
         engine.requests.pop(r.id)
     assert max(map(len, batches)) == 4 and len(set(batches)) > 3  # a full batch whose rows changed
     assert any(len(owners) > 1 for owners in ring_owners.values())  # ring pages moved between requests
-    assert all(a.free == a.num_pages for a in worker.allocators)
+    assert worker.kv.idle()
+    worker.kv.check()
     assert [r.output for r in reqs] == [torch_greedy(ref[1], p, n) for p, n in zip(prompts, news)]
 
 
@@ -137,8 +139,11 @@ def test_continuous_batching_recycles_rings(ref, model):
 def test_ring_meshes_and_disaggregation(ref, expected, meshes):
     model = infire_jax.load(ref[0], **meshes, **ENGINE)
     assert model.generate(PROMPTS, max_new_tokens=32) == expected
-    if model.disaggregated:  # the handoff carries the global layer's prompt and the rings' last chunk
-        c, t = model.cfg, 32  # 4 rows (3 + padding) of a 32-position prompt bucket
+    if model.disaggregated:  # the pages carry the global layer's prompt and the rings' last chunk
+        c = model.cfg
         stats = model.engine.stats()
-        per_position = 2 * 4 * c.num_kv_heads * c.head_dim * 4  # k + v, 4 rows, fp32
-        assert stats["transfers"] == 1 and stats["transfer_bytes"] == per_position * (1 * t + 3 * CHUNK)
+        per_position = 2 * c.num_kv_heads * c.head_dim * 4  # k + v, fp32
+        prompt_pages = sum(-(-len(p) // PAGE) for p in PROMPTS)  # every prompt page of the global layer
+        ring_pages = sum(min(-(-len(p) // PAGE), CHUNK // PAGE) for p in PROMPTS)  # each row's ring
+        assert stats["transfers"] == 1 and stats["kv_pages_transferred"] == prompt_pages
+        assert stats["transfer_bytes"] == per_position * PAGE * (1 * prompt_pages + 3 * ring_pages)

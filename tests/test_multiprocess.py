@@ -102,6 +102,24 @@ def test_two_processes_equal_colocated(pd_engine, reference):
         engine.mode = "mesh"
 
 
+def test_second_turn_reuses_both_caches_and_sends_only_missing_pages(pd_engine, colocated):
+    """The prefix caches are on (the workers' default): a second turn (the first prompt, its answer and
+    new tokens) is computed by the prefill worker from the end of its cached prompt, and only the pages
+    the decode worker lacks (it holds the first turn's prompt and answer) cross; the tokens are the
+    colocated ones."""
+    engine, page = pd_engine, 16
+    first = engine.generate(PROMPTS[:3], max_new_tokens=10, timeout=60)
+    rng = np.random.default_rng(9)
+    turn2 = [p + out + rng.integers(3, 512, 20).tolist() for p, out in zip(PROMPTS[:3], first)]
+    engine.reset_stats()
+    assert engine.generate(turn2, max_new_tokens=10, timeout=60) == colocated.generate(turn2, max_new_tokens=10)
+    stats = engine.stats()
+    held = sum((len(p) + len(o) - 1) // page for p, o in zip(PROMPTS[:3], first))
+    assert stats["kv_pages_transferred"] == sum(-(-len(t) // page) for t in turn2) - held
+    assert stats["decode_hit_tokens"] == page * held > 0
+    assert stats["prefill_tokens_computed"] == sum(len(t) - len(p) // page * page for t, p in zip(turn2, PROMPTS[:3]))
+
+
 @pytest.mark.parametrize(
     "tamper, match",
     [

@@ -360,6 +360,61 @@ class Programs:
             ),
         )
 
+    # ---- KV pages between workers (engine/core.py: prefix reuse, P/D page shipping) ----------
+    # The canonical page form is the canonical KV's (real layers only, each KV head once) with the
+    # batch x seq axes replaced by pages x page positions: per cache group a (k, v) pair of
+    # (layers, pages, heads, page, dim). Page counts per group are bucketed by the caller; page id
+    # num_pages marks padding (export reads zeros, import writes nothing).
+    def canonical_page_shardings(self, counts: Any, page_size: Any) -> tuple[jax.sharding.NamedSharding, ...]:
+        spec = self.kv_spec()
+        axes = kv_cache.paged_axes(spec.logical_axes)
+        return tuple(self._sh(axes, s) for s in spec.page_shapes(self.unpack(counts), self.unpack(page_size)))
+
+    def export_pages_fn(self, counts: Any, num_pages: Any, page_size: Any):
+        """(k_pages, v_pages, page ids per group (counts,)) -> canonical pages of those ids."""
+        repeat, parts = self.kv_repeat, self._group_layers()
+
+        def export(k_pages, v_pages, ids):
+            k_pages, v_pages, ids = self.unpack(k_pages), self.unpack(v_pages), self.unpack(ids)
+            out = []
+            for g, (_, positions, _) in enumerate(parts):
+                for pages in (k_pages[g], v_pages[g]):
+                    x = jnp.take(pages[jnp.asarray(positions)], ids[g], axis=1, mode="fill", fill_value=0)
+                    out.append(x[:, :, ::repeat])
+            return tuple(out)
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("export_pages", counts, num_pages, page_size),
+            lambda: jax.jit(export, in_shardings=(k_sh, v_sh, rep),
+                            out_shardings=self.canonical_page_shardings(counts, page_size)),
+        )
+
+    def import_pages_fn(self, counts: Any, num_pages: Any, page_size: Any):
+        """(k_pages, v_pages, canonical pages, page ids per group) -> pages with those written at the
+        ids (padding ids dropped); the pages are donated."""
+        repeat, parts = self.kv_repeat, self._group_layers()
+
+        def import_(k_pages, v_pages, arrays, ids):
+            k_pages, v_pages, ids = self.unpack(k_pages), self.unpack(v_pages), self.unpack(ids)
+            out = [[], []]
+            for g, (_, positions, _) in enumerate(parts):
+                for i, pages in enumerate((k_pages[g], v_pages[g])):
+                    x = arrays[2 * g + i]
+                    x = jnp.repeat(x, repeat, axis=2) if repeat > 1 else x
+                    x = jnp.zeros((pages.shape[0],) + x.shape[1:], x.dtype).at[jnp.asarray(positions)].set(x)
+                    out[i].append(pages.at[:, ids[g]].set(x.astype(pages.dtype), mode="drop"))
+            return self.pack(out[0]), self.pack(out[1])
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("import_pages", counts, num_pages, page_size),
+            lambda: jax.jit(import_, in_shardings=(k_sh, v_sh, self.canonical_page_shardings(counts, page_size), rep),
+                            out_shardings=(k_sh, v_sh), donate_argnums=(0, 1)),
+        )
+
     # ---- host-side drivers -----------------------------------------------------------------
     def logits(self, tokens: np.ndarray) -> np.ndarray:
         b, t = tokens.shape
