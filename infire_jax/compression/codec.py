@@ -198,27 +198,45 @@ def _encode_huffman(exp: np.ndarray, sm: np.ndarray, chunk_symbols: int) -> Comp
     )
 
 
-def _decode_huffman_exp(c: Compressed) -> np.ndarray:
+def _decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(symbol, code length) per value of the next L stream bits, and L. Unassigned slots (if the
+    code is incomplete) decode as length L so a corrupt stream still advances and is caught by the
+    chunk-boundary check."""
+    _check_kraft(lengths)
+    L = int(lengths.max())
+    codes = canonical_codes(lengths)
+    tab_sym = np.zeros(1 << L, np.uint8)
+    tab_len = np.full(1 << L, L, np.uint8)
+    for s in np.flatnonzero(lengths):
+        lo = int(codes[s]) << (L - int(lengths[s]))
+        hi = (int(codes[s]) + 1) << (L - int(lengths[s]))
+        tab_sym[lo:hi], tab_len[lo:hi] = s, lengths[s]
+    return tab_sym, tab_len, L
+
+
+def _decode_huffman_exp(c: Compressed, native: bool = True) -> np.ndarray:
+    """The exponent bytes of a Huffman tensor. With `native` the chunks decode in the CPU kernel
+    library over threads (kernels/cpu_huffman.cc, ~50x faster); without it, or without a compiler,
+    numpy decodes all chunks in lock step (the reference)."""
     lengths, stream = _code_lengths(c.arrays["code_table"]), c.arrays["stream"]
     offsets = c.arrays["chunk_offsets"].astype(np.int64)
     cs, n = c.meta["chunk_symbols"], c.size
     if n == 0:
         return np.zeros(c.shape, np.uint8)
-    _check_kraft(lengths)
-    L = int(lengths.max())
-    codes = canonical_codes(lengths)
-    # Table indexed by the next L stream bits -> (symbol, code length). Unassigned slots (if the
-    # code is incomplete) decode as length L so a corrupt stream still advances and is caught below.
-    tab_sym = np.zeros(1 << L, np.uint8)
-    tab_len = np.full(1 << L, L, np.int64)
-    for s in np.flatnonzero(lengths):
-        lo = int(codes[s]) << (L - int(lengths[s]))
-        hi = (int(codes[s]) + 1) << (L - int(lengths[s]))
-        tab_sym[lo:hi], tab_len[lo:hi] = s, lengths[s]
+    tab_sym, tab_len8, L = _decode_table(lengths)
+    n_chunks = -(-n // cs)
+    if offsets.shape != (n_chunks,):
+        raise ValueError("corrupt huffman payload: chunk offsets do not match the tensor size/stream")
+    if native:
+        from infire_jax.kernels import cpu  # lazily: numpy users of the codec need no compiler
+
+        out = cpu.huffman_decode(stream, offsets, cs, n, tab_sym, tab_len8, L)
+        if out is not None:
+            return out.reshape(c.shape)
+    tab_len = tab_len8.astype(np.int64)
     # Big-endian 32-bit window starting at every byte: any L <= 24 bits at any bit offset fit in it.
     b = np.concatenate([stream, np.zeros(4, np.uint8)]).astype(np.uint32)
     window = (b[:-3] << 24) | (b[1:-2] << 16) | (b[2:-1] << 8) | b[3:]
-    n_chunks = -(-n // cs)
     last = n - (n_chunks - 1) * cs
     limit = len(window) * 8
     if offsets.shape != (n_chunks,) or offsets.min() < 0 or offsets.max() > limit:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from infire_jax import boot
 from infire_jax.engine.generation import RequestError, validate_prompt
 from infire_jax.engine.programs import Programs, bucket
 from infire_jax.engine.sampling import SamplingParams, pack_params
@@ -149,6 +150,7 @@ class PrefillWorker:
         want_logits = any(r.with_logits for r in reqs)
         first_logits = np.asarray(first_logits) if want_logits else None
         now = time.perf_counter()
+        boot.clock.mark_first_token(now)  # the process's first token ends its boot
         for i, r in enumerate(reqs):
             r.times["first_token"] = now
             r.add_token(first[i], first_logits[i] if want_logits else None)
