@@ -12,6 +12,7 @@
 
   python experiments/bench_cold_start.py --out /tmp/bench_cold_start.json
   python experiments/bench_cold_start.py --skip_compressed --start_model_dir /path/to/hf_model
+  python experiments/bench_cold_start.py --skip_compressed --skip_second_start --calibrate_layers=2,8,16
 
 Medians over rounds; the load average is recorded (other jobs on a shared machine slow every
 phase, compilation most).
@@ -42,6 +43,8 @@ flags.DEFINE_string("start_model_dir", None, "Model of the second-start measurem
 flags.DEFINE_integer("max_new_tokens", 8, "Tokens generated in the second-start measurement (compressed vs raw: 1).")
 flags.DEFINE_bool("skip_compressed", False, "Only the second-start measurement.")
 flags.DEFINE_bool("skip_second_start", False, "Only the compressed vs raw measurement.")
+flags.DEFINE_list("calibrate_layers", [], "Also fit the planner's compile constants (plan.capacity.BootCalibration): "
+                  "the default tiny model with these layer counts, first and second start each.")
 
 GENERATE = pathlib.Path(__file__).resolve().parent / "generate.py"
 
@@ -139,9 +142,45 @@ def second_start() -> dict:
     )
 
 
+def calibrate(layers: list[int]) -> dict:
+    """Compile seconds per program = a + b x layers (cold cache; the layer list of a pp=1 model is
+    unrolled), seconds per program from the warm cache (warm-up: tracing, lowering and loading),
+    and the time before the loader starts (imports): the constants of plan.capacity.BootCalibration.
+    In CPU seconds of the process (all threads), which other jobs on a shared machine do not
+    inflate the way they inflate wall time; XLA compiles on several threads, so on an idle machine
+    the wall time of a compile is up to the thread count lower."""
+    import numpy as np
+
+    from infire_jax.checkpoint import tiny
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="infire_jax_calib_") as tmp:
+        for n in layers:
+            model = tiny.write_tiny_checkpoint(pathlib.Path(tmp) / f"l{n}", overrides={"num_hidden_layers": n})
+            cache = pathlib.Path(tmp) / f"xla{n}"
+            first, second = start(str(model), str(cache), 2), start(str(model), str(cache), 2)
+            rows.append(dict(
+                layers=n, programs=first["warmup"]["programs_compiled"],
+                compile_s_per_program=first["warmup"]["cpu_seconds"] / max(1, first["warmup"]["programs_compiled"]),
+                cached_s_per_program=second["warmup"]["cpu_seconds"] / max(1, second["warmup"]["programs_from_cache"]),
+                init_s=second["before_load_cpu_s"],
+                wall=dict(first_warmup_s=first["warmup"]["seconds"], second_warmup_s=second["warmup"]["seconds"],
+                          before_load_s=second["boot"]["first_token_s"] - second["load_to_first_token_s"]),
+            ))
+    slope, base = np.polyfit([r["layers"] for r in rows], [r["compile_s_per_program"] for r in rows], 1)
+    return dict(
+        compile_s_per_program=round(float(base), 3), compile_s_per_layer=round(float(slope), 4),
+        cached_s_per_program=round(statistics.median(r["cached_s_per_program"] for r in rows), 3),
+        init_s=round(statistics.median(r["init_s"] for r in rows), 3),
+        programs=int(statistics.median(r["programs"] for r in rows)), runs=rows,
+    )
+
+
 def main(argv: list[str]) -> None:
     del argv
     result: dict = dict(loadavg_before=os.getloadavg())
+    if FLAGS.calibrate_layers:
+        result["calibration"] = calibrate([int(n) for n in FLAGS.calibrate_layers])
     if not FLAGS.skip_second_start:
         result["second_start"] = second_start()
     if not FLAGS.skip_compressed:

@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
 
     model_dir = FLAGS.model_dir or tiny.ensure_default_model()
     t0 = time.perf_counter()
-    load_started = boot.clock.since_start(t0)
+    load_started, load_started_cpu = boot.clock.since_start(t0), time.process_time()
     placement = (
         dict(prefill_mesh=FLAGS.prefill_mesh, decode_mesh=FLAGS.decode_mesh)
         if FLAGS.prefill_mesh or FLAGS.decode_mesh
@@ -93,6 +93,7 @@ def main(argv: list[str]) -> None:
     )
     if stats["boot"]["first_token_s"] is not None:  # the boot after Python's and JAX's imports
         stats["load_to_first_token_s"] = round(stats["boot"]["first_token_s"] - load_started, 4)
+    stats["before_load_cpu_s"] = round(load_started_cpu, 4)  # CPU seconds of the imports etc. (load-independent)
     print(json.dumps(stats))
 
 

@@ -12,8 +12,9 @@ config.json carries the compressed-tensors block, else bf16), bf16, int4_experts
 (palette12, 0.75 of bf16 for stacked layer matrices) or fp32. Without --mesh every pp x ep x tp mesh of
 --count devices is planned and the best kept (fits first, then the most KV left; --objective=tokens
 prefers the longest context). --json prints one JSON object (fits, weights_gib_per_device, kv_free_gib
-(total over devices), max_context_tokens, ... and the other candidates). Bad input exits with status 2
-and a one-line message.
+(total over devices), max_context_tokens, boot (seconds from process start to serving, on paper:
+plan.capacity.boot_time; also printed beside the fit and in --standard_plot), ... and the other
+candidates). Bad input exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations

@@ -78,6 +78,10 @@ def use_compilation_cache(path: str | os.PathLike | None = "default") -> pathlib
         return pathlib.Path(current) if current else None
     path = default_cache_dir() if str(path) == "default" else pathlib.Path(path).expanduser()
     path.mkdir(parents=True, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir not in (None, str(path)):
+        from jax.experimental.compilation_cache import compilation_cache
+
+        compilation_cache.reset_cache()  # JAX opens its cache once: make it reopen at the new place
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size threshold

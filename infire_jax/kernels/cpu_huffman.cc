@@ -99,3 +99,18 @@ extern "C" int infire_huffman_decode(const uint8_t* stream, int64_t nbytes, cons
   for (auto& th : pool) th.join();
   return std::all_of(ok.begin(), ok.end(), [](char v) { return v != 0; }) ? 0 : 1;
 }
+
+// Counts of each byte value (palette12's palette: the 16 most common exponents). numpy's bincount
+// widens uint8 to int64 first: 8 bytes written per weight.
+extern "C" void infire_histogram_u8(const uint8_t* data, int64_t n, int64_t* counts) {
+  int64_t c[4][256] = {};  // four interleaved tables: no store-to-load stall on runs of one value
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    ++c[0][data[i]];
+    ++c[1][data[i + 1]];
+    ++c[2][data[i + 2]];
+    ++c[3][data[i + 3]];
+  }
+  for (; i < n; ++i) ++c[0][data[i]];
+  for (int v = 0; v < 256; ++v) counts[v] = c[0][v] + c[1][v] + c[2][v] + c[3][v];
+}
