@@ -78,8 +78,7 @@ flags.DEFINE_bool("compare_engine", False,
                   "(compiles), the batch job, then --compare_repeats pairs of (timed engine pass, batch pass into "
                   "a scratch file); medians of both go in the summary under engine_comparison.")
 flags.DEFINE_integer("compare_repeats", 3, "Paired repeats for --compare_engine (medians are reported).")
-flags.DEFINE_string("compilation_cache_dir", "default",
-                    "JAX's persistent compilation cache ('default': ~/.cache/infire_jax/xla/<cpu>; '' = off).")
+flags_common.define_compilation_cache_flag()
 
 flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 

@@ -34,8 +34,7 @@ flags.DEFINE_string("prefill_mesh", None, "Disaggregated: prefill mesh, e.g. 'pp
 flags.DEFINE_string("decode_mesh", None, "Disaggregated: decode mesh on other devices, e.g. 'tp=4@4-7'.")
 flags.DEFINE_integer("devices", None, "Simulated CPU devices (default: as many as the mesh needs).")
 flags.DEFINE_bool("warmup", True, "Compile the programs these prompts need before the first request.")
-flags.DEFINE_string("compilation_cache_dir", "default",
-                    "JAX's persistent compilation cache ('default': ~/.cache/infire_jax/xla/<cpu>; '' = off).")
+flags_common.define_compilation_cache_flag()
 
 flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 

@@ -40,8 +40,7 @@ flags.DEFINE_bool("multiprocess", False, "Run each worker as its own OS process 
                   "jax.experimental.transfer; mesh specs then refer to each process's own devices).")
 flags.DEFINE_float("timeout", 600.0, "Multi-process: seconds before unfinished requests fail.")
 flags.DEFINE_string("out", None, "Write the metrics JSON here.")
-flags.DEFINE_string("compilation_cache_dir", "default",
-                    "JAX's persistent compilation cache ('default': ~/.cache/infire_jax/xla/<cpu>; '' = off).")
+flags_common.define_compilation_cache_flag()
 
 flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 

@@ -337,9 +337,11 @@ def load_into(
     ignore_layers_from: int | None = None,
     prefix: str = "",
     skip_prefixes: Iterable[str] = (),
+    host_ops: codec.HostOps | None = None,
 ) -> dict[tuple[str, ...], Any]:
     """Values for the abstract nnx Variables ``variables`` (path -> Variable) on ``layout``: a
     sharded jax.Array per raw parameter, a Palette12Weight per compressed stacked matrix.
+    ``host_ops``: native decode helpers (kernels/cpu.py; numpy's code without them).
 
     tensor_map as for hf.load_into (HF name -> (parameter path, leading index, HF shape[, transform
     of the HF array])); parts of a parameter no tensor maps to (pipeline padding slots) are zeros.
@@ -375,7 +377,7 @@ def load_into(
             with boot.clock.phase("read"):
                 c = read_tensor(model_dir, name, entries[name])
             with boot.clock.phase("convert"):
-                parts = codec.decode_parts(c)
+                parts = codec.decode_parts(c, host_ops)
                 if transform is not None:  # e.g. repeated KV heads; works on the uint8 split as on values
                     parts = tuple(transform(a) for a in parts)
                 exp[lead] = parts[0].reshape(exp[lead].shape)  # lead: ints and slices, as for hf.load_into
@@ -389,9 +391,10 @@ def load_into(
             # XLA:CPU reads in place (a contraction-first order measured 0.43x raw bf16 speed).
             perm = tuple(range(len(shape) - (0 if per_layer else 1)))
             if per_layer:  # encoded as a stack of one, placed as its one slice
-                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, jax_decode, stacked=False)
+                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, jax_decode, host_ops,
+                                         stacked=False)
             else:
-                value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode)
+                value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode, host_ops)
         if value is None:
             with boot.clock.phase("convert"):
                 host = _join_to(exp, sm, dtype)
@@ -410,7 +413,7 @@ def load_into(
 
 
 def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, perm: tuple[int, ...],
-                     jax_decode: Any, stacked: bool = True) -> Any:
+                     jax_decode: Any, host_ops: codec.HostOps | None = None, stacked: bool = True) -> Any:
     """The stacked blocked Palette12Weight of one parameter (slice axes stored in ``perm`` order),
     or None if it would not be smaller than bf16. ``stacked=False``: a stack of one slice, placed as
     that slice (the leading axis dropped on the host, so no program runs per leaf)."""
@@ -419,7 +422,7 @@ def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, p
         exp, sm = np.ascontiguousarray(exp.transpose(order)), np.ascontiguousarray(sm.transpose(order))
         spec = tuple(wspec[i] for i in order)
         blocks = jax_decode.block_counts(mesh, spec[1:])
-        slices = [codec.encode_palette12_blocks(exp[i], sm[i], blocks) for i in range(exp.shape[0])]
+        slices = [codec.encode_palette12_blocks(exp[i], sm[i], blocks, host_ops) for i in range(exp.shape[0])]
         leaves = jax_decode.stack_palette12_blocks(slices)
         if sum(a.nbytes for a in leaves.values()) >= 2 * exp.size:
             return None

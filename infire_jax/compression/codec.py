@@ -26,7 +26,7 @@ import json
 import struct
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import ml_dtypes
 import numpy as np
@@ -214,10 +214,20 @@ def _decode_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     return tab_sym, tab_len, L
 
 
-def _decode_huffman_exp(c: Compressed, native: bool = True) -> np.ndarray:
-    """The exponent bytes of a Huffman tensor. With `native` the chunks decode in the CPU kernel
-    library over threads (kernels/cpu_huffman.cc, ~50x faster); without it, or without a compiler,
-    numpy decodes all chunks in lock step (the reference)."""
+class HostOps(Protocol):
+    """Native helpers a caller may lend the codec for loading (kernels/cpu.py provides them, built by
+    the system compiler; the loader passes that module). Each returns None when it cannot run, and
+    numpy's code (the reference) takes over."""
+
+    def huffman_decode(self, stream: np.ndarray, offsets: np.ndarray, chunk_symbols: int, n: int,
+                       tab_sym: np.ndarray, tab_len: np.ndarray, bits: int) -> np.ndarray | None: ...
+
+    def histogram_u8(self, data: np.ndarray) -> np.ndarray | None: ...
+
+
+def _decode_huffman_exp(c: Compressed, ops: HostOps | None = None) -> np.ndarray:
+    """The exponent bytes of a Huffman tensor. With `ops` the chunks decode natively over threads
+    (kernels/cpu_huffman.cc, ~50x faster); without, numpy decodes all chunks in lock step."""
     lengths, stream = _code_lengths(c.arrays["code_table"]), c.arrays["stream"]
     offsets = c.arrays["chunk_offsets"].astype(np.int64)
     cs, n = c.meta["chunk_symbols"], c.size
@@ -227,12 +237,9 @@ def _decode_huffman_exp(c: Compressed, native: bool = True) -> np.ndarray:
     n_chunks = -(-n // cs)
     if offsets.shape != (n_chunks,):
         raise ValueError("corrupt huffman payload: chunk offsets do not match the tensor size/stream")
-    if native:
-        from infire_jax.kernels import cpu  # lazily: numpy users of the codec need no compiler
-
-        out = cpu.huffman_decode(stream, offsets, cs, n, tab_sym, tab_len8, L)
-        if out is not None:
-            return out.reshape(c.shape)
+    out = ops.huffman_decode(stream, offsets, cs, n, tab_sym, tab_len8, L) if ops is not None else None
+    if out is not None:
+        return out.reshape(c.shape)
     tab_len = tab_len8.astype(np.int64)
     # Big-endian 32-bit window starting at every byte: any L <= 24 bits at any bit offset fit in it.
     b = np.concatenate([stream, np.zeros(4, np.uint8)]).astype(np.uint32)
@@ -396,26 +403,22 @@ def check_blocks(shape: tuple[int, ...], blocks: tuple[int, ...]) -> None:
         raise ValueError(f"blocks {blocks} do not divide the tensor shape {shape}")
 
 
-def palette_for(exp: np.ndarray) -> np.ndarray:
+def palette_for(exp: np.ndarray, ops: HostOps | None = None) -> np.ndarray:
     """The palette12 palette of an exponent array: its <= 16 most common values, ascending."""
-    counts = _byte_counts(exp)
+    counts = _byte_counts(exp, ops)
     order = np.argsort(-counts, kind="stable")
     return np.sort(order[: max(1, min(PALETTE_SIZE, int(np.count_nonzero(counts))))]).astype(np.uint8)
 
 
-def _byte_counts(a: np.ndarray) -> np.ndarray:
-    """np.bincount of uint8 data, counted natively when the CPU kernel library is there (numpy widens
-    every byte to int64 first: ~10x slower on a layer's exponents)."""
-    if a.size >= 1 << 16:
-        from infire_jax.kernels import cpu  # lazily: numpy users of the codec need no compiler
-
-        counts = cpu.histogram_u8(a)
-        if counts is not None:
-            return counts
-    return np.bincount(a.reshape(-1), minlength=256)
+def _byte_counts(a: np.ndarray, ops: HostOps | None = None) -> np.ndarray:
+    """np.bincount of uint8 data, counted natively with `ops` (numpy widens every byte to int64
+    first: ~50x slower on a layer's exponents)."""
+    counts = ops.histogram_u8(a) if ops is not None else None
+    return counts if counts is not None else np.bincount(a.reshape(-1), minlength=256)
 
 
-def encode_palette12_blocks(exp: np.ndarray, sm: np.ndarray, blocks: tuple[int, ...]) -> dict[str, Any]:
+def encode_palette12_blocks(exp: np.ndarray, sm: np.ndarray, blocks: tuple[int, ...],
+                            ops: HostOps | None = None) -> dict[str, Any]:
     """Blocked palette12 of one tensor from its (exponent, sign+mantissa) split (see above).
 
     Returns packed_idx, sign_mant, palette (16,) zero-padded, n_palette (its used length) and the
@@ -424,7 +427,7 @@ def encode_palette12_blocks(exp: np.ndarray, sm: np.ndarray, blocks: tuple[int, 
     """
     blocks = tuple(blocks)
     check_blocks(exp.shape, blocks)
-    palette = palette_for(exp)
+    palette = palette_for(exp, ops)
     lut = np.full(256, 0xFF, np.uint8)
     lut[palette] = np.arange(palette.size, dtype=np.uint8)
     idx_b = _to_blocks(lut[exp], blocks)
@@ -496,15 +499,16 @@ def _encode_parts(exp, sm, bits, kind, allow_raw, chunk_symbols=DEFAULT_CHUNK_SY
     return c
 
 
-def decode_parts(c: Compressed) -> tuple[np.ndarray, np.ndarray]:
+def decode_parts(c: Compressed, ops: HostOps | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(exponent byte, sign+mantissa byte) arrays of the tensor's shape, for any kind (validated).
 
     The split form is what every format shares, so transcoding between formats (huffman ->
-    palette12 blocks at load time) goes through it without joining and re-splitting bf16 bits."""
+    palette12 blocks at load time) goes through it without joining and re-splitting bf16 bits.
+    `ops`: native helpers for the Huffman decode (HostOps)."""
     validate(c)
     if c.kind == "raw":
         return split_bits(np.asarray(c.arrays["bits"]).reshape(c.shape))
-    exp, sm = _decode_parts(c)
+    exp, sm = _decode_parts(c, ops)
     if c.kind == "palette12" and c.arrays["escape_idx"].size:
         e = c.arrays["escape_idx"]
         exp = exp.copy()
@@ -513,10 +517,10 @@ def decode_parts(c: Compressed) -> tuple[np.ndarray, np.ndarray]:
     return exp, np.asarray(sm).reshape(c.shape)
 
 
-def _decode_parts(c: Compressed) -> tuple[np.ndarray, np.ndarray] | None:
+def _decode_parts(c: Compressed, ops: HostOps | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """(exponent, sign+mantissa) for the split formats; None for raw."""
     if c.kind == "huffman":
-        return _decode_huffman_exp(c), c.arrays["sign_mant"]
+        return _decode_huffman_exp(c, ops), c.arrays["sign_mant"]
     if c.kind == "palette12":
         return _decode_palette12_exp(c), c.arrays["sign_mant"]
     return None
