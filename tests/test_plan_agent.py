@@ -84,9 +84,8 @@ def test_pd_sends_only_the_pages_decode_lacks():
     dis, _ = _plans("llama31_8b", 2, "tp=1")
     plan = dis[0]
     res = simulate(plan, SMALL, 0.3, seed=2)
-    prompt_tokens = res.input_tok_s  # per second; compare totals through the per-request sums below
-    assert res.rejected == 0 and prompt_tokens > 0
-    total_prompt = res.prefill_tokens / (1 - res.hit_ratio)
+    assert res.rejected == 0 and res.hit_ratio > 0.3
+    total_prompt = res.prefill_tokens / (1 - res.hit_ratio)  # prompt tokens of the measured turns
     # the decode instance keeps each conversation: a later turn ships its new tokens only
     assert res.transferred_tokens < 0.5 * total_prompt, (res.transferred_tokens, total_prompt)
     blind = simulate(plan, SMALL, 0.3, seed=2, affinity=False)  # one decode instance: it holds them anyway

@@ -674,17 +674,20 @@ def _params_unpacked(am: AbstractModel) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BootCalibration:
-    """Constants of the boot estimate that are not bandwidths, measured on this project's CPU with
-    experiments/bench_cold_start.py and experiments/generate.py (WORKSPACE_NOTES, issue 21): XLA:CPU
-    stands in for XLA:GPU here, whose compiles (with autotuning) take longer, so the cold-cache figure
-    is a floor. A deployment compiles `programs` programs before its first request (generate.py's one
-    request shape: prefill, KV handoff, insert, decode at two page buckets, page allocation: 7-8)."""
+    """Constants of the boot estimate that are not bandwidths, measured on this project's 2-core CPU
+    (experiments/bench_cold_start.py --calibrate_layers=2,8,16,30; WORKSPACE_NOTES, issue 21), in CPU
+    seconds of the process, which other jobs on a shared machine do not inflate: imports before the
+    loader starts; per program compiled (cold cache) a fixed part plus a part per layer the program
+    unrolls (pp=1 layer lists); per program loaded from the persistent cache (tracing, lowering,
+    reading). XLA:CPU stands in for XLA:GPU, whose compiles (with autotuning) take longer, so the
+    cold-cache figure is a floor. `programs`: what generate.py's one request shape compiles before
+    its first token (prefill, KV handoff and insert, decode at its page buckets, page allocation)."""
 
-    init_s: float = 3.5  # process start to the loader: Python, JAX and infire_jax imports
-    compile_s_per_program: float = 1.6  # cold cache: a program's fixed compile cost (tiny 4-layer model)
-    compile_s_per_layer: float = 0.12  # cold cache: per layer the program unrolls (pp=1 layer lists)
-    cached_s_per_program: float = 0.35  # warm cache: tracing + lowering + loading one program
-    programs: int = 8
+    init_s: float = 2.8  # Python, JAX (1.6 s) and Flax NNX (0.9 s) imports
+    compile_s_per_program: float = 0.77
+    compile_s_per_layer: float = 0.045
+    cached_s_per_program: float = 0.27
+    programs: int = 7
 
 
 BOOT = BootCalibration()
