@@ -133,8 +133,8 @@ class _Reader:
 def _convert(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if a.dtype == dtype:
         return a
-    if dtype == ml_dtypes.bfloat16 or a.dtype == ml_dtypes.bfloat16:
-        return a.astype(np.float32).astype(dtype)
+    if dtype == ml_dtypes.bfloat16 or a.dtype == ml_dtypes.bfloat16:  # through float32 (exact from bf16)
+        return a.astype(np.float32, copy=False).astype(dtype, copy=False)  # one copy, not two
     return a.astype(dtype)
 
 
