@@ -28,9 +28,16 @@ most free cache: NVLink when both instances fit in one node, else the network, o
 device of the smaller instance. Requests reserve their whole KV (prompt + output, chunked layers
 capped) when they join a decode batch; one that can never fit is rejected (counts as a miss).
 
+Agent sessions (AgentWorkload): multi-turn conversations whose turns resend everything before them;
+every instance keeps finished turns' KV as a prefix cache in the memory its running requests leave,
+a turn's cached prefix is not prefilled, P -> D ships only the pages decode lacks, and routing may
+follow the cache (session affinity); see simulate().
+
 Metrics: TTFT = first token (end of prefill) - arrival; TPOT = (last token - first token) /
 (output - 1). Goodput = the highest Poisson arrival rate at which >= 90% of requests meet both
-SLOs (bisection), per GPU = / GPUs the plan uses.
+SLOs (bisection), per GPU = / GPUs the plan uses. Cost per million input / output tokens at a
+rate (SimResult.usd_per_mtok): the plan's GPU-hours at a $/GPU-hour (plan/prices.py), split between
+prompt and generated tokens by the GPU time prefill and decode take.
 """
 
 from __future__ import annotations
