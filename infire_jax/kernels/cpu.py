@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +113,6 @@ def ensure_built() -> pathlib.Path:
     return path
 
 
-@functools.cache
 def _library() -> ctypes.CDLL:
     return ctypes.cdll.LoadLibrary(str(ensure_built()))
 
@@ -136,40 +136,34 @@ def available() -> bool:
 
 
 @functools.cache
-def _huffman_fn():
-    """The library's Huffman decoder, or None (one warning) if the library cannot be built."""
+def _host_functions() -> tuple[Any, Any] | None:
+    """The library's host helpers (Huffman decode, byte histogram), or None (one warning) if the
+    library cannot be built."""
     try:
-        fn = _library().infire_huffman_decode
-    except Exception as e:  # noqa: BLE001 - any failure means: numpy's decoder, and say why once
+        lib = _library()
+    except Exception as e:  # noqa: BLE001 - any failure means: numpy's code, and say why once
         warnings.warn(f"infire_jax: compressed checkpoints decode with numpy, ~50x slower ({e})", RuntimeWarning,
                       stacklevel=3)
         return None
     p = ctypes.c_void_p
-    fn.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int,
-                   p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-@functools.cache
-def _histogram_fn():
-    if _huffman_fn() is None:  # the library is unavailable (warned once there)
-        return None
-    fn = _library().infire_histogram_u8
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
-    fn.restype = None
-    return fn
+    decode, histogram = lib.infire_huffman_decode, lib.infire_histogram_u8
+    decode.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int,
+                       p, ctypes.c_int]
+    decode.restype = ctypes.c_int
+    histogram.argtypes = [p, ctypes.c_int64, p]
+    histogram.restype = None
+    return decode, histogram
 
 
 def histogram_u8(data: np.ndarray) -> np.ndarray | None:
     """np.bincount(data.ravel(), minlength=256) for uint8 data without widening it first, or None if
     the library is unavailable."""
-    fn = _histogram_fn()
-    if fn is None:
+    fns = _host_functions()
+    if fns is None:
         return None
     data = np.ascontiguousarray(data, np.uint8)
     counts = np.zeros(256, np.int64)
-    fn(data.ctypes.data, data.size, counts.ctypes.data)
+    fns[1](data.ctypes.data, data.size, counts.ctypes.data)
     return counts
 
 
@@ -181,8 +175,8 @@ def huffman_decode(
     offsets, the 2**bits-entry (symbol, length) lookup table), or None if the library is unavailable
     (callers use numpy's decoder). ValueError if the chunks do not line up (a corrupt stream). Runs
     without the GIL over `threads` threads (default: the CPUs this process may use)."""
-    fn = _huffman_fn()
-    if fn is None:
+    fns = _host_functions()
+    if fns is None:
         return None
     stream = np.ascontiguousarray(stream, np.uint8)
     offsets = np.ascontiguousarray(offsets, np.int64)
@@ -191,7 +185,7 @@ def huffman_decode(
         raise ValueError(f"huffman tables must have 2**{bits} entries, got {tab_sym.size} and {tab_len.size}")
     out = np.empty(n, np.uint8)
     threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    rc = fn(stream.ctypes.data, stream.size, offsets.ctypes.data, offsets.size, chunk_symbols, n, tab_sym.ctypes.data,
+    rc = fns[0](stream.ctypes.data, stream.size, offsets.ctypes.data, offsets.size, chunk_symbols, n, tab_sym.ctypes.data,
             tab_len.ctypes.data, bits, out.ctypes.data, threads)
     if rc == 2:
         raise ValueError("corrupt huffman payload: chunk offsets do not match the tensor size/stream")
