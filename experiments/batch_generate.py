@@ -79,6 +79,7 @@ flags.DEFINE_bool("compare_engine", False,
                   "(compiles), the batch job, then --compare_repeats pairs of (timed engine pass, batch pass into "
                   "a scratch file); medians of both go in the summary under engine_comparison.")
 flags.DEFINE_integer("compare_repeats", 3, "Paired repeats for --compare_engine (medians are reported).")
+flags_common.define_compilation_cache_flag()
 
 flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
@@ -139,6 +140,9 @@ def main(argv: list[str]) -> None:
             import jax
 
             jax.config.update("jax_num_cpu_devices", _devices_needed(prefill_specs + decode_specs))
+            from infire_jax import boot
+
+            boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)  # before anything compiles
             from infire_jax.checkpoint import tiny
 
             model_dir = FLAGS.model_dir or str(tiny.ensure_default_model())
@@ -151,9 +155,11 @@ def main(argv: list[str]) -> None:
             bench = None
             if FLAGS.compare_engine:
                 bench = _prepared(batch, builder, pending)
-                batch.engine_throughput(engine, *bench)  # untimed: compiles what the job will use
+                with boot.clock.warming_up():
+                    batch.engine_throughput(engine, *bench)  # untimed: compiles what the job will use
             stats = _run(batch, engine, items, builder, writer, len(pending))
             summary.update(stats)
+            summary["boot"] = boot.clock.report()
             if bench is not None:
                 summary["engine_comparison"] = _compare(batch, engine, pending, builder, bench, stats)
         else:

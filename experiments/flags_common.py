@@ -17,6 +17,12 @@ def define_model_flags() -> None:
     flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Weight storage dtype.")
 
 
+def define_compilation_cache_flag() -> None:
+    """--compilation_cache_dir: JAX's persistent compilation cache of an in-process deployment."""
+    flags.DEFINE_string("compilation_cache_dir", "default", "JAX's persistent compilation cache, every program "
+                        "cached ('default': ~/.cache/infire_jax/xla/<cpu>; '' = off; infire_jax/boot.py).")
+
+
 def define_engine_flags(kv_pages: int = 512) -> None:
     """The workers' KV capacity, batching and prefix cache: --kv_pages, --page_size, --max_decode_batch,
     --decode_steps, --prefix_cache, --prefill_chunk."""

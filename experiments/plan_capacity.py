@@ -12,8 +12,9 @@ config.json carries the compressed-tensors block, else bf16), bf16, int4_experts
 (palette12, 0.75 of bf16 for stacked layer matrices) or fp32. Without --mesh every pp x ep x tp mesh of
 --count devices is planned and the best kept (fits first, then the most KV left; --objective=tokens
 prefers the longest context). --json prints one JSON object (fits, weights_gib_per_device, kv_free_gib
-(total over devices), max_context_tokens, ... and the other candidates). Bad input exits with status 2
-and a one-line message.
+(total over devices), max_context_tokens, boot (seconds from process start to serving, on paper:
+plan.capacity.boot_time; also printed beside the fit and in --standard_plot), ... and the other
+candidates). Bad input exits with status 2 and a one-line message.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def plot_memory(plans, path: str, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from infire_jax.plan.capacity import boot_time
+
     gib = float(1 << 30)
     fig, ax = plt.subplots(figsize=(max(6, 1.9 * len(plans) + 2), 5.5))
     labels = []
@@ -85,7 +88,9 @@ def plot_memory(plans, path: str, title: str = "") -> None:
         ax.hlines(p.hardware.memory_gib, i - 0.45, i + 0.45, colors="black", linestyles="--")
         status = "fits" if p.fits else "does not fit"
         labels.append(f"{p.model}\n{p.count}x{p.hardware.name} [{p.mesh}]\n{p.weights}\n{status}")
-        note = (f"KV {p.kv_free_total / gib:.1f} GiB total\n{p.max_context_tokens / 1e3:,.0f}k tok" if p.kv_free_per_device > 0
+        note = (f"KV {p.kv_free_total / gib:.1f} GiB total\n{p.max_context_tokens / 1e3:,.0f}k tok\n"
+                f"boot ~{boot_time(p)['total_s']:.0f} s" if p.fits else
+                f"KV {p.kv_free_total / gib:.1f} GiB total\n{p.max_context_tokens / 1e3:,.0f}k tok" if p.kv_free_per_device > 0
                 else f"short {-p.kv_free_per_device / gib:.1f} GiB\nper device")
         ax.text(i, max(bottom, p.hardware.memory_gib) + 1.5, note, ha="center", va="bottom", fontsize=7)
     handles, names = ax.get_legend_handles_labels()
@@ -144,6 +149,12 @@ def main(argv) -> int:
           f"per layer {g['kv_bytes_per_token_per_layer_per_device']}), chunk cap {g['attention_chunk_size']}")
     print(f"  KV left: {g['kv_free_gib']:.2f} GiB total ({g['kv_free_gib_per_device']:.2f} per device); max context "
           f"{g['max_context_tokens']:,} tokens")
+    if "boot" in g:
+        b = g["boot"]
+        print(f"  boot on paper: ~{b['total_s']:.0f} s with a warm compilation cache ({b['total_cold_cache_s']:.0f} s cold): "
+              f"init {b['init_s']:.1f} + read {b['read_s']:.1f} ({b['assumptions']['storage_bytes_per_s'] / 1e9:g} GB/s "
+              f"per node) + host->device {b['host_to_device_s']:.1f} + compile {b['compile_s']:.1f} "
+              f"(cold {b['compile_cold_cache_s']:.1f}) s")
     for c in out["candidates"][:8]:
         print(f"    {c['mesh']:16s} fits={c['fits']!s:5s} weights/dev {c['weights_gib_per_device']:8.2f} GiB  "
               f"KV left {c['kv_free_gib']:9.2f} GiB  context {c['max_context_tokens']:>12,}")

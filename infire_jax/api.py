@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from infire_jax import boot
 from infire_jax.checkpoint import store
 from infire_jax.config import ModelConfig
 from infire_jax.engine import generation
@@ -89,6 +90,14 @@ class Model:
                 raise generation.RequestError(f"request {r.id} failed: {r.error}")
         return reqs
 
+    def warm_up(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> dict[str, Any]:
+        """Compile (or load from the persistent cache) every program requests with these prompt
+        lengths, submitted together, and max_new_tokens will use, before the first real request
+        (engine/warmup.py). Returns seconds and programs compiled / loaded."""
+        from infire_jax.engine.warmup import warm_up
+
+        return warm_up(self.engine, prompt_lengths, max_new_tokens)
+
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
         """Save the loaded parameters with orbax (restorable by `load(path)` on any mesh)."""
         return store.save(self.placed, path, self.model_dir)
@@ -136,6 +145,7 @@ def load(
     kernels: str = "auto",
     prefix_cache: bool = True,
     prefill_chunk: int | None = 512,
+    compilation_cache_dir: str | pathlib.Path | None = "default",
 ) -> Model:
     """Load an HF checkpoint directory onto a mesh ("tp=2", "pp=2,tp=2@0-3", ...).
 
@@ -151,7 +161,10 @@ def load(
     (prompt and generated tokens) indexed by their tokens, so a prompt that starts with them computes
     only the rest (False: every prompt from position 0, pages freed at once). prefill_chunk bounds the
     prompt tokens of one prefill call: a longer prompt is prefilled in chunks between decode steps
-    (None: whole prompts in one call)."""
+    (None: whole prompts in one call). compilation_cache_dir: JAX's persistent compilation cache,
+    every program cached, so a second start compiles nothing ("default": ~/.cache/infire_jax/xla/<cpu>;
+    None: leave JAX's own setting; see infire_jax/boot.py)."""
+    boot.use_compilation_cache(compilation_cache_dir)  # before this load compiles anything
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")

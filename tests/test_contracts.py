@@ -20,6 +20,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "infire_jax"
 # the same floor never import each other (engine and plan are both above the loader; neither knows the
 # other). Calibration measures the engine for the planner, so it sits above both.
 FLOORS = {
+    "infire_jax.boot": 0,  # the process's compilation cache and boot clock: imports no infire_jax module
     "infire_jax.config": 0,
     "infire_jax.mesh": 0,
     "infire_jax.compression": 0,

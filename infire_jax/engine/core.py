@@ -38,6 +38,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
+from infire_jax import boot
 from infire_jax.engine.programs import Programs, bucket
 from infire_jax.engine.sampling import SamplingParams, pack_params
 from infire_jax.kv import cache as kv_cache
@@ -454,6 +455,7 @@ class _Worker:
         want = any(r.with_logits for r in reqs)
         logits = np.asarray(logits) if want and logits is not None else None
         now = time.perf_counter()
+        boot.clock.mark_first_token(now)  # the process's first token ends its boot
         for i, r in enumerate(reqs):
             r.times["first_token"] = now
             r.add_token(first[i], logits[i] if logits is not None else None)

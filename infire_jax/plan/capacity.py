@@ -67,6 +67,8 @@ __all__ = [
     "plan_best",
     "candidate_meshes",
     "param_kind",
+    "BootCalibration",
+    "boot_time",
 ]
 
 MODELS_DIR = configs_dir() / "models"
@@ -505,6 +507,9 @@ class CapacityPlan:
             max_cache_tokens_at_8k=int(min(self.max_cache_tokens(8192), 2**62)) * self.replicas,
             model_max_position_embeddings=self.abstract.cfg.max_position_embeddings if self.abstract else None,
         )
+        if self.fits:
+            boot = boot_time(self)
+            out["boot"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in boot.items()}
         return out
 
 
@@ -660,6 +665,61 @@ def _params_unpacked(am: AbstractModel) -> int:
             n *= _real_fraction(am, p)
         total += n
     return int(round(total))
+
+
+# ------------------------------------------------------------------------------------------------
+# Boot time on paper
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BootCalibration:
+    """Constants of the boot estimate that are not bandwidths, measured on this project's 2-core CPU
+    (experiments/bench_cold_start.py --calibrate_layers=2,8,16,30; WORKSPACE_NOTES, issue 21), in CPU
+    seconds of the process, which other jobs on a shared machine do not inflate: imports before the
+    loader starts; per program compiled (cold cache) a fixed part plus a part per layer the program
+    unrolls (pp=1 layer lists); per program loaded from the persistent cache (tracing, lowering,
+    reading). XLA:CPU stands in for XLA:GPU, whose compiles (with autotuning) take longer, so the
+    cold-cache figure is a floor. `programs`: what generate.py's one request shape compiles before
+    its first token (prefill, KV handoff and insert, decode at its page buckets, page allocation)."""
+
+    init_s: float = 2.8  # Python, JAX (1.6 s) and Flax NNX (0.9 s) imports
+    compile_s_per_program: float = 0.77
+    compile_s_per_layer: float = 0.045
+    cached_s_per_program: float = 0.27
+    programs: int = 7
+
+
+BOOT = BootCalibration()
+
+
+def boot_time(plan: CapacityPlan, calibration: BootCalibration = BOOT, storage_bw: float | None = None,
+              host_to_device_bw: float | None = None) -> dict[str, Any]:
+    """Seconds from process start to serving for one replica of `plan`, on paper, stage by stage:
+    init (imports), read (each node reads its devices' shards: per-device weight bytes x devices per
+    node / storage bandwidth), host_to_device (per-device bytes over PCIe, devices in parallel),
+    compile (cold: every program compiled; warm: loaded from the persistent compilation cache).
+    The stages run one after another, as infire_jax's loader does."""
+    hw = plan.hardware
+    storage = storage_bw or hw.storage_bw
+    h2d = host_to_device_bw or hw.host_to_device_bw
+    per_device = plan.weight_bytes_per_device
+    devices = plan.devices_per_replica
+    read = per_device * min(devices, hw.devices_per_node) / storage
+    to_device = per_device / h2d
+    am = plan.abstract
+    unrolled = am.cfg.num_layers if am is not None and am.stages == 1 else 1  # pp > 1: layers are scanned
+    c = calibration
+    cold = c.programs * (c.compile_s_per_program + c.compile_s_per_layer * unrolled)
+    warm = c.programs * c.cached_s_per_program
+    base = c.init_s + read + to_device
+    return dict(
+        init_s=c.init_s, read_s=read, host_to_device_s=to_device, compile_s=warm, compile_cold_cache_s=cold,
+        total_s=base + warm, total_cold_cache_s=base + cold,
+        assumptions=dict(storage_bytes_per_s=storage, host_to_device_bytes_per_s=h2d,
+                         weight_bytes_per_device=per_device, devices_per_node=min(devices, hw.devices_per_node),
+                         unrolled_layers=unrolled) | dataclasses.asdict(c),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
