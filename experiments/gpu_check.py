@@ -118,9 +118,6 @@ def check_devices() -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from infire_jax.kernels import pallas_attention
-    from infire_jax.mesh import parse_mesh
-
     gpus = [d for d in jax.devices() if d.platform == "gpu"]
     if not gpus:
         raise CheckFailed(f"no GPU: JAX sees only {sorted({d.platform for d in jax.devices()})} devices; run on a machine "
@@ -131,6 +128,9 @@ def check_devices() -> dict[str, Any]:
     if float(capability) < MIN_COMPUTE_CAPABILITY:
         raise CheckFailed(f"{gpus[0].device_kind} has compute capability {capability}; the bf16 Pallas kernels need "
                           f"{MIN_COMPUTE_CAPABILITY} (Ampere) or newer")
+    from infire_jax.kernels import pallas_attention
+    from infire_jax.mesh import parse_mesh
+
     need = max(parse_mesh(m).num_devices for m in FLAGS.meshes)
     if need > len(gpus):
         raise CheckFailed(f"--meshes needs {need} GPUs, this machine has {len(gpus)}")

@@ -12,7 +12,11 @@ and the kernels lower for CUDA through the Triton lowering (no GPU needed to low
 
 from __future__ import annotations
 
-import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -192,6 +196,21 @@ def test_kernels_lower_for_cuda():
     for name, fn in cases.items():
         text = jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
         assert "triton" in text and "infire_" in text, name
+
+
+def test_gpu_check_lists_its_steps_and_needs_a_gpu(tmp_path):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    script, env = str(repo / "experiments" / "gpu_check.py"), dict(os.environ, PYTHONPATH=str(repo))
+    dry = subprocess.run([sys.executable, script, "--dry_run", "--meshes=tp=1,tp=2"], capture_output=True, text=True, env=env)
+    assert dry.returncode == 0, dry.stderr
+    for step in ("devices", "reference/llama4/tp=2", "reference/deepseek_v3/tp=1", "roofline/hbm_copy",
+                 "attention/decode/b64/ctx4096", "decode/b1/ctx1024", "prefill/b4/t2048"):
+        assert f"  {step}  " in dry.stdout
+    out = tmp_path / "check.json"
+    run = subprocess.run([sys.executable, script, f"--out={out}"], capture_output=True, text=True, env=env)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("gpu_check failed: no GPU: JAX sees only ['cpu'] devices")
+    assert json.loads(out.read_text())["failed"].startswith("no GPU")
 
 
 # ---- engines: greedy tokens and logits ---------------------------------------------------------

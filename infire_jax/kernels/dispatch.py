@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from infire_jax.compression.weights import EncodedWeight, RowEncodedWeight
-from infire_jax.kernels import cpu, pallas_attention
+from infire_jax.kernels import cpu
 from infire_jax.sharding import current_layout
 
 __all__ = [
@@ -48,6 +48,14 @@ __all__ = [
 
 XlaFn = Callable[[], jax.Array]
 PALLAS = ("pallas", "pallas_interpret")
+
+
+def _pallas():
+    """The Pallas kernels' module, imported when a program first uses them (Pallas' own import costs
+    ~0.3 s that CPU-only users need not pay)."""
+    from infire_jax.kernels import pallas_attention
+
+    return pallas_attention
 
 
 def backend() -> str:
@@ -137,8 +145,8 @@ def paged_decode_attention(
             q.reshape(b, kv, h // kv, hd), k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start, k_cache.layer
         )
         return out.reshape(b, t, h, hd)
-    if kind in PALLAS and pallas_attention.fits_paged(q, (k_cache.pages,), v_cache.pages):
-        out = pallas_attention.paged_gqa(
+    if kind in PALLAS and _pallas().fits_paged(q, (k_cache.pages,), v_cache.pages):
+        out = _pallas().paged_gqa(
             q.reshape(b, t, kv, h // kv, hd), k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start,
             k_cache.layer, window, current_layout(), interpret=kind == "pallas_interpret",
         )
@@ -161,8 +169,8 @@ def paged_latent_attention(
     """MLA's absorbed attention output in latent space (B, T, H, r) of new tokens over a paged latent
     cache plus themselves. The Pallas kernel reads the pages in place; XLA gathers them first."""
     kind = backend()
-    if kind in PALLAS and pallas_attention.fits_paged(q_lat, (c_cache.pages, kr_cache.pages), None) and q_rope.dtype == q_lat.dtype:
-        return pallas_attention.paged_latent(
+    if kind in PALLAS and _pallas().fits_paged(q_lat, (c_cache.pages, kr_cache.pages), None) and q_rope.dtype == q_lat.dtype:
+        return _pallas().paged_latent(
             q_lat, q_rope, c_new, kr_new, c_cache.pages, kr_cache.pages, c_cache.table, start, c_cache.layer, scale,
             current_layout(), interpret=kind == "pallas_interpret",
         )
@@ -184,6 +192,6 @@ def causal_prefill_attention(
     f32 = q.dtype == k.dtype == v.dtype == jnp.float32
     if kind == "cpu" and f32 and q.shape[1] > 1 and window is None:
         return cpu.causal_prefill_attention(q, k, v)
-    if kind in PALLAS and pallas_attention.fits_prefill(q, k, v):
-        return pallas_attention.causal_prefill(q, k, v, start, window, current_layout(), interpret=kind == "pallas_interpret")
+    if kind in PALLAS and _pallas().fits_prefill(q, k, v):
+        return _pallas().causal_prefill(q, k, v, start, window, current_layout(), interpret=kind == "pallas_interpret")
     return xla()
