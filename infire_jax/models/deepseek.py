@@ -73,14 +73,13 @@ def mla_attention(
     paged = isinstance(c_cache, PagedLayerCache)
     gathered = lambda: (c_cache.gather()[:, 0], kr_cache.gather()[:, 0])  # noqa: E731  (B, S, r), (B, S, rope)
     if absorb:
-        q_lat = layers.dense(q_nope, w_uk, "bthk,hkr->bthr")
         if paged:
             o_lat = dispatch.paged_latent_attention(
-                q_lat, q_rope, c_new, kr_new, c_cache, kr_cache, start, scale,
-                xla=lambda: _absorbed(q_lat, q_rope, c_new, kr_new, start, scale, *gathered()),
+                layers.dense(q_nope, w_uk, "bthk,hkr->bthr"), q_rope, c_new, kr_new, c_cache, kr_cache, start, scale,
+                xla=lambda: _absorbed(q_nope, w_uk, q_rope, c_new, kr_new, start, scale, *gathered()),
             )
         else:
-            o_lat = _absorbed(q_lat, q_rope, c_new, kr_new, start, scale, c_cache, kr_cache)
+            o_lat = _absorbed(q_nope, w_uk, q_rope, c_new, kr_new, start, scale, c_cache, kr_cache)
         return layers.dense(o_lat, w_uv, "bthr,hvr->bthv")
     if paged:
         c_cache, kr_cache = gathered()
@@ -102,14 +101,16 @@ def mla_attention(
     return jnp.einsum("bhts,bshv->bthv", probs, v)
 
 
-def _absorbed(q_lat, q_rope, c_new, kr_new, start, scale, c_cache, kr_cache) -> jax.Array:
+def _absorbed(q_nope, w_uk, q_rope, c_new, kr_new, start, scale, c_cache, kr_cache) -> jax.Array:
     """XLA's absorbed attention in latent space (B, T, H, r) over an optional contiguous cache."""
-    t = q_lat.shape[1]
+    t = q_nope.shape[1]
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # (T, T)
+    if c_cache is not None:
+        visible = jnp.arange(c_cache.shape[1])[None, :] < start[:, None]  # (B, S)
+    q_lat = layers.dense(q_nope, w_uk, "bthk,hkr->bthr")
     s_new = jnp.einsum("bthr,bsr->bhts", q_lat, c_new) + jnp.einsum("bthk,bsk->bhts", q_rope, kr_new)
     scores = [jnp.where(causal, s_new * scale, _NEG)]
     if c_cache is not None:
-        visible = jnp.arange(c_cache.shape[1])[None, :] < start[:, None]  # (B, S)
         s_c = jnp.einsum("bthr,bsr->bhts", q_lat, c_cache) + jnp.einsum("bthk,bsk->bhts", q_rope, kr_cache)
         scores.insert(0, jnp.where(visible[:, None, None, :], s_c * scale, _NEG))
     probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
