@@ -74,17 +74,18 @@ def _compare(layouts, spec, fn, *args):
 
 
 @pytest.mark.parametrize(
-    "spec,t,window,traced_layer,lengths",
+    "spec,t,window,traced_layer,lengths,kv,g",
     [
-        ("tp=1", 1, None, False, LENGTHS),  # decode, a static layer (unrolled layers)
-        ("tp=1", 3, 8, True, [14]),  # batch 1, a traced layer (a scan over layers), three new tokens over
-        # a cached prefix (chunked prefill) crossing into the next window
-        ("tp=2", 3, None, False, LENGTHS),
+        ("tp=1", 1, None, False, LENGTHS, 2, 2),  # decode, a static layer (unrolled layers)
+        ("tp=1", 3, 8, True, [14], 2, 2),  # batch 1, a traced layer (a scan over layers), three new tokens
+        # over a cached prefix (chunked prefill) crossing into the next window
+        ("tp=2", 3, None, False, LENGTHS, 1, 3),  # heads tp does not divide: replicated on both devices
+        # (KV heads split over tp: the engine tests on tp=2)
     ],
 )
-def test_paged_gqa_equals_xla(layouts, kernel_calls, spec, t, window, traced_layer, lengths):
+def test_paged_gqa_equals_xla(layouts, kernel_calls, spec, t, window, traced_layer, lengths, kv, g):
     rng = np.random.default_rng(0)
-    b, kv, g, hd = len(lengths), 2, 2, 16
+    b, hd = len(lengths), 16
     (k_pages, v_pages), table = _pool(rng, lengths, 4, kv, hd, hd)
     q, k_new, v_new = (jnp.asarray(rng.normal(size=(b, t, n, hd)), jnp.float32) for n in (kv * g, kv, kv))
     start = jnp.asarray(lengths, jnp.int32)

@@ -134,8 +134,9 @@ def paged_decode_attention(
     *,
     xla: XlaFn,
 ) -> jax.Array:
-    """Attention (B, T, H, hd) of new tokens over a paged cache plus themselves. The CPU kernel reads
-    the pages in place for one float32 token per row with no window; XLA gathers them first."""
+    """Attention (B, T, H, hd) of new tokens over a paged cache plus themselves: decode (T = 1) and
+    prefill over a cached prefix (T > 1). The CPU kernel reads the pages in place for one float32 token
+    per row with no window, the Pallas kernel for any T and window; XLA gathers them first."""
     b, t, h, hd = q.shape
     kv = k_new.shape[2]
     kind = backend()

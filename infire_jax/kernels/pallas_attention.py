@@ -375,17 +375,16 @@ def _mesh_split(layout: Layout | None, logical: str, size: int) -> Any:
 
 
 def _on_devices(layout: Layout | None, fn: Callable, args: tuple, in_specs: tuple, out_spec: P) -> jax.Array:
-    """fn on each device's block of args where the layout splits them (shard_map: a pallas_call has no
-    partitioning rule, and each device attends with its own rows and heads), else fn(*args)."""
-    used = set()
-    for spec in in_specs:
-        for entry in spec:
-            used.update((entry,) if isinstance(entry, str) else (entry or ()))
-    if not used:
-        return fn(*args)
+    """fn on each device's block of args (shard_map over the mesh axes the program does not run manually
+    yet): a pallas_call has no partitioning rule, so each device attends with its own rows and heads
+    where the specs split them, and with replicated operands where they do not. One device: fn(*args)."""
     context = jax.sharding.get_abstract_mesh()
-    mesh = layout.mesh if context.empty else context
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, axis_names=used, check_vma=False)(*args)
+    mesh = layout.mesh if layout is not None and context.empty else context
+    manual = set(getattr(context, "manual_axes", ()))
+    axes = {a for a, n in mesh.shape.items() if n > 1 and a not in manual} if layout is not None else set()
+    if not axes:
+        return fn(*args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, axis_names=axes, check_vma=False)(*args)
 
 
 def paged_gqa(
