@@ -99,13 +99,15 @@ def test_paged_gqa_equals_xla(layouts, kernel_calls, spec, t, window, traced_lay
     assert kernel_calls["paged"] == 1
 
 
-def test_paged_attention_key_splits(layouts, kernel_calls, monkeypatch):
-    """Several key splits and steps per split, merged: the long-context parameters on tiny shapes."""
-    monkeypatch.setitem(pallas_attention.KERNEL_PARAMS, "paged", ((None, pallas_attention.PagedParams(4, 4)),))
+def test_paged_attention_key_splits_and_row_blocks(layouts, kernel_calls, monkeypatch):
+    """Several key splits, steps per split and blocks of query rows (6 new tokens x 3 heads = 18 rows,
+    padded to 32, in blocks of 16), merged: the long-context parameters on tiny shapes."""
+    params = pallas_attention.PagedParams(keys_per_step=4, splits=4, rows=16)
+    monkeypatch.setitem(pallas_attention.KERNEL_PARAMS, "paged", ((None, params),))
     rng = np.random.default_rng(1)
-    lengths = [0, 1, 16, 29, 21]
+    lengths = [0, 1, 16, 26, 21]
     (k_pages, v_pages), table = _pool(rng, lengths, 8, 1, 16, 16)
-    q, k_new, v_new = (jnp.asarray(rng.normal(size=(5, 1, n, 16)), jnp.float32) for n in (3, 1, 1))
+    q, k_new, v_new = (jnp.asarray(rng.normal(size=(5, 6, n, 16)), jnp.float32) for n in (3, 1, 1))
 
     def attend(q, k_new, v_new, k_pages, v_pages, table, start):
         kc, vc = PagedLayerCache(k_pages, table, 0), PagedLayerCache(v_pages, table, 0)
@@ -188,9 +190,9 @@ def test_kernels_lower_for_cuda():
         "gqa": lambda: pallas_attention.paged_gqa(
             bf(3, 1, 2, 4, 64), bf(3, 1, 2, 64), bf(3, 1, 2, 64), bf(4, 32, 2, 16, 64), bf(4, 32, 2, 16, 64), table, start,
             jnp.int32(2), 8192, None, interpret=False),
-        "latent": lambda: pallas_attention.paged_latent(
-            bf(3, 1, 16, 512), bf(3, 1, 16, 8), bf(3, 1, 512), bf(3, 1, 8), bf(4, 32, 1, 16, 512), bf(4, 32, 1, 16, 8),
-            table, start, jnp.int32(0), 0.1, None, interpret=False),
+        "latent": lambda: pallas_attention.paged_latent(  # 128 heads: blocks of rows; a rope key of 8 values
+            bf(3, 1, 128, 512), bf(3, 1, 128, 8), bf(3, 1, 512), bf(3, 1, 8), bf(4, 32, 1, 16, 512),
+            bf(4, 32, 1, 16, 8), table, start, jnp.int32(0), 0.1, None, interpret=False),
         "prefill": lambda: pallas_attention.causal_prefill(
             bf(2, 128, 2, 4, 64), bf(2, 128, 2, 64), bf(2, 128, 2, 64), start[:2], jnp.int32(32), None, interpret=False),
     }

@@ -51,6 +51,7 @@ _DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 class PagedParams:
     keys_per_step: int  # keys (pages x page size) per inner step
     splits: int  # key ranges run as separate programs and merged afterwards (parallelism for long rows)
+    rows: int = 64  # query rows per program at most (MLA's many heads share one latent KV head)
     num_warps: int = 4
     num_stages: int = 2
 
@@ -64,15 +65,21 @@ class PrefillParams:
 
 
 # The one table of kernel parameters: per kernel, (bound, parameters) rows; the first row whose bound
-# is at least the shape's size wins (None: any size). paged: the keys of a row's page-table width;
-# prefill: the prompt length. Starting points of the published Triton flash/paged kernels, to be
-# retuned from experiments/gpu_check.py's figures on a real GPU.
+# is at least the shape's size wins (None: any size). paged: the keys of a row's page-table width, for
+# keys of at most 256 values (GQA heads); paged_wide: the same for wider keys (MLA's latent 512 + rope
+# 64: smaller steps keep a step's keys in shared memory); prefill: the prompt length. Starting points
+# after the published Triton flash/paged kernels, not measured here (no GPU): retune them from
+# experiments/gpu_check.py's figures.
 KERNEL_PARAMS: dict[str, tuple[tuple[int | None, Any], ...]] = {
     "paged": (
         (256, PagedParams(keys_per_step=32, splits=1)),
         (2048, PagedParams(keys_per_step=64, splits=2)),
         (16384, PagedParams(keys_per_step=64, splits=8)),
         (None, PagedParams(keys_per_step=128, splits=16, num_warps=8)),
+    ),
+    "paged_wide": (
+        (2048, PagedParams(keys_per_step=32, splits=2, rows=64, num_warps=8, num_stages=1)),
+        (None, PagedParams(keys_per_step=32, splits=8, rows=64, num_warps=8, num_stages=1)),
     ),
     "prefill": (
         (64, PrefillParams(rows=32, block_k=32)),
@@ -85,9 +92,10 @@ def _row(kernel: str, size: int) -> Any:
     return next(p for bound, p in KERNEL_PARAMS[kernel] if bound is None or size <= bound)
 
 
-def paged_params(keys: int) -> PagedParams:
-    """Parameters of paged_attention for page tables of `keys` positions per row."""
-    return _row("paged", keys)
+def paged_params(keys: int, width: int) -> PagedParams:
+    """Parameters of paged_attention for page tables of `keys` positions per row and keys of `width`
+    values (the key parts' head dims together)."""
+    return _row("paged" if width <= 256 else "paged_wide", keys)
 
 
 def prefill_params(t: int) -> PrefillParams:
@@ -124,7 +132,7 @@ def _paged_kernel(layer_ref, table_ref, hi_ref, lo_ref, *refs, parts, values_fro
                   pages_per_split, num_pages):
     q_refs, pool_refs, rest = refs[:parts], refs[parts : 2 * parts], refs[2 * parts :]
     v_ref, (o_ref, m_ref, l_ref) = (None, rest) if values_from_key else (rest[0], rest[1:])
-    split = pl.program_id(2)
+    split = pl.program_id(3)
     hi, lo, layer = hi_ref[...], lo_ref[...], layer_ref[0]
     qs = [r[...] for r in q_refs]
     rows, keys = qs[0].shape[0], pages_per_step * page
@@ -165,39 +173,41 @@ def paged_attention(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per key split s: the unnormalised output (S, B, KV, R, dv) of each query row over its cached
     positions lo <= p < hi, its running max (S, B, KV, R) and softmax sum (S, B, KV, R), in float32.
-    R must be a power of two >= 16 and every d a power of two (see `fits_paged`)."""
-    b, kv, rows, _ = q_parts[0].shape
+    R must be a power of two >= 16 and every d a power of two (see `fits_paged`). One program per
+    (row, KV head, block of query rows, key split)."""
+    b, kv, all_rows, _ = q_parts[0].shape
     layers, num_pages, _, page, _ = pools[0].shape
-    params = paged_params(table.shape[1] * page)
+    params = paged_params(table.shape[1] * page, sum(q.shape[-1] for q in q_parts))
+    rows = min(all_rows, params.rows)
     pages_per_step = max(1, params.keys_per_step // page)
     per_split = pl.cdiv(pl.cdiv(table.shape[1], params.splits), pages_per_step) * pages_per_step
     splits = pl.cdiv(table.shape[1], per_split)
     table = jnp.pad(table.astype(jnp.int32), ((0, 0), (0, splits * per_split - table.shape[1])))
     flat = lambda a: a.reshape((layers * num_pages,) + a.shape[2:])  # noqa: E731  (free: leading dims merge)
-    pool_spec = lambda a: pl.BlockSpec((layers * num_pages, None) + a.shape[3:], lambda i, h, s: (0, h, 0, 0))  # noqa: E731
+    pool_spec = lambda a: pl.BlockSpec((layers * num_pages, None) + a.shape[3:], lambda i, h, r, s: (0, h, 0, 0))  # noqa: E731
     arrays = tuple(pools) + (() if values is None else (values,))
     dv = arrays[-1].shape[-1] if values is not None else pools[0].shape[-1]
     kernel = functools.partial(
         _paged_kernel, parts=len(q_parts), values_from_key=values is None, page=page, pages_per_step=pages_per_step,
         pages_per_split=per_split, num_pages=num_pages,
     )
-    stats = lambda: pl.BlockSpec((None, None, None, rows), lambda i, h, s: (s, i, h, 0))  # noqa: E731
+    stats = lambda: pl.BlockSpec((None, None, None, rows), lambda i, h, r, s: (s, i, h, r))  # noqa: E731
     return pl.pallas_call(
         kernel,
-        grid=(b, kv, splits),
+        grid=(b, kv, all_rows // rows, splits),
         in_specs=[
-            pl.BlockSpec((1,), lambda i, h, s: (0,)),
-            pl.BlockSpec((None, table.shape[1]), lambda i, h, s: (i, 0)),
-            pl.BlockSpec((None,), lambda i, h, s: (i,)),
-            pl.BlockSpec((None, rows), lambda i, h, s: (i, 0)),
-            *[pl.BlockSpec((None, None, rows, q.shape[-1]), lambda i, h, s: (i, h, 0, 0)) for q in q_parts],
+            pl.BlockSpec((1,), lambda i, h, r, s: (0,)),
+            pl.BlockSpec((None, table.shape[1]), lambda i, h, r, s: (i, 0)),
+            pl.BlockSpec((None,), lambda i, h, r, s: (i,)),
+            pl.BlockSpec((None, rows), lambda i, h, r, s: (i, r)),
+            *[pl.BlockSpec((None, None, rows, q.shape[-1]), lambda i, h, r, s: (i, h, r, 0)) for q in q_parts],
             *[pool_spec(a) for a in arrays],
         ],
-        out_specs=[pl.BlockSpec((None, None, None, rows, dv), lambda i, h, s: (s, i, h, 0, 0)), stats(), stats()],
+        out_specs=[pl.BlockSpec((None, None, None, rows, dv), lambda i, h, r, s: (s, i, h, r, 0)), stats(), stats()],
         out_shape=[
-            jax.ShapeDtypeStruct((splits, b, kv, rows, dv), jnp.float32),
-            jax.ShapeDtypeStruct((splits, b, kv, rows), jnp.float32),
-            jax.ShapeDtypeStruct((splits, b, kv, rows), jnp.float32),
+            jax.ShapeDtypeStruct((splits, b, kv, all_rows, dv), jnp.float32),
+            jax.ShapeDtypeStruct((splits, b, kv, all_rows), jnp.float32),
+            jax.ShapeDtypeStruct((splits, b, kv, all_rows), jnp.float32),
         ],
         compiler_params=plgpu.CompilerParams(num_warps=params.num_warps, num_stages=params.num_stages),
         interpret=interpret,
