@@ -7,8 +7,9 @@ the program a GPU compiles is the program `interpret=True` runs on any platform:
   pool of every layer, (L, pages, KV, page, d), through its page table — no gathered copy of the
   cache. The key may come in parts from several pools (MLA: latent and rope key) and the values from
   one more pool or from the first key part (MLA: the latent is both). Each program covers one
-  (row, KV head, key split) and returns its unnormalised output with the softmax max and sum, so the
-  splits and the new tokens (not in the pool yet) merge afterwards.
+  (row, KV head, block of query rows, key split) and returns its unnormalised output with the softmax
+  max and sum, so the splits and the new tokens (not in the pool yet) merge afterwards (in XLA: the
+  new tokens' part is T x T, small next to the cache).
 - `causal_attention`: flash attention of a prompt over itself (GQA, causal, optional window of
   positions), one program per (row, KV head, query block).
 
@@ -16,10 +17,11 @@ Shapes are padded to what the Triton lowering needs (power-of-two arrays, dots o
 dots too small for the tensor cores are written as broadcast products. Kernel parameters (keys per
 step, key splits, query blocks, warps) come from one table, KERNEL_PARAMS.
 
-The wrappers `paged_gqa`, `paged_latent` and `causal_prefill` take the model's layouts, and under a
-layout that splits batch or heads over devices run the kernel inside `shard_map` (each device its own
-rows and heads: a pallas_call has no partitioning rule). `fits_*` say which operands they take; the
-kernel dispatch (dispatch.py) keeps XLA's code for the rest.
+The wrappers `paged_gqa`, `paged_latent` and `causal_prefill` take the model's layouts and, on a mesh of
+several devices, run the kernel inside `shard_map` (a pallas_call has no partitioning rule): each device
+attends with its own rows and heads where the layout splits batch or heads, with replicated operands
+where it does not. `fits_*` say which operands they take; the kernel dispatch (dispatch.py) keeps XLA's
+code for the rest.
 """
 
 from __future__ import annotations
