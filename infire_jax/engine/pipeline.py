@@ -25,7 +25,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
-from infire_jax.kv.paged import PagedLayerCache, rows_of_pages
+from infire_jax.kernels import dispatch
+from infire_jax.kv.paged import PagedLayerCache, PagedPool, rows_of_pages
 from infire_jax.sharding import Layout, use_layout
 
 __all__ = ["prefill", "decode", "chunk", "stage_specs"]
@@ -117,13 +118,16 @@ def prefill(
     return hidden[-1], k, v
 
 
-def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -> jax.Array | list:
+def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False, in_place: bool = False) -> Any:
     """(L, pages, H, page, d)[:, table (B, P)] -> a contiguous per-row view (L, B, H, P * page, d),
-    or with per_layer a list of L per-layer views of the pool (attention.PagedLayerCache): a model
-    that runs its layers unrolled reads each layer's pages in place (a CPU kernel) or gathers that
-    layer alone (slicing one layer out of an all-layer gather would copy it again)."""
+    or with per_layer a list of L per-layer views of the pool (kv.paged.PagedLayerCache): a model
+    that runs its layers unrolled reads each layer's pages in place (a kernel) or gathers that
+    layer alone (slicing one layer out of an all-layer gather would copy it again). in_place (the
+    kernel dispatch reads every layer's pages in place): a scanned stack gets the pool itself."""
     if per_layer:
         return [PagedLayerCache(pages, table, i) for i in range(pages.shape[0])]
+    if in_place:
+        return PagedPool(pages, table)
     return rows_of_pages(pages[:, table])
 
 
@@ -212,9 +216,9 @@ def decode(
                 tables = [_rows(t, r0, mb) for t in as_groups(page_table)]
                 x_in = jnp.where(s == 0, model.embed_tokens(_rows(toks, r0, mb)[:, None]), recv)
                 ctx = model.context(pos, 1)
-                per_layer = model.unrolled
-                kc = tuple(_gather_pages(k, t, per_layer) for k, t in zip(kp, tables))
-                vc = tuple(_gather_pages(v, t, per_layer) for v, t in zip(vp, tables))
+                per_layer, in_place = model.unrolled, dispatch.pages_in_place()
+                kc = tuple(_gather_pages(k, t, per_layer, in_place) for k, t in zip(kp, tables))
+                vc = tuple(_gather_pages(v, t, per_layer, in_place) for v, t in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
                 y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
                 ok = valid & _rows(active, r0, mb)
