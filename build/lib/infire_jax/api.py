@@ -7,6 +7,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from infire_jax import boot
 from infire_jax.checkpoint import store
 from infire_jax.config import ModelConfig
 from infire_jax.engine import generation
@@ -39,8 +40,8 @@ class Model:
 
     @property
     def engine(self) -> Engine:
-        """The serving engine behind `generate` (one prefill and one decode worker), made on first use
-        (its decode worker allocates the KV pool)."""
+        """The serving engine behind `generate` (one colocated worker, or one prefill and one decode
+        worker), made on first use (its workers allocate their KV pools)."""
         if self._engine is None:
             self._engine = self.deployment.engine()
         return self._engine
@@ -89,6 +90,14 @@ class Model:
                 raise generation.RequestError(f"request {r.id} failed: {r.error}")
         return reqs
 
+    def warm_up(self, prompt_lengths: Sequence[int], max_new_tokens: int) -> dict[str, Any]:
+        """Compile (or load from the persistent cache) every program requests with these prompt
+        lengths, submitted together, and max_new_tokens will use, before the first real request
+        (engine/warmup.py). Returns seconds and programs compiled / loaded."""
+        from infire_jax.engine.warmup import warm_up
+
+        return warm_up(self.engine, prompt_lengths, max_new_tokens)
+
     def save(self, path: str | pathlib.Path) -> pathlib.Path:
         """Save the loaded parameters with orbax (restorable by `load(path)` on any mesh)."""
         return store.save(self.placed, path, self.model_dir)
@@ -134,6 +143,9 @@ def load(
     page_size: int = 16,
     max_decode_batch: int = 16,
     kernels: str = "auto",
+    prefix_cache: bool = True,
+    prefill_chunk: int | None = 512,
+    compilation_cache_dir: str | pathlib.Path | None = "default",
 ) -> Model:
     """Load an HF checkpoint directory onto a mesh ("tp=2", "pp=2,tp=2@0-3", ...).
 
@@ -145,7 +157,14 @@ def load(
     in tokens; max_decode_batch bounds its continuous batch. kernels="auto" lets decode and prefill on
     one CPU device (float32 compute; float32, bf16 or compressed weights) use infire_jax's own kernels
     (kernels/cpu.py: few-row projections, paged decode attention, causal prefill attention, bf16
-    embedding rows); "xla" keeps XLA's code everywhere."""
+    embedding rows); "xla" keeps XLA's code everywhere. prefix_cache keeps finished requests' KV pages
+    (prompt and generated tokens) indexed by their tokens, so a prompt that starts with them computes
+    only the rest (False: every prompt from position 0, pages freed at once). prefill_chunk bounds the
+    prompt tokens of one prefill call: a longer prompt is prefilled in chunks between decode steps
+    (None: whole prompts in one call). compilation_cache_dir: JAX's persistent compilation cache,
+    every program cached, so a second start compiles nothing ("default": ~/.cache/infire_jax/xla/<cpu>;
+    None: leave JAX's own setting; see infire_jax/boot.py)."""
+    boot.use_compilation_cache(compilation_cache_dir)  # before this load compiles anything
     model_dir = pathlib.Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -153,7 +172,8 @@ def load(
         mesh, rules = load_deployment(deployment)
     if (prefill_mesh is None) != (decode_mesh is None):
         raise ValueError("give both prefill_mesh and decode_mesh (disaggregated) or neither (colocated)")
-    options = EngineOptions(decode_steps=decode_steps, kv_pages=kv_pages, page_size=page_size, max_decode_batch=max_decode_batch)
+    options = EngineOptions(decode_steps=decode_steps, kv_pages=kv_pages, page_size=page_size, max_decode_batch=max_decode_batch,
+                            prefix_cache=prefix_cache, prefill_chunk=prefill_chunk)
     prefill, decode = (mesh, mesh) if prefill_mesh is None else (prefill_mesh, decode_mesh)
     return Model(Deployment(
         model_dir, [prefill], [decode], rules=rules, dtype=dtype, compute_dtype=compute_dtype, kernels=kernels,

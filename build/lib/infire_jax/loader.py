@@ -24,6 +24,7 @@ from flax import nnx
 from infire_jax import mesh as mesh_lib
 from infire_jax.checkpoint import compressed, hf, store
 from infire_jax.config import ModelConfig, load_config
+from infire_jax.kernels import cpu as cpu_kernels  # native Huffman decode for compressed checkpoints
 from infire_jax.models import BuildOptions, ServingModel, build_options, family_of
 from infire_jax.sharding import DEFAULT_RULES, Layout, use_layout
 
@@ -118,7 +119,7 @@ def place_model(
         # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
         common = dict(ignore=ignore, ignore_layers_from=cfg.num_layers, prefix=cfg.weight_prefix, skip_prefixes=cfg.skip_weight_prefixes)
         if compressed.is_compressed_checkpoint(model_dir):  # layer matrices stay compressed on the device
-            arrays = compressed.load_into(model_dir, flat, layout, tmap, **common)
+            arrays = compressed.load_into(model_dir, flat, layout, tmap, host_ops=cpu_kernels, **common)
         else:
             arrays = hf.load_into(model_dir, specs, shardings, tmap, **common)
     for p, var in flat.items():

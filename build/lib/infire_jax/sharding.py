@@ -58,15 +58,19 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 }
 
 
-KERNEL_CHOICES = ("auto", "xla")
+KERNEL_CHOICES = ("auto", "xla", "pallas", "pallas_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """A mesh plus the rules table that places logical axes on it, and the kernels to use: "auto"
-    lets decode and prefill on one CPU device (float32 compute; float32, bf16 or compressed weights)
-    use infire_jax's own kernels where they pay (kernels/cpu.py: few-row projections, paged decode
-    attention, causal prefill attention, bf16 embedding rows), "xla" keeps XLA's code everywhere."""
+    picks by platform: on GPUs the Pallas attention kernels (kernels/pallas_attention.py), on one CPU
+    device (float32 compute; float32, bf16 or compressed weights) infire_jax's own kernels where they
+    pay (kernels/cpu.py: few-row projections, paged decode attention, causal prefill attention, bf16
+    embedding rows); "xla" keeps XLA's code everywhere; "pallas" asks for the Pallas kernels (GPUs
+    only); "pallas_interpret" runs the same Pallas kernels through Pallas' interpreter on any platform
+    (slow: for proving them equal to XLA's code on machines without a GPU). kernels/dispatch.py
+    resolves the choice per op."""
 
     mesh: jax.sharding.Mesh
     rules: Mapping[str, MeshAxes] = dataclasses.field(default_factory=lambda: dict(DEFAULT_RULES))
@@ -75,15 +79,24 @@ class Layout:
     def __post_init__(self) -> None:
         if self.kernels not in KERNEL_CHOICES:
             raise ValueError(f"unknown kernels {self.kernels!r}; choose one of {KERNEL_CHOICES}")
+        if self.kernels == "pallas" and self.platform not in ("gpu", None):
+            raise ValueError(
+                f"kernels='pallas' needs GPU devices, this mesh is on {self.platform}; use 'auto' (or "
+                "'pallas_interpret' to run the Pallas kernels through the interpreter, slowly)"
+            )
+
+    @property
+    def platform(self) -> str | None:
+        """The platform of the mesh's devices ("cpu", "gpu", "tpu"), None for an abstract mesh: the
+        one platform check kernel choices read."""
+        devices = getattr(self.mesh, "devices", None)  # an AbstractMesh (planning) has none
+        return None if devices is None else devices.flat[0].platform
 
     @property
     def cpu_kernels(self) -> bool:
         """Whether model code may use the CPU kernels: asked for, and one CPU device (the kernels are
         not partitioned; sharded programs keep XLA's code)."""
-        if self.kernels != "auto" or self.mesh.size != 1:
-            return False
-        devices = getattr(self.mesh, "devices", None)  # an AbstractMesh (planning) has none
-        return devices is not None and devices.flat[0].platform == "cpu"
+        return self.kernels == "auto" and self.mesh.size == 1 and self.platform == "cpu"
 
     def axis_size(self, logical: str) -> int:
         """How many ways a logical axis is split (1 when replicated)."""

@@ -19,6 +19,8 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
+from infire_jax import boot
+
 __all__ = ["CheckpointError", "list_tensors", "load_into"]
 
 # Tensors some exporters write that carry no parameters.
@@ -115,9 +117,12 @@ class _Reader:
 
     def read(self, name: str, dtype: np.dtype) -> np.ndarray:
         path = self._present[name][0]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="numpy").__enter__()
-        return _convert(self._handles[path].get_tensor(name), dtype)
+        with boot.clock.phase("read"):
+            if path not in self._handles:
+                self._handles[path] = safe_open(path, framework="numpy").__enter__()
+            a = self._handles[path].get_tensor(name)
+        with boot.clock.phase("convert"):
+            return _convert(a, dtype)
 
     def close(self) -> None:
         for h in self._handles.values():
@@ -128,8 +133,8 @@ class _Reader:
 def _convert(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if a.dtype == dtype:
         return a
-    if dtype == ml_dtypes.bfloat16 or a.dtype == ml_dtypes.bfloat16:
-        return a.astype(np.float32).astype(dtype)
+    if dtype == ml_dtypes.bfloat16 or a.dtype == ml_dtypes.bfloat16:  # through float32 (exact from bf16)
+        return a.astype(np.float32, copy=False).astype(dtype, copy=False)  # one copy, not two
     return a.astype(dtype)
 
 
@@ -185,7 +190,8 @@ def load_into(
                     buf[tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(common, ranges))] = part
                 return buf
 
-            out[path] = jax.make_array_from_callback(spec.shape, shardings[path], shard)
+            with boot.clock.phase("place"):  # reading and converting inside are counted as such
+                out[path] = jax.make_array_from_callback(spec.shape, shardings[path], shard)
             if on_tensor:
                 on_tensor("/".join(path))
     finally:

@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
+from infire_jax import boot
 from infire_jax.checkpoint import hf
 from infire_jax.compression.weights import EncodedWeight
 
@@ -26,6 +26,13 @@ __all__ = ["MARKER", "is_saved_model", "save", "restore", "split_layers"]
 
 MARKER = "infire_jax_checkpoint.json"
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def _orbax() -> Any:
+    """orbax.checkpoint, imported on first save/restore: importing it costs ~1 s of every start."""
+    import orbax.checkpoint as ocp
+
+    return ocp
 
 
 def is_saved_model(path: str | pathlib.Path) -> bool:
@@ -83,7 +90,7 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
             value = _unrepeat_kv(value, axes, repeat)
         tree[name] = value
     path.mkdir(parents=True)
-    ckpt = ocp.StandardCheckpointer()
+    ckpt = _orbax().StandardCheckpointer()
     ckpt.save(path / "params", tree)
     ckpt.wait_until_finished()
     for name in _COPIED:
@@ -146,22 +153,24 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
             shape = jax.eval_shape(unrepeat, jax.ShapeDtypeStruct(shape, v.dtype)).shape
         target[name] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=layout.sharding(axes, shape))
     try:
-        restored = ocp.StandardCheckpointer().restore(path / "params", target)
+        with boot.clock.phase("read"):
+            restored = _orbax().StandardCheckpointer().restore(path / "params", target)
     except Exception as e:  # orbax raises a variety of types for structure/shape mismatches
         raise ValueError(f"cannot restore {path}: it does not match this model config ({e})") from None
-    slots = jnp.asarray(layer_slots)
-    for name, var in flat.items():
-        v = var.get_value()
-        sharding = layout.sharding(var.get_metadata()["logical_axes"], v.shape)
-        value = restored[name]
-        axes = var.get_metadata()["logical_axes"]
-        if kv_repeat > 1 and "kv_heads" in axes:
-            value = _repeat_kv(value, axes, kv_repeat)
-        if _is_stacked(var):
-            value = jax.jit(
-                lambda c, shape=v.shape: jnp.zeros(shape, c.dtype).at[slots].set(c), out_shardings=sharding
-            )(value)
-        var.set_value(value)
+    with boot.clock.phase("place"):  # orbax reads straight onto the devices; here the pipeline slots
+        slots = jnp.asarray(layer_slots)
+        for name, var in flat.items():
+            v = var.get_value()
+            sharding = layout.sharding(var.get_metadata()["logical_axes"], v.shape)
+            value = restored[name]
+            axes = var.get_metadata()["logical_axes"]
+            if kv_repeat > 1 and "kv_heads" in axes:
+                value = _repeat_kv(value, axes, kv_repeat)
+            if _is_stacked(var):
+                value = jax.jit(
+                    lambda c, shape=v.shape: jnp.zeros(shape, c.dtype).at[slots].set(c), out_shardings=sharding
+                )(value)
+            var.set_value(value)
 
 
 def split_layers(stacked: dict[tuple[str, ...], Any], per_layer: dict[tuple[str, ...], nnx.Variable], layout: Any) -> dict:

@@ -283,7 +283,8 @@ def stack_palette12_blocks(slices: list[dict[str, Any]]) -> dict[str, np.ndarray
 
 
 def place_stacked_palette12(
-    leaves: dict[str, np.ndarray], mesh: Any, spec: tuple, palette_is_range: bool, perm: tuple[int, ...]
+    leaves: dict[str, np.ndarray], mesh: Any, spec: tuple, palette_is_range: bool, perm: tuple[int, ...],
+    stacked: bool = True,
 ) -> Palette12Weight:
     """Put stacked blocked leaves (codec.encode_palette12_blocks of each stored slice, stacked by
     :func:`stack_palette12_blocks`) on ``mesh``. ``spec``: PartitionSpec entries of the stored
@@ -291,13 +292,14 @@ def place_stacked_palette12(
     slice part must be the blocking the leaves were encoded with. ``perm``: stored slice axis i is
     logical axis perm[i]. packed_idx / sign_mant are sharded like the stored weight (the packed last
     axis has blocks[-1] equal parts), the palette on the stack axis only, escapes (L, G, E) on
-    (stack axis, the block axes flattened in row-major order)."""
+    (stack axis, the block axes flattened in row-major order). With ``stacked=False`` the leaves and
+    ``spec`` have no stack axis (one layer's weight: slice 0 of a stack of one, taken on the host)."""
     from jax.sharding import NamedSharding
 
     spec = tuple(spec) + (None,) * (leaves["sign_mant"].ndim - len(spec))
-    lead, block_spec = spec[0], spec[1:]
+    lead, block_spec = (spec[0], spec[1:]) if stacked else (None, spec)
     axes = tuple(a for e in block_spec for a in _mesh_axes(e))
-    g = leaves["escape_idx"].shape[1]
+    g = leaves["escape_idx"].shape[1 if stacked else 0]
     if g != int(np.prod(block_counts(mesh, block_spec), dtype=np.int64)):
         raise ValueError(f"escapes have {g} blocks but spec {spec} makes {block_counts(mesh, block_spec)}")
     blocks_axis = None if not axes else axes[0] if len(axes) == 1 else axes
@@ -308,9 +310,10 @@ def place_stacked_palette12(
             entries.pop()
         return P(*entries)
 
+    head = (lead,) if stacked else ()
     shardings = dict(
-        packed_idx=trim(*spec), sign_mant=trim(*spec), palette=trim(lead), escape_idx=trim(lead, blocks_axis),
-        escape_val=trim(lead, blocks_axis),
+        packed_idx=trim(*spec), sign_mant=trim(*spec), palette=trim(*head), escape_idx=trim(*head, blocks_axis),
+        escape_val=trim(*head, blocks_axis),
     )
     arrays = {k: jax.device_put(v, NamedSharding(mesh, shardings[k])) for k, v in leaves.items()}
     return Palette12Weight(

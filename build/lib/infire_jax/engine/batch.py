@@ -640,14 +640,20 @@ def run_job(
 ) -> dict[str, Any]:
     """Run every line of `items` whose key is not in writer.done; write one result per line.
 
+    Order: lines are submitted sorted by their prompt tokens, so prompts that share a prefix (a system
+    prompt, a few-shot block) run one after another; and a line whose first KV page of tokens equals
+    that of a line still being prefilled waits for it, so it reuses that prefix from the engine's
+    prefix cache instead of computing it alongside. Each result reports the prompt tokens that came
+    from the cache (usage.prompt_tokens_details.cached_tokens, as OpenAI's API).
+
     on_progress(finished lines, generated tokens) is called after each engine step. Returns counts
     and throughput (generated tokens are the engine's work, before stop-string truncation)."""
-    todo = collections.deque(it for it in items if it.key not in writer.done)
-    counts: dict[str, Any] = dict(lines=len(items), already_done=len(items) - len(todo), processed=len(todo),
+    pending = [it for it in items if it.key not in writer.done]
+    counts: dict[str, Any] = dict(lines=len(items), already_done=len(items) - len(pending), processed=len(pending),
                                   succeeded=0, errors=0)
     errors_by_code: collections.Counter = collections.Counter()
     finish_reasons: collections.Counter = collections.Counter()
-    tokens = dict(prompt_tokens=0, completion_tokens=0, generated_tokens=0)
+    tokens = dict(prompt_tokens=0, cached_tokens=0, completion_tokens=0, generated_tokens=0)
     inflight: dict[Any, tuple[InputLine, Prepared, Any]] = {}
     checked: dict[Any, int] = {}  # request id -> output tokens already searched for stop strings
     compile0 = compile_seconds(engine)
@@ -659,16 +665,37 @@ def run_job(
         counts["errors"] += 1
         return error_record(item, err)
 
-    while todo or inflight:
-        records: list[dict] = []
+    records: list[dict] = []
+    built: list[tuple[InputLine, Prepared]] = []
+    for item in pending:
+        try:
+            built.append((item, builder.build(item)))
+        except LineError as e:
+            records.append(failed(item, e))
+    built.sort(key=lambda x: x[1].prompt.tolist())
+    todo = collections.deque(built)
+    page = min(w.page_size for w in engine.decode_workers)
+    prefilling: dict[tuple, Any] = {}  # first page of tokens -> the request prefilling it
+
+    def leader(prep: Prepared) -> Any:
+        """The in-flight request still prefilling this prompt's first page, if any."""
+        key = tuple(prep.prompt[:page].tolist()) if len(prep.prompt) > page else None
+        r = prefilling.get(key)
+        if r is not None and (r.finished or r.status not in ("queued", "prefill")):
+            del prefilling[key]
+            r = None
+        return key, r
+
+    while todo or inflight or records:
         while todo and len(inflight) < max_inflight:
-            item = todo.popleft()
-            try:
-                prep = builder.build(item)
-            except LineError as e:
-                records.append(failed(item, e))
-                continue
+            item, prep = todo[0]
+            key, ahead = leader(prep)
+            if ahead is not None:
+                break  # after its leader's prefill, it reuses the leader's pages
+            todo.popleft()
             r = engine.submit(prep.prompt, prep.params, request_id=item.key)
+            if key is not None:
+                prefilling[key] = r
             if r.finished:  # rejected on submit (e.g. needs more KV pages than a decode worker has)
                 engine.requests.pop(r.id, None)
                 records.append(failed(item, LineError("invalid_request", r.error or "rejected by the engine")))
@@ -677,6 +704,11 @@ def run_job(
         if inflight:
             engine.run(max_steps=1)  # one step, with the engine's own stuck check
             steps += 1
+        elif not todo:  # every line failed before reaching the engine
+            writer.append(records)
+            if on_progress is not None:
+                on_progress(len(records), 0)
+            break
         done_ids = []
         for rid, (item, prep, r) in inflight.items():
             if not r.finished and prep.stop_strings and len(r.output) > checked.get(rid, 0):
@@ -699,7 +731,9 @@ def run_job(
             res = builder.finalize(prep, r.output, r.finish_reason)
             m = r.metrics()
             n_prompt, n_out = int(len(prep.prompt)), len(res["token_ids"])
-            usage = dict(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out)
+            usage = dict(prompt_tokens=n_prompt, completion_tokens=n_out, total_tokens=n_prompt + n_out,
+                         prompt_tokens_details=dict(cached_tokens=int(r.cached_tokens)))
+            tokens["cached_tokens"] += int(r.cached_tokens)
             timing = {k: _round(m.get(k)) for k in ("queue_s", "ttft_s", "tpot_s", "e2e_s")}
             records.append(dict(custom_id=item.custom_id, line=item.line, **res, usage=usage, timing=timing, error=None))
             counts["succeeded"] += 1
@@ -709,6 +743,7 @@ def run_job(
         writer.append(records)
         if on_progress is not None:
             on_progress(len(records), tokens["generated_tokens"])
+        records = []
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     compile_s = compile_seconds(engine) - compile0
     gen = tokens["generated_tokens"]
@@ -733,13 +768,9 @@ def run_job(
 
 def engine_throughput(engine, prompts: Sequence[np.ndarray], params: Sequence[SamplingParams]) -> dict[str, Any]:
     """serve_offline.py's measurement on this engine: submit every request, Engine.run(), stats()."""
-    from infire_jax.kv.transfer import TransferStats
-
     engine.requests.clear()
-    engine.started = time.perf_counter()
+    engine.reset_stats()
     cpu0 = time.process_time()
-    for w in engine.decode_workers:
-        w.transfer_stats = TransferStats()
     for i, (p, sp) in enumerate(zip(prompts, params)):
         engine.submit(p, sp, request_id=("bench", i))
     engine.run()

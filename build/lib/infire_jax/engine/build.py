@@ -13,11 +13,13 @@ import pathlib
 from typing import Any, Mapping, Sequence
 
 from infire_jax.config import ModelConfig, load_config
-from infire_jax.engine.disagg import DecodeWorker, Engine, PrefillWorker
+from infire_jax.engine.disagg import ColocatedWorker, DecodeWorker, Engine, PrefillWorker
 from infire_jax.engine.programs import Programs
 from infire_jax.loader import dtype_of, make_layout, place_model
 
-__all__ = ["EngineOptions", "Deployment", "place_programs", "prefill_worker", "decode_worker", "build_engine"]
+__all__ = [
+    "EngineOptions", "Deployment", "place_programs", "prefill_worker", "decode_worker", "colocated_worker", "build_engine",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +29,22 @@ class EngineOptions:
     decode_steps: tokens per decode dispatch; kv_pages x page_size: each decode worker's KV capacity in
     tokens; max_decode_batch: rows of a decode worker's continuous batch, and of a prefill batch (with
     fewer, a full decode batch arrives in groups and its first and last dispatches run part-empty);
-    prefill_max_tokens: padded tokens per prefill batch."""
+    prefill_max_tokens: padded tokens per prefill batch; prefix_cache: keep finished requests' KV pages
+    indexed by their tokens for reuse (kv/manager.py); prefill_chunk: prompt tokens per prefill call
+    (a longer prompt is prefilled in chunks between decode steps; None: whole prompts). A prefill
+    worker's prefix cache gets kv_pages pages too."""
 
     decode_steps: int = 8
     kv_pages: int = 512
     page_size: int = 16
     max_decode_batch: int = 16
     prefill_max_tokens: int = 8192
+    prefix_cache: bool = True
+    prefill_chunk: int | None = 512
+
+    def __post_init__(self) -> None:
+        if self.prefill_chunk is not None and self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None (whole prompts), got {self.prefill_chunk}")
 
 
 def place_programs(
@@ -53,13 +64,25 @@ def place_programs(
 
 
 def prefill_worker(name: str, programs: Programs, options: EngineOptions) -> PrefillWorker:
-    return PrefillWorker(name, programs, max_batch=options.max_decode_batch, max_batch_tokens=options.prefill_max_tokens)
+    return PrefillWorker(
+        name, programs, max_batch=options.max_decode_batch, max_batch_tokens=options.prefill_max_tokens,
+        num_pages=options.kv_pages, page_size=options.page_size, prefill_chunk=options.prefill_chunk,
+        prefix_cache=options.prefix_cache,
+    )
 
 
 def decode_worker(name: str, programs: Programs, options: EngineOptions) -> DecodeWorker:
     return DecodeWorker(
         name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
-        steps=options.decode_steps,
+        steps=options.decode_steps, prefix_cache=options.prefix_cache,
+    )
+
+
+def colocated_worker(name: str, programs: Programs, options: EngineOptions) -> ColocatedWorker:
+    return ColocatedWorker(
+        name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
+        steps=options.decode_steps, prefill_chunk=options.prefill_chunk, prefix_cache=options.prefix_cache,
+        max_batch_tokens=options.prefill_max_tokens,
     )
 
 
@@ -111,10 +134,16 @@ class Deployment:
         """One placement serves both roles."""
         return self.prefill_meshes == self.decode_meshes and len(self._programs) == 1
 
-    def engine(self) -> Engine:
-        """A new Engine over this deployment's placements (workers named role index : mesh)."""
-        prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], self.options) for i, s in enumerate(self.prefill_meshes)]
-        decode = [decode_worker(f"decode{i}:{s}", self._programs[s], self.options) for i, s in enumerate(self.decode_meshes)]
+    def engine(self, options: EngineOptions | None = None) -> Engine:
+        """A new Engine over this deployment's placements (workers named role index : mesh): colocated
+        workers (one per mesh) when both roles list the same meshes, else prefill and decode workers.
+        options: other serving knobs than the deployment's (decode_steps stays the programs')."""
+        o = options or self.options
+        if self.prefill_meshes == self.decode_meshes:
+            return Engine([], [colocated_worker(f"colocated{i}:{s}", self._programs[s], o)
+                               for i, s in enumerate(self.decode_meshes)])
+        prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], o) for i, s in enumerate(self.prefill_meshes)]
+        decode = [decode_worker(f"decode{i}:{s}", self._programs[s], o) for i, s in enumerate(self.decode_meshes)]
         return Engine(prefill, decode)
 
 

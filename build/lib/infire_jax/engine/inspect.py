@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,10 @@ import numpy as np
 
 from infire_jax.kv import cache as kv_cache
 
-__all__ = ["Collective", "hlo_collectives", "inspect_model", "layout_table"]
+__all__ = [
+    "Collective", "DeviceShare", "collective_axes", "device_shares", "group_members", "hlo_collectives", "inspect_model",
+    "layout_table", "per_device_bytes", "placed_shares",
+]
 
 _KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "ragged-all-to-all")
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
@@ -49,12 +52,18 @@ def _type_bytes(type_str: str) -> int:
     return int(total)
 
 
+_MESH_GROUPS = re.compile(r"mesh\[[^\]]*\](?:,\s*device_ids=\((?:[^()]|\([^()]*\))*\))?(?:\s*\{[^}]*\})?")
+
+
 def _groups(rest: str) -> str:
     for key in ("replica_groups=", "source_target_pairs="):
         i = rest.find(key)
         if i < 0:
             continue
         s, depth, j = rest[i + len(key):], 0, 0
+        mesh_form = _MESH_GROUPS.match(s)  # mesh['axis_0'=2,...], device_ids=([2,2]T(1,0)) {'axis_0'}
+        if mesh_form:
+            return mesh_form.group(0)
         while j < len(s):
             c = s[j]
             depth += c in "{[("
@@ -64,6 +73,55 @@ def _groups(rest: str) -> str:
             j += 1
         return s[:j].strip()
     return ""
+
+
+def _iota(text: str) -> np.ndarray:
+    """XLA's iota device list "[dims]" or "[dims]T(perm)" as the flat list it stands for."""
+    m = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", text.strip())
+    if not m:
+        raise ValueError(f"not an iota device list: {text!r}")
+    dims = [int(d) for d in m.group(1).split(",")]
+    ids = np.arange(int(np.prod(dims))).reshape(dims)
+    if m.group(2):
+        ids = ids.transpose([int(d) for d in m.group(2).split(",")])
+    return ids.reshape(-1)
+
+
+def group_members(groups: str, num_devices: int) -> list[list[int]]:
+    """The device positions (0..num_devices-1, the program's mesh order) of each group of a
+    collective's `groups` string as `hlo_collectives` reports it: explicit groups or source-target
+    pairs "{{0,2},{1,3}}", iota groups "[2,2]<=[4]" / "[2,2]<=[2,2]T(1,0)", mesh-axis groups
+    "mesh['axis_0'=2,...], device_ids=(...) {'axis_0'}", or "" / "{}" (all devices)."""
+    text = groups.strip()
+    if text in ("", "{}"):
+        return [list(range(num_devices))]
+    if text.startswith("{"):
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", text)]
+    iota = re.fullmatch(r"\[(\d+),(\d+)\]<=(.+)", text)
+    if iota:
+        return _iota(iota.group(3)).reshape(int(iota.group(1)), int(iota.group(2))).tolist()
+    mesh = re.match(r"mesh\[([^\]]*)\](?:,\s*device_ids=\((.*)\))?\s*(?:\{([^}]*)\})?$", text)
+    if mesh:
+        names = re.findall(r"'([^']+)'=(\d+)", mesh.group(1))
+        sizes = [int(n) for _, n in names]
+        ids = _iota(mesh.group(2)) if mesh.group(2) else np.arange(int(np.prod(sizes)))
+        ids = ids.reshape(sizes)
+        over = [i for i, (name, _) in enumerate(names) if f"'{name}'" in (mesh.group(3) or "")]
+        keep = [i for i in range(len(sizes)) if i not in over]
+        ids = ids.transpose(keep + over).reshape(-1, int(np.prod([sizes[i] for i in over] or [1])))
+        return ids.tolist()
+    raise ValueError(f"unrecognised collective groups {groups!r}")
+
+
+def collective_axes(groups: str, mesh_shape: Mapping[str, int]) -> tuple[str, ...]:
+    """Mesh axes a collective spans: those along which the members of one of its groups differ."""
+    sizes = tuple(mesh_shape.values())
+    members = group_members(groups, int(np.prod(sizes)))
+    spanned = set()
+    for group in members:
+        coords = np.array(np.unravel_index(group, sizes)).reshape(len(sizes), -1)
+        spanned |= {a for a, row in zip(mesh_shape, coords) if len(set(row.tolist())) > 1}
+    return tuple(a for a in mesh_shape if a in spanned)
 
 
 def hlo_collectives(hlo_text: str) -> list[Collective]:
@@ -130,7 +188,7 @@ def hlo_collectives(hlo_text: str) -> list[Collective]:
     return sorted(found.values(), key=lambda c: (-c.total_bytes, c.kind))
 
 
-def _per_device_bytes(arrays: list[tuple[tuple[int, ...], Any, Any]]) -> dict[int, int]:
+def per_device_bytes(arrays: list[tuple[tuple[int, ...], Any, Any]]) -> dict[int, int]:
     """(shape, dtype, sharding) -> bytes held by each device id."""
     out: dict[int, int] = collections.defaultdict(int)
     for shape, dtype, sharding in arrays:
@@ -141,10 +199,11 @@ def _per_device_bytes(arrays: list[tuple[tuple[int, ...], Any, Any]]) -> dict[in
     return dict(sorted(out.items()))
 
 
-def _summary(colls: list[Collective], per: int) -> dict[str, Any]:
+def _summary(colls: list[Collective], per: int, mesh_shape: Mapping[str, int]) -> dict[str, Any]:
     return dict(
         collectives=[
-            dict(kind=c.kind, shape=c.shape, groups=c.groups, bytes=c.bytes, count=c.count, total_bytes=c.total_bytes)
+            dict(kind=c.kind, shape=c.shape, groups=c.groups, axes=list(collective_axes(c.groups, mesh_shape)),
+                 bytes=c.bytes, count=c.count, total_bytes=c.total_bytes)
             for c in colls
         ],
         total_bytes=sum(c.total_bytes for c in colls),
@@ -194,76 +253,83 @@ def inspect_model(
     ).compile()
     ticks = steps * programs.stages + programs.stages - 1
     hlo = dict(prefill_hlo=prefill.as_text(), decode_hlo=decode.as_text()) if keep_hlo else {}
+    mesh = {k: int(v) for k, v in placed.layout.mesh.shape.items()}
     return hlo | dict(
-        mesh={k: int(v) for k, v in placed.layout.mesh.shape.items()},
+        mesh=mesh,
         batch=b,
         prompt_len=prompt_len,
         cache_len=cache_len,
         param_bytes_total=int(sum(np.prod(s) * jnp.dtype(t).itemsize for s, t, _ in params)),
-        param_bytes_per_device=_per_device_bytes(params),
-        kv_bytes_per_device=_per_device_bytes(kv),
-        prefill=_summary(hlo_collectives(prefill.as_text()), 1),
-        decode=_summary(hlo_collectives(decode.as_text()), steps) | dict(steps=steps, ticks=ticks, tokens_per_call=b * steps),
+        param_bytes_per_device=per_device_bytes(params),
+        kv_bytes_per_device=per_device_bytes(kv),
+        prefill=_summary(hlo_collectives(prefill.as_text()), 1, mesh),
+        decode=_summary(hlo_collectives(decode.as_text()), steps, mesh) | dict(steps=steps, ticks=ticks, tokens_per_call=b * steps),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceShare:
+    """What one device of a deployment holds: its mesh coordinates, pipeline stage, layers, and the
+    slice [first, last] of every sharded logical dimension (ways = how many devices split it)."""
+
+    device: int  # device id (mesh position for an abstract mesh)
+    coords: dict[str, int]
+    stage: int
+    layers: tuple[int, ...]
+    slices: dict[str, tuple[int, int, int]]  # logical -> (first, last, ways)
+
+
+def device_shares(
+    layout: Any, cfg: Any, layer_slots: tuple[int, ...], num_slots: int, kv_repeat: int = 1
+) -> list[DeviceShare]:
+    """Per device (mesh order) the layers and head / KV-head / expert / MLP / vocab slices the rules
+    table gives it; works on a concrete Mesh or a jax.sharding.AbstractMesh (planning)."""
+    mesh = layout.mesh
+    shape = {a: int(n) for a, n in mesh.shape.items()}
+    per_stage = num_slots // shape["pp"]
+    experts = int(cfg.get("n_routed_experts") or cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    expert_mlp = int(cfg.get("moe_intermediate_size") or cfg.intermediate_size) if experts else 0
+    kv_heads = 0 if cfg.get("kv_lora_rank") else cfg.num_kv_heads * kv_repeat  # MLA caches a latent, no KV heads
+    sizes = dict(heads=cfg.num_heads, kv_heads=kv_heads, experts=experts, expert_mlp=expert_mlp,
+                 mlp=cfg.intermediate_size, vocab=cfg.vocab_size)
+    ids = None if isinstance(mesh, jax.sharding.AbstractMesh) else mesh.devices  # abstract: number by position
+    out = []
+    for pos, idx in enumerate(np.ndindex(*shape.values())):
+        c = dict(zip(shape, idx))
+        slices = {}
+        for logical, n in sizes.items():
+            if not n:
+                continue
+            spec = layout.spec((logical,), (n,))
+            axes = spec[0] if len(spec) else None
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            ways = int(np.prod([shape[a] for a in axes])) if axes else 1
+            rank = 0
+            for a in axes:
+                rank = rank * shape[a] + c[a]
+            first, last = rank * (n // ways), (rank + 1) * (n // ways) - 1
+            if logical == "kv_heads" and kv_repeat > 1:  # name the checkpoint's KV heads a device holds
+                first, last = first // kv_repeat, last // kv_repeat
+            slices[logical] = (first, last, ways)
+        layers = tuple(i for i, s in enumerate(layer_slots) if s // per_stage == c["pp"])
+        out.append(DeviceShare(int(ids[idx].id) if ids is not None else pos, c, c["pp"], layers, slices))
+    return out
+
+
+def placed_shares(placed: Any) -> list[DeviceShare]:
+    """device_shares of a placed (loaded) model."""
+    cfg, module = placed.cfg, placed.module
+    stored_kv = module.kv_heads  # KV heads may be repeated for tp
+    return device_shares(placed.layout, cfg, module.layer_slots, len(module.active), stored_kv // cfg.num_kv_heads)
 
 
 def layout_table(placed: Any) -> str:
     """Text map of a deployment: for each device, its pipeline stage, the layers it holds and the
-    slice of heads / KV heads / MLP columns / vocab it owns."""
-    layout, cfg, module = placed.layout, placed.cfg, placed.module
-    mesh = layout.mesh
-    slots = module.layer_slots
-    per_stage = len(module.active) // mesh.shape["pp"]
-    lines = [f"mesh {dict(mesh.shape)}  rules: " + ", ".join(f"{k}->{v}" for k, v in layout.rules.items() if v)]
-    stored_kv = module.kv_heads  # KV heads may be repeated for tp
-    repeat = stored_kv // cfg.num_kv_heads
-    sizes = dict(heads=cfg.num_heads, kv_heads=stored_kv, mlp=cfg.intermediate_size, vocab=cfg.vocab_size)
-    for idx, dev in np.ndenumerate(mesh.devices):
-        c = dict(zip(mesh.axis_names, idx))
-        stage = c["pp"]
-        layers = [i for i, s in enumerate(slots) if s // per_stage == stage]
-        parts = [f"device {dev.id}", f"stage {stage}", f"layers {layers[0]}-{layers[-1]}" if layers else "layers -"]
-        for logical, n in sizes.items():
-            spec = layout.spec((logical,), (n,))
-            axes = spec[0] if len(spec) else None
-            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-            ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-            pos = 0
-            for a in axes:
-                pos = pos * mesh.shape[a] + c[a]
-            chunk = n // ways
-            first, last = pos * chunk, (pos + 1) * chunk - 1
-            if logical == "kv_heads" and repeat > 1:  # name the original KV heads a device holds
-                first, last = first // repeat, last // repeat
-            parts.append(f"{logical} {first}-{last}" + ("" if ways > 1 else " (all)"))
+    slice of heads / KV heads / experts / MLP columns / vocab it owns."""
+    layout = placed.layout
+    lines = [f"mesh {dict(layout.mesh.shape)}  rules: " + ", ".join(f"{k}->{v}" for k, v in layout.rules.items() if v)]
+    for d in placed_shares(placed):
+        parts = [f"device {d.device}", f"stage {d.stage}", f"layers {d.layers[0]}-{d.layers[-1]}" if d.layers else "layers -"]
+        parts += [f"{k} {a}-{b}" + ("" if ways > 1 else " (all)") for k, (a, b, ways) in d.slices.items()]
         lines.append(" | ".join(parts))
     return "\n".join(lines)
-
-
-def layout_figure(placed: Any, path: str | None = None):
-    """The layout_table as a picture: one box per device, grouped by pipeline stage (rows) and
-    tensor/expert-parallel rank (columns). Saved as PNG when `path` is given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = layout_table(placed).splitlines()
-    mesh = placed.layout.mesh
-    n_rows = mesh.shape["dp"] * mesh.shape["pp"]
-    n_cols = mesh.shape["ep"] * mesh.shape["tp"]
-    fig, ax = plt.subplots(figsize=(2.6 * n_cols + 0.5, 1.5 * n_rows + 0.8))
-    colors = plt.get_cmap("tab10")
-    for k, (idx, _) in enumerate(np.ndenumerate(mesh.devices)):
-        dp, pp, ep, tp = idx
-        r, c = dp * mesh.shape["pp"] + pp, ep * mesh.shape["tp"] + tp
-        ax.add_patch(plt.Rectangle((c, -r), 0.95, 0.9, color=colors(pp % 10), alpha=0.35))
-        text = rows[1 + k].split(" | ")
-        ax.text(c + 0.05, -r + 0.82, "\n".join(text), va="top", fontsize=7, family="monospace")
-    ax.set_xlim(-0.05, n_cols)
-    ax.set_ylim(-n_rows + 0.9, 1)
-    ax.axis("off")
-    ax.set_title(rows[0][:110], fontsize=8)
-    if path:
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-    return fig

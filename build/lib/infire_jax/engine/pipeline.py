@@ -25,10 +25,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
-from infire_jax.kv.paged import PagedLayerCache, rows_of_pages
+from infire_jax.kernels import dispatch
+from infire_jax.kv.paged import PagedLayerCache, PagedPool, rows_of_pages
 from infire_jax.sharding import Layout, use_layout
 
-__all__ = ["prefill", "decode", "stage_specs"]
+__all__ = ["prefill", "decode", "chunk", "stage_specs"]
 
 PP = "pp"
 
@@ -117,14 +118,50 @@ def prefill(
     return hidden[-1], k, v
 
 
-def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False) -> jax.Array | list:
+def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False, in_place: bool = False) -> Any:
     """(L, pages, H, page, d)[:, table (B, P)] -> a contiguous per-row view (L, B, H, P * page, d),
-    or with per_layer a list of L per-layer views of the pool (attention.PagedLayerCache): a model
-    that runs its layers unrolled reads each layer's pages in place (a CPU kernel) or gathers that
-    layer alone (slicing one layer out of an all-layer gather would copy it again)."""
+    or with per_layer a list of L per-layer views of the pool (kv.paged.PagedLayerCache): a model
+    that runs its layers unrolled reads each layer's pages in place (a kernel) or gathers that
+    layer alone (slicing one layer out of an all-layer gather would copy it again). in_place (the
+    kernel dispatch reads every layer's pages in place): a scanned stack gets the pool itself."""
     if per_layer:
         return [PagedLayerCache(pages, table, i) for i in range(pages.shape[0])]
+    if in_place:
+        return PagedPool(pages, table)
     return rows_of_pages(pages[:, table])
+
+
+def _write_kv(
+    k_pages: tuple, v_pages: tuple, tables: list, windows: tuple, rows: jax.Array, pos: jax.Array, ok: jax.Array,
+    new_kv: list, arrange, end: jax.Array | None = None,
+) -> tuple[tuple, tuple]:
+    """Store new K/V in the pages of every cache group. Entry i of rows, pos, ok (N,) is row rows[i]'s
+    position pos[i], stored where ok[i]: in page table[rows[i], pos[i] // page] (a windowed group: ring
+    slot pos mod W). new_kv[g] is group g's (k, v), which `arrange` turns into (N, layers, KV, hd).
+    end (N,), one past the last new position of entry i's row, marks a chunk: a ring keeps only its
+    last W positions (older ones would share their slots) and positions the table does not cover are
+    dropped; without it (decode: one token per row) every entry is stored."""
+    k_pages, v_pages = list(k_pages), list(v_pages)
+    for g, ((kg, vg), table, window) in enumerate(zip(new_kv, tables, windows)):
+        num_pages, page = k_pages[g].shape[1], k_pages[g].shape[3]
+        slot = pos if window is None else pos % window
+        keep = ok
+        if end is not None:  # a chunk: positions past the table are dropped, not clamped onto its last page
+            keep = keep & (slot // page < table.shape[1])
+            if window is not None:
+                keep = keep & (pos >= end - window)
+        target = jnp.where(keep, table[rows, slot // page], num_pages)  # out of range: dropped
+        k_pages[g] = k_pages[g].at[:, target, :, slot % page, :].set(arrange(kg), mode="drop")
+        v_pages[g] = v_pages[g].at[:, target, :, slot % page, :].set(arrange(vg), mode="drop")
+    return tuple(k_pages), tuple(v_pages)
+
+
+def _group_kv(kn: jax.Array, vn: jax.Array, write_slots: list | None, stage: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """The new K/V (slots, B, ...) of a stage's layer slots, per cache group: the group's stage-local
+    stack (CacheGroups.write_slots), or every slot for a model with one group."""
+    if write_slots is None:
+        return [(kn, vn)]
+    return [(kn[w[stage]], vn[w[stage]]) for w in write_slots]
 
 
 def decode(
@@ -179,21 +216,14 @@ def decode(
                 tables = [_rows(t, r0, mb) for t in as_groups(page_table)]
                 x_in = jnp.where(s == 0, model.embed_tokens(_rows(toks, r0, mb)[:, None]), recv)
                 ctx = model.context(pos, 1)
-                per_layer = model.unrolled
-                kc = tuple(_gather_pages(k, t, per_layer) for k, t in zip(kp, tables))
-                vc = tuple(_gather_pages(v, t, per_layer) for v, t in zip(vp, tables))
+                per_layer, in_place = model.unrolled, dispatch.pages_in_place()
+                kc = tuple(_gather_pages(k, t, per_layer, in_place) for k, t in zip(kp, tables))
+                vc = tuple(_gather_pages(v, t, per_layer, in_place) for v, t in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
                 y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
                 ok = valid & _rows(active, r0, mb)
-                kp, vp = list(kp), list(vp)
-                for g, (table, window) in enumerate(zip(tables, windows)):
-                    num_pages, page = kp[g].shape[1], kp[g].shape[3]
-                    slot = pos if window is None else pos % window
-                    target = jnp.where(ok, table[jnp.arange(mb), slot // page], num_pages)  # out of range: dropped
-                    kg, vg = (kn, vn) if groups is None else (kn[write_slots[g][s]], vn[write_slots[g][s]])
-                    kp[g] = kp[g].at[:, target, :, slot % page, :].set(kg[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
-                    vp[g] = vp[g].at[:, target, :, slot % page, :].set(vg[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop")
-                kp, vp = tuple(kp), tuple(vp)
+                one = lambda x: x[:, :, :, 0].transpose(1, 0, 2, 3)  # noqa: E731  (L, mb, KV, 1, hd) -> (mb, L, KV, hd)
+                kp, vp = _write_kv(kp, vp, tables, windows, jnp.arange(mb), pos, ok, _group_kv(kn, vn, write_slots, s), one)
                 lens = jax.lax.dynamic_update_slice_in_dim(lens, pos + valid.astype(pos.dtype), r0, 0)
                 logits = model.logits(model.norm(y)[:, 0]).astype(jnp.float32)
                 nxt = sample(logits, pos + 1, jax.tree.map(lambda a: _rows(a, r0, mb), sampling))
@@ -237,3 +267,88 @@ def decode(
         specs, (out_spec, P(PP), P(PP)),
     )
     return jax.tree.map(lambda e: e[-1], out), kp, vp
+
+
+def chunk(
+    graphdef: Any,
+    state: Any,
+    layout: Layout,
+    k_pages: Any,
+    v_pages: Any,
+    page_table: Any,
+    start: jax.Array,
+    n_new: jax.Array,
+    tokens: jax.Array,
+) -> tuple[jax.Array, Any, Any]:
+    """A chunk of new tokens per row over the row's cached pages: prefill at an offset.
+
+    Row r's tokens[r, :n_new[r]] sit at positions start[r] ..; each attends to the row's cached
+    positions < start[r] (read through its page table, a windowed group's ring as in `decode`) and to
+    the chunk's tokens before it, and its K/V is written into the pages (columns past n_new[r] are
+    padding: computed, never stored). Returns the normed hidden state of each row's last new token
+    (B, D) and the updated pages. With pp stages the B rows form pp microbatches that run through the
+    stages in GPipe order (2 pp - 1 ticks), every stage reading and writing only its own layers' pages."""
+    pp = layout.mesh.shape[PP]
+    module = nnx.merge(graphdef, state)
+    active_layers = jnp.asarray(module.active)
+    b, t = tokens.shape
+    mb = b // pp
+    groups = module.cache_groups()
+    windows = groups.windows if groups else (None,)
+    write_slots = [jnp.asarray(w) for w in groups.write_slots(len(module.active) // pp)] if groups else None
+    as_groups = (lambda x: x) if groups else (lambda x: (x,))  # noqa: E731
+
+    def staged(state, k_pages, v_pages, page_table, start, n_new, tokens, active_layers):
+        with use_layout(layout):
+            model = nnx.merge(graphdef, state)
+            s = _stage_index(pp)
+            x_all = model.embed_tokens(tokens)
+            ctx_all = model.context(start, t)
+            per_layer = model.unrolled
+
+            def tick(carry, i):
+                kp, vp, recv, last = carry
+                m = i - s
+                valid = (m >= 0) & (m < pp)
+                r0 = jnp.clip(m, 0, pp - 1) * mb
+                first, count = _rows(start, r0, mb), _rows(n_new, r0, mb)
+                tables = [_rows(table, r0, mb) for table in as_groups(page_table)]
+                x_in = jnp.where(s == 0, _rows(x_all, r0, mb), recv)
+                ctx = jax.tree.map(lambda a: _rows(a, r0, mb), ctx_all)
+                kc = tuple(_gather_pages(k, table, per_layer) for k, table in zip(kp, tables))
+                vc = tuple(_gather_pages(v, table, per_layer) for v, table in zip(vp, tables))
+                kc, vc = (kc, vc) if groups else (kc[0], vc[0])
+                y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
+                # entries (row, column) of the chunk, row-major: mb * t of them
+                cols = jnp.arange(t)
+                rows, end = jnp.repeat(jnp.arange(mb), t), jnp.repeat(first + count, t)
+                pos = (first[:, None] + cols).reshape(-1)
+                ok = (valid & (cols[None, :] < count[:, None])).reshape(-1)
+                # (L, mb, KV, t, hd) -> (mb * t, L, KV, hd)
+                many = lambda x: x.transpose(1, 3, 0, 2, 4).reshape((mb * t, x.shape[0], x.shape[2], x.shape[4]))  # noqa: E731
+                kp, vp = _write_kv(kp, vp, tables, windows, rows, pos, ok, _group_kv(kn, vn, write_slots, s), many, end)
+                y_last = y[jnp.arange(mb), jnp.maximum(count - 1, 0)]
+                done = valid & (s == pp - 1)
+                last = jax.lax.dynamic_update_slice_in_dim(last, jnp.where(done, y_last, _rows(last, r0, mb)), r0, 0)
+                return (kp, vp, _ring(y, pp), last), None
+
+            carry = (
+                as_groups(k_pages),
+                as_groups(v_pages),
+                jnp.zeros((mb, t, x_all.shape[-1]), x_all.dtype),
+                jnp.zeros((b, x_all.shape[-1]), x_all.dtype),
+            )
+            if pp == 1:
+                carry, _ = tick(carry, jnp.int32(0))
+            else:
+                carry, _ = jax.lax.scan(tick, carry, jnp.arange(2 * pp - 1))
+            kp, vp, _, last = carry
+            hidden = model.norm(last)[None]
+            return (hidden, kp, vp) if groups else (hidden, kp[0], vp[0])
+
+    specs = (stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), P(PP))
+    hidden, kp, vp = _run_staged(
+        layout, staged, (state, k_pages, v_pages, page_table, start, n_new, tokens, active_layers), specs,
+        (P(PP), P(PP), P(PP)),
+    )
+    return hidden[-1], kp, vp

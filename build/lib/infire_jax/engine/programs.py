@@ -232,6 +232,41 @@ class Programs:
             ),
         )
 
+    def chunk_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
+        """(state, k_pages, v_pages, page_table (b, P), start (b,), n_new (b,), tokens (b, c), sampling) ->
+        (next token (b,), its logits (b, vocab) or None, k_pages, v_pages): prefill over a cached prefix.
+
+        Row r's tokens[r, :n_new[r]] (right-padded; n_new = 0: a padding row that writes nothing) sit
+        at positions start[r] ..; they attend to the row's cached positions < start[r] in its pages and
+        causally to each other, their K/V is written into the pages (the table covers positions up to
+        start + n_new - 1; a windowed group's ring as in decode_fn), and the next token is drawn from
+        the last one's logits, keyed by its position start + n_new exactly as prefill_fn keys a
+        prompt's first token: a prompt run as chunks draws what the whole-prompt prefill draws. Serves
+        prefix reuse (start = cached tokens) and chunked prefill (successive chunks of one prompt).
+        The pages are donated; one program per (b, c, pages_per_row, pool) bucket."""
+        if b % self.stages:
+            raise ValueError(f"chunk_fn: b={b} rows must be a multiple of the {self.stages} pipeline stages (use batch_bucket)")
+        graphdef, layout = self.placed.graphdef, self.layout
+
+        def run(state, k_pages, v_pages, page_table, start, n_new, tokens, sp):
+            hidden, k_pages, v_pages = pipeline.chunk(graphdef, state, layout, k_pages, v_pages, page_table, start, n_new, tokens)
+            with use_layout(layout):
+                logits = nnx.merge(graphdef, state).logits(hidden).astype(jnp.float32)
+            return sample(logits, start + n_new, sp), logits if with_logits else None, k_pages, v_pages
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("chunk", b, c, pages_per_row, num_pages, page_size, with_logits),
+            lambda: jax.jit(
+                run,
+                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
+                out_shardings=(rep, rep if with_logits else None, k_sh, v_sh),
+                donate_argnums=(1, 2),
+                compiler_options=self.decode_compiler_options(b),
+            ),
+        )
+
     # ---- KV handoff --------------------------------------------------------------------------
     def kv_spec(self) -> transfer.KVSpec:
         m, groups = self.placed.module, self.cache_groups
@@ -323,6 +358,61 @@ class Programs:
                 out_shardings=(k_sh, v_sh),
                 donate_argnums=(0, 1),
             ),
+        )
+
+    # ---- KV pages between workers (engine/core.py: prefix reuse, P/D page shipping) ----------
+    # The canonical page form is the canonical KV's (real layers only, each KV head once) with the
+    # batch x seq axes replaced by pages x page positions: per cache group a (k, v) pair of
+    # (layers, pages, heads, page, dim). Page counts per group are bucketed by the caller; page id
+    # num_pages marks padding (export reads zeros, import writes nothing).
+    def canonical_page_shardings(self, counts: Any, page_size: Any) -> tuple[jax.sharding.NamedSharding, ...]:
+        spec = self.kv_spec()
+        axes = kv_cache.paged_axes(spec.logical_axes)
+        return tuple(self._sh(axes, s) for s in spec.page_shapes(self.unpack(counts), self.unpack(page_size)))
+
+    def export_pages_fn(self, counts: Any, num_pages: Any, page_size: Any):
+        """(k_pages, v_pages, page ids per group (counts,)) -> canonical pages of those ids."""
+        repeat, parts = self.kv_repeat, self._group_layers()
+
+        def export(k_pages, v_pages, ids):
+            k_pages, v_pages, ids = self.unpack(k_pages), self.unpack(v_pages), self.unpack(ids)
+            out = []
+            for g, (_, positions, _) in enumerate(parts):
+                for pages in (k_pages[g], v_pages[g]):
+                    x = jnp.take(pages[jnp.asarray(positions)], ids[g], axis=1, mode="fill", fill_value=0)
+                    out.append(x[:, :, ::repeat])
+            return tuple(out)
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("export_pages", counts, num_pages, page_size),
+            lambda: jax.jit(export, in_shardings=(k_sh, v_sh, rep),
+                            out_shardings=self.canonical_page_shardings(counts, page_size)),
+        )
+
+    def import_pages_fn(self, counts: Any, num_pages: Any, page_size: Any):
+        """(k_pages, v_pages, canonical pages, page ids per group) -> pages with those written at the
+        ids (padding ids dropped); the pages are donated."""
+        repeat, parts = self.kv_repeat, self._group_layers()
+
+        def import_(k_pages, v_pages, arrays, ids):
+            k_pages, v_pages, ids = self.unpack(k_pages), self.unpack(v_pages), self.unpack(ids)
+            out = [[], []]
+            for g, (_, positions, _) in enumerate(parts):
+                for i, pages in enumerate((k_pages[g], v_pages[g])):
+                    x = arrays[2 * g + i]
+                    x = jnp.repeat(x, repeat, axis=2) if repeat > 1 else x
+                    x = jnp.zeros((pages.shape[0],) + x.shape[1:], x.dtype).at[jnp.asarray(positions)].set(x)
+                    out[i].append(pages.at[:, ids[g]].set(x.astype(pages.dtype), mode="drop"))
+            return self.pack(out[0]), self.pack(out[1])
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("import_pages", counts, num_pages, page_size),
+            lambda: jax.jit(import_, in_shardings=(k_sh, v_sh, self.canonical_page_shardings(counts, page_size), rep),
+                            out_shardings=(k_sh, v_sh), donate_argnums=(0, 1)),
         )
 
     # ---- host-side drivers -----------------------------------------------------------------

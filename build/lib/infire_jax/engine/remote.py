@@ -1,4 +1,5 @@
-"""Multi-process prefill/decode: workers as separate OS processes, KV moved with jax.experimental.transfer.
+"""Multi-process prefill/decode: the engine core's workers as separate OS processes, KV pages moved
+with jax.experimental.transfer.
 
     with RemoteEngine(model_dir, [WorkerConfig("prefill", "prefill0", mesh="tp=2")],
                       [WorkerConfig("decode", "decode0", mesh="pp=2")]) as engine:
@@ -7,41 +8,48 @@
 Processes. The client (this module's RemoteEngine, in the caller's process; it never touches a device)
 starts every worker with the `spawn` start method, so each worker initialises JAX itself and simulates
 its own CPU devices (`jax_num_cpu_devices`); mesh device ranges ("tp=2@0-1") refer to the worker's own
-devices. A prefill worker runs engine/disagg.PrefillWorker, a decode worker runs engine/disagg.DecodeWorker
-(paged KV, continuous batching) on its own mesh with its own copy of the weights.
+devices. A prefill worker runs engine/core.PrefillWorker, a decode worker engine/core.DecodeWorker: the
+same workers, prefix caches and scheduling as the in-process engine (engine/disagg.py); this module is
+their transport. The client routes with the same core.Router, reading each worker's prefix index from
+the index changes the worker reports with its messages.
 
 Transfer layout ("mode", chosen per request batch by the client): "mesh" (default) = the prefill side
-reshards to the decode worker's own canonical sharding rebuilt on a same-shaped mesh of its devices,
-so the pull lands every shard once, in place (a prefill process therefore gets at least as many
-simulated devices as the largest decode mesh); "single" = one device on each side, the decode side
-reshards locally after the pull.
+reshards the canonical KV pages to the decode worker's own sharding rebuilt on a same-shaped mesh of
+its devices, so the pull lands every shard once, in place (a prefill process therefore gets at least as
+many simulated devices as the largest decode mesh); "single" = one device on each side, the decode
+side reshards locally after the pull.
 
 Control protocol: pickled tuples (kind, payload) over multiprocessing.connection (TCP on 127.0.0.1,
 HMAC authkey handshake). Worker -> client: "connected", "hello" (handshake: KV spec, transfer
-address, number of transport addresses, the decode layout {mesh shape, rules}, capacity), then
-"prefilled", "prefill_failed", "accepted", "tokens", "done", "failed", "bench_*". Client -> worker:
-"prefill", "accept", "cancel", "debug", "bench_*", "shutdown". KV never goes through the client.
+address, number of transport addresses, the decode layout {mesh shape, rules}, capacity, cache
+identity), then "reserved", "shipped", "accepted", "tokens", "failed", "bench_*". Client -> worker:
+"reserve", "prefill", "accept", "cancel", "debug", "bench_*", "shutdown". KV never goes through the
+client. Workers know a request as (id, attempt), so a retried request is never confused with its
+earlier placement.
 
-One request batch:
-  1. client -> prefill: "prefill" {requests, target decode worker's announced KVSpec + layout, mode}
-  2. prefill: checks its KVSpec against the decode's (KVLayoutMismatch -> "prefill_failed", nothing
-     is offered), runs the prefill program, makes the canonical KV (programs.canonical_kv_fn),
-     reshards it locally into the transfer layout (mode "mesh": the decode side's own canonical
-     sharding rebuilt on a same-shaped mesh of its devices; mode "single": one device), offers it under
-     a fresh uuid (expires after offer_timeout) and answers "prefilled" {first tokens, uuid, address,
-     its KVSpec, a device-independent description of each array's sharding, checksums}.
-  3. client -> decode: "accept" with that description.
-  4. decode: checks the prefill's KVSpec against its own, the array descriptions against the shardings
-     it will pull with, and the transport count, all BEFORE pulling (mismatch -> KVLayoutMismatch,
-     "failed"); pulls (deadline pull_timeout), compares checksums, reshards locally into its canonical
-     layout (transfer.handoff, one device_put), inserts into its pages (programs.insert_fn) and decodes.
-     "tokens" after every decode call (also the heartbeat), "done" when a request ends.
+One request:
+  1. client -> decode (router: its cached prefix, its load): "reserve"; the decode worker reserves
+     pages for the whole request when they are free (FIFO), reusing the prefix its index holds, and
+     answers "reserved" {id, skip = tokens it holds}.
+  2. client -> prefill (router): "prefill" {requests with skip, the decode worker's announced KVSpec +
+     layout, mode}; the prefill worker checks its KVSpec against the decode's (KVLayoutMismatch ->
+     "failed", nothing is offered), reuses its own cached prefix and runs prefill calls (whole prompts,
+     or chunks of prefill_chunk tokens). After every call it exports the pages that call completed
+     (minus the first skip tokens), reshards them into the transfer layout, offers them under a fresh
+     uuid (expires after offer_timeout) and answers "shipped" {first tokens of completed prompts, uuid,
+     address, its KVSpec, a device-independent description of each array's sharding, checksums}.
+  3. client -> decode: "accept" with that description: the decode worker checks the prefill's KVSpec
+     against its own, the array descriptions against the shardings it will pull with and the transport
+     count, all BEFORE pulling (mismatch -> KVLayoutMismatch, "failed"); pulls (deadline pull_timeout)
+     while the prefill worker computes the next chunk, compares checksums, reshards locally, writes the
+     pages into the request's reserved pages, and decodes once the prompt is complete. "tokens" after
+     every decode call (also the heartbeat; "done" entries when requests end).
 
 Timeouts: worker start (start_timeout), every client wait (run's timeout, polled), worker silence
 while it has requests in flight (stall_timeout -> killed), the pull (pull_timeout), offers
 (offer_timeout). A worker that dies (its process sentinel fires or its socket closes) has its
-in-flight requests re-queued on a surviving worker of the same role (max_retries) or failed with a
-WorkerDied error naming the worker, its pid and exit code; the rest go on.
+in-flight requests re-placed (max_retries; the other worker of the placement is told to let go) or
+failed with a WorkerDied error naming the worker, its pid and exit code; the rest go on.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ import warnings
 from multiprocessing.connection import Client, Listener, wait
 from typing import Any, Sequence
 
+from infire_jax.engine.core import Router
 from infire_jax.engine.generation import RequestError, validate_prompt
 from infire_jax.engine.sampling import SamplingError, SamplingParams, per_request
 from infire_jax.kv.cache import pages_needed
@@ -115,10 +124,12 @@ class WorkerConfig:
     rules: dict | None = None
     devices: int | None = None  # simulated CPU devices in the process (default: what the mesh needs)
     decode_steps: int = 8
-    num_pages: int = 256  # decode: KV pages
+    num_pages: int = 256  # KV pages (decode: the decode cache; prefill: its prefix cache)
     page_size: int = 16
     max_batch: int = 16
     max_batch_tokens: int = 8192  # prefill: padded tokens per prefill batch
+    prefill_chunk: int | None = 512  # prefill: prompt tokens per prefill call (None: whole prompts)
+    prefix_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -131,6 +142,7 @@ class WorkerConfig:
         return EngineOptions(
             decode_steps=self.decode_steps, kv_pages=self.num_pages, page_size=self.page_size,
             max_decode_batch=self.max_batch, prefill_max_tokens=self.max_batch_tokens,
+            prefix_cache=self.prefix_cache, prefill_chunk=self.prefill_chunk,
         )
 
     def mesh_devices(self) -> int:
@@ -194,7 +206,7 @@ def _error_payload(ids: Sequence[Any], e: BaseException) -> dict[str, Any]:
 
 
 class _Server:
-    """Shared worker-process state: the model on this worker's mesh, the transfer endpoint."""
+    """Shared worker-process state: the model on this worker's mesh, its core worker, the transfer endpoint."""
 
     def __init__(self, cfg: WorkerConfig, opts: dict[str, Any], conn):
         import jax
@@ -212,25 +224,55 @@ class _Server:
         self.endpoint = TransferEndpoint(int(opts.get("num_transports", 2)))
         self.tamper: dict[str, Any] = {}  # test hooks (the "debug" message): simulate a misbehaving peer
         self.jax = jax
+        self.worker: Any = None
 
     def hello(self) -> dict[str, Any]:
-        c, model_cfg = self.cfg, self.programs.placed.cfg
+        c, model_cfg, w = self.cfg, self.programs.placed.cfg, self.worker
         return dict(
             name=c.name, role=c.role, pid=os.getpid(), mesh=c.mesh, devices=len(self.jax.devices()),
             kv_spec=self.kv_spec, address=self.endpoint.address, num_transports=self.endpoint.num_transports,
             layout=dict(mesh=tuple(self.layout.mesh.shape.items()), rules=dict(self.layout.rules)),
             vocab_size=model_cfg.vocab_size, context=model_cfg.max_position_embeddings,
             page_size=c.page_size, num_pages=c.num_pages, decode_steps=c.decode_steps, max_batch=c.max_batch,
+            identity=w.kv.identity, page_sizes=w.page_sizes, context_tokens=w.context_tokens,
         )
 
     def send(self, kind: str, payload: dict[str, Any]) -> None:
         self.conn.send((kind, payload))
 
-    def handle_common(self, kind: str, p: dict[str, Any]) -> bool:
-        if kind == "debug":
-            self.tamper.update(p)
-            return True
-        return False
+    def state(self) -> dict[str, Any]:
+        """What the client's copy of this worker needs: index changes (for routing), counters."""
+        w = self.worker
+        return dict(events=w.kv.drain_events(), counters=dataclasses.asdict(w.counters),
+                    evicted_pages=w.kv.evicted_pages, free_blocks=w.kv.free_blocks)
+
+    def serve(self) -> None:
+        while True:
+            if self.conn.poll(0.0 if self.busy else 1.0):
+                while True:
+                    kind, p = self.conn.recv()
+                    if kind == "shutdown":
+                        return
+                    if kind == "debug":
+                        self.tamper.update(p)
+                    else:
+                        getattr(self, "on_" + kind)(p)
+                    if not self.conn.poll(0.0):
+                        break
+            self.work()
+
+    def on_cancel(self, p: dict[str, Any]) -> None:
+        for key in p["ids"]:
+            r = self.requests.pop(key, None)
+            if r is not None:
+                self.worker.release(r)
+
+    def _fail(self, reqs: Sequence[Any], e: BaseException) -> None:
+        for r in reqs:
+            self.requests.pop(r.id, None)
+            self.worker.release(r)
+        if reqs:
+            self.send("failed", _error_payload([r.id for r in reqs], e))
 
 
 class _PrefillServer(_Server):
@@ -239,70 +281,72 @@ class _PrefillServer(_Server):
         from infire_jax.engine.build import prefill_worker
 
         self.worker = prefill_worker(cfg.name, self.programs, cfg.engine_options())
+        self.worker.kv.track_events()
+        self.requests: dict[Any, Any] = {}  # key -> core Request, while it prefills here
+        self.targets: dict[str, dict[str, Any]] = {}  # decode worker name -> its announced layout
         self.uuids = itertools.count(1)
 
-    def serve(self) -> None:
-        while True:
-            if not self.conn.poll(1.0):
-                continue
-            kind, p = self.conn.recv()
-            if kind == "shutdown":
-                return
-            if self.handle_common(kind, p):
-                continue
-            if kind == "prefill":
-                self.prefill(p)
-            elif kind == "bench_offer":
-                self.bench_offer(p)
+    @property
+    def busy(self) -> bool:
+        """Work that can go on without a message: prompts being prefilled (rows waiting for pages
+        wait for a prefill call or a cancel to free some)."""
+        return bool(self.worker.prefilling)
 
-    def prefill(self, p: dict[str, Any]) -> None:
+    def on_prefill(self, p: dict[str, Any]) -> None:
         import numpy as np
 
-        from infire_jax.engine.disagg import Request
+        from infire_jax.engine.core import Request
 
         target = p["target"]
-        ids = [q["id"] for q in p["requests"]]
+        keys = [q["id"] for q in p["requests"]]
         if self.tamper.get("prefill_delay"):  # test hook: a hung prefill worker
             time.sleep(float(self.tamper["prefill_delay"]))
         try:
             self.kv_spec.check(target["kv_spec"])  # before any work: a mismatch never reaches a transfer
         except KVLayoutMismatch as e:
-            self.send("prefill_failed", dict(job=p["job"], **_error_payload(ids, e)))
+            self.send("failed", _error_payload(keys, e))
             return
+        self.targets[target["name"]] = dict(target, mode=p["mode"])
         for q in p["requests"]:
             r = Request(q["id"], np.asarray(q["prompt"], np.int32), SamplingParams(**q["params"]), time.perf_counter())
-            self.worker.queue.append(r)
-        while self.worker.queue:
-            batch, reqs = None, list(self.worker.queue)
-            t0 = time.perf_counter()
-            try:
-                batch = self.worker.run(target["page_size"])
-                reqs = batch.requests
-                self.offer(p, batch, time.perf_counter() - t0)
-            except Exception as e:  # noqa: BLE001 - this batch fails, the worker goes on
-                if batch is None:
-                    self.worker.queue.clear()
-                self.send("prefill_failed", dict(job=p["job"], **_error_payload([r.id for r in reqs], e)))
+            self.requests[r.id] = r
+            self.worker.submit(r, dest=target["name"], skip_tokens=q["skip"])
 
-    def offer(self, p: dict[str, Any], batch, prefill_s: float) -> None:
+    def work(self) -> None:
+        """One prefill call; its pages offered to their decode workers, one offer per destination."""
+        w = self.worker
+        if not w.rows:
+            return
+        w.in_call = []
+        t0 = time.perf_counter()
+        try:
+            shipments = w.step()
+        except Exception as e:  # noqa: BLE001 - this call's requests fail, the worker goes on
+            self._fail(w.in_call, e)
+            return
+        prefill_s = time.perf_counter() - t0
+        for s in shipments:
+            try:
+                self.offer(s, prefill_s)
+            except Exception as e:  # noqa: BLE001
+                self._fail([self.requests[row.id] for row in s.rows if row.id in self.requests], e)
+        for r in list(self.requests.values()):
+            if r.id not in w.rows:  # its prompt is complete and shipped
+                self.requests.pop(r.id)
+
+    def offer(self, s, prefill_s: float) -> None:
         import dataclasses as dc
 
         from infire_jax.kv import remote_transfer as rt
+        from infire_jax.kv.cache import paged_axes
 
-        jax, target, mode = self.jax, p["target"], p["mode"]
-        b = batch.rows
-        rows = [
-            dict(row=i, id=r.id, output=list(r.output), finish_reason=r.finish_reason)
-            for i, r in enumerate(batch.requests)
-        ]
-        live = [row for row in rows if not row["finish_reason"]]
-        if not live:  # every row ended at its first token: nothing to transfer
-            self.send("prefilled", dict(job=p["job"], rows=rows, prefill_s=prefill_s))
-            return
+        jax, target = self.jax, self.targets[s.dest]
+        send_mode = self.tamper.get("send_mode") or target["mode"]
+        shapes = self.kv_spec.page_shapes(s.counts, target["page_sizes"])
+        shardings = rt.sender_shardings(send_mode, shapes, paged_axes(self.kv_spec.logical_axes), target["layout"],
+                                        jax.devices())
         t0 = time.perf_counter()
-        send_mode = self.tamper.get("send_mode") or mode
-        shardings = rt.sender_shardings(send_mode, self.kv_spec, b, batch.t, target["layout"], jax.devices())
-        kv = jax.block_until_ready(jax.device_put(batch.kv, tuple(shardings)))
+        kv = jax.block_until_ready(jax.device_put(s.arrays, tuple(shardings)))
         sums = rt.checksum(kv) if self.opts.get("checksum", True) else None
         if self.tamper.get("corrupt"):
             kv = (jax.block_until_ready(kv[0] + 1),) + kv[1:]  # arrives in the right layout but with the wrong bytes
@@ -312,14 +356,16 @@ class _PrefillServer(_Server):
         spec = self.kv_spec
         if self.tamper.get("kv_spec"):
             spec = dc.replace(spec, **self.tamper["kv_spec"])
-        self.send("prefilled", dict(
-            job=p["job"], rows=rows, prefill_s=prefill_s, reshard_s=reshard_s, uuid=uuid,
-            address=self.endpoint.address, num_transports=self.endpoint.num_transports, kv_spec=spec,
-            descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in kv], checksums=sums, b=b, t=batch.t,
-            mode=mode,
+        final = [dict(id=r.id, output=[int(t) for t in r.output], finish_reason=r.finish_reason,
+                      cached_tokens=r.cached_tokens) for r in s.final]
+        self.send("shipped", dict(
+            dest=s.dest, uuid=uuid, address=self.endpoint.address, num_transports=self.endpoint.num_transports,
+            kv_spec=spec, descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in kv], checksums=sums,
+            rows=[dc.astuple(row) for row in s.rows], counts=s.counts, real=s.real, final=final,
+            mode=target["mode"], prefill_s=prefill_s, reshard_s=reshard_s, **self.state(),
         ))
 
-    def bench_offer(self, p: dict[str, Any]) -> None:
+    def on_bench_offer(self, p: dict[str, Any]) -> None:
         import numpy as np
 
         jax = self.jax
@@ -337,38 +383,43 @@ class _DecodeServer(_Server):
         from infire_jax.engine.build import decode_worker
 
         self.worker = decode_worker(cfg.name, self.programs, cfg.engine_options())
-        self.requests: dict[Any, Any] = {}  # id -> disagg.Request, while it lives here
-        self.sent: dict[Any, int] = {}  # id -> tokens already reported
+        self.worker.kv.track_events()
+        self.requests: dict[Any, Any] = {}  # key -> core Request, while it lives here
+        self.sent: dict[Any, int] = {}  # key -> tokens already reported
 
-    def serve(self) -> None:
+    @property
+    def busy(self) -> bool:
+        """Work that can go on without a message: rows to decode (reservations waiting for pages wait
+        for a decode call or a cancel to free some; rows waiting for their pages, for "accept")."""
         w = self.worker
-        while True:
-            busy = bool(w.running or w.arrived)
-            if self.conn.poll(0.0 if busy else 1.0):
-                while True:
-                    kind, p = self.conn.recv()
-                    if kind == "shutdown":
-                        return
-                    if not self.handle_common(kind, p):
-                        getattr(self, "on_" + kind)(p)
-                    if not self.conn.poll(0.0):
-                        break
-            self.decode_once()
+        return bool(w.running or w.ready)
 
     # -- messages ---------------------------------------------------------------------------------
-    def on_accept(self, p: dict[str, Any]) -> None:
-        ids = [row["id"] for row in p["rows"]]
-        try:
-            pulled = self.pull(p)
-        except Exception as e:  # noqa: BLE001 - these requests fail, the worker goes on
-            self.send("failed", _error_payload(ids, e))
-            return
-        self.send("accepted", dict(ids=ids, **pulled))
-
-    def pull(self, p: dict[str, Any]) -> dict[str, Any]:
+    def on_reserve(self, p: dict[str, Any]) -> None:
         import numpy as np
 
-        from infire_jax.engine.disagg import PrefillBatch, Request
+        from infire_jax.engine.core import Request
+
+        for q in p["requests"]:
+            r = Request(q["id"], np.asarray(q["prompt"], np.int32), SamplingParams(**q["params"]), time.perf_counter())
+            self.requests[r.id] = r
+            self.worker.submit(r)
+
+    def on_accept(self, p: dict[str, Any]) -> None:
+        keys = [row[0] for row in p["rows"]]
+        try:
+            pulled, finished = self.pull(p)
+        except Exception as e:  # noqa: BLE001 - these requests fail, the worker goes on
+            self._fail([self.requests[k] for k in keys if k in self.requests], e)
+            return
+        self.send("accepted", dict(ids=keys, **pulled, **self.state()))
+        if finished:
+            self.report([], finished)
+
+    def pull(self, p: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+        import numpy as np
+
+        from infire_jax.engine.core import Shipment, ShippedRow
         from infire_jax.kv import remote_transfer as rt
 
         jax, programs = self.jax, self.programs
@@ -379,12 +430,11 @@ class _DecodeServer(_Server):
                 f"the prefill side uses {p['num_transports']} transport addresses, this decode worker "
                 f"{self.endpoint.num_transports}; start both with the same num_transports"
             )
-        b, t = p["b"], p["t"]
-        if t % self.cfg.page_size:
-            raise KVLayoutMismatch(f"KV of {t} positions does not fill whole pages of {self.cfg.page_size}")
-        shapes = rt.kv_shapes(self.kv_spec, b, t)
+        counts = tuple(p["counts"])
+        shapes = self.kv_spec.page_shapes(counts, self.worker.page_sizes)
+        packed = programs.pack(counts), programs.pack(self.worker.page_sizes)
         if p["mode"] == "mesh":
-            shardings = programs.canonical_kv_shardings(b, t)
+            shardings = programs.canonical_page_shardings(*packed)
         else:
             first = next(iter(self.layout.mesh.devices.flat))
             shardings = (jax.sharding.SingleDeviceSharding(first),) * len(shapes)
@@ -399,34 +449,24 @@ class _DecodeServer(_Server):
                 "the pulled KV does not match the sender's checksums (wrong bytes or shards in the wrong "
                 "place); refusing to decode from it"
             )
-        # 3. local reshard into the decode layout (one device_put) and queue for the pages
-        rows = {row["row"]: row for row in p["rows"]}
-        reqs: list[Any] = [None] * b
-        for i, row in rows.items():
-            r = Request(row["id"], np.asarray(row["prompt"], np.int32), SamplingParams(**row["params"]), time.perf_counter())
-            r.output, r.length = list(row["output"]), len(row["prompt"])
-            reqs[i] = r
-        batch = PrefillBatch(reqs, kv, t, set(rows))
-        before = self.worker.transfer_stats.seconds
-        self.worker.accept(batch, p["kv_spec"])
-        reshard_s = self.worker.transfer_stats.seconds - before
-        for i in rows:
-            self.requests[reqs[i].id] = reqs[i]
-            self.sent[reqs[i].id] = len(reqs[i].output)
-            reqs[i].transfer_seconds += res.seconds
-        return dict(pull_s=res.seconds, local_reshard_s=reshard_s, bytes=res.bytes)
-
-    def on_cancel(self, p: dict[str, Any]) -> None:
-        for rid in p["ids"]:
-            r = self.requests.pop(rid, None)
-            self.sent.pop(rid, None)
+        # 3. local reshard into the decode layout (one device_put), written into the rows' pages
+        t0 = time.perf_counter()
+        kv = jax.device_put(kv, programs.canonical_page_shardings(*packed))
+        for f in p["final"]:  # first tokens, sampled by the prefill worker (reported to the client by it)
+            r = self.requests.get(f["id"])
             if r is not None:
-                self._drop(r)
-
-    def _drop(self, r) -> None:
-        w = self.worker
-        w.arrived = collections.deque((b, i) for b, i in w.arrived if b.requests[i] is not r)
-        w.release(r)
+                r.output, r.finish_reason, r.cached_tokens = list(f["output"]), f["finish_reason"], f["cached_tokens"]
+                self.sent[r.id] = len(r.output)
+        shipment = Shipment(self.cfg.name, [ShippedRow(*row) for row in p["rows"]], counts, tuple(p["real"]), kv, [])
+        finished = self.worker.receive(shipment, kv)
+        jax.block_until_ready((self.worker.k_pages, self.worker.v_pages))
+        reshard_s = time.perf_counter() - t0
+        for row in shipment.rows:
+            r = self.requests.get(row.id)
+            if r is not None:
+                r.transfer_seconds += res.seconds
+        return dict(pull_s=res.seconds, local_reshard_s=reshard_s, bytes=res.bytes,
+                    pages=sum(row.blocks for row in shipment.rows)), finished
 
     def on_bench_pull(self, p: dict[str, Any]) -> None:
         import numpy as np
@@ -456,32 +496,29 @@ class _DecodeServer(_Server):
             device_put_kind="device->device" if len(all_devs) > 1 else "host->device",
         ))
 
-    # -- decoding ---------------------------------------------------------------------------------
-    def decode_once(self) -> None:
+    # -- reserving and decoding -------------------------------------------------------------------
+    def work(self) -> None:
         w = self.worker
-        try:
-            w.admit()
-        except Exception as e:  # noqa: BLE001 - the requests being admitted fail
-            running = {id(r) for r in w.running}
-            stuck = [r for r in self.requests.values() if id(r) not in running]
-            for r in stuck:
-                self._drop(r)
-            self._fail(stuck, e)
-        if not w.running:
+        admitted = w.admit()
+        if admitted:
+            self.send("reserved", dict(rows=[dict(id=row.id, skip=row.lease.hit_tokens) for row in admitted],
+                                       **self.state()))
+        if not (w.running or w.ready):
             return
         if self.tamper.get("step_delay"):  # test hook: a slow decode worker
             time.sleep(float(self.tamper["step_delay"]))
-        running = list(w.running)
+        w.in_call = []
         try:
             finished = w.step()
         except Exception as e:  # noqa: BLE001 - the running batch fails, the worker goes on
-            for r in running:
-                w.release(r)
-            self._fail(running, e)
+            self._fail(w.in_call, e)
             return
+        self.report(w.in_call, finished)
+
+    def report(self, stepped: Sequence[Any], finished: Sequence[Any]) -> None:
         tokens = {}
-        for r in running:
-            new = r.output[self.sent[r.id]:]
+        for r in stepped:
+            new = r.output[self.sent.get(r.id, 0):]
             if new:
                 tokens[r.id] = [int(x) for x in new]
                 self.sent[r.id] = len(r.output)
@@ -490,14 +527,7 @@ class _DecodeServer(_Server):
         for r in finished:
             self.requests.pop(r.id, None)
             self.sent.pop(r.id, None)
-        self.send("tokens", dict(tokens=tokens, done=done, free_pages=w.allocator.free))
-
-    def _fail(self, reqs: list[Any], e: BaseException) -> None:
-        for r in reqs:
-            self.requests.pop(r.id, None)
-            self.sent.pop(r.id, None)
-        if reqs:
-            self.send("failed", _error_payload([r.id for r in reqs], e))
+        self.send("tokens", dict(tokens=tokens, done=done, **self.state()))
 
 
 # ================================================================================================
@@ -510,7 +540,7 @@ class RemoteRequest:
     params: SamplingParams
     submitted: float
     output: list[int] = dataclasses.field(default_factory=list)
-    status: str = "queued"  # queued, prefill, transfer, decoding, done, failed
+    status: str = "queued"  # queued, reserving, prefill, transfer, decoding, done, failed
     error: str | None = None
     error_type: str | None = None
     finish_reason: str | None = None
@@ -518,11 +548,18 @@ class RemoteRequest:
     prefill_worker: str | None = None
     decode_worker: str | None = None
     job: int | None = None
+    attempt: int = 0  # placements so far; workers know the request as (id, attempt)
     retries: int = 0
+    cached_tokens: int = 0
     prefill_s: float = 0.0
     pull_s: float = 0.0
     local_reshard_s: float = 0.0
     transfer_bytes: int = 0
+    block_hashes: dict[bytes, list[bytes]] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def key(self) -> tuple[Any, int]:
+        return (self.id, self.attempt)
 
     @property
     def finished(self) -> bool:
@@ -536,10 +573,10 @@ class RemoteRequest:
         t, n = self.times, len(self.output)
         out = dict(
             id=self.id, status=self.status, error=self.error, error_type=self.error_type,
-            finish_reason=self.finish_reason, prompt_tokens=len(self.prompt), generated_tokens=n,
-            prefill_worker=self.prefill_worker, decode_worker=self.decode_worker, retries=self.retries,
-            prefill_s=self.prefill_s, transfer_s=self.pull_s + self.local_reshard_s, pull_s=self.pull_s,
-            local_reshard_s=self.local_reshard_s, transfer_bytes=self.transfer_bytes,
+            finish_reason=self.finish_reason, prompt_tokens=len(self.prompt), cached_tokens=self.cached_tokens,
+            generated_tokens=n, prefill_worker=self.prefill_worker, decode_worker=self.decode_worker,
+            retries=self.retries, prefill_s=self.prefill_s, transfer_s=self.pull_s + self.local_reshard_s,
+            pull_s=self.pull_s, local_reshard_s=self.local_reshard_s, transfer_bytes=self.transfer_bytes,
         )
         if "dispatched" in t:
             out["queue_s"] = t["dispatched"] - self.submitted
@@ -561,6 +598,10 @@ class _Worker:
     alive: bool = True
     last_heard: float = 0.0
     death: str | None = None
+    index: set[bytes] = dataclasses.field(default_factory=set)  # block hashes its prefix index holds
+    counters: dict[str, int] = dataclasses.field(default_factory=dict)  # its latest counters
+    evicted_pages: int = 0
+    free_blocks: int = 0
 
     @property
     def name(self) -> str:
@@ -572,6 +613,48 @@ class _Worker:
 
     def describe(self) -> str:
         return f"{self.role} worker {self.name!r} (pid {self.process.pid})"
+
+    def update(self, p: dict[str, Any]) -> None:
+        """Apply the state a worker sent with a message: index changes, counters."""
+        for kind, h in p.get("events", ()):
+            self.index.add(h) if kind == "add" else self.index.discard(h)
+        if "counters" in p:
+            self.counters, self.evicted_pages, self.free_blocks = p["counters"], p["evicted_pages"], p["free_blocks"]
+
+    def hashes(self, r: RemoteRequest) -> list[bytes]:
+        from infire_jax.kv.manager import block_hashes
+
+        ident = self.info["identity"]
+        if ident not in r.block_hashes:
+            r.block_hashes[ident] = block_hashes(r.prompt, self.info["page_size"], ident)
+        return r.block_hashes[ident]
+
+
+class _View:
+    """The router's view of a worker process (core.Placeable): its cache from its index events, its
+    load from the requests this client placed on it."""
+
+    def __init__(self, engine: "RemoteEngine", w: _Worker):
+        self.engine, self.w = engine, w
+
+    def fits(self, r: RemoteRequest) -> bool:
+        return self.engine._pages_for(r, self.w) <= self.w.info["num_pages"]
+
+    def cached_prefix(self, r: RemoteRequest) -> int:
+        n = 0
+        for h in self.w.hashes(r):
+            if h not in self.w.index:
+                break
+            n += 1
+        return n * self.w.info["page_size"]
+
+    @property
+    def load_tokens(self) -> int:
+        return self.engine._load(self.w)
+
+    @property
+    def free_blocks(self) -> int:
+        return self.w.free_blocks
 
 
 class RemoteEngine:
@@ -617,12 +700,12 @@ class RemoteEngine:
         self.workers: dict[str, _Worker] = {}
         self.requests: dict[Any, RemoteRequest] = {}
         self.queue: collections.deque[Any] = collections.deque()
-        self.jobs: dict[int, dict[str, Any]] = {}
         self._ids = itertools.count()
         self._jobs = itertools.count()
         self._authkey = secrets.token_bytes(32)
         self._listener: Listener | None = None
-        self.transfers: list[dict[str, Any]] = []  # one entry per KV transfer (request batch)
+        self.transfers: list[dict[str, Any]] = []  # one entry per KV transfer (a prefill call's pages)
+        self._base: dict[str, tuple[dict[str, int], int]] = {}  # counters at the last reset_stats
         self.started = time.perf_counter()
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -659,6 +742,9 @@ class RemoteEngine:
                 proc.start()
                 self.workers[cfg.name] = _Worker(cfg, proc)
             self._handshake(conns)
+            sizes = {w.info["page_size"] for w in self.workers.values()}
+            if len(sizes) > 1:
+                raise ValueError(f"prefill and decode workers must use one page_size (pages cross whole), got {sorted(sizes)}")
         except BaseException:
             self.close()
             raise
@@ -714,7 +800,7 @@ class RemoteEngine:
                 if kind == "error":
                     raise WorkerStartError(f"{w.describe()} failed to start: {p['error']}\n{p['traceback']}")
                 if kind == "hello":
-                    w.info, w.last_heard = p, time.perf_counter()
+                    w.info, w.last_heard, w.free_blocks = p, time.perf_counter(), p["num_pages"]
                     del by_conn[c]
                     waiting.pop(w.name, None)
 
@@ -771,7 +857,7 @@ class RemoteEngine:
             decoders = self.alive("decode")
             if not decoders:
                 raise WorkerDied("no decode worker is alive")
-            context = min([info["context"]] + [w.info["num_pages"] * w.info["page_size"] for w in decoders])
+            context = min([info["context"]] + [w.info["context_tokens"] or info["context"] for w in decoders])
             r.prompt = validate_prompt(prompt, info["vocab_size"], context, r.params.max_new_tokens).tolist()
             if not any(self._pages_for(r, w) <= w.info["num_pages"] for w in decoders):
                 raise RequestError("request needs more KV pages than any decode worker has; lower max_new_tokens")
@@ -783,15 +869,22 @@ class RemoteEngine:
 
     @staticmethod
     def _pages_for(r: RemoteRequest, w: _Worker) -> int:
-        steps = w.info["decode_steps"]
-        total = len(r.prompt) + -(-r.params.max_new_tokens // steps) * steps + 1
+        """Pages of the full-length pool the request reserves on w (engine/core.py: the same rule)."""
+        total = len(r.prompt) + (r.params.max_new_tokens + w.info["decode_steps"] if w.role == "decode" else 0)
         return pages_needed(total, w.info["page_size"])
+
+    def _live(self, key: Any) -> RemoteRequest | None:
+        """The request a worker's key names, if that placement is still the current one."""
+        rid, attempt = key
+        r = self.requests.get(rid)
+        return r if r is not None and not r.finished and r.attempt == attempt else None
 
     def _fail(self, r: RemoteRequest, error_type: str, error: str) -> None:
         if r.finished:
             return
         r.status, r.error_type, r.error = "failed", error_type, error
         r.times["end"] = time.perf_counter()
+        self._cancel([r])
 
     def _done(self, r: RemoteRequest, output: list[int], finish_reason: str | None) -> None:
         r.output, r.finish_reason, r.status = list(output), finish_reason, "done"
@@ -803,51 +896,70 @@ class RemoteEngine:
 
     # ---- routing --------------------------------------------------------------------------------
     def _load(self, w: _Worker) -> int:
-        """Routing load: prompt tokens waiting for prefill, or requests headed for this decode worker."""
+        """Routing load in tokens (as core workers count it): prompt tokens waiting for prefill on a
+        prefill worker, tokens still to generate on a decode worker."""
         if w.role == "prefill":
             return sum(len(r.prompt) for r in self.requests.values() if r.prefill_worker == w.name and r.status == "prefill")
-        return sum(1 for r in self.requests.values() if r.decode_worker == w.name and not r.finished)
+        return sum(r.params.max_new_tokens - len(r.output) for r in self.requests.values()
+                   if r.decode_worker == w.name and not r.finished)
 
     def _in_flight(self, w: _Worker) -> int:
-        """Requests the worker itself is working on now (it must keep talking while there are any)."""
+        """Requests the worker itself is working on now (it must keep talking while there are any). A
+        decode worker's reservations waiting for pages or for their prefill are not its work."""
         stages = ("prefill",) if w.role == "prefill" else ("transfer", "decoding")
         name = "prefill_worker" if w.role == "prefill" else "decode_worker"
         return sum(1 for r in self.requests.values() if getattr(r, name) == w.name and r.status in stages)
 
     def _dispatch(self) -> None:
-        if not self.queue:
-            return
-        prefills, decoders = self.alive("prefill"), self.alive("decode")
-        jobs: dict[tuple[str, str], list[RemoteRequest]] = {}
+        """Place queued requests on decode workers (router: cached prefix and load); each reserves
+        pages and answers "reserved" with what it already holds (then the prefill is placed)."""
+        by_worker: dict[str, list[RemoteRequest]] = {}
         while self.queue:
             r = self.requests[self.queue.popleft()]
             if r.finished:
                 continue
+            prefills, decoders = self.alive("prefill"), self.alive("decode")
             if not prefills or not decoders:
                 role = "prefill" if not prefills else "decode"
                 self._fail(r, "WorkerDied", f"WorkerDied: no {role} worker is alive")
                 continue
-            fits = [d for d in decoders if self._pages_for(r, d) <= d.info["num_pages"]]
-            if not fits:
+            view = Router.choose([_View(self, w) for w in decoders], r)
+            if view is None:
                 self._fail(r, "RequestError", "RequestError: no surviving decode worker has enough KV pages")
                 continue
-            pw = min(prefills, key=self._load)
-            dw = min(fits, key=self._load)
-            r.prefill_worker, r.decode_worker, r.status = pw.name, dw.name, "prefill"
+            r.attempt += 1
+            r.decode_worker, r.prefill_worker, r.status = view.w.name, None, "reserving"
             r.times["dispatched"] = time.perf_counter()
-            jobs.setdefault((pw.name, dw.name), []).append(r)
-        for (pname, dname), reqs in jobs.items():
+            by_worker.setdefault(view.w.name, []).append(r)
+        for name, reqs in by_worker.items():
+            payload = [dict(id=r.key, prompt=r.prompt, params=dataclasses.asdict(r.params)) for r in reqs]
+            self._send(self.workers[name], ("reserve", dict(requests=payload)))
+
+    def _on_reserved(self, w: _Worker, p: dict[str, Any]) -> None:
+        w.update(p)
+        jobs: dict[str, list[tuple[RemoteRequest, int]]] = {}
+        for row in p["rows"]:
+            r = self._live(row["id"])
+            if r is None:  # cancelled or re-placed meanwhile: give the pages back
+                self._send(w, ("cancel", dict(ids=[row["id"]])))
+                continue
+            prefills = self.alive("prefill")
+            view = Router.choose([_View(self, x) for x in prefills], r)
+            if view is None:
+                why = "no prefill worker is alive" if not prefills else "no prefill worker has enough KV pages"
+                kind = "WorkerDied" if not prefills else "RequestError"
+                self._fail(r, kind, f"{kind}: {why}")
+                continue
+            r.prefill_worker, r.status = view.w.name, "prefill"
+            jobs.setdefault(view.w.name, []).append((r, row["skip"]))
+        target = dict(name=w.name, kv_spec=w.info["kv_spec"], layout=w.info["layout"],
+                      page_sizes=w.info["page_sizes"], num_transports=w.info["num_transports"])
+        for pname, reqs in jobs.items():
             job = next(self._jobs)
-            pw, dw = self.workers[pname], self.workers[dname]
-            self.jobs[job] = dict(prefill=pname, decode=dname, ids=[r.id for r in reqs])
-            for r in reqs:
+            for r, _ in reqs:
                 r.job = job
-            target = dict(
-                name=dname, kv_spec=dw.info["kv_spec"], layout=dw.info["layout"], page_size=dw.info["page_size"],
-                num_transports=dw.info["num_transports"],
-            )
-            reqs_payload = [dict(id=r.id, prompt=r.prompt, params=dataclasses.asdict(r.params)) for r in reqs]
-            self._send(pw, ("prefill", dict(job=job, requests=reqs_payload, target=target, mode=self.mode)))
+            payload = [dict(id=r.key, prompt=r.prompt, params=dataclasses.asdict(r.params), skip=skip) for r, skip in reqs]
+            self._send(self.workers[pname], ("prefill", dict(job=job, requests=payload, target=target, mode=self.mode)))
 
     def _send(self, w: _Worker, msg: tuple) -> bool:
         try:
@@ -911,16 +1023,6 @@ class RemoteEngine:
             self.step(min(0.05, remaining))
         return list(self.requests.values())
 
-    def _cancel(self, reqs: list[RemoteRequest]) -> None:
-        by_worker: dict[str, list[Any]] = {}
-        for r in reqs:
-            if r.decode_worker and r.decode_worker in self.workers:
-                by_worker.setdefault(r.decode_worker, []).append(r.id)
-        for name, ids in by_worker.items():
-            w = self.workers[name]
-            if w.alive:
-                self._send(w, ("cancel", dict(ids=ids)))
-
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -961,60 +1063,58 @@ class RemoteEngine:
             return
         handler(w, p)
 
-    def _on_prefilled(self, w: _Worker, p: dict[str, Any]) -> None:
+    def _on_shipped(self, w: _Worker, p: dict[str, Any]) -> None:
+        """A prefill call's pages for one decode worker: first tokens of the rows it completed; the
+        decode worker is told to pull (while the prefill worker computes its next call)."""
+        w.update(p)
         now = time.perf_counter()
-        job = self.jobs.get(p["job"], {})
-        live = []
-        for row in p["rows"]:
-            r = self.requests.get(row["id"])
-            if r is None or r.finished or r.job != p["job"]:
+        for f in p["final"]:
+            r = self._live(f["id"])
+            if r is None:
                 continue
-            r.output, r.prefill_s = list(row["output"]), p["prefill_s"]
+            r.output, r.cached_tokens, r.prefill_s = list(f["output"]), f["cached_tokens"], p["prefill_s"]
             r.times["first_token"] = now
-            if row["finish_reason"]:
-                self._done(r, row["output"], row["finish_reason"])
+            if f["finish_reason"]:
+                self._done(r, f["output"], f["finish_reason"])
             else:
                 r.status = "transfer"
-                live.append((row["row"], r))
-        if not live:
-            return
-        dw = self.workers[job["decode"]]
+        dw = self.workers[p["dest"]]
+        live = [r for row in p["rows"] if (r := self._live(row[0])) is not None]
         if not dw.alive:
-            self._retry_or_fail([r for _, r in live], dw)
+            self._retry_or_fail(live, dw)
             return
-        rows = [dict(row=i, id=r.id, prompt=r.prompt, params=dataclasses.asdict(r.params), output=r.output) for i, r in live]
-        fields = ("uuid", "address", "num_transports", "kv_spec", "descs", "checksums", "b", "t", "mode")
-        self._send(dw, ("accept", dict(job=p["job"], rows=rows, **{f: p[f] for f in fields})))
-
-    def _on_prefill_failed(self, w: _Worker, p: dict[str, Any]) -> None:
-        self._fail_ids(p)
+        fields = ("uuid", "address", "num_transports", "kv_spec", "descs", "checksums", "rows", "counts", "real",
+                  "final", "mode")
+        self._send(dw, ("accept", {f: p[f] for f in fields}))
 
     def _on_failed(self, w: _Worker, p: dict[str, Any]) -> None:
-        self._fail_ids(p)
-
-    def _fail_ids(self, p: dict[str, Any]) -> None:
-        for rid in p["ids"]:
-            r = self.requests.get(rid)
+        for key in p["ids"]:
+            r = self._live(key)
             if r is not None:
                 self._fail(r, p["error_type"], p["error"])
 
     def _on_accepted(self, w: _Worker, p: dict[str, Any]) -> None:
-        self.transfers.append(dict(worker=w.name, requests=len(p["ids"]), bytes=p["bytes"], pull_s=p["pull_s"],
-                                   local_reshard_s=p["local_reshard_s"]))
-        for rid in p["ids"]:
-            r = self.requests.get(rid)
-            if r is not None and not r.finished:
-                r.status, r.pull_s, r.local_reshard_s, r.transfer_bytes = (
-                    "decoding", p["pull_s"], p["local_reshard_s"], p["bytes"])
+        w.update(p)
+        self.transfers.append(dict(worker=w.name, requests=len(p["ids"]), bytes=p["bytes"], pages=p["pages"],
+                                   pull_s=p["pull_s"], local_reshard_s=p["local_reshard_s"]))
+        for key in p["ids"]:
+            r = self._live(key)
+            if r is not None:
+                r.pull_s += p["pull_s"]
+                r.local_reshard_s += p["local_reshard_s"]
+                r.transfer_bytes += p["bytes"] // max(1, len(p["ids"]))
+                if r.status == "transfer":
+                    r.status = "decoding"
 
     def _on_tokens(self, w: _Worker, p: dict[str, Any]) -> None:
-        for rid, toks in p["tokens"].items():
-            r = self.requests.get(rid)
-            if r is not None and not r.finished:
+        w.update(p)
+        for key, toks in p["tokens"].items():
+            r = self._live(key)
+            if r is not None:
                 r.output.extend(toks)
         for d in p["done"]:
-            r = self.requests.get(d["id"])
-            if r is not None and not r.finished:
+            r = self._live(d["id"])
+            if r is not None:
                 self._done(r, d["output"], d["finish_reason"])
 
     # ---- failures -------------------------------------------------------------------------------
@@ -1026,10 +1126,11 @@ class RemoteEngine:
             w.process.kill()
         w.process.join(5.0)
         if w.role == "prefill":
-            affected = [r for r in self.requests.values() if not r.finished and r.prefill_worker == w.name and r.status == "prefill"]
+            affected = [r for r in self.requests.values() if not r.finished and r.prefill_worker == w.name
+                        and r.status == "prefill"]
         else:
             affected = [r for r in self.requests.values() if not r.finished and r.decode_worker == w.name
-                        and r.status in ("transfer", "decoding")]
+                        and r.status in ("reserving", "prefill", "transfer", "decoding")]
         self._retry_or_fail(affected, w)
 
     def _retry_or_fail(self, reqs: list[RemoteRequest], w: _Worker) -> None:
@@ -1037,6 +1138,7 @@ class RemoteEngine:
         why = f"{w.describe()} died: {w.death or 'not alive'}"
         for r in reqs:
             if survivors and r.retries < self.max_retries:
+                self._cancel([r])  # the other worker of its placement lets go of it
                 r.retries += 1
                 r.status, r.output, r.job = "queued", [], None
                 r.prefill_worker = r.decode_worker = None
@@ -1047,21 +1149,60 @@ class RemoteEngine:
             else:
                 self._fail(r, "WorkerDied", f"WorkerDied: {why}; no surviving {w.role} worker to retry on")
 
+    def _cancel(self, reqs: list[RemoteRequest]) -> None:
+        """Tell the workers of the requests' placements to let go of them (pages, queues)."""
+        by_worker: dict[str, list[Any]] = {}
+        for r in reqs:
+            for name in {r.decode_worker, r.prefill_worker} - {None}:
+                if name in self.workers:
+                    by_worker.setdefault(name, []).append(r.key)
+        for name, keys in by_worker.items():
+            w = self.workers[name]
+            if w.alive and w.conn is not None:
+                self._send(w, ("cancel", dict(ids=keys)))
+
     # ---- measurements ---------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        """Count afresh from now (wall clock, transfers, the workers' counters)."""
+        self.started = time.perf_counter()
+        self.transfers = []
+        self._base = {name: (dict(w.counters), w.evicted_pages) for name, w in self.workers.items()}
+
+    def _counter(self, w: _Worker, key: str) -> int:
+        base = self._base.get(w.name, ({}, 0))
+        if key == "evicted_pages":
+            return w.evicted_pages - base[1]
+        return w.counters.get(key, 0) - base[0].get(key, 0)
+
     def stats(self) -> dict[str, Any]:
+        """As Engine.stats (engine/disagg.py), from what the workers reported, plus the workers."""
         reqs = [r for r in self.requests.values() if r.finished]
         wall = max([r.times.get("end", self.started) for r in reqs] + [self.started]) - self.started
         generated = sum(len(r.output) for r in reqs if r.status == "done")
         nbytes = sum(t["bytes"] for t in self.transfers)
         pull_s = sum(t["pull_s"] for t in self.transfers)
+        pre, dec = self.workers_of("prefill"), self.workers_of("decode")
+        admitted = sum(self._counter(w, "prompt_tokens") for w in pre)
+        hit = sum(self._counter(w, "prefix_hit_tokens") for w in pre)
         return dict(
             requests=len(reqs), failed=sum(r.status == "failed" for r in reqs), generated_tokens=generated,
-            wall_s=wall, tokens_per_s=generated / wall if wall else 0.0, transfers=len(self.transfers),
-            transfer_bytes=nbytes, pull_s=pull_s, pull_gib_per_s=nbytes / 2**30 / pull_s if pull_s else 0.0,
+            prompt_tokens=int(sum(len(r.prompt) for r in reqs)), cached_tokens=int(sum(r.cached_tokens for r in reqs)),
+            wall_s=wall, tokens_per_s=generated / wall if wall else 0.0,
+            prefill_tokens_computed=sum(self._counter(w, "prefill_tokens_computed") for w in pre),
+            prefix_hit_tokens=hit, hit_ratio=hit / admitted if admitted else 0.0,
+            decode_hit_tokens=sum(self._counter(w, "prefix_hit_tokens") for w in dec),
+            kv_pages_transferred=sum(self._counter(w, "kv_pages_transferred") for w in dec),
+            kv_bytes_transferred=sum(self._counter(w, "kv_bytes_transferred") for w in dec),
+            evicted_pages=sum(self._counter(w, "evicted_pages") for w in self.workers.values()),
+            transfers=len(self.transfers), transfer_bytes=nbytes, pull_s=pull_s,
+            pull_gib_per_s=nbytes / 2**30 / pull_s if pull_s else 0.0,
             local_reshard_s=sum(t["local_reshard_s"] for t in self.transfers),
             workers={w.name: dict(role=w.role, pid=w.process.pid, mesh=w.cfg.mesh, alive=w.alive, death=w.death)
                      for w in self.workers.values()},
         )
+
+    def workers_of(self, role: str) -> list[_Worker]:
+        return [w for w in self.workers.values() if w.role == role]
 
     def bench_transfer(self, nbytes: int, repeats: int = 3, timeout: float = 120.0) -> dict[str, Any]:
         """Pull `nbytes` (one fp32 array on one device) from the first prefill to the first decode

@@ -15,7 +15,11 @@
   paged KV pool in place, instead of gathering them into a contiguous cache first.
 - `causal_prefill_attention` (cpu_prefill_attention.cc): a prompt attending causally over itself
   (prefill with no cache) with an online softmax over register tiles, instead of XLA's many small
-  blocked dots and softmax fusions.
+  blocked dots and softmax fusions. `paged_prefill_attention`: the same for a chunk of new tokens
+  after a cached prefix read from its pages in place (prefix reuse, chunked prefill), instead of
+  gathering the pages and materialising every score.
+- `huffman_decode` (cpu_huffman.cc): not an XLA op but a host function for loading compressed
+  checkpoints: the Huffman exponent stream decoded chunk by chunk over threads (compression/codec.py).
 (Figures: WORKSPACE_NOTES.md, issue 9.)
 
 The library is compiled once per machine with the system C++ compiler (-O3, tuned for the host
@@ -30,20 +34,22 @@ import functools
 import hashlib
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import tempfile
 import warnings
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infire_jax.boot import cpu_signature  # what -march=native depends on: one library per CPU
 
 __all__ = [
     "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
-    "matmul_nt_palette12", "paged_decode_attention", "causal_prefill_attention",
+    "matmul_nt_palette12", "paged_decode_attention", "causal_prefill_attention", "paged_prefill_attention",
+    "huffman_decode", "histogram_u8",
 ]
 
 MATMUL_MAX_ROWS = 32  # float32 weights, measured: 1.42x at 32 rows, 1.00x at 64 (30-layer projection chain)
@@ -54,10 +60,12 @@ _TARGETS = {
     "infire_matmul_nt_palette12": "InfireMatmulNTPalette12",
     "infire_paged_decode_attention": "InfirePagedDecodeAttention",
     "infire_causal_prefill_attention": "InfireCausalPrefillAttention",
+    "infire_paged_prefill_attention": "InfirePagedPrefillAttention",
     "infire_embed_rows_bf16": "InfireEmbedRowsBF16",
 }
 _HERE = pathlib.Path(__file__).parent
-_SOURCES = (_HERE / "cpu_matmul.cc", _HERE / "cpu_attention.cc", _HERE / "cpu_prefill_attention.cc", _HERE / "cpu_embed.cc")
+_SOURCES = (_HERE / "cpu_matmul.cc", _HERE / "cpu_attention.cc", _HERE / "cpu_prefill_attention.cc", _HERE / "cpu_embed.cc",
+            _HERE / "cpu_huffman.cc")
 _HEADERS = (_HERE / "cpu_common.h",)
 _FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-Wno-attributes", "-Wno-return-type")
 _NATIVE = ("-march=native",)
@@ -65,16 +73,6 @@ _NATIVE = ("-march=native",)
 
 def _compiler() -> str | None:
     return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-
-
-def _cpu_signature() -> str:
-    """What -march=native depends on: a library built for one CPU may not run on another that
-    shares the cache directory."""
-    try:
-        flags = [ln for ln in pathlib.Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith(("flags", "Features"))]
-        return flags[0] if flags else platform.processor()
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def _cache_dir() -> pathlib.Path:
@@ -86,7 +84,7 @@ def library_path(compiler: str) -> pathlib.Path:
     """Where the library for this source, jaxlib, compiler and CPU lives."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([*(f.read_text() for f in _SOURCES + _HEADERS), jax.__version__, version, " ".join(_FLAGS + _NATIVE), _cpu_signature()]).encode()
+        "\0".join([*(f.read_text() for f in _SOURCES + _HEADERS), jax.__version__, version, " ".join(_FLAGS + _NATIVE), cpu_signature()]).encode()
     ).hexdigest()[:16]
     return _cache_dir() / f"cpu_kernels-{key}.so"
 
@@ -119,11 +117,15 @@ def ensure_built() -> pathlib.Path:
     return path
 
 
+def _library() -> ctypes.CDLL:
+    return ctypes.cdll.LoadLibrary(str(ensure_built()))
+
+
 @functools.cache
 def available() -> bool:
     """Build (once per machine), load and register the kernels; False (with one warning) if they cannot be."""
     try:
-        lib = ctypes.cdll.LoadLibrary(str(ensure_built()))
+        lib = _library()
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         return True
@@ -135,6 +137,65 @@ def available() -> bool:
             stacklevel=2,
         )
         return False
+
+
+@functools.cache
+def _host_functions() -> tuple[Any, Any] | None:
+    """The library's host helpers (Huffman decode, byte histogram), or None (one warning) if the
+    library cannot be built."""
+    try:
+        lib = _library()
+    except Exception as e:  # noqa: BLE001 - any failure means: numpy's code, and say why once
+        warnings.warn(f"infire_jax: compressed checkpoints decode with numpy, ~50x slower ({e})", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    p = ctypes.c_void_p
+    decode, histogram = lib.infire_huffman_decode, lib.infire_histogram_u8
+    decode.argtypes = [p, ctypes.c_int64, p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, p, p, ctypes.c_int,
+                       p, ctypes.c_int]
+    decode.restype = ctypes.c_int
+    histogram.argtypes = [p, ctypes.c_int64, p]
+    histogram.restype = None
+    return decode, histogram
+
+
+def histogram_u8(data: np.ndarray) -> np.ndarray | None:
+    """np.bincount(data.ravel(), minlength=256) for uint8 data without widening it first, or None if
+    the library is unavailable."""
+    fns = _host_functions()
+    if fns is None:
+        return None
+    data = np.ascontiguousarray(data, np.uint8)
+    counts = np.zeros(256, np.int64)
+    fns[1](data.ctypes.data, data.size, counts.ctypes.data)
+    return counts
+
+
+def huffman_decode(
+    stream: np.ndarray, offsets: np.ndarray, chunk_symbols: int, n: int, tab_sym: np.ndarray, tab_len: np.ndarray,
+    bits: int, threads: int | None = None,
+) -> np.ndarray | None:
+    """The n symbols of a chunked Huffman stream (codec's format: uint8 stream, int64 chunk bit
+    offsets, the 2**bits-entry (symbol, length) lookup table), or None if the library is unavailable
+    (callers use numpy's decoder). ValueError if the chunks do not line up (a corrupt stream). Runs
+    without the GIL over `threads` threads (default: the CPUs this process may use)."""
+    fns = _host_functions()
+    if fns is None:
+        return None
+    stream = np.ascontiguousarray(stream, np.uint8)
+    offsets = np.ascontiguousarray(offsets, np.int64)
+    tab_sym, tab_len = np.ascontiguousarray(tab_sym, np.uint8), np.ascontiguousarray(tab_len, np.uint8)
+    if tab_sym.size != 1 << bits or tab_len.size != 1 << bits:
+        raise ValueError(f"huffman tables must have 2**{bits} entries, got {tab_sym.size} and {tab_len.size}")
+    out = np.empty(n, np.uint8)
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    rc = fns[0](stream.ctypes.data, stream.size, offsets.ctypes.data, offsets.size, chunk_symbols, n, tab_sym.ctypes.data,
+            tab_len.ctypes.data, bits, out.ctypes.data, threads)
+    if rc == 2:
+        raise ValueError("corrupt huffman payload: chunk offsets do not match the tensor size/stream")
+    if rc:
+        raise ValueError("corrupt huffman payload: chunk boundaries do not line up with the bit stream")
+    return out
 
 
 def matmul_nt(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -229,3 +290,30 @@ def causal_prefill_attention(
         raise ValueError(f"causal_prefill_attention takes float32 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}")
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call("infire_causal_prefill_attention", out, vmap_method="sequential")(q, k, v)
+
+
+def paged_prefill_attention(
+    q: jax.Array,  # (B, T, KV, G, hd): a chunk of new tokens per row, rotated and scaled
+    k_new: jax.Array,  # (B, T, KV, hd): the chunk's keys and values (not in the pool yet)
+    v_new: jax.Array,
+    k_pages: jax.Array,  # (L, pages, KV, page, hd): the pool of every layer
+    v_pages: jax.Array,
+    table: jax.Array,  # (B, P) int32: row b's position p sits in page table[b, p // page]
+    start: jax.Array,  # (B,) int32: cached positions before the chunk (its first position)
+    layer: int,
+) -> jax.Array:
+    """Attention (B, T, KV, G, hd) of each row's new token t over the row's cached positions < start[b]
+    (read from layer `layer` of the pool in place) and the new tokens up to t; call `available()`
+    first. A table entry out of range for a cached position fails the program with an error."""
+    b, t, kv, g, hd = q.shape if q.ndim == 5 else (None,) * 5
+    if q.ndim != 5 or k_new.shape != (b, t, kv, hd) or v_new.shape != k_new.shape:
+        raise ValueError(f"paged_prefill_attention takes q (B, T, KV, G, hd) and k_new, v_new (B, T, KV, hd); got {q.shape}, {k_new.shape}, {v_new.shape}")
+    if k_pages.ndim != 5 or k_pages.shape != v_pages.shape or (k_pages.shape[2], k_pages.shape[4]) != (kv, hd):
+        raise ValueError(f"pages {k_pages.shape} do not match q {q.shape}: expected (layers, pages, {kv}, page, {hd})")
+    if not 0 <= layer < k_pages.shape[0]:
+        raise ValueError(f"layer {layer} is outside the pool's {k_pages.shape[0]} layers")
+    if any(a.dtype != jnp.float32 for a in (q, k_new, v_new, k_pages, v_pages)):
+        raise ValueError("paged_prefill_attention takes float32 q, k, v and pages")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    call = jax.ffi.ffi_call("infire_paged_prefill_attention", out, vmap_method="sequential")
+    return call(q, k_new, v_new, k_pages, v_pages, table.astype(jnp.int32), start.astype(jnp.int32), layer=np.int64(layer))

@@ -1,13 +1,32 @@
 """Kernel dispatch: the one place that decides how an op runs in the program being traced.
 
 Backends:
-  "xla"  XLA's own code, on every platform (the formulation the caller passes as `xla`).
-  "cpu"  infire_jax's XLA:CPU FFI kernels (kernels/cpu.py): one CPU device, float32 compute.
-A Layout's `kernels` setting asks ("auto" or "xla"); `backend()` resolves it for the program being
-traced (sharding.use_layout). Each op takes its operands and `xla`, a zero-argument function giving the
-XLA formulation, which runs wherever the chosen backend has no kernel for these operands (rows, dtype,
-window). Model code calls these ops and never checks a kernel's fit itself; a new backend (Pallas on a
-GPU) is a new branch here, not a change in model code.
+  "xla"     XLA's own code, on every platform (the formulation the caller passes as `xla`).
+  "cpu"     infire_jax's XLA:CPU FFI kernels (kernels/cpu.py): one CPU device, float32 compute.
+  "pallas"  infire_jax's Pallas attention kernels (kernels/pallas_attention.py), Triton-lowered on GPUs;
+            "pallas_interpret" runs the very same kernels through Pallas' interpreter on any platform.
+A Layout's `kernels` setting asks ("auto", "xla", "pallas", "pallas_interpret"); `backend()` resolves
+it for the program being traced (sharding.use_layout): "auto" is "pallas" on GPUs, "cpu" on one CPU
+device where the CPU kernels build, else "xla". Each op takes its operands and `xla`, a zero-argument
+function giving the XLA formulation, which runs wherever the chosen backend has no kernel for these
+operands (rows, dtype, window). Model code calls these ops and never checks a kernel's fit itself.
+
+What the Pallas backend covers (any dtype of float32/bf16/fp16 with power-of-two head dims and page
+size; under tp/dp each device runs the kernel on its own heads and rows inside shard_map):
+  paged_attention          our kernel, reading the page pool (layers, pages, KV, page, hd) in place
+                           through the page table with a traced or static layer index: GQA, per-row
+                           lengths, windows (Llama 4's ring pages are a window over the ring), and T > 1
+                           new tokens, which is prefill over a cached prefix. JAX's shipped
+                           pallas.ops.gpu.paged_attention is not used: it wants (KV, pages, page, hd)
+                           pages of one layer (a transposed copy of our pool per layer and step), and
+                           has no new-token merge, windows or multi-part keys.
+  paged_latent_attention   the same kernel with a two-part key (latent, rope key) whose values are the
+                           latent: DeepSeek MLA's absorbed decode.
+  causal_prefill_attention our flash kernel: GQA without repeating K/V, windows (Llama 4's chunked
+                           layers, traced per layer). JAX's shipped attention.mha needs equal q/kv
+                           heads and has no window.
+  Left to XLA: MLA's expanded prefill (per-head keys of nope + rope dims with a shared rope key),
+  non-power-of-two head dims, mixed dtypes, projections and embedding rows (XLA's GPU dots).
 """
 
 from __future__ import annotations
@@ -22,18 +41,44 @@ from infire_jax.compression.weights import EncodedWeight, RowEncodedWeight
 from infire_jax.kernels import cpu
 from infire_jax.sharding import current_layout
 
-__all__ = ["backend", "projection", "embed_rows", "paged_decode_attention", "causal_prefill_attention"]
+__all__ = [
+    "backend", "pages_in_place", "projection", "embed_rows", "paged_attention", "paged_latent_attention",
+    "causal_prefill_attention",
+]
 
 XlaFn = Callable[[], jax.Array]
+PALLAS = ("pallas", "pallas_interpret")
+
+
+def _pallas():
+    """The Pallas kernels' module, imported when a program first uses them (Pallas' own import costs
+    ~0.3 s that CPU-only users need not pay)."""
+    from infire_jax.kernels import pallas_attention
+
+    return pallas_attention
 
 
 def backend() -> str:
-    """The backend of the program being traced: "cpu" where its layout allows the CPU kernels
-    (Layout.cpu_kernels: asked for, one CPU device) and they could be built, else "xla"."""
+    """The backend of the program being traced: what its layout asks for, and for "auto" "pallas" on
+    a GPU, "cpu" where the layout allows the CPU kernels (Layout.cpu_kernels: one CPU device) and they
+    could be built (never tried elsewhere), else "xla"."""
     layout = current_layout()
-    if layout is not None and layout.cpu_kernels and cpu.available():
+    if layout is None:
+        return "xla"
+    if layout.kernels != "auto":
+        return layout.kernels
+    if layout.platform == "gpu":
+        return "pallas"
+    if layout.cpu_kernels and cpu.available():
         return "cpu"
     return "xla"
+
+
+def pages_in_place() -> bool:
+    """Whether every layer of a decode step reads its pages in place, so a stack of scanned layers
+    takes the page pools themselves (kv.paged.PagedPool) rather than one gathered copy of all layers.
+    The CPU kernel takes a static layer only (unrolled layers: a PagedLayerCache each)."""
+    return backend() in PALLAS
 
 
 def _cpu_projection_operands(x2: jax.Array, w: Any, contracted: int) -> Callable[[], jax.Array] | None:
@@ -78,9 +123,9 @@ def embed_rows(table: Any, tokens: jax.Array, dtype: Any, *, xla: XlaFn) -> jax.
     return xla()
 
 
-def paged_decode_attention(
-    q: jax.Array,  # (B, 1, H, hd), rotated and scaled
-    k_new: jax.Array,  # (B, 1, KV, hd)
+def paged_attention(
+    q: jax.Array,  # (B, T, H, hd), rotated and scaled
+    k_new: jax.Array,  # (B, T, KV, hd)
     v_new: jax.Array,
     k_cache: Any,  # kv.paged.PagedLayerCache
     v_cache: Any,
@@ -89,16 +134,48 @@ def paged_decode_attention(
     *,
     xla: XlaFn,
 ) -> jax.Array:
-    """Attention (B, T, H, hd) of new tokens over a paged cache plus themselves. The CPU kernel reads
-    the pages in place for one float32 token per row with no window; XLA gathers them first."""
+    """Attention (B, T, H, hd) of new tokens over a paged cache plus themselves (causally): decode
+    (T = 1) and a chunk of a prompt after a cached prefix (T > 1). The CPU kernels read the pages in
+    place for float32 tokens with no window and a static layer, the Pallas kernel for any T and window;
+    XLA gathers them first."""
     b, t, h, hd = q.shape
     kv = k_new.shape[2]
+    kind = backend()
     f32 = q.dtype == k_cache.pages.dtype == jnp.float32
-    if backend() == "cpu" and f32 and t == 1 and window is None:
-        out = cpu.paged_decode_attention(
-            q.reshape(b, kv, h // kv, hd), k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start, k_cache.layer
+    if kind == "cpu" and f32 and window is None and isinstance(k_cache.layer, int):
+        kernel = cpu.paged_decode_attention if t == 1 else cpu.paged_prefill_attention
+        qg = q.reshape((b, kv, h // kv, hd) if t == 1 else (b, t, kv, h // kv, hd))
+        out = kernel(qg, k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start, k_cache.layer)
+        return out.reshape(b, t, h, hd)
+    if kind in PALLAS and _pallas().fits_paged(q, (k_cache.pages,), v_cache.pages):
+        out = _pallas().paged_gqa(
+            q.reshape(b, t, kv, h // kv, hd), k_new, v_new, k_cache.pages, v_cache.pages, k_cache.table, start,
+            k_cache.layer, window, current_layout(), interpret=kind == "pallas_interpret",
         )
         return out.reshape(b, t, h, hd)
+    return xla()
+
+
+def paged_latent_attention(
+    q_lat: jax.Array,  # (B, T, H, r): queries absorbed into latent space
+    q_rope: jax.Array,  # (B, T, H, rope), rotated
+    c_new: jax.Array,  # (B, T, r) normed latents of the new tokens
+    kr_new: jax.Array,  # (B, T, rope) their rotated rope keys
+    c_cache: Any,  # kv.paged.PagedLayerCache of the latents (L, pages, 1, page, r)
+    kr_cache: Any,  # kv.paged.PagedLayerCache of the rope keys (L, pages, 1, page, rope)
+    start: jax.Array,  # (B,)
+    scale: float,
+    *,
+    xla: XlaFn,
+) -> jax.Array:
+    """MLA's absorbed attention output in latent space (B, T, H, r) of new tokens over a paged latent
+    cache plus themselves. The Pallas kernel reads the pages in place; XLA gathers them first."""
+    kind = backend()
+    if kind in PALLAS and _pallas().fits_paged(q_lat, (c_cache.pages, kr_cache.pages), None) and q_rope.dtype == q_lat.dtype:
+        return _pallas().paged_latent(
+            q_lat, q_rope, c_new, kr_new, c_cache.pages, kr_cache.pages, c_cache.table, start, c_cache.layer, scale,
+            current_layout(), interpret=kind == "pallas_interpret",
+        )
     return xla()
 
 
@@ -106,13 +183,17 @@ def causal_prefill_attention(
     q: jax.Array,  # (B, T, KV, G, hd), rotated and scaled
     k: jax.Array,  # (B, T, KV, hd)
     v: jax.Array,
-    window: int | None,
+    start: jax.Array,  # (B,) position of each row's first token (a window counts positions)
+    window: int | jax.Array | None,
     *,
     xla: XlaFn,
 ) -> jax.Array:
     """Causal attention (B, T, KV, G, hd) of a prompt over itself (no cache). The CPU kernel takes
-    float32 prompts of two or more tokens with no window."""
+    float32 prompts of two or more tokens with no window; the Pallas kernel any window."""
+    kind = backend()
     f32 = q.dtype == k.dtype == v.dtype == jnp.float32
-    if backend() == "cpu" and f32 and q.shape[1] > 1 and window is None:
+    if kind == "cpu" and f32 and q.shape[1] > 1 and window is None:
         return cpu.causal_prefill_attention(q, k, v)
+    if kind in PALLAS and _pallas().fits_prefill(q, k, v):
+        return _pallas().causal_prefill(q, k, v, start, window, current_layout(), interpret=kind == "pallas_interpret")
     return xla()

@@ -18,6 +18,11 @@ group has its own pair of page arrays (layers of that group only) and its own pa
                W / page) ring pages: constant however long it grows.
 The prefill -> decode handoff sends, for a windowed group, only the ring (`ring_window`): the
 prompt's last partial window, min(W, T) positions, not the whole prompt.
+A chunk of a prompt at position `start` (Programs.chunk_fn: prefix reuse, chunked prefill) reads the
+ring as a decode step does (it must hold start's window) and writes the chunk's last W positions, so a
+chunk may be longer than W and cross window boundaries. A ring holds only the window of its request's
+current length: a cached prefix of P tokens can reuse another request's ring only while that request's
+length is in P's window; otherwise reuse stops at floor(P / W) * W, where the ring starts empty.
 """
 
 from __future__ import annotations

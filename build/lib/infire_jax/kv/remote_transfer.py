@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, SingleDeviceSharding
 
-from infire_jax.kv.transfer import KVLayoutMismatch, KVSpec
+from infire_jax.kv.transfer import KVLayoutMismatch
 
 __all__ = [
     "TransferError",
@@ -41,7 +41,6 @@ __all__ = [
     "TRANSFER_MODES",
     "describe",
     "check_descriptions",
-    "kv_shapes",
     "sender_shardings",
     "checksum",
 ]
@@ -97,26 +96,21 @@ def check_descriptions(sent: Sequence[Mapping[str, Any]], expected: Sequence[Map
         raise KVLayoutMismatch(f"{side}: transfer layouts differ, refusing to pull: " + "; ".join(diffs))
 
 
-def kv_shapes(spec: KVSpec, b: int, t: int) -> tuple[tuple[int, ...], ...]:
-    """Shapes of the canonical arrays ((k, v) per cache group) of a prefill batch of b rows and t positions."""
-    return tuple(spec.array_shapes(b, t))
-
-
 def sender_shardings(
     mode: str,
-    spec: KVSpec,
-    b: int,
-    t: int,
+    shapes: Sequence[Sequence[int]],
+    logical_axes: Sequence[Any],
     receiver_layout: Mapping[str, Any],
     devices: Sequence[jax.Device],
 ) -> tuple[jax.sharding.Sharding, ...]:
-    """The shardings the sender must put the canonical KV in so a shard-for-shard copy lands it in
-    the receiver's announced layout. receiver_layout: {"mesh": ((axis, size), ...), "rules": {...}}."""
+    """The shardings the sender must put arrays of `shapes` (logical axes `logical_axes`, e.g. canonical
+    KV pages) in, so that a shard-for-shard copy lands them in the receiver's announced layout.
+    receiver_layout: {"mesh": ((axis, size), ...), "rules": {...}}."""
     from infire_jax import mesh as mesh_lib
     from infire_jax.sharding import Layout
 
     if mode == "single":
-        return (SingleDeviceSharding(devices[0]),) * len(kv_shapes(spec, b, t))
+        return (SingleDeviceSharding(devices[0]),) * len(shapes)
     if mode != "mesh":
         raise ValueError(f"transfer mode must be one of {TRANSFER_MODES}, got {mode!r}")
     sizes = tuple(receiver_layout["mesh"])
@@ -128,7 +122,7 @@ def sender_shardings(
         )
     mesh = mesh_lib.make_mesh(mesh_lib.MeshSpec(sizes), list(devices))
     layout = Layout(mesh, dict(receiver_layout["rules"]))
-    return tuple(layout.sharding(spec.logical_axes, shape) for shape in kv_shapes(spec, b, t))
+    return tuple(layout.sharding(tuple(logical_axes), tuple(shape)) for shape in shapes)
 
 
 # ---- end-to-end checksum --------------------------------------------------------------------------

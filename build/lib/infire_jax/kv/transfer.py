@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -49,6 +49,12 @@ class KVSpec:
         """Shapes of the canonical arrays (k, v of each group) of b rows and t prompt positions."""
         groups = self.groups or ((self.num_layers, None),)
         return [(n, b, h, t if w is None else min(w, t), d) for n, w in groups for h, d in zip(self.heads, self.dims)]
+
+    def page_shapes(self, counts: Sequence[int], page_sizes: Sequence[int]) -> list[tuple[int, ...]]:
+        """Shapes of canonical KV pages (k, v of each group): counts[g] pages of page_sizes[g] positions,
+        (layers, pages, heads, page, dim): what moves when workers exchange pages, not prompts."""
+        groups = self.groups or ((self.num_layers, None),)
+        return [(n, c, h, ps, d) for (n, _), c, ps in zip(groups, counts, page_sizes) for h, d in zip(self.heads, self.dims)]
 
     def check(self, other: "KVSpec") -> None:
         diffs = [

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from infire_jax.kernels import dispatch
-from infire_jax.kv.paged import PagedLayerCache
+from infire_jax.kv.paged import PagedLayerCache, PagedPool
 
 __all__ = ["gqa_attention", "grouped_attention"]
 
@@ -74,7 +74,7 @@ def gqa_attention(
     kv = k_new.shape[2]
     if isinstance(k_cache, PagedLayerCache):
         pages = k_cache, v_cache
-        return dispatch.paged_decode_attention(
+        return dispatch.paged_attention(
             q, k_new, v_new, k_cache, v_cache, start, window,
             xla=lambda: gqa_attention(q, k_new, v_new, start, pages[0].gather(), pages[1].gather(), window=window),
         )
@@ -83,7 +83,7 @@ def gqa_attention(
     qg = q.reshape(b, t, kv, h // kv, hd)
     if k_cache is None:
         return dispatch.causal_prefill_attention(
-            qg, k_new, v_new, window, xla=lambda: _prompt_attention(qg, k_new, v_new, start, window)
+            qg, k_new, v_new, start, window, xla=lambda: _prompt_attention(qg, k_new, v_new, start, window)
         ).reshape(b, t, h, hd)
     return _attention(qg, k_new, v_new, start, k_cache, v_cache, window).reshape(b, t, h, hd)
 
@@ -129,8 +129,8 @@ def grouped_attention(
     k_new: jax.Array,
     v_new: jax.Array,
     start: jax.Array,
-    k_caches: tuple[jax.Array, ...],  # per cache group: (layers of the group, B, KV, S_g, hd)
-    v_caches: tuple[jax.Array, ...],
+    k_caches: tuple[jax.Array | PagedPool, ...],  # per cache group: (layers of the group, B, KV, S_g, hd) or its pool
+    v_caches: tuple[jax.Array | PagedPool, ...],
     group: jax.Array,  # this layer's cache group
     index: jax.Array,  # this layer's entry in its group's caches
     windows: tuple[int | None, ...],  # per group: None (every position) or W (a ring of W slots)
@@ -139,12 +139,17 @@ def grouped_attention(
     position p at slot p mod W; its layers attend only within their window, so with start' = start mod W
     the ring reads as an ordinary cache whose first start' slots are the current window's positions
     (later slots hold the previous window and are masked, as are cached slots for new tokens that
-    cross into the next window). One lax.switch branch per group: the caches differ in length."""
+    cross into the next window). One lax.switch branch per group: the caches differ in length. A
+    group's PagedPool is read in place: the layer's entry is its page view."""
+
+    def entry(cache: jax.Array | PagedPool, index: jax.Array) -> jax.Array | PagedLayerCache:
+        if isinstance(cache, PagedPool):
+            return cache.layer(index)
+        return jax.lax.dynamic_index_in_dim(cache, index, 0, keepdims=False)
 
     def branch(g: int):
         def attend(q, k_new, v_new, start, index):
-            kc = jax.lax.dynamic_index_in_dim(k_caches[g], index, 0, keepdims=False)
-            vc = jax.lax.dynamic_index_in_dim(v_caches[g], index, 0, keepdims=False)
+            kc, vc = entry(k_caches[g], index), entry(v_caches[g], index)
             w = windows[g]
             return gqa_attention(q, k_new, v_new, start if w is None else start % w, kc, vc, window=w)
 

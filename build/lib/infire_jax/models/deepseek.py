@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 
 from infire_jax.config import ModelConfig
+from infire_jax.kernels import dispatch
+from infire_jax.kv.paged import PagedLayerCache
 from infire_jax.models import layers, moe
 from infire_jax.models.llama import head_tensor_map, layer_norms_tensor_map
 from infire_jax.models.qwen3_moe import dense_ffn_params, dense_ffn_tensor_map, expert_tensor_map
@@ -60,28 +62,31 @@ def mla_attention(
     w_uv: Any,  # (H, v, r)
     start: jax.Array,  # (B,) cache entries before the new tokens
     scale: float,
-    c_cache: jax.Array | None = None,  # (B, S, r)
-    kr_cache: jax.Array | None = None,  # (B, S, rope)
+    c_cache: jax.Array | PagedLayerCache | None = None,  # (B, S, r), or pages (L, pages, 1, page, r)
+    kr_cache: jax.Array | PagedLayerCache | None = None,  # (B, S, rope), or pages (L, pages, 1, page, rope)
     *,
     absorb: bool | None = None,  # None: absorbed with a cache, expanded without
 ) -> jax.Array:
-    """Attention output per head, (B, T, H, v)."""
+    """Attention output per head, (B, T, H, v). A paged cache is read in place where the kernel
+    dispatch has a kernel for the absorbed form, else gathered."""
     absorb = (c_cache is not None) if absorb is None else absorb
+    paged = isinstance(c_cache, PagedLayerCache)
+    gathered = lambda: (c_cache.gather()[:, 0], kr_cache.gather()[:, 0])  # noqa: E731  (B, S, r), (B, S, rope)
+    if absorb:
+        if paged:
+            o_lat = dispatch.paged_latent_attention(
+                layers.dense(q_nope, w_uk, "bthk,hkr->bthr"), q_rope, c_new, kr_new, c_cache, kr_cache, start, scale,
+                xla=lambda: _absorbed(q_nope, w_uk, q_rope, c_new, kr_new, start, scale, *gathered()),
+            )
+        else:
+            o_lat = _absorbed(q_nope, w_uk, q_rope, c_new, kr_new, start, scale, c_cache, kr_cache)
+        return layers.dense(o_lat, w_uv, "bthr,hvr->bthv")
+    if paged:
+        c_cache, kr_cache = gathered()
     t = q_nope.shape[1]
     causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # (T, T)
     if c_cache is not None:
         visible = jnp.arange(c_cache.shape[1])[None, :] < start[:, None]  # (B, S)
-    if absorb:
-        q_lat = layers.dense(q_nope, w_uk, "bthk,hkr->bthr")
-        s_new = jnp.einsum("bthr,bsr->bhts", q_lat, c_new) + jnp.einsum("bthk,bsk->bhts", q_rope, kr_new)
-        scores = [jnp.where(causal, s_new * scale, _NEG)]
-        if c_cache is not None:
-            s_c = jnp.einsum("bthr,bsr->bhts", q_lat, c_cache) + jnp.einsum("bthk,bsk->bhts", q_rope, kr_cache)
-            scores.insert(0, jnp.where(visible[:, None, None, :], s_c * scale, _NEG))
-        probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
-        values = c_new if c_cache is None else jnp.concatenate([c_cache, c_new], axis=1)
-        o_lat = jnp.einsum("bhts,bsr->bthr", probs, values)
-        return layers.dense(o_lat, w_uv, "bthr,hvr->bthv")
     # Expanded: per-head keys and values (of the cache too, if any: the reference form for tests).
     c_all = c_new if c_cache is None else jnp.concatenate([c_cache, c_new], axis=1)
     kr_all = kr_new if kr_cache is None else jnp.concatenate([kr_cache, kr_new], axis=1)
@@ -94,6 +99,23 @@ def mla_attention(
                                 jnp.broadcast_to(causal, (visible.shape[0], t, t))], axis=-1)
     probs = jax.nn.softmax(jnp.where(mask[:, None], s * scale, _NEG), axis=-1)
     return jnp.einsum("bhts,bshv->bthv", probs, v)
+
+
+def _absorbed(q_nope, w_uk, q_rope, c_new, kr_new, start, scale, c_cache, kr_cache) -> jax.Array:
+    """XLA's absorbed attention in latent space (B, T, H, r) over an optional contiguous cache."""
+    t = q_nope.shape[1]
+    causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # (T, T)
+    if c_cache is not None:
+        visible = jnp.arange(c_cache.shape[1])[None, :] < start[:, None]  # (B, S)
+    q_lat = layers.dense(q_nope, w_uk, "bthk,hkr->bthr")
+    s_new = jnp.einsum("bthr,bsr->bhts", q_lat, c_new) + jnp.einsum("bthk,bsk->bhts", q_rope, kr_new)
+    scores = [jnp.where(causal, s_new * scale, _NEG)]
+    if c_cache is not None:
+        s_c = jnp.einsum("bthr,bsr->bhts", q_lat, c_cache) + jnp.einsum("bthk,bsk->bhts", q_rope, kr_cache)
+        scores.insert(0, jnp.where(visible[:, None, None, :], s_c * scale, _NEG))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+    values = c_new if c_cache is None else jnp.concatenate([c_cache, c_new], axis=1)
+    return jnp.einsum("bhts,bsr->bthr", probs, values)
 
 
 def deepseek_kinds(cfg: ModelConfig) -> tuple[str, ...]:
@@ -207,7 +229,7 @@ class DeepseekV3(moe.MoEDecoder):
         wkv_b = w["wkv_b"]
         out = mla_attention(
             q[..., :nope], q_rope, latent, k_rope, wkv_b[:, :nope], wkv_b[:, nope:], ctx["start"], self.scale,
-            None if kc is None else kc[:, 0], None if vc is None else vc[:, 0], absorb=self.absorb,
+            *((kc, vc) if kc is None or isinstance(kc, PagedLayerCache) else (kc[:, 0], vc[:, 0])), absorb=self.absorb,
         )
         out = constrain(out, ("batch", "seq", "heads", "head_dim"))
         y = constrain(layers.dense(out, w["wo"], "bthv,dhv->btd"), ("batch", "seq", "embed"))

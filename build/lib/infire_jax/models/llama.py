@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from infire_jax.config import ModelConfig
+from infire_jax.kv.paged import scan_layers
 from infire_jax.models import layers
 from infire_jax.models.attention import gqa_attention
 from infire_jax.sharding import constrain
@@ -151,9 +152,11 @@ class Llama(nnx.Module):
                 v_new.append(v)
             return x, jnp.stack(k_new), jnp.stack(v_new)
         kv_zeros = jnp.zeros((b, self.kv_heads, t, self.cfg.head_dim), x.dtype)
+        k_cache, v_cache, layer_caches = scan_layers(k_cache, v_cache)
 
         def body(x, xs):
             w, on, kc, vc = xs
+            kc, vc = layer_caches(kc, vc)
             run = lambda x: self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc)  # noqa: E731
             if all(self.active):  # no padding slots: no cond (a cond copies the layer's weights)
                 return run(x)

@@ -49,6 +49,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.config import ModelConfig
+from infire_jax.kv.paged import scan_layers
 from infire_jax.models import layers
 from infire_jax.models.llama import gqa_params
 from infire_jax.sharding import constrain, current_layout, stage_slots
@@ -632,7 +633,8 @@ class MoEDecoder(nnx.Module):
         active: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x.
-        Caches: per slot (slots, B, KV, S, hd), or a tuple with one per cache group (see cache_groups)."""
+        Caches: per slot (slots, B, KV, S, hd) or a kv.paged.PagedPool, or a tuple with one per cache
+        group (see cache_groups)."""
         b, t, _ = x.shape
         num_slots = len(self.active)
         active = jnp.asarray(self.active) if active is None else active
@@ -651,11 +653,14 @@ class MoEDecoder(nnx.Module):
             xs_static["cache"] = (jnp.asarray(group_table)[stage], jnp.asarray(entry_table)[stage])
         k_shape, v_shape = self.kv_shapes(b, t)
         zeros = (jnp.zeros(k_shape[1:], x.dtype), jnp.zeros(v_shape[1:], x.dtype))
+        k_cache, v_cache, layer_caches = scan_layers(k_cache, v_cache)
 
         def layer(w, s, kc, vc, x):
             flags = s["flags"]
             if grouped:  # the whole per-group caches; the layer's attention picks its group and entry
                 (kc, vc), flags = caches, dict(flags, cache_group=s["cache"][0], cache_index=s["cache"][1])
+            else:
+                kc, vc = layer_caches(kc, vc)
             x, kv = self._attention(w, x, ctx, kc, vc, flags)
             h = layers.rms_norm(x, w["mlp_norm"], self.cfg.rms_norm_eps)
             y = self._ffn_switch(s["kind"], s["index"], h)

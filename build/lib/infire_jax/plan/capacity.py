@@ -66,6 +66,9 @@ __all__ = [
     "plan_capacity",
     "plan_best",
     "candidate_meshes",
+    "param_kind",
+    "BootCalibration",
+    "boot_time",
 ]
 
 MODELS_DIR = configs_dir() / "models"
@@ -191,7 +194,9 @@ class ParamShard:
         return math.prod(self.shard_shape) * self.itemsize * self.factor
 
 
-def _kind(path: tuple[str, ...], axes: tuple) -> str:
+def param_kind(path: tuple[str, ...], axes: tuple) -> str:
+    """What a parameter is, from its path and logical axes: embedding, lm_head, routed_expert, router,
+    norm, shared_expert, dense_mlp or attention."""
     name = path[-1]
     if path == ("embed",):
         return "embedding"
@@ -300,7 +305,7 @@ def build_abstract(
         value = var.get_value()
         axes = tuple(var.get_metadata()["logical_axes"])
         pspec = tuple(layout.spec(axes, value.shape))
-        kind = _kind(path, axes)
+        kind = param_kind(path, axes)
         factor = 1.0
         floating = np.dtype(value.dtype).kind == "f" or str(value.dtype) == "bfloat16"
         if weights == "int4_experts" and kind == "routed_expert" and not int4_native and floating:
@@ -450,17 +455,22 @@ class CapacityPlan:
     def kv_free_total(self) -> float:
         return self.kv_free_per_device * self.count
 
-    def seq_bytes_per_device(self, length: float) -> float:
-        """Bottleneck device's cache bytes for one sequence of `length` tokens (chunked layers capped)."""
-        best = 0.0
+    def seq_bytes_per_stage(self, length: float) -> list[float]:
+        """Cache bytes one sequence of `length` tokens takes on a device of each pipeline stage
+        (chunked layers capped)."""
+        out = []
         for st in self.stage_layers:
             b = 0.0
             for t, n in st.items():
                 per = self.kv_bytes_per_token_per_layer[t]
                 eff = min(length, self.chunk_size) if (t == "chunked" and self.chunk_size) else length
                 b += n * per * eff
-            best = max(best, b)
-        return best
+            out.append(b)
+        return out
+
+    def seq_bytes_per_device(self, length: float) -> float:
+        """Bottleneck device's cache bytes for one sequence of `length` tokens (chunked layers capped)."""
+        return max(self.seq_bytes_per_stage(length), default=0.0)
 
     def max_cache_tokens(self, length: int) -> float:
         """Tokens that fit in one replica's cache as sequences of `length` tokens."""
@@ -497,6 +507,9 @@ class CapacityPlan:
             max_cache_tokens_at_8k=int(min(self.max_cache_tokens(8192), 2**62)) * self.replicas,
             model_max_position_embeddings=self.abstract.cfg.max_position_embeddings if self.abstract else None,
         )
+        if self.fits:
+            boot = boot_time(self)
+            out["boot"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in boot.items()}
         return out
 
 
@@ -652,6 +665,61 @@ def _params_unpacked(am: AbstractModel) -> int:
             n *= _real_fraction(am, p)
         total += n
     return int(round(total))
+
+
+# ------------------------------------------------------------------------------------------------
+# Boot time on paper
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BootCalibration:
+    """Constants of the boot estimate that are not bandwidths, measured on this project's 2-core CPU
+    (experiments/bench_cold_start.py --calibrate_layers=2,8,16,30; WORKSPACE_NOTES, issue 21), in CPU
+    seconds of the process, which other jobs on a shared machine do not inflate: imports before the
+    loader starts; per program compiled (cold cache) a fixed part plus a part per layer the program
+    unrolls (pp=1 layer lists); per program loaded from the persistent cache (tracing, lowering,
+    reading). XLA:CPU stands in for XLA:GPU, whose compiles (with autotuning) take longer, so the
+    cold-cache figure is a floor. `programs`: what generate.py's one request shape compiles before
+    its first token (prefill, KV handoff and insert, decode at its page buckets, page allocation)."""
+
+    init_s: float = 2.8  # Python, JAX (1.6 s) and Flax NNX (0.9 s) imports
+    compile_s_per_program: float = 0.77
+    compile_s_per_layer: float = 0.045
+    cached_s_per_program: float = 0.27
+    programs: int = 7
+
+
+BOOT = BootCalibration()
+
+
+def boot_time(plan: CapacityPlan, calibration: BootCalibration = BOOT, storage_bw: float | None = None,
+              host_to_device_bw: float | None = None) -> dict[str, Any]:
+    """Seconds from process start to serving for one replica of `plan`, on paper, stage by stage:
+    init (imports), read (each node reads its devices' shards: per-device weight bytes x devices per
+    node / storage bandwidth), host_to_device (per-device bytes over PCIe, devices in parallel),
+    compile (cold: every program compiled; warm: loaded from the persistent compilation cache).
+    The stages run one after another, as infire_jax's loader does."""
+    hw = plan.hardware
+    storage = storage_bw or hw.storage_bw
+    h2d = host_to_device_bw or hw.host_to_device_bw
+    per_device = plan.weight_bytes_per_device
+    devices = plan.devices_per_replica
+    read = per_device * min(devices, hw.devices_per_node) / storage
+    to_device = per_device / h2d
+    am = plan.abstract
+    unrolled = am.cfg.num_layers if am is not None and am.stages == 1 else 1  # pp > 1: layers are scanned
+    c = calibration
+    cold = c.programs * (c.compile_s_per_program + c.compile_s_per_layer * unrolled)
+    warm = c.programs * c.cached_s_per_program
+    base = c.init_s + read + to_device
+    return dict(
+        init_s=c.init_s, read_s=read, host_to_device_s=to_device, compile_s=warm, compile_cold_cache_s=cold,
+        total_s=base + warm, total_cold_cache_s=base + cold,
+        assumptions=dict(storage_bytes_per_s=storage, host_to_device_bytes_per_s=h2d,
+                         weight_bytes_per_device=per_device, devices_per_node=min(devices, hw.devices_per_node),
+                         unrolled_layers=unrolled) | dataclasses.asdict(c),
+    )
 
 
 # ------------------------------------------------------------------------------------------------

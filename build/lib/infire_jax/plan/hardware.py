@@ -5,7 +5,9 @@ Device memory is what the driver reports as total (nvidia-smi `memory.total`): H
 81,559 MiB (79.65 GiB), H200 141 GB = 143,771 MiB (140.40 GiB). Bandwidth and FLOP/s are NVIDIA's
 datasheet figures (H100 SXM: 3.35 TB/s, 989 TFLOP/s dense bf16; H200: 4.8 TB/s, same FLOP/s);
 NVLink 4 is 900 GB/s per GPU (both directions), 450 GB/s one way. Between nodes each GPU has one
-400 Gb/s NIC (ConnectX-7 / InfiniBand NDR): 50 GB/s.
+400 Gb/s NIC (ConnectX-7 / InfiniBand NDR): 50 GB/s. For boot time on paper: weights cross PCIe 5.0
+x16 at ~50 GB/s per GPU (80% of its 63 GB/s per direction) and a node reads checkpoint files at 20 GB/s
+(local NVMe drives striped; an assumption to replace with your storage's figure).
 
 "cpu" is this machine: memory from /proc/meminfo, and bandwidth / fp32 matmul peak either measured
 (`measure_cpu()`, the methods of experiments/bench_common.py: np.copyto into a preallocated buffer,
@@ -58,6 +60,9 @@ class Hardware:
     # makes beyond the one its matmuls need (0 on GPUs; on this CPU XLA copies / transposes each
     # layer's weights every step, see plan.calibrate), each costing weight bytes / hbm_bw
     weight_passes: float = 0.0
+    # ---- boot (plan.capacity.boot_time) --------------------------------------------------------
+    storage_bw: float = 20e9  # bytes/s one node reads checkpoint files at (local NVMe; an assumption)
+    host_to_device_bw: float = 50e9  # bytes/s per device from host memory (~80% of PCIe 5.0 x16's 63 GB/s)
     measured: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
     def matmul_rate(self, m: float) -> float:
@@ -155,6 +160,8 @@ def cpu_hardware(bandwidth: float | None = None, flops: float | None = None, **o
         flops_efficiency=1.0,
         collective_latency_s=20e-6,
         step_overhead_s=0.0,
+        storage_bw=2e9,  # files in the page cache or on a local SSD (an assumption)
+        host_to_device_bw=(bandwidth or CPU_NOTES_BW) / 2,  # a device_put is a copy: read + write
     )
     kw.update(overrides)
     return Hardware(**kw)

@@ -28,13 +28,21 @@ most free cache: NVLink when both instances fit in one node, else the network, o
 device of the smaller instance. Requests reserve their whole KV (prompt + output, chunked layers
 capped) when they join a decode batch; one that can never fit is rejected (counts as a miss).
 
+Agent sessions (AgentWorkload): multi-turn conversations whose turns resend everything before them;
+every instance keeps finished turns' KV as a prefix cache in the memory its running requests leave,
+a turn's cached prefix is not prefilled, P -> D ships only the pages decode lacks, and routing may
+follow the cache (session affinity); see simulate().
+
 Metrics: TTFT = first token (end of prefill) - arrival; TPOT = (last token - first token) /
 (output - 1). Goodput = the highest Poisson arrival rate at which >= 90% of requests meet both
-SLOs (bisection), per GPU = / GPUs the plan uses.
+SLOs (bisection), per GPU = / GPUs the plan uses. Cost per million input / output tokens at a
+rate (SimResult.usd_per_mtok): the plan's GPU-hours at a $/GPU-hour (plan/prices.py), split between
+prompt and generated tokens by the GPU time prefill and decode take.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import heapq
@@ -48,6 +56,7 @@ from infire_jax.plan.hardware import GiB, Hardware, get_hardware
 
 __all__ = [
     "CostModel",
+    "StepCollective",
     "Workload",
     "WORKLOADS",
     "Request",
@@ -57,6 +66,10 @@ __all__ = [
     "goodput",
     "search",
     "SimResult",
+    "AgentWorkload",
+    "Turn",
+    "affinity_effect",
+    "routed",
     "candidate_plans",
     "throughput_bound",
 ]
@@ -65,6 +78,32 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------
 # Step costs
 # ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCollective:
+    """A collective the cost model charges: `count` executions of `bytes` (per device, the message
+    each one carries) over a group of `group` devices along mesh `axes`; each costs one collective
+    latency + wire_factor * bytes / link_bw (ring all-reduce: 2 (g-1)/g)."""
+
+    kind: str
+    what: str
+    axes: tuple[str, ...]
+    group: int
+    count: float
+    bytes: float
+    wire_factor: float
+    link_bw: float
+
+    @property
+    def total_bytes(self) -> float:
+        return self.count * self.bytes
+
+
+def _rule_axes(am: Any, logical: str) -> tuple[str, ...]:
+    axes = am.rules.get(logical)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return tuple(a for a in axes if am.mesh_shape[a] > 1)
 
 
 class CostModel:
@@ -125,16 +164,17 @@ class CostModel:
             self.attn_decode = self.attn_prefill = 4 * hl * cfg.head_dim
             self.expand_per_prefix = 0.0
         # collectives per layer: attention output over tp, FFN output over the ways the FFN splits
+        # (group size, the mesh axes of the group, what it reduces)
         tp = am.axis_ways("heads", h)
         ffn_ways = am.axis_ways("mlp", cfg.intermediate_size)
-        self.ar_groups = []
+        self.ar_groups: list[tuple[int, tuple[str, ...], str]] = []
         if tp > 1:
-            self.ar_groups.append(tp)
+            self.ar_groups.append((tp, _rule_axes(am, "heads"), "attention output"))
         moe_ways = am.mesh_shape["tp"] * am.mesh_shape["ep"]
         if m.experts and moe_ways > 1:
-            self.ar_groups.append(moe_ways)
+            self.ar_groups.append((moe_ways, tuple(a for a in ("ep", "tp") if am.mesh_shape[a] > 1), "MoE output"))
         elif not m.experts and ffn_ways > 1:
-            self.ar_groups.append(ffn_ways)
+            self.ar_groups.append((ffn_ways, _rule_axes(am, "mlp"), "MLP output"))
         self.link = hw.link_bw if self.stage_devices <= hw.devices_per_node else hw.network_bw
         self.p2p_link = hw.link_bw if self.devices <= hw.devices_per_node else hw.network_bw
         self.d = cfg.hidden_size
@@ -148,15 +188,25 @@ class CostModel:
             return 0.0
         return 1.0 - (1.0 - self.top_k / self.experts) ** max(tokens, 0.0)
 
-    def comm_time(self, tokens: float) -> float:
-        t = 0.0
+    def collectives(self, tokens: float) -> list[StepCollective]:
+        """What one device of the bottleneck stage sends while its stage runs `tokens` tokens: an
+        all-reduce of the hidden states per layer and group (attention output over tp, FFN output
+        over the ways the FFN splits), and with pp the hidden states handed to the next stage."""
         msg = tokens * self.d * self.act_bytes
-        for g in self.ar_groups:
-            t += self.hw.collective_latency_s + 2.0 * (g - 1) / g * msg / self.link
-        t *= self.n_layers
+        out = [StepCollective("all-reduce", what, axes, g, self.n_layers, msg, 2.0 * (g - 1) / g, self.link)
+               for g, axes, what in self.ar_groups]
         if self.pp > 1:
-            t += self.hw.collective_latency_s + msg / self.p2p_link
-        return t
+            out.append(StepCollective("send", "hidden states to the next stage", ("pp",), 2, 1, msg, 1.0, self.p2p_link))
+        return out
+
+    def decode_collectives(self, batch: int) -> list[StepCollective]:
+        """Collectives per device for one decode step of `batch` rows (pp microbatches of batch / pp
+        rows each pass through every stage: counts x pp, as decode_step's time)."""
+        return [dataclasses.replace(c, count=c.count * self.pp) for c in self.collectives(batch / self.pp)]
+
+    def comm_time(self, tokens: float) -> float:
+        lat = self.hw.collective_latency_s
+        return sum(c.count * (lat + c.wire_factor * c.bytes / c.link_bw) for c in self.collectives(tokens))
 
     def _ctx_terms(self, ctx_full: float, ctx_capped: float) -> tuple[float, float]:
         """(attention FLOPs per unit coefficient, KV bytes) for summed key positions."""
@@ -271,7 +321,7 @@ def _means(w: Workload, n: int) -> tuple[float, float]:
     return float(p.mean()), float(o.mean())
 
 
-WORKLOADS: dict[str, Workload] = {
+WORKLOADS: dict[str, "Workload | AgentWorkload"] = {
     "chat": Workload(
         "chat", prompt=(600, 1.0, 32, 8192), output=(250, 0.7, 16, 2048), ttft_slo=2.0, tpot_slo=0.060,
         description="chatbot: short prompts (median 600 tokens), medium answers (median 250); SLO TTFT 2 s, TPOT 60 ms",
@@ -280,11 +330,101 @@ WORKLOADS: dict[str, Workload] = {
         "rag", prompt=(12000, 0.35, 4000, 32000), output=(200, 0.5, 32, 1024), ttft_slo=8.0, tpot_slo=0.020,
         description="long-context RAG: prompts median 12k tokens, short answers (median 200); SLO TTFT 8 s, tight TPOT 20 ms",
     ),
-    "agent": Workload(
-        "agent", prompt=(24000, 0.5, 4000, 100000), output=(400, 0.8, 16, 4096), ttft_slo=10.0, tpot_slo=0.050,
-        description="coding agent: long growing contexts (median 24k), medium outputs (median 400); SLO TTFT 10 s, TPOT 50 ms",
-    ),
 }
+
+
+def _draw(rng: np.random.Generator, spec: tuple[float, float, int, int], n: int) -> np.ndarray:
+    med, sigma, lo, hi = spec
+    return np.clip(np.round(med * np.exp(sigma * rng.standard_normal(n))), lo, hi).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Turn:
+    prompt: int  # the whole conversation so far (what the turn sends)
+    output: int
+    gap: float  # seconds from this turn's last token to the session's next turn
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentWorkload:
+    """Multi-turn agent sessions, the shape of issue 20's trace generator (experiments/agent_trace.py):
+    S sessions x T turns; turn 1 sends a system prompt shared by every session + the first user
+    message, turn k sends turn k-1's prompt and answer + a tool output + a new user message.
+    Sessions arrive as a Poisson process (the simulated rate is sessions/s); a session's next turn
+    arrives `gap` seconds after its previous answer ends (the tool runs on that answer), so a
+    session's turns never overlap. Lengths are clipped log-normals (median, sigma, min, max), the
+    gap a log-normal (median s, sigma); a session ends early where its context would pass
+    max_context. Most of a turn's prompt was sent one turn ago: whether it is still cached where
+    the turn lands decides its prefill work (see simulate)."""
+
+    name: str = "agent"
+    turns: int = 8
+    system_tokens: int = 6000
+    first_user: tuple[float, float, int, int] = (600, 0.6, 50, 4000)
+    tool: tuple[float, float, int, int] = (1200, 1.0, 20, 16000)
+    user: tuple[float, float, int, int] = (60, 0.8, 5, 1000)
+    output: tuple[float, float, int, int] = (300, 0.8, 16, 4096)
+    gap: tuple[float, float] = (3.0, 0.7)
+    max_context: int = 131072
+    ttft_slo: float = 10.0
+    tpot_slo: float = 0.050
+    description: str = ""
+
+    def sessions(self, n: int, seed: int = 0) -> list[list[Turn]]:
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):
+            first = int(_draw(rng, self.first_user, 1)[0])
+            tools, users, outs = (_draw(rng, spec, self.turns) for spec in (self.tool, self.user, self.output))
+            gaps = self.gap[0] * np.exp(self.gap[1] * rng.standard_normal(self.turns))
+            prompt, turns = self.system_tokens + first, []
+            for k in range(self.turns):
+                if k:
+                    prompt += int(outs[k - 1] + tools[k] + users[k])
+                if prompt + outs[k] > self.max_context:
+                    break
+                turns.append(Turn(prompt, int(outs[k]), float(gaps[k])))
+            out.append(turns)
+        return out
+
+    def means(self, n: int = 2000) -> tuple[float, float]:
+        """Mean prompt and output tokens per turn."""
+        return _agent_means(self, n)[:2]
+
+    def session_seconds(self) -> float:
+        """A session's expected life with answers at the TPOT SLO: its turns' outputs and gaps."""
+        _, mo = self.means()
+        turns = _agent_means(self, 2000)[3]
+        return turns * (mo * self.tpot_slo + self.gap[0] * math.exp(self.gap[1] ** 2 / 2))
+
+    def new_tokens_mean(self, n: int = 2000) -> float:
+        """Mean tokens per turn that its session's previous turn did not send or produce (all of
+        turn 1 except the system prompt): the prefill work per turn with a perfect cache."""
+        return _agent_means(self, n)[2]
+
+    def mean_turns(self) -> float:
+        return _agent_means(self, 2000)[3]
+
+
+@functools.lru_cache(maxsize=16)
+def _agent_means(w: AgentWorkload, n: int) -> tuple[float, float, float, float]:
+    prompt, output, new = [], [], []
+    sessions = w.sessions(n, seed=12345)
+    for session in sessions:
+        prev = w.system_tokens
+        for t in session:
+            prompt.append(t.prompt)
+            output.append(t.output)
+            new.append(t.prompt - prev)
+            prev = t.prompt + t.output
+    return float(np.mean(prompt)), float(np.mean(output)), float(np.mean(new)), len(prompt) / len(sessions)
+
+
+WORKLOADS["agent"] = AgentWorkload(
+    description="coding agent: 8-turn sessions over a shared 6k-token system prompt, each turn adding a tool output "
+                "(median 1,200 tokens) and a user message (median 60) to the conversation; answers median 300 tokens, "
+                "3 s of tool time between turns; SLO TTFT 10 s, TPOT 50 ms",
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,14 +482,19 @@ class ClusterPlan:
 
 
 class Request:
-    __slots__ = ("id", "arrival", "prompt", "output", "t_first", "t_done", "done_prefill", "rejected", "kv")
+    __slots__ = ("id", "arrival", "prompt", "output", "t_first", "t_done", "done_prefill", "rejected", "kv",
+                 "session", "turn", "cached", "kv_prefill", "xfer_tokens")
 
-    def __init__(self, i: int, arrival: float, prompt: int, output: int):
+    def __init__(self, i: int, arrival: float, prompt: int, output: int, session: int | None = None, turn: int = 0):
         self.id, self.arrival, self.prompt, self.output = i, arrival, int(prompt), int(output)
         self.t_first = self.t_done = None
         self.done_prefill = 0
         self.rejected = False
         self.kv = 0.0
+        self.session, self.turn = session, turn
+        self.cached = 0  # prompt tokens found in a prefix cache (not prefilled)
+        self.kv_prefill = 0.0  # bytes a prefill instance holds while the prompt is prefilled (sessions)
+        self.xfer_tokens = 0  # prompt tokens whose KV crossed from prefill to decode
 
 
 class _Sim:
@@ -372,10 +517,73 @@ class _Sim:
             fn(*args)
 
 
-class _Instance:
-    """One instance (prefill, decode or colocated) with its queue and running rows."""
+SYSTEM = "system"  # the prefix cache key of the system prompt every session starts with
 
-    def __init__(self, sim: _Sim, spec: InstanceSpec, on_prefilled: Callable | None, on_done: Callable):
+
+class _PrefixCache:
+    """KV an instance keeps after requests finish: per session the conversation so far (LRU order),
+    and the system prompt all sessions share (its pages counted once: a session's entry counts only
+    what lies past it). Entries are evicted least recently used first when running requests need
+    the memory; a request that reuses an entry takes it over (its pages become the request's)."""
+
+    def __init__(self, seq_bytes: Callable[[float], float], system_tokens: int):
+        self.seq_bytes, self.system = seq_bytes, system_tokens
+        self.entries: collections.OrderedDict[Any, int] = collections.OrderedDict()
+        self.sizes: dict[Any, float] = {}
+        self.bytes = 0.0
+        self.evicted_tokens = 0
+
+    def hit(self, r: Request) -> int:
+        """Prompt tokens of r this cache holds (at most prompt - 1: the last token is computed)."""
+        if r.session in self.entries:
+            held = self.entries[r.session]
+        elif self.system and SYSTEM in self.entries:
+            held = self.system
+        else:
+            return 0
+        return max(0, min(held, r.prompt - 1))
+
+    def take(self, r: Request) -> int:
+        """hit(r), and the session's entry leaves the cache (r now owns those pages); the shared
+        system prompt stays (refreshed)."""
+        n = self.hit(r)
+        if r.session in self.entries:
+            self.bytes -= self.sizes.pop(r.session)
+            del self.entries[r.session]
+        if self.system and SYSTEM in self.entries:
+            self.entries.move_to_end(SYSTEM)
+        return n
+
+    def put(self, session: Any, tokens: int) -> None:
+        """Keep `tokens` of the session's conversation (and the shared system prompt)."""
+        if self.system and SYSTEM not in self.entries:
+            self.entries[SYSTEM] = self.system
+            self.sizes[SYSTEM] = self.seq_bytes(self.system)
+            self.bytes += self.sizes[SYSTEM]
+        if session in self.entries:
+            self.bytes -= self.sizes[session]
+        size = max(0.0, self.seq_bytes(tokens) - (self.seq_bytes(self.system) if self.system else 0.0))
+        self.entries[session], self.sizes[session] = tokens, size
+        self.entries.move_to_end(session)
+        self.bytes += size
+        if self.system:
+            self.entries.move_to_end(SYSTEM)
+
+    def evict_one(self) -> bool:
+        if not self.entries:
+            return False
+        key, tokens = self.entries.popitem(last=False)
+        self.bytes -= self.sizes.pop(key)
+        self.evicted_tokens += tokens
+        return True
+
+
+class _Instance:
+    """One instance (prefill, decode or colocated) with its queue and running rows; with sessions
+    (AgentWorkload) also its prefix cache, which lives in the KV memory running requests leave."""
+
+    def __init__(self, sim: _Sim, spec: InstanceSpec, on_prefilled: Callable | None, on_done: Callable,
+                 system_tokens: int | None = None):
         self.sim, self.spec, self.cost = sim, spec, spec.cost
         self.pp = spec.cost.pp
         self.on_prefilled, self.on_done = on_prefilled, on_done
@@ -392,6 +600,9 @@ class _Instance:
         self.version = 0  # bumped when a fast-forwarded decode run is cut short
         self.ff: tuple[float, float, int] | None = None  # (start, step time, steps) of the running decode run
         self._kv_need: dict[int, float] = {}
+        self.cache = (_PrefixCache(spec.capacity.seq_bytes_per_device, system_tokens)
+                      if system_tokens is not None else None)
+        self.busy_prefill = self.busy_decode = 0.0  # seconds of work, for the cost split
 
     # -- KV accounting ------------------------------------------------------------------------
     def kv_need(self, r: Request) -> float:
@@ -401,7 +612,22 @@ class _Instance:
         return need
 
     def free_kv(self) -> float:
+        """KV bytes not held by running requests (cached prefixes count as free: they are evictable)."""
         return self.kv_capacity - self.kv_used
+
+    def _make_room(self, need: float) -> bool:
+        """Whether `need` bytes fit beside the running requests, evicting cached prefixes (LRU) for it."""
+        if need > self.free_kv():
+            return False
+        while self.cache is not None and need > self.free_kv() - self.cache.bytes:
+            self.cache.evict_one()
+        return True
+
+    def _finish_kv(self, r: Request, kv: float, keep_tokens: int) -> None:
+        """r's pages leave the running set; with sessions they stay cached as its conversation."""
+        self.kv_used -= kv
+        if self.cache is not None and r.session is not None:
+            self.cache.put(r.session, keep_tokens)
 
     # -- entry points -------------------------------------------------------------------------
     def submit(self, r: Request) -> None:
@@ -411,7 +637,7 @@ class _Instance:
             self.on_done(r)
             return
         self.waiting.append(r)
-        self.outstanding += r.prompt if self.spec.role != "decode" else r.output
+        self.outstanding += (r.prompt - r.done_prefill) if self.spec.role != "decode" else r.output
         if not self.busy:
             self._start()
         elif self.ff is not None:
@@ -424,7 +650,7 @@ class _Instance:
         if done < k:
             self.version += 1
             self.ff = None
-            self.sim.at(start + done * t1, self._decode_done, done, self.version)
+            self.sim.at(start + done * t1, self._decode_done, done, self.version, t1)
 
     # -- scheduling ---------------------------------------------------------------------------
     def _admit_rows(self) -> None:
@@ -432,7 +658,7 @@ class _Instance:
         while self.waiting and len(self.rows) < self.spec.max_batch:
             r = self.waiting[0]
             need = self.kv_need(r)
-            if need > self.free_kv():
+            if not self._make_room(need):
                 break
             self.waiting.pop(0)
             r.kv = need
@@ -445,19 +671,26 @@ class _Instance:
         self.rem = np.append(self.rem, r.output - 1)
 
     def _admit_prefill(self) -> None:
-        """Prefill / colocated: queued prompts start (colocated reserves their KV first)."""
+        """Prefill / colocated: queued prompts start (colocated reserves their KV first; a prefill
+        instance with a prefix cache holds the prompt's KV until it is sent)."""
         while self.waiting:
             r = self.waiting[0]
             if self.spec.role == "colocated":
                 if len(self.rows) + len(self.prefilling) >= self.spec.max_batch:
                     break
                 need = self.kv_need(r)
-                if need > self.free_kv():
+                if not self._make_room(need):
                     break
                 r.kv = need
                 self.kv_used += need
             elif len(self.prefilling) >= 64:
                 break
+            elif self.cache is not None:
+                need = self.spec.capacity.seq_bytes_per_device(r.prompt)
+                if not self._make_room(need) and self.prefilling:
+                    break  # (a prompt alone always starts: the prefill cache is no admission limit)
+                r.kv_prefill = need
+                self.kv_used += need
             self.waiting.pop(0)
             self.prefilling.append(r)
 
@@ -487,13 +720,14 @@ class _Instance:
             t1 = cost.decode_step(n, mean_ctx + (k - 1) / 2.0)
         self.busy = True
         self.ff = (self.sim.now, t1, k)
-        self.sim.at(self.sim.now + k * t1, self._decode_done, k, self.version)
+        self.sim.at(self.sim.now + k * t1, self._decode_done, k, self.version, t1)
 
-    def _decode_done(self, k: int, version: int) -> None:
+    def _decode_done(self, k: int, version: int, t1: float) -> None:
         if version != self.version:
             return  # this run was cut short; its replacement event ends it
         self.busy = False
         self.ff = None
+        self.busy_decode += k * t1
         self.ctx += k
         self.rem -= k
         self._retire()
@@ -511,7 +745,7 @@ class _Instance:
         for i in done:
             r = self.rows[i]
             r.t_done = now
-            self.kv_used -= r.kv
+            self._finish_kv(r, r.kv, r.prompt + r.output)
             if self.spec.role == "decode":
                 self.outstanding -= r.output
             self.on_done(r)
@@ -546,12 +780,18 @@ class _Instance:
             per = cost.stage_time((n_dec / self.pp), n_dec / self.pp, dec_full / self.pp, dec_capped / self.pp)
             t = (self.pp - 1) * per + cost.stage_time(tokens + n_dec / self.pp, finishing + n_dec / self.pp,
                                                       dec_full / self.pp, dec_capped / self.pp, **terms)
+            t_dec = self.pp * per  # what the decode rows alone would have taken
             latency_extra = 0.0
         else:
             t = cost.stage_time(tokens + n_dec, finishing + n_dec, dec_full, dec_capped, **terms)
+            t_dec = cost.stage_time(n_dec, n_dec, dec_full, dec_capped) if n_dec else 0.0
             latency_extra = (self.pp - 1) * t if self.spec.role == "prefill" else 0.0
             if self.spec.role == "colocated":
                 t *= self.pp
+                t_dec *= self.pp
+        t_dec = min(t_dec, t)
+        self.busy_decode += t_dec
+        self.busy_prefill += t - t_dec
         self.busy = True
         self.sim.at(self.sim.now + t, self._mixed_done, taken, n_dec, latency_extra)
 
@@ -570,14 +810,16 @@ class _Instance:
             self.prefilling = [r for r in self.prefilling if r.done_prefill < r.prompt]
         self._retire() if n_dec else None
         for r in finished:
-            self.outstanding -= r.prompt
+            self.outstanding -= r.prompt - r.cached
             if self.spec.role == "prefill":
+                if r.kv_prefill:  # the prompt's KV stays cached here for the session's next turn
+                    self._finish_kv(r, r.kv_prefill, r.prompt)
                 self.sim.at(now + latency_extra, self._prefilled, r)
             else:  # colocated: first token now, the row decodes from the next iteration
                 r.t_first = now
                 if r.output <= 1:
                     r.t_done = now
-                    self.kv_used -= r.kv
+                    self._finish_kv(r, r.kv, r.prompt + r.output)
                     self.on_done(r)
                 else:
                     self._add_row(r)
@@ -590,7 +832,7 @@ class _Instance:
 
 @dataclasses.dataclass
 class SimResult:
-    rate: float
+    rate: float  # arrivals per second: requests, or sessions for an AgentWorkload
     n: int
     ttft: dict[str, float]
     tpot: dict[str, float]
@@ -598,13 +840,38 @@ class SimResult:
     rejected: int
     throughput_tok_s: float
     makespan: float
+    hit_ratio: float = 0.0  # prompt tokens found cached / prompt tokens
+    input_tok_s: float = 0.0  # prompt tokens per second offered (measured requests over their arrival span)
+    output_tok_s: float = 0.0
+    input_share: float = 0.5  # share of the plan's GPU time that serves prompts (prefill), the rest output
+    gpus: int = 0
+    transferred_tokens: int = 0  # prompt tokens whose KV crossed P -> D (measured requests)
+    prefill_tokens: int = 0  # prompt tokens prefilled (not found cached)
 
-    def row(self) -> dict[str, Any]:
-        return dict(rate=round(self.rate, 4), attainment=round(self.attainment, 4), rejected=self.rejected,
-                    ttft_p50_ms=self.ttft["p50"] * 1e3, ttft_p90_ms=self.ttft["p90"] * 1e3,
-                    ttft_p99_ms=self.ttft["p99"] * 1e3, tpot_p50_ms=self.tpot["p50"] * 1e3,
-                    tpot_p90_ms=self.tpot["p90"] * 1e3, tpot_p99_ms=self.tpot["p99"] * 1e3,
-                    throughput_tok_s=round(self.throughput_tok_s, 1))
+    def usd_per_mtok(self, usd_per_gpu_hour: float) -> tuple[float, float]:
+        """(input, output) dollars per million tokens at this rate: the plan's GPU-hours split by
+        input_share between the prompt and the generated tokens it serves."""
+        usd_s = self.gpus * usd_per_gpu_hour / 3600.0
+        inp = usd_s * self.input_share / self.input_tok_s * 1e6 if self.input_tok_s > 0 else math.inf
+        out = usd_s * (1.0 - self.input_share) / self.output_tok_s * 1e6 if self.output_tok_s > 0 else math.inf
+        return inp, out
+
+    def row(self, usd_per_gpu_hour: float | None = None) -> dict[str, Any]:
+        out = dict(rate=round(self.rate, 4), attainment=round(self.attainment, 4), rejected=self.rejected,
+                   ttft_p50_ms=self.ttft["p50"] * 1e3, ttft_p90_ms=self.ttft["p90"] * 1e3,
+                   ttft_p99_ms=self.ttft["p99"] * 1e3, tpot_p50_ms=self.tpot["p50"] * 1e3,
+                   tpot_p90_ms=self.tpot["p90"] * 1e3, tpot_p99_ms=self.tpot["p99"] * 1e3,
+                   throughput_tok_s=round(self.throughput_tok_s, 1), hit_ratio=round(self.hit_ratio, 4),
+                   input_tok_s=round(self.input_tok_s, 1), output_tok_s=round(self.output_tok_s, 1),
+                   input_share=round(self.input_share, 4), prefill_tokens=self.prefill_tokens,
+                   transferred_tokens=self.transferred_tokens)
+        if usd_per_gpu_hour is not None:
+            inp, outp = self.usd_per_mtok(usd_per_gpu_hour)
+            tok_s = self.input_tok_s + self.output_tok_s
+            blended = self.gpus * usd_per_gpu_hour / 3600.0 / tok_s * 1e6 if tok_s > 0 else math.inf
+            out |= dict(usd_per_gpu_hour=usd_per_gpu_hour, usd_per_mtok_input=inp, usd_per_mtok_output=outp,
+                        usd_per_mtok_all=blended)
+        return out
 
 
 def _pct(a: np.ndarray) -> dict[str, float]:
@@ -613,11 +880,14 @@ def _pct(a: np.ndarray) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}
 
 
-def run_length(workload: Workload, rate: float, n_min: int = 300, n_max: int = 2000, lifetimes: float = 6.0,
-               min_seconds: float = 60.0) -> int:
-    """Requests to simulate at `rate`: arrivals spanning max(`lifetimes` x (TTFT SLO + mean output x
+def run_length(workload: Workload | AgentWorkload, rate: float, n_min: int = 300, n_max: int = 2000,
+               lifetimes: float = 6.0, min_seconds: float = 60.0) -> int:
+    """Arrivals to simulate at `rate`: spanning max(`lifetimes` x (TTFT SLO + mean output x
     TPOT SLO), min_seconds), so the batch fills and an overload shows as a growing queue rather than
-    hiding in the TTFT slack; clipped to [n_min, n_max]."""
+    hiding in the TTFT slack; clipped to [n_min, n_max]. Sessions: arrivals spanning three session
+    lives (AgentWorkload.session_seconds), at most 20,000 turns."""
+    if isinstance(workload, AgentWorkload):  # sessions: one life to fill the system, two measured
+        return int(max(8, min(20000 // workload.turns, 3 * rate * workload.session_seconds())))
     _, mo = workload.means()
     life = workload.ttft_slo + mo * workload.tpot_slo
     return int(min(n_max, max(n_min, rate * max(lifetimes * life, min_seconds))))
@@ -625,32 +895,50 @@ def run_length(workload: Workload, rate: float, n_min: int = 300, n_max: int = 2
 
 def simulate(
     plan: ClusterPlan,
-    workload: Workload,
+    workload: Workload | AgentWorkload,
     rate: float,
     n: int | None = None,
     seed: int = 0,
     ttft_slo: float | None = None,
     tpot_slo: float | None = None,
     warmup: float = 0.2,
+    affinity: bool = True,
 ) -> SimResult:
-    """Run Poisson arrivals at `rate` req/s through the cluster plan (n requests; default
-    run_length()). Metrics cover the requests after the first `warmup` fraction (the empty start)."""
+    """Run Poisson arrivals at `rate` per second through the cluster plan: n requests of a Workload,
+    or n sessions of an AgentWorkload (default run_length()). Metrics cover the requests after the
+    first `warmup` fraction (the empty start).
+
+    Sessions (AgentWorkload): every instance keeps a prefix cache in the KV memory its running
+    requests leave (_PrefixCache: conversations of finished turns, LRU). A turn's cached prefix is
+    not prefilled (chunked prefill starts after it, attending to it) -- a colocated or prefill
+    instance holds what it prefilled (a colocated one the answer too), a decode instance the whole
+    conversation, so only the pages it lacks cross from prefill to decode. Routing: with `affinity`
+    the front picks the instance with the least uncached work (queued tokens minus this turn's
+    cached prefix there; the prefix-overlap + load score of issue 20's router) and P -> D goes to the
+    decode instance holding the conversation; without it, the least loaded instance and the decode
+    instance with the most free KV, blind to caches (a hit only where a turn lands by chance)."""
     if ttft_slo is not None or tpot_slo is not None:
         workload = dataclasses.replace(workload, ttft_slo=ttft_slo or workload.ttft_slo,
                                        tpot_slo=tpot_slo or workload.tpot_slo)
+    agent = isinstance(workload, AgentWorkload)
     n = n or run_length(workload, rate)
-    prompts, outputs = workload.sample(n, seed)
     rng = np.random.default_rng(seed + 1)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     sim = _Sim()
-    reqs = [Request(i, float(arrivals[i]), prompts[i], outputs[i]) for i in range(n)]
+    reqs: list[Request] = []
     done: list[Request] = []
     pre: list[_Instance] = []
     dec: list[_Instance] = []
     col: list[_Instance] = []
+    system = workload.system_tokens if agent else None
+    sessions = workload.sessions(n, seed) if agent else None
 
     def finished(r: Request) -> None:
         done.append(r)
+        if agent and r.turn + 1 < len(sessions[r.session]):
+            nxt = sessions[r.session][r.turn + 1]
+            t = (r.t_done if math.isfinite(r.t_done) else sim.now) + sessions[r.session][r.turn].gap
+            sim.at(t, arrive_turn, r.session, r.turn + 1, nxt)
 
     xfer = None
     if plan.disaggregated:
@@ -668,41 +956,89 @@ def simulate(
                 r.t_done = sim.now
                 finished(r)
                 return
-            target = max(dec, key=lambda d: d.free_kv() - sum(d.kv_need(w) for w in d.waiting))
-            t = r.prompt * xfer[0] / xfer[1] + xfer[2]
+            room = {d: d.free_kv() - sum(d.kv_need(w) for w in d.waiting) for d in dec}
+            holders = [d for d in dec if d.cache is not None and r.session in d.cache.entries
+                       and room[d] >= d.kv_need(r)]  # the conversation's instance, if it can take r now
+            target = holders[0] if affinity and holders else max(dec, key=room.__getitem__)
+            held = target.cache.take(r) if target.cache is not None else 0
+            r.xfer_tokens = r.prompt - held  # only the pages the decode instance lacks cross
+            t = r.xfer_tokens * xfer[0] / xfer[1] + xfer[2]
             sim.at(sim.now + t, target.submit, r)
 
         for spec in plan.instances:
             for _ in range(spec.count):
                 if spec.role == "prefill":
-                    pre.append(_Instance(sim, spec, prefilled, finished))
+                    pre.append(_Instance(sim, spec, prefilled, finished, system))
                 else:
-                    dec.append(_Instance(sim, spec, None, finished))
+                    dec.append(_Instance(sim, spec, None, finished, system))
         front = pre
     else:
         for spec in plan.instances:
             for _ in range(spec.count):
-                col.append(_Instance(sim, spec, None, finished))
+                col.append(_Instance(sim, spec, None, finished, system))
         front = col
 
+    def load(x: _Instance) -> float:
+        return x.outstanding + (len(x.rows) * 8 if x.spec.role == "colocated" else 0)
+
     def arrive(r: Request) -> None:
-        target = min(front, key=lambda x: x.outstanding + (len(x.rows) * 8 if x.spec.role == "colocated" else 0))
+        if affinity and agent:
+            target = min(front, key=lambda x: load(x) - x.cache.hit(r))
+        else:
+            target = min(front, key=load)
+        if target.cache is not None:
+            r.cached = r.done_prefill = target.cache.take(r)
         target.submit(r)
 
-    for r in reqs:
-        sim.at(r.arrival, arrive, r)
+    def arrive_turn(session: int, turn: int, t: Turn) -> None:
+        r = Request(len(reqs), sim.now, t.prompt, t.output, session, turn)
+        reqs.append(r)
+        arrive(r)
+
+    if agent:
+        for i in range(n):
+            if sessions[i]:
+                sim.at(float(arrivals[i]), arrive_turn, i, 0, sessions[i][0])
+    else:
+        prompts, outputs = workload.sample(n, seed)
+        reqs.extend(Request(i, float(arrivals[i]), prompts[i], outputs[i]) for i in range(n))
+        for r in reqs:
+            sim.at(r.arrival, arrive, r)
     sim.run()
     ttft_slo, tpot_slo = workload.ttft_slo, workload.tpot_slo
-    reqs = reqs[int(warmup * n):]
-    ok = [r for r in reqs if not r.rejected and r.t_done is not None]
+    reqs = sorted(reqs, key=lambda r: r.arrival)
+    if agent:  # after one session life (the system filling) until sessions stop starting (the drain runs light)
+        hi_t = float(arrivals[-1])
+        lo_t = min(max(float(arrivals[int(warmup * n)]), workload.session_seconds()), hi_t * 0.5)
+        measured = [r for r in reqs if lo_t <= r.arrival <= hi_t]
+        span = hi_t - lo_t
+    else:
+        measured = reqs[int(warmup * len(reqs)):]
+        span = (measured[-1].arrival - measured[0].arrival) if len(measured) > 1 else 0.0
+    ok = [r for r in measured if not r.rejected and r.t_done is not None]
     ttft = np.array([r.t_first - r.arrival for r in ok])
     tpot = np.array([(r.t_done - r.t_first) / (r.output - 1) for r in ok if r.output > 1])
     good = sum(1 for r in ok if r.t_first - r.arrival <= ttft_slo and
                (r.output <= 1 or (r.t_done - r.t_first) / (r.output - 1) <= tpot_slo))
     end = max((r.t_done for r in ok), default=0.0)
     toks = sum(r.output for r in ok)
-    return SimResult(rate=rate, n=len(reqs), ttft=_pct(ttft), tpot=_pct(tpot), attainment=good / max(1, len(reqs)),
-                     rejected=sum(r.rejected for r in reqs), throughput_tok_s=toks / max(end, 1e-9), makespan=end)
+    prompt_toks = sum(r.prompt for r in ok)
+    instances = pre + dec + col
+    if plan.disaggregated:
+        p_gpus = sum(x.spec.devices for x in pre)
+        share = p_gpus / max(1, p_gpus + sum(x.spec.devices for x in dec))
+    else:
+        busy_p = sum(x.busy_prefill for x in instances)
+        busy_d = sum(x.busy_decode for x in instances)
+        share = busy_p / (busy_p + busy_d) if busy_p + busy_d > 0 else 0.5
+    return SimResult(
+        rate=rate, n=len(measured), ttft=_pct(ttft), tpot=_pct(tpot), attainment=good / max(1, len(measured)),
+        rejected=sum(r.rejected for r in measured), throughput_tok_s=toks / max(end, 1e-9), makespan=end,
+        hit_ratio=sum(r.cached for r in ok) / prompt_toks if prompt_toks else 0.0,
+        input_tok_s=prompt_toks / span if span > 0 else 0.0, output_tok_s=toks / span if span > 0 else 0.0,
+        input_share=share, gpus=plan.gpus, transferred_tokens=int(sum(r.xfer_tokens for r in ok)),
+        prefill_tokens=int(sum(r.prompt - r.cached for r in ok)),
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -710,16 +1046,18 @@ def simulate(
 # ------------------------------------------------------------------------------------------------
 
 
-def throughput_bound(plan: ClusterPlan, workload: Workload) -> float:
-    """An optimistic requests/s bound: min(prefill capacity, decode capacity) of the plan, the decode
-    batch limited by the KV cache, max_batch and the TPOT SLO."""
+def throughput_bound(plan: ClusterPlan, workload: Workload | AgentWorkload) -> float:
+    """An optimistic arrivals/s bound: min(prefill capacity, decode capacity) of the plan, the decode
+    batch limited by the KV cache, max_batch and the TPOT SLO. For sessions: every turn's prefix
+    cached (only its new tokens prefilled), in sessions/s."""
     mp, mo = workload.means()
+    new = workload.new_tokens_mean() if isinstance(workload, AgentWorkload) else mp
     pre = dec = 0.0
     for spec in plan.instances:
         cost = spec.cost
         if spec.role in ("prefill", "colocated"):
             pre_rate = spec.chunk / (cost.stage_time(spec.chunk, 1, **cost.chunk_terms(int(mp / 2), spec.chunk)))
-            pre += spec.count * pre_rate / mp
+            pre += spec.count * pre_rate / new
         if spec.role in ("decode", "colocated"):
             ctx = mp + mo / 2
             per_req = spec.capacity.seq_bytes_per_device(mp + mo)
@@ -729,12 +1067,13 @@ def throughput_bound(plan: ClusterPlan, workload: Workload) -> float:
             if b < 1:
                 continue
             dec += spec.count * b / cost.decode_step(b, ctx) / mo
-    return min(pre, dec)
+    per_arrival = workload.mean_turns() if isinstance(workload, AgentWorkload) else 1
+    return min(pre, dec) / per_arrival
 
 
 def goodput(
     plan: ClusterPlan,
-    workload: Workload,
+    workload: Workload | AgentWorkload,
     n: int | None = None,
     seed: int = 0,
     target: float = 0.9,
@@ -742,13 +1081,14 @@ def goodput(
     ttft_slo: float | None = None,
     tpot_slo: float | None = None,
     bound: float | None = None,
+    affinity: bool = True,
 ) -> tuple[float, SimResult | None]:
-    """Highest rate (req/s) with >= target of requests meeting both SLOs (bisection)."""
+    """Highest rate (arrivals/s) with >= target of requests meeting both SLOs (bisection)."""
     hi = (bound if bound is not None else throughput_bound(plan, workload)) * 1.3
     if hi <= 0:
         return 0.0, None
     lo, best = 0.0, None
-    kw = dict(n=n, seed=seed, ttft_slo=ttft_slo, tpot_slo=tpot_slo)
+    kw = dict(n=n, seed=seed, ttft_slo=ttft_slo, tpot_slo=tpot_slo, affinity=affinity)
     for _ in range(4):  # the bound is a model too: raise it while the plan still meets the SLOs
         r = simulate(plan, workload, hi, **kw)
         if r.attainment < target:
@@ -851,17 +1191,18 @@ def candidate_plans(
 
 
 def search(
-    model, hardware: str | Hardware, count: int, workload: Workload, weights: str = "bf16", kv_dtype: str = "bf16",
-    n: int | None = None, seed: int = 0, ttft_slo: float | None = None, tpot_slo: float | None = None,
-    max_batch: int = 256, log: Callable[[str], None] | None = None, prune: bool = True,
-    meshes: Sequence[str] | None = None, iters: int = 7,
+    model, hardware: str | Hardware, count: int, workload: Workload | AgentWorkload, weights: str = "bf16",
+    kv_dtype: str = "bf16", n: int | None = None, seed: int = 0, ttft_slo: float | None = None,
+    tpot_slo: float | None = None, max_batch: int = 256, log: Callable[[str], None] | None = None, prune: bool = True,
+    meshes: Sequence[str] | None = None, iters: int = 7, affinity: bool = True, usd_per_gpu_hour: float | None = None,
 ) -> dict[str, Any]:
     """Best disaggregated and best colocated plan by goodput per GPU (plans whose optimistic bound
-    cannot beat the best found so far are skipped)."""
+    cannot beat the best found so far are skipped). With usd_per_gpu_hour the rows carry the cost
+    per million input / output tokens at each plan's goodput; `affinity` is simulate's routing."""
     if tpot_slo is not None or ttft_slo is not None:
         workload = dataclasses.replace(workload, ttft_slo=ttft_slo or workload.ttft_slo, tpot_slo=tpot_slo or workload.tpot_slo)
     dis, col = candidate_plans(model, hardware, count, weights, kv_dtype, max_batch, meshes=meshes)
-    out: dict[str, Any] = {"workload": dataclasses.asdict(workload)}
+    out: dict[str, Any] = {"workload": dataclasses.asdict(workload) | {"kind": type(workload).__name__}}
     evaluated = []
     for kind, plans in (("disaggregated", dis), ("colocated", col)):
         best = None
@@ -869,16 +1210,38 @@ def search(
         for bound, p in scored:
             if prune and best is not None and bound * 1.5 / p.gpus <= best["goodput_per_gpu"]:
                 continue
-            g, res = goodput(p, workload, n=n, seed=seed, bound=bound, iters=iters)
+            g, res = goodput(p, workload, n=n, seed=seed, bound=bound, iters=iters, affinity=affinity)
             row = dict(plan=p.describe(), goodput=g, goodput_per_gpu=g / p.gpus, bound=bound)
             if res is not None:
-                row |= res.row()
-            evaluated.append(row | {"kind": kind})
+                row |= res.row(usd_per_gpu_hour)
+            evaluated.append(row | {"kind": kind, "cluster": p})
             if log:
-                log(f"{kind:14s} {p.describe()['label']:60s} goodput {g:7.3f} req/s ({g / p.gpus:.4f}/GPU)")
+                log(f"{kind:14s} {p.describe()['label']:60s} goodput {g:7.3f}/s ({g / p.gpus:.4f}/GPU)")
             if best is None or row["goodput_per_gpu"] > best["goodput_per_gpu"]:
                 best = row | {"cluster": p}
         out[f"best_{kind}"] = best
     out["evaluated"] = evaluated
     out["candidates"] = dict(disaggregated=len(dis), colocated=len(col))
+    return out
+
+
+def routed(plan: ClusterPlan) -> bool:
+    """Whether routing has a choice to make in this plan (more than one instance of a routed role)."""
+    return any(i.count > 1 for i in plan.instances)
+
+
+def affinity_effect(plan: ClusterPlan, workload: AgentWorkload, usd_per_gpu_hour: float, n: int | None = None,
+                    seed: int = 0, iters: int = 7) -> dict[str, Any]:
+    """The plan with and without session affinity: at each policy's goodput (hit ratio, latencies,
+    cost per token) and at one shared rate (the lower goodput: the same offered load)."""
+    out: dict[str, Any] = {"plan": plan.describe()["label"]}
+    rates = {}
+    for name, aff in (("with_affinity", True), ("without_affinity", False)):
+        g, res = goodput(plan, workload, n=n, seed=seed, iters=iters, affinity=aff)
+        rates[name] = g
+        out[name] = dict(goodput=g) | (res.row(usd_per_gpu_hour) if res is not None else {})
+    shared = min(rates.values())
+    if shared > 0:
+        out["same_rate"] = {name: simulate(plan, workload, shared, n=n, seed=seed, affinity=aff).row(usd_per_gpu_hour)
+                            for name, aff in (("with_affinity", True), ("without_affinity", False))}
     return out
