@@ -1,8 +1,10 @@
 """Hugging Face safetensors -> sharded parameters, one tensor (and one device shard) at a time.
 
 Each parameter is built with `jax.make_array_from_callback`: for every device shard the callback
-reads just the HF tensors that land in it from the memory-mapped files, so the whole model never
-sits in one host buffer. Before anything is read, the checkpoint's tensor names and shapes are
+reads just the byte ranges of the HF tensors that land in it from the memory-mapped files, so the
+whole model never sits in one host buffer; in a multi-process run (infire_jax.distributed) every
+process builds only its own devices' shards, so it reads only those bytes (counted by
+checkpoint/reads.py). Before anything is read, the checkpoint's tensor names and shapes are
 checked against what the model expects, and every problem is reported in one error.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 
 from infire_jax import boot
+from infire_jax.checkpoint import reads
 
 __all__ = ["CheckpointError", "list_tensors", "load_into"]
 
@@ -109,25 +112,94 @@ def check_tensors(
 
 
 class _Reader:
-    """Open safetensors handles, kept for the duration of one load."""
+    """Open safetensors handles, kept for the duration of one load. Reads count into the current
+    checkpoint.reads counter."""
 
     def __init__(self, present: dict[str, tuple[pathlib.Path, tuple[int, ...], str]]):
         self._present = present
         self._handles: dict[pathlib.Path, Any] = {}
+        self._touched: set[str] = set()
+
+    def _handle(self, name: str) -> Any:
+        path = self._present[name][0]
+        if path not in self._handles:
+            with boot.clock.phase("read"):
+                self._handles[path] = safe_open(path, framework="numpy").__enter__()
+        if name not in self._touched:
+            self._touched.add(name)
+            reads.add(tensors_read=1)
+        return self._handles[path]
 
     def read(self, name: str, dtype: np.dtype) -> np.ndarray:
-        path = self._present[name][0]
+        """The whole tensor."""
+        handle = self._handle(name)
         with boot.clock.phase("read"):
-            if path not in self._handles:
-                self._handles[path] = safe_open(path, framework="numpy").__enter__()
-            a = self._handles[path].get_tensor(name)
+            a = handle.get_tensor(name)
+        reads.add(bytes_read=a.nbytes)
         with boot.clock.phase("convert"):
             return _convert(a, dtype)
+
+    def read_box(self, name: str, view_shape: tuple[int, ...], box: tuple[range, ...], dtype: np.dtype) -> np.ndarray:
+        """The `box` of the tensor seen as `view_shape` (a C-order reshape of it, e.g. q_proj
+        (H*hd, D) seen as (KV, G, hd, D), o_proj (D, H*hd) as (D, H, hd)). Where each axis of the
+        tensor is a run of view axes, only the span of each tensor axis that the box covers is
+        read: a device shard of a weight split on any axis costs about its own bytes."""
+        shape = self._present[name][1]
+        groups = _axis_groups(shape, view_shape)
+        if groups is None:  # another regrouping: read it whole
+            reads.add(whole_reads=1)
+            return self.read(name, dtype).reshape(view_shape)[tuple(slice(r.start, r.stop) for r in box)]
+        spans = []
+        for g in groups:
+            dims = [view_shape[i] for i in g]
+            first = int(np.ravel_multi_index([box[i].start for i in g], dims)) if g else 0
+            last = int(np.ravel_multi_index([box[i].stop - 1 for i in g], dims)) if g else 0
+            spans.append(slice(first, last + 1))
+        handle = self._handle(name)
+        with boot.clock.phase("read"):
+            raw = np.ascontiguousarray(handle.get_slice(name)[tuple(spans)])
+        reads.add(bytes_read=raw.nbytes)
+        # view axis i of tensor axis j steps prod(view sizes after i within j's run) elements of axis j
+        strides = [0] * len(view_shape)
+        for j, g in enumerate(groups):
+            for n, i in enumerate(g):
+                strides[i] = int(np.prod([view_shape[m] for m in g[n + 1 :]], dtype=np.int64)) * raw.strides[j]
+        part = np.lib.stride_tricks.as_strided(raw, shape=[len(r) for r in box], strides=strides, writeable=False)
+        with boot.clock.phase("convert"):
+            return _convert(part, dtype)
+
+    def itemsize(self, name: str) -> int:
+        return _ITEMSIZE.get(self._present[name][2], 4)
 
     def close(self) -> None:
         for h in self._handles.values():
             h.__exit__(None, None, None)
         self._handles.clear()
+
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _axis_groups(shape: tuple[int, ...], view_shape: tuple[int, ...]) -> list[list[int]] | None:
+    """For each axis of `shape`, the run of view axes it is split into (size-1 view axes join a
+    neighbouring run); None when the view regroups across tensor axes."""
+    if not shape:
+        return None
+    groups: list[list[int]] = [[] for _ in shape]
+    j, size = 0, 1
+    for i, n in enumerate(view_shape):
+        if j == len(shape):
+            if n != 1:
+                return None
+            groups[-1].append(i)
+            continue
+        groups[j].append(i)
+        size *= n
+        if size == shape[j]:
+            j, size = j + 1, 1
+        elif size > shape[j] or shape[j] % size:
+            return None
+    return groups if j == len(shape) else None
 
 
 def _convert(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -173,9 +245,12 @@ def load_into(
         for path, spec in abstract.items():
             dtype = np.dtype(spec.dtype)
 
-            def shard(idx: tuple[slice, ...], path=path, spec=spec, dtype=dtype) -> np.ndarray:
+            def shard(idx: tuple[slice, ...], path=path, spec=spec, dtype=dtype, done={}) -> np.ndarray:
                 idx = tuple(idx) + (slice(None),) * (len(spec.shape) - len(idx))
                 ranges = [range(*s.indices(n)) for s, n in zip(idx, spec.shape)]
+                key = tuple((r.start, r.stop) for r in ranges)
+                if key in done:  # another local device holds the same block (partly replicated)
+                    return done[key]
                 buf = np.zeros([len(r) for r in ranges], dtype)
                 for name, lead, transform in sources[path]:
                     k = len(lead)
@@ -184,14 +259,20 @@ def load_into(
                     common = [range(max(f.start, r.start), min(f.stop, r.stop)) for f, r in zip(fills, ranges)]
                     if not all(common):
                         continue
-                    part = reader.read(name, dtype)
-                    part = (transform(part) if transform else part).reshape([len(f) for f in fills] + list(spec.shape[k:]))
-                    part = part[tuple(slice(c.start - f.start, c.stop - f.start) for c, f in zip(common, fills)) + idx[k:]]
+                    view = tuple(len(f) for f in fills) + tuple(spec.shape[k:])
+                    box = tuple(range(c.start - f.start, c.stop - f.start) for c, f in zip(common, fills)) + tuple(ranges[k:])
+                    if transform:  # e.g. repeated KV heads: the transform needs the whole tensor
+                        reads.add(whole_reads=1)
+                        part = transform(reader.read(name, dtype)).reshape(view)[tuple(slice(r.start, r.stop) for r in box)]
+                    else:
+                        part = reader.read_box(name, view, box, dtype)
+                    reads.add(needed_bytes=part.size * reader.itemsize(name))
                     buf[tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(common, ranges))] = part
+                done[key] = buf
                 return buf
 
             with boot.clock.phase("place"):  # reading and converting inside are counted as such
-                out[path] = jax.make_array_from_callback(spec.shape, shardings[path], shard)
+                out[path] = jax.make_array_from_callback(spec.shape, shardings[path], shard, dtype=dtype)
             if on_tensor:
                 on_tensor("/".join(path))
     finally:

@@ -80,6 +80,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         head_dim=32,
         attention_bias=False,
     ),
+    # Qwen3-MoE (served by models/qwen3_moe.py): 4 routed experts, top-2, every layer sparse.
+    "tiny-qwen3-moe": dict(
+        _TINY_SHAPE, **_QWEN_EXTRA,
+        architectures=["Qwen3MoeForCausalLM"],
+        model_type="qwen3_moe",
+        head_dim=16,
+        attention_bias=False,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=48,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+    ),
     # The shape of HuggingFaceTB/SmolLM-135M (with our own tokenizer's special-token ids).
     "smollm-135m": dict(
         architectures=["LlamaForCausalLM"],
@@ -110,7 +124,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 DEFAULT_PRESET = "tiny-llama"
-_SUPPORTED_TYPES = ("llama", "qwen2", "qwen3")
+_SUPPORTED_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 def make_config(preset: str = DEFAULT_PRESET, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -162,13 +176,20 @@ def tensor_specs(config: dict[str, Any]) -> list[tuple[str, tuple[int, ...], str
         specs.append((p + "self_attn.o_proj.weight", (h, nh * hd), "matrix"))
         if attn_bias:
             specs.append((p + "self_attn.o_proj.bias", (h,), "bias"))
-        if t == "qwen3":
+        if t in ("qwen3", "qwen3_moe"):
             specs += [(p + "self_attn.q_norm.weight", (hd,), "norm"),
                       (p + "self_attn.k_norm.weight", (hd,), "norm")]
-        for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
-            specs.append((f"{p}mlp.{proj}_proj.weight", shape, "matrix"))
-            if mlp_bias:
-                specs.append((f"{p}mlp.{proj}_proj.bias", shape[:1], "bias"))
+        if t == "qwen3_moe":  # router, then each expert's gate/up/down
+            experts, f = config["num_experts"], config["moe_intermediate_size"]
+            specs.append((p + "mlp.gate.weight", (experts, h), "matrix"))
+            for e in range(experts):
+                for proj, shape in (("gate", (f, h)), ("up", (f, h)), ("down", (h, f))):
+                    specs.append((f"{p}mlp.experts.{e}.{proj}_proj.weight", shape, "matrix"))
+        else:
+            for proj, shape in (("gate", (inter, h)), ("up", (inter, h)), ("down", (h, inter))):
+                specs.append((f"{p}mlp.{proj}_proj.weight", shape, "matrix"))
+                if mlp_bias:
+                    specs.append((f"{p}mlp.{proj}_proj.bias", shape[:1], "bias"))
         specs.append((p + "post_attention_layernorm.weight", (h,), "norm"))
     specs.append(("model.norm.weight", (h,), "norm"))
     if not config.get("tie_word_embeddings", False):

@@ -12,6 +12,7 @@ import dataclasses
 import pathlib
 from typing import Any, Mapping, Sequence
 
+from infire_jax import distributed
 from infire_jax.config import ModelConfig, load_config
 from infire_jax.engine.disagg import ColocatedWorker, DecodeWorker, Engine, PrefillWorker
 from infire_jax.engine.programs import Programs
@@ -111,6 +112,7 @@ class Deployment:
         self._place = dict(rules=rules, dtype=dtype, compute_dtype=compute_dtype, kernels=kernels)
         specs = list(dict.fromkeys(self.prefill_meshes + self.decode_meshes))
         layouts = {s: make_layout(s, rules, kernels) for s in specs}
+        distributed.check_meshes([layouts[s].mesh for s in specs], specs)  # multi-process: every device, before any work
         devices = {s: {d.id for d in layouts[s].mesh.devices.flat} for s in specs}
         for i, a in enumerate(specs):
             for b in specs[i + 1 :]:

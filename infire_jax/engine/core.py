@@ -38,7 +38,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from infire_jax import boot
+from infire_jax import boot, distributed
 from infire_jax.engine.programs import Programs, bucket
 from infire_jax.engine.sampling import SamplingParams, pack_params
 from infire_jax.kv import cache as kv_cache
@@ -390,7 +390,7 @@ class _Worker:
                 table[i, :n] = pages[:n]
             ids.append(table)
         self.k_pages, self.v_pages = p.insert_fn(b, t, *self._geometry)(self.k_pages, self.v_pages, kv, p.pack(ids))
-        self._first_tokens(reqs, first, first_logits)
+        self._first_tokens(reqs, distributed.fetch(first, schedule=(tokens, lengths, *ids)), first_logits)
         out = []
         for row in rows:
             n = len(row.request.prompt)
@@ -434,8 +434,8 @@ class _Worker:
         )
         if final:
             idx = [i for i, (row, _) in enumerate(plan) if row.computed + n_new[i] == len(row.request.prompt)]
-            toks = np.asarray(nxt)
-            lg = np.asarray(logits) if with_logits else None
+            toks = distributed.fetch(nxt, schedule=(tokens, start, n_new, *tables))
+            lg = distributed.fetch(logits) if with_logits else None
             self._first_tokens([plan[i][0].request for i in idx], toks[idx], lg[idx] if lg is not None else None)
         for row, n in plan:
             row.computed += n
@@ -450,10 +450,9 @@ class _Worker:
                 r.status = "prefill"
                 r.prefill_worker = self.name
 
-    def _first_tokens(self, reqs: Sequence[Request], first: Any, logits: Any) -> None:
-        first = np.asarray(first)
+    def _first_tokens(self, reqs: Sequence[Request], first: np.ndarray, logits: Any) -> None:
         want = any(r.with_logits for r in reqs)
-        logits = np.asarray(logits) if want and logits is not None else None
+        logits = (logits if isinstance(logits, np.ndarray) else distributed.fetch(logits)) if want and logits is not None else None
         now = time.perf_counter()
         boot.clock.mark_first_token(now)  # the process's first token ends its boot
         for i, r in enumerate(reqs):
@@ -542,7 +541,8 @@ class _Decoding(_Worker):
             ("decode",) + shape, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
             lengths, tokens, active, sp,
         )
-        toks, logits = (np.asarray(out[0]), np.asarray(out[1])) if with_logits else (np.asarray(out), None)
+        toks = distributed.fetch(out[0] if with_logits else out, schedule=(*tables, lengths, tokens, active))
+        logits = distributed.fetch(out[1]) if with_logits else None
         finished = []
         for i, r in enumerate(rows):
             r.length += steps

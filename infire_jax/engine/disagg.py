@@ -11,6 +11,11 @@ decodes wrong data). Nothing here blocks on the device except reading sampled to
 asynchronous, so workers on disjoint devices overlap, and the decode side's import of chunk k runs
 while the prefill side computes chunk k + 1. A request that fails (bad input, an error in its program
 call or transfer) fails alone; the engine goes on.
+
+In a multi-process run (infire_jax.distributed) every process runs this same engine over the same
+requests: its decisions depend only on the requests and their tokens (never on clocks), and every
+token comes back to every process through distributed.fetch, so no process diverges; a shipment
+between meshes of different processes is a collective copy (kv/transfer.move).
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ class Engine:
         try:
             p.kv_spec.check(d.kv_spec)
             t0 = time.perf_counter()
-            arrays = jax.device_put(s.arrays, d.programs.canonical_page_shardings(
+            arrays = transfer.move(s.arrays, d.programs.canonical_page_shardings(
                 d.programs.pack(s.counts), d.programs.pack(d.page_sizes)))
             nbytes = s.page_bytes(d.kv_spec, d.page_sizes)
             spent = time.perf_counter() - t0

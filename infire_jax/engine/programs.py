@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infire_jax import distributed
 from infire_jax.engine import pipeline
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
@@ -40,7 +41,7 @@ def _xla_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
     """Whether this jaxlib's XLA:CPU knows the (experimental) compile options: a newer one may drop
     them, and an unknown option fails the compile."""
     try:
-        x = jax.device_put(np.float32(0), jax.devices("cpu")[0])
+        x = jax.device_put(np.float32(0), jax.local_devices(backend="cpu")[0])  # (every process decides alike)
         jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(x).compile()
         return True
     except Exception:  # noqa: BLE001 - any rejection means: do not pass the option
@@ -423,4 +424,4 @@ class Programs:
         padded[:b, :t] = tokens
         fn = self.forward_fn(bb, tb)
         out = self._timed(("forward", bb, tb), fn, self.placed.state, self.put(padded, ("batch", "seq")))
-        return np.asarray(out)[:b, :t]
+        return distributed.fetch(out, schedule=(padded,))[:b, :t]

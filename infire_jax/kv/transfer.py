@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-__all__ = ["KVSpec", "KVLayoutMismatch", "TransferStats", "handoff", "model_fingerprint"]
+__all__ = ["KVSpec", "KVLayoutMismatch", "TransferStats", "handoff", "move", "model_fingerprint"]
 
 
 class KVLayoutMismatch(ValueError):
@@ -90,6 +90,17 @@ class TransferStats:
         return self.bytes / 2**30 / self.seconds if self.seconds else 0.0
 
 
+def move(arrays: Sequence[jax.Array], shardings: Sequence[jax.sharding.Sharding]) -> tuple[jax.Array, ...]:
+    """arrays into `shardings` on another mesh: one device_put, resharding on the way; between meshes
+    of different processes of a multi-process run (which device_put refuses), the collective copy of
+    kv/process_handoff.py, which every process runs."""
+    from infire_jax.kv import process_handoff  # (it builds on this module)
+
+    if process_handoff.needs_process_handoff(arrays, shardings):
+        return process_handoff.move(arrays, shardings)
+    return jax.device_put(tuple(arrays), tuple(shardings))
+
+
 def handoff(
     arrays: tuple[jax.Array, ...],
     src: KVSpec,
@@ -99,11 +110,11 @@ def handoff(
     t: int | None = None,
 ) -> tuple[jax.Array, ...]:
     """Move canonical KV arrays ((k, v) per cache group) of a prefill of t positions onto the decode
-    mesh in one transfer, after checking layouts."""
+    mesh in one transfer (`move`), after checking layouts."""
     src.check(dst)
     src.check_arrays(arrays, t)
     t0 = time.perf_counter()
-    out = jax.device_put(tuple(arrays), tuple(dst_shardings))
+    out = move(arrays, dst_shardings)
     jax.block_until_ready(out)
     if stats is not None:
         stats.transfers += 1
