@@ -21,9 +21,10 @@ the environment they set). Every --mesh is a run of its own with the same proces
 (timed, bytes read counted per process), then generate the prompts greedily. A mesh may name another
 checkpoint as MESH::MODEL_DIR. --json_out: every process's results, per run.
 
-Fault drill: --kill_process K --kill_after_s S kills process K with SIGKILL S seconds after every
-process started generating in the last run (which then repeats until killed); the others must stop
-within --heartbeat_timeout with a message naming process K.
+Fault drill: --kill_process K --kill_after_s S: after the last run's result, every process keeps
+generating the prompts (compiled programs, collectives in flight) and process K is killed with
+SIGKILL S seconds after all of them started; the others must stop within --heartbeat_timeout with a
+message naming process K (JAX catches SIGTERM in distributed processes: use SIGKILL or SIGINT).
 """
 
 from __future__ import annotations
@@ -148,20 +149,19 @@ def process_main() -> None:
             print(f"process {me}: MeshSpecError: {e}", file=sys.stderr, flush=True)
             sys.exit(2)
         load_s = time.perf_counter() - t0
-        last = i == len(runs) - 1
-        if last and FLAGS.kill_process is not None:
-            _emit("generating", process=me)
         t0 = time.perf_counter()
         outputs = model.generate(prompts, max_new_tokens=FLAGS.max_new_tokens)
         compiled = [s for p in {id(model.programs): model.programs, id(model.decode_programs): model.decode_programs}.values()
                     for s in p.compile_seconds.values()]  # first call of each program: mostly compilation
-        while last and FLAGS.kill_process is not None:  # the fault drill: keep generating until killed
-            model.generate(prompts, max_new_tokens=FLAGS.max_new_tokens)
         _emit(
             "result", process=me, run=i, model_dir=model_dir, **meshes, outputs=outputs,
             load_s=round(load_s, 3), generate_s=round(time.perf_counter() - t0, 3), reads=counter.as_dict(),
             checkpoint_bytes=_checkpoint_bytes(model_dir), compiled=len(compiled), compile_s=round(sum(compiled), 3),
         )
+        if i == len(runs) - 1 and FLAGS.kill_process is not None:  # the fault drill: generate until killed
+            _emit("generating", process=me)
+            while True:
+                model.generate(prompts, max_new_tokens=FLAGS.max_new_tokens)
     infire_jax.distributed.shutdown()
 
 

@@ -182,6 +182,7 @@ def initialize(
         coordinator_address, num_processes, process_id,
         initialization_timeout=int(initialization_timeout) + 30,  # ours reports first, JAX's is the backstop
         heartbeat_timeout_seconds=int(2 * heartbeat_timeout) + 10,
+        shutdown_timeout_seconds=int(initialization_timeout),
     )
     me, n = jax.process_index(), jax.process_count()
     listener = socket.create_server(("", 0))
@@ -263,14 +264,18 @@ _UNCAUGHT = False
 
 
 def _watch_uncaught_exceptions() -> None:
-    """A process that ends with an uncaught exception must not say goodbye: its peers should stop
-    (they would wait for it in their next collective) instead of taking the exit for a normal one."""
+    """A process that ends with an uncaught exception leaves at once, without its goodbye: its peers
+    then stop naming it (they would wait for it in their next collective), and it does not wait in
+    JAX's shutdown barrier for peers that will never arrive there."""
     previous = sys.excepthook
 
     def hook(*args: Any) -> None:
         global _UNCAUGHT
         _UNCAUGHT = True
         previous(*args)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
 
     sys.excepthook = hook
 

@@ -35,6 +35,10 @@ places the model's parameters:
   weight, as with bf16. A matrix for which this would not be smaller than bf16 stays raw.
 * everything else (embeddings, LM head, norms, biases) is placed raw in the model's param dtype,
   exactly like the safetensors loader does (bf16 -> f32 is exact).
+
+In a multi-process run (infire_jax.distributed) a process reads only the tensors its own devices'
+shards hold (a tensor's Huffman blob is read whole: a tp-split matrix is read by each of its
+processes; another pipeline stage's layers are not read at all) and places only its own shards.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ import numpy as np
 
 from infire_jax import boot
 from infire_jax.compression import codec
-from infire_jax.checkpoint import hf
+from infire_jax.checkpoint import hf, reads
 
 __all__ = [
     "FORMAT",
@@ -369,13 +373,24 @@ def load_into(
         spec_struct = var.get_value()
         shape, dtype = tuple(spec_struct.shape), np.dtype(spec_struct.dtype)
         axes = var.get_metadata()["logical_axes"]
+        sharding = layout.sharding(axes, shape)
+        local = _local_blocks(sharding, shape)  # this process's shards; only their tensors are read
         wspec = tuple(layout.spec(axes, shape))
         wspec = wspec + (None,) * (len(shape) - len(wspec))
         exp = np.zeros(shape, np.uint8)
         sm = np.zeros(shape, np.uint8)
         for name, lead, transform in sources[path]:
+            region = _region(lead, shape)
+            held = sum(_overlap(region, block) for block in local)
+            if not held:  # no shard of this process holds any of it: not read
+                continue
+            entry = entries[name]
+            reads.add(
+                bytes_read=entry["nbytes"], tensors_read=1, whole_reads=int(held < _volume(region)),
+                needed_bytes=entry["nbytes"] * held // max(1, _volume(region)),
+            )
             with boot.clock.phase("read"):
-                c = read_tensor(model_dir, name, entries[name])
+                c = read_tensor(model_dir, name, entry)
             with boot.clock.phase("convert"):
                 parts = codec.decode_parts(c, host_ops)
                 if transform is not None:  # e.g. repeated KV heads; works on the uint8 split as on values
@@ -390,16 +405,17 @@ def load_into(
             # Natural (N..., K...) order: layers.dense runs projections as 2-D dots over (N, K), which
             # XLA:CPU reads in place (a contraction-first order measured 0.43x raw bf16 speed).
             perm = tuple(range(len(shape) - (0 if per_layer else 1)))
+            held_slices = ({0} if local else set()) if per_layer else {i for block in local for i in block[0]}
             if per_layer:  # encoded as a stack of one, placed as its one slice
-                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, jax_decode, host_ops,
-                                         stacked=False)
+                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, jax_decode, held_slices,
+                                         host_ops, stacked=False)
             else:
-                value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode, host_ops)
+                value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode, held_slices, host_ops)
         if value is None:
             with boot.clock.phase("convert"):
                 host = _join_to(exp, sm, dtype)
             with boot.clock.phase("place"):
-                value = jax.device_put(host, layout.sharding(axes, shape))
+                value = jax_decode.put_host_array(host, sharding)
         out[path] = value
         if on_tensor:
             on_tensor("/".join(path))
@@ -412,22 +428,68 @@ def load_into(
     return out
 
 
+def _local_blocks(sharding: Any, shape: tuple[int, ...]) -> list[tuple[range, ...]]:
+    """Index ranges of the distinct blocks this process's devices hold."""
+    blocks = {
+        tuple(range(*sl.indices(n)) for sl, n in zip(tuple(idx) + (slice(None),) * (len(shape) - len(idx)), shape))
+        for idx in sharding.addressable_devices_indices_map(shape).values()
+    }
+    return sorted(blocks, key=lambda b: tuple((r.start, r.stop) for r in b))
+
+
+def _region(lead: tuple, shape: tuple[int, ...]) -> tuple[range, ...]:
+    """The index ranges a tensor fills in its parameter (lead: its ints and slices on leading axes)."""
+    fills = tuple(range(*i.indices(n)) if isinstance(i, slice) else range(i, i + 1) for i, n in zip(lead, shape))
+    return fills + tuple(range(n) for n in shape[len(lead):])
+
+
+def _overlap(a: tuple[range, ...], b: tuple[range, ...]) -> int:
+    return int(np.prod([max(0, min(x.stop, y.stop) - max(x.start, y.start)) for x, y in zip(a, b)], dtype=np.int64))
+
+
+def _volume(region: tuple[range, ...]) -> int:
+    return int(np.prod([len(r) for r in region], dtype=np.int64))
+
+
 def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, perm: tuple[int, ...],
-                     jax_decode: Any, host_ops: codec.HostOps | None = None, stacked: bool = True) -> Any:
+                     jax_decode: Any, held: set[int], host_ops: codec.HostOps | None = None,
+                     stacked: bool = True) -> Any:
     """The stacked blocked Palette12Weight of one parameter (slice axes stored in ``perm`` order),
-    or None if it would not be smaller than bf16. ``stacked=False``: a stack of one slice, placed as
-    that slice (the leading axis dropped on the host, so no program runs per leaf)."""
+    or None if it would not be smaller than bf16. ``held``: the stack slices this process's shards
+    hold (the others are not encoded: the processes that hold them place their blocks). In a
+    multi-process run the processes agree on the choice, the palette kind and the escape width
+    (distributed.exchange), so every process builds the same program. ``stacked=False``: a stack
+    of one slice, placed as that slice (the leading axis dropped on the host, so no program runs
+    per leaf)."""
+    from infire_jax import distributed
+
     with boot.clock.phase("convert"):
         order = (0,) + tuple(1 + p for p in perm)
         exp, sm = np.ascontiguousarray(exp.transpose(order)), np.ascontiguousarray(sm.transpose(order))
         spec = tuple(wspec[i] for i in order)
         blocks = jax_decode.block_counts(mesh, spec[1:])
-        slices = [codec.encode_palette12_blocks(exp[i], sm[i], blocks, host_ops) for i in range(exp.shape[0])]
-        leaves = jax_decode.stack_palette12_blocks(slices)
-        if sum(a.nbytes for a in leaves.values()) >= 2 * exp.size:
-            return None
-        is_range = all(codec.palette_is_range(s["palette"][: s["n_palette"]]) for s in slices)
-        if not stacked:
-            leaves, spec = {k: v[0] for k, v in leaves.items()}, spec[1:]
+        placeholder = None
+        slices = []
+        for i in range(exp.shape[0]):
+            if i in held:
+                slices.append(codec.encode_palette12_blocks(exp[i], sm[i], blocks, host_ops))
+            else:
+                placeholder = placeholder or codec.encode_palette12_blocks(
+                    np.zeros_like(exp[i]), np.zeros_like(sm[i]), blocks, host_ops)
+                slices.append(placeholder)
+        mine = [slices[i] for i in sorted(held)]
+        width = max((len(e) for s in mine for e in s["escape_idx"]), default=0)
+        leaves = jax_decode.stack_palette12_blocks(slices, width)
+        smaller = sum(a.nbytes for a in leaves.values()) < 2 * exp.size  # than bf16
+        is_range = all(codec.palette_is_range(s["palette"][: s["n_palette"]]) for s in mine)
+    if distributed.process_count() > 1:  # agree: compress only if it pays everywhere, the widest escapes
+        votes = distributed.exchange(np.array([smaller or not held, is_range or not held, width], np.int64))
+        smaller, is_range, wide = bool(votes[:, 0].all()), bool(votes[:, 1].all()), int(votes[:, 2].max())
+        if wide != width:
+            leaves = jax_decode.stack_palette12_blocks(slices, wide)
+    if not smaller:
+        return None
+    if not stacked:
+        leaves, spec = {k: v[0] for k, v in leaves.items()}, spec[1:]
     with boot.clock.phase("place"):
         return jax_decode.place_stacked_palette12(leaves, mesh, spec, is_range, perm, stacked=stacked)

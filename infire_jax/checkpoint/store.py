@@ -2,7 +2,9 @@
 
 The saved form is canonical: stacked layer parameters hold exactly the real layers (no pipeline
 padding slots), so a model saved from pp=2 restores onto tp=4 or pp=3. Restoring reads each array
-straight onto the target mesh, then places layers into the target's pipeline slots on device.
+straight onto the target mesh, then places layers into the target's pipeline slots on device; in a
+multi-process run each process reads the chunks of its own shards (checkpoint/reads.py counts the
+file bytes tensorstore read).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from infire_jax import boot
-from infire_jax.checkpoint import hf
+from infire_jax.checkpoint import hf, reads
 from infire_jax.compression.weights import EncodedWeight
 
 __all__ = ["MARKER", "is_saved_model", "save", "restore", "split_layers"]
@@ -73,8 +75,12 @@ def _canonical_values(placed: Any) -> dict[str, tuple[Any, tuple]]:
     return out
 
 
-def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path | None = None) -> pathlib.Path:
-    """Write the model's parameters (canonical layer order) and its config/tokenizer files."""
+def save(
+    placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path | None = None, chunk_bytes: int = 4 << 20
+) -> pathlib.Path:
+    """Write the model's parameters (canonical layer order) and its config/tokenizer files. Arrays
+    are stored in chunks of at most chunk_bytes, the unit a restore reads: a process of a
+    multi-process restore reads the chunks its shards touch, not whole arrays."""
     path = pathlib.Path(path).absolute()
     if hasattr(placed.module, "stack_index"):
         raise NotImplementedError(
@@ -91,7 +97,7 @@ def save(placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path |
         tree[name] = value
     path.mkdir(parents=True)
     ckpt = _orbax().StandardCheckpointer()
-    ckpt.save(path / "params", tree)
+    ckpt.save(path / "params", tree, save_args=jax.tree.map(lambda _: _orbax().SaveArgs(chunk_byte_size=chunk_bytes), tree))
     ckpt.wait_until_finished()
     for name in _COPIED:
         if source_dir and (pathlib.Path(source_dir) / name).is_file():
@@ -152,11 +158,17 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
             unrepeat = functools.partial(_unrepeat_kv, axes=axes, r=kv_repeat)
             shape = jax.eval_shape(unrepeat, jax.ShapeDtypeStruct(shape, v.dtype)).shape
         target[name] = jax.ShapeDtypeStruct(shape, v.dtype, sharding=layout.sharding(axes, shape))
+    before = _file_bytes_read()
     try:
         with boot.clock.phase("read"):
             restored = _orbax().StandardCheckpointer().restore(path / "params", target)
     except Exception as e:  # orbax raises a variety of types for structure/shape mismatches
         raise ValueError(f"cannot restore {path}: it does not match this model config ({e})") from None
+    jax.block_until_ready(restored)
+    reads.add(
+        bytes_read=_file_bytes_read() - before, tensors_read=sum(bool(a.addressable_shards) for a in restored.values()),
+        needed_bytes=sum(_local_bytes(a) for a in restored.values()),
+    )
     with boot.clock.phase("place"):  # orbax reads straight onto the devices; here the pipeline slots
         slots = jnp.asarray(layer_slots)
         for name, var in flat.items():
@@ -171,6 +183,20 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, layer_sl
                     lambda c, shape=v.shape: jnp.zeros(shape, c.dtype).at[slots].set(c), out_shardings=sharding
                 )(value)
             var.set_value(value)
+
+
+def _file_bytes_read() -> int:
+    """Bytes tensorstore (orbax's reader) has read from files in this process so far."""
+    import tensorstore as ts
+
+    metrics = ts.experimental_collect_matching_metrics("/tensorstore/kvstore/file/bytes_read")
+    return sum(v.get("value", 0) for m in metrics for v in m["values"])
+
+
+def _local_bytes(a: jax.Array) -> int:
+    """Bytes of the distinct blocks of `a` this process holds."""
+    blocks = {tuple((s.start, s.stop) for s in shard.index): shard.data.nbytes for shard in a.addressable_shards}
+    return sum(blocks.values())
 
 
 def split_layers(stacked: dict[tuple[str, ...], Any], per_layer: dict[tuple[str, ...], nnx.Variable], layout: Any) -> dict:

@@ -260,14 +260,18 @@ def block_counts(mesh: Any, block_spec: tuple) -> tuple[int, ...]:
     return tuple(int(np.prod([mesh.shape[a] for a in _mesh_axes(e)], dtype=np.int64)) for e in block_spec)
 
 
-def stack_palette12_blocks(slices: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def stack_palette12_blocks(slices: list[dict[str, Any]], width: int | None = None) -> dict[str, np.ndarray]:
     """Stack per-slice blocked palette12 dicts (codec.encode_palette12_blocks, same shape and
-    blocks) into leaves with a leading stack axis; escapes padded to the largest block's count."""
+    blocks) into leaves with a leading stack axis; escapes padded to `width` (default: the largest
+    block's count)."""
     if not slices:
         raise ValueError("nothing to stack")
     n, g = len(slices), len(slices[0]["escape_idx"])
     size = int(np.prod(slices[0]["sign_mant"].shape)) // g  # elements per block (padding index)
-    width = max((len(e) for s in slices for e in s["escape_idx"]), default=0)
+    most = max((len(e) for s in slices for e in s["escape_idx"]), default=0)
+    width = most if width is None else width
+    if width < most:
+        raise ValueError(f"escape width {width} is below the {most} escapes of a block")
     idx = np.full((n, g, width), size, np.int32)
     val = np.zeros((n, g, width), np.uint16)
     for i, s in enumerate(slices):
@@ -280,6 +284,13 @@ def stack_palette12_blocks(slices: list[dict[str, Any]]) -> dict[str, np.ndarray
         escape_idx=idx,
         escape_val=val,
     )
+
+
+def put_host_array(host: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array onto a sharding, each process placing only its own devices' blocks (device_put
+    of a host array onto a multi-process sharding would compare the whole array across processes;
+    here the blocks other processes hold need not even be filled in)."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx], dtype=host.dtype)
 
 
 def place_stacked_palette12(
@@ -315,7 +326,7 @@ def place_stacked_palette12(
         packed_idx=trim(*spec), sign_mant=trim(*spec), palette=trim(*head), escape_idx=trim(*head, blocks_axis),
         escape_val=trim(*head, blocks_axis),
     )
-    arrays = {k: jax.device_put(v, NamedSharding(mesh, shardings[k])) for k, v in leaves.items()}
+    arrays = {k: put_host_array(v, NamedSharding(mesh, shardings[k])) for k, v in leaves.items()}
     return Palette12Weight(
         **arrays, palette_is_range=palette_is_range, nibble_layout="halves", perm=tuple(perm),
         block_spec=tuple(block_spec), mesh=mesh,

@@ -85,10 +85,12 @@ def move(arrays: Sequence[jax.Array], dst: Sequence[NamedSharding]) -> tuple[jax
             if d.process_index != jax.process_index():
                 continue
             pieces.append(local[d] if d in local else jnp.zeros((1,) + shard_shape, x.dtype, device=d))
-        stacked.append(jax.make_array_from_single_device_arrays((2,) + x.shape, NamedSharding(union, spec), pieces))
+        stacked.append(
+            jax.make_array_from_single_device_arrays((2,) + x.shape, NamedSharding(union, spec), pieces, dtype=x.dtype)
+        )
     moved = _ppermute(union, specs)(*stacked)
     out = []
     for y, x, sh in zip(moved, staged, dst):
         shards = [s.data.reshape(s.data.shape[1:]) for s in y.addressable_shards if s.device in receivers]
-        out.append(jax.make_array_from_single_device_arrays(x.shape, sh, shards))
+        out.append(jax.make_array_from_single_device_arrays(x.shape, sh, shards, dtype=x.dtype))
     return tuple(out)
