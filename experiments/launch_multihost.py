@@ -70,6 +70,7 @@ flags.DEFINE_float("heartbeat_timeout", 20.0, "A peer silent this long is report
 flags.DEFINE_float("timeout", 600.0, "Launcher: seconds before every process still running is killed.")
 flags.DEFINE_integer("kill_process", None, "Fault drill: SIGKILL this process mid-generation.")
 flags.DEFINE_float("kill_after_s", 2.0, "Fault drill: seconds after generation started.")
+flags.DEFINE_string("process_logs", None, "Launcher: write each process's whole stderr to PROCESS_LOGS/process_<i>.log.")
 flags.DEFINE_string("json_out", None, "Write the results (launcher: of every process) to this JSON file.")
 
 MARK = "@@multihost "  # prefix of the lines a process reports to the launcher
@@ -97,13 +98,13 @@ def _prompts(tokenizer, bos) -> list[list[int]]:
     return out
 
 
-def _runs(default_dir: str) -> list[dict]:
+def _runs(default_dir: str, default_mesh: str) -> list[dict]:
     if FLAGS.prefill_mesh or FLAGS.decode_mesh:
         if FLAGS.mesh:
             raise app.UsageError("give --mesh runs or one --prefill_mesh/--decode_mesh pair, not both")
         return [dict(model_dir=default_dir, prefill_mesh=FLAGS.prefill_mesh, decode_mesh=FLAGS.decode_mesh)]
     runs = []
-    for spec in FLAGS.mesh or ["tp=" + str(sum(int(n) for n in FLAGS.local_devices or [1]))]:
+    for spec in FLAGS.mesh or [default_mesh]:
         mesh, _, model_dir = spec.partition("::")
         runs.append(dict(model_dir=model_dir or default_dir, mesh=mesh))
     return runs
@@ -122,12 +123,14 @@ def process_main() -> None:
         initialization_timeout=FLAGS.initialization_timeout, heartbeat_timeout=FLAGS.heartbeat_timeout,
     )
     me = cluster.process_id
-    _emit("joined", process=me, cluster=cluster.describe(), join_s=round(time.perf_counter() - t0, 2))
+    _emit("joined", process=me, pid=os.getpid(), cluster=cluster.describe(), join_s=round(time.perf_counter() - t0, 2))
     from infire_jax.checkpoint import reads, tiny
     from infire_jax.config import load_config
 
     default_dir = FLAGS.model_dir or str(tiny.ensure_default_model())
-    runs = _runs(default_dir)
+    import jax
+
+    runs = _runs(default_dir, f"tp={jax.device_count()}")
     for i, run in enumerate(runs):
         model_dir = run["model_dir"]
         cfg = load_config(model_dir)
@@ -216,7 +219,7 @@ class _Process:
 def launch() -> int:
     n = FLAGS.num_processes or 2
     coordinator = FLAGS.coordinator or f"127.0.0.1:{_free_port()}"
-    passed = [a for a in sys.argv[1:] if not a.startswith(("--coordinator", "--num_processes", "--json_out"))]
+    passed = [a for a in sys.argv[1:] if not a.startswith(("--coordinator", "--num_processes", "--json_out", "--process_logs"))]
     base = [sys.executable, os.path.abspath(__file__), *passed, f"--coordinator={coordinator}", f"--num_processes={n}"]
     t0 = time.perf_counter()
     procs = [_Process(i, base + [f"--process_id={i}"]) for i in range(n)]
@@ -245,6 +248,9 @@ def launch() -> int:
     failed = False
     for p in procs:
         p.threads[-1].join(timeout=5)
+        if FLAGS.process_logs:
+            os.makedirs(FLAGS.process_logs, exist_ok=True)
+            pathlib.Path(FLAGS.process_logs, f"process_{p.id}.log").write_text("\n".join(p.stderr) + "\n")
         entry = dict(process=p.id, exit_code=p.popen.returncode, reports=p.reports,
                      stderr_tail=[line for line in p.stderr if "Gloo" not in line][-8:])
         if killed_at is not None and p.id != FLAGS.kill_process and p.ended_at is not None:

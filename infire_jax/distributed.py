@@ -273,6 +273,9 @@ def _watch_uncaught_exceptions() -> None:
         global _UNCAUGHT
         _UNCAUGHT = True
         previous(*args)
+        if _CLUSTER is not None and _CLUSTER.watchdog is not None:
+            # a lost peer often surfaces first as an error in a collective: let the watchdog name it
+            _CLUSTER.watchdog.settle()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
@@ -318,6 +321,7 @@ class _Watchdog(threading.Thread):
             s.setblocking(False)
         self.last_heard = {j: time.monotonic() for j in self.socks}
         self.gone: set[int] = set()  # peers that said goodbye
+        self.rounds = 0  # select rounds done (settle waits for two more)
 
     def run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -351,6 +355,14 @@ class _Watchdog(threading.Thread):
             for j, heard in self.last_heard.items():
                 if j not in self.gone and now - heard > self.timeout:
                     self._lost(j, f"no heartbeat for {now - heard:.0f} s (hung, or its host is unreachable)")
+            self.rounds += 1
+
+    def settle(self, limit: float = 3.0) -> None:
+        """Wait until the watchdog has read every connection twice more (a peer that just died is
+        then reported, and this process stopped, by the watchdog)."""
+        start, deadline = self.rounds, time.monotonic() + limit
+        while self.rounds < start + 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _send(self, what: bytes) -> None:
         with self._lock:

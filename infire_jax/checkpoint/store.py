@@ -79,8 +79,8 @@ def save(
     placed: Any, path: str | pathlib.Path, source_dir: str | pathlib.Path | None = None, chunk_bytes: int = 4 << 20
 ) -> pathlib.Path:
     """Write the model's parameters (canonical layer order) and its config/tokenizer files. Arrays
-    are stored in chunks of at most chunk_bytes, the unit a restore reads: a process of a
-    multi-process restore reads the chunks its shards touch, not whole arrays."""
+    are stored in chunks of at most chunk_bytes and at most one layer, the unit a restore reads: a
+    process of a multi-process restore reads the chunks its shards touch, not whole arrays."""
     path = pathlib.Path(path).absolute()
     if hasattr(placed.module, "stack_index"):
         raise NotImplementedError(
@@ -90,14 +90,16 @@ def save(
     if path.exists():
         raise FileExistsError(f"{path} exists; choose a new directory for the saved model")
     repeat = _kv_repeat(placed.module)
-    tree = {}
+    tree, save_args = {}, {}
     for name, (value, axes) in _canonical_values(placed).items():
         if repeat > 1 and "kv_heads" in axes:  # canonical form: each KV head once
             value = _unrepeat_kv(value, axes, repeat)
         tree[name] = value
+        # one layer per chunk at most: a pipeline stage's restore reads its own layers only
+        save_args[name] = _orbax().SaveArgs(chunk_byte_size=chunk_bytes, shard_axes=(0,) if axes[:1] == ("layers",) else ())
     path.mkdir(parents=True)
     ckpt = _orbax().StandardCheckpointer()
-    ckpt.save(path / "params", tree, save_args=jax.tree.map(lambda _: _orbax().SaveArgs(chunk_byte_size=chunk_bytes), tree))
+    ckpt.save(path / "params", tree, save_args=save_args)
     ckpt.wait_until_finished()
     for name in _COPIED:
         if source_dir and (pathlib.Path(source_dir) / name).is_file():
