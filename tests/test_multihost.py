@@ -144,3 +144,22 @@ def test_wrong_mesh_and_missing_process_fail_fast(dirs, tmp_path):
     _, err = lone.communicate(timeout=90)
     assert lone.returncode == infire_jax.distributed.JOIN_FAILED_EXIT, err[-2000:]
     assert "waited 5 s for 2 processes to join" in err
+
+
+def test_each_checkpoint_byte_is_read_once_per_shard(dirs):
+    """In one process holding every device, the per-shard reads of a pp x tp layout add up to the
+    checkpoint exactly: shards read their own byte ranges, and partly replicated blocks once."""
+    from infire_jax.checkpoint import reads
+
+    with reads.counting() as counter:
+        infire_jax.load(dirs["dense"], mesh="pp=2,tp=2")
+    total = sum(_tensor_bytes(dirs["dense"]).values())
+    assert counter.bytes_read == counter.needed_bytes == total and counter.whole_reads == 0
+
+
+def test_initialize_after_a_device_was_touched_is_refused():
+    import jax
+
+    jax.devices()
+    with pytest.raises(infire_jax.distributed.DistributedError, match="before anything touches a device"):
+        infire_jax.distributed.initialize("127.0.0.1:1", num_processes=2, process_id=0)
