@@ -173,6 +173,9 @@ def initialize(
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
     where = coordinator_address or "the launcher's coordinator"
+    bind = None  # JAX's default: every interface; a loopback coordinator stays on loopback
+    if coordinator_address and coordinator_address.rpartition(":")[0].strip("[]") in ("127.0.0.1", "localhost", "::1"):
+        bind = coordinator_address
     joined = threading.Event()
     timer = threading.Thread(
         target=_join_timer, args=(joined, initialization_timeout, where, num_processes, process_id), daemon=True
@@ -183,11 +186,13 @@ def initialize(
         initialization_timeout=int(initialization_timeout) + 30,  # ours reports first, JAX's is the backstop
         heartbeat_timeout_seconds=int(2 * heartbeat_timeout) + 10,
         shutdown_timeout_seconds=int(initialization_timeout),
+        coordinator_bind_address=bind,
     )
     me, n = jax.process_index(), jax.process_count()
-    listener = socket.create_server(("", 0))
+    host = _reachable_host(coordinator_address)
+    listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     entry = dict(
-        process=me, host=_reachable_host(coordinator_address), port=listener.getsockname()[1], pid=os.getpid(),
+        process=me, host=host, port=listener.getsockname()[1], pid=os.getpid(),
         hostname=socket.gethostname(), claimed=num_processes, local_devices=jax.local_device_count(),
     )
     rows = exchange(np.frombuffer(json.dumps(entry).encode().ljust(_ROW_BYTES), np.uint8))
@@ -426,7 +431,7 @@ def exchange(row: np.ndarray) -> np.ndarray:
     stacked = jax.make_array_from_single_device_arrays(
         (mesh.size,) + row.shape, NamedSharding(mesh, P("processes")), [local]
     )
-    key = (mesh.devices.tobytes(), row.shape, row.dtype.str)
+    key = (tuple(d.id for d in mesh.devices.flat), row.shape, row.dtype.str)
     if key not in _GATHER:
         _GATHER[key] = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
     return np.asarray(_GATHER[key](stacked).addressable_data(0))
@@ -502,4 +507,10 @@ def check_meshes(meshes: Sequence[jax.sharding.Mesh], specs: Sequence[str]) -> N
             f"mesh {what} uses {len(used)} devices but the cluster has {total} ({jax.process_count()} "
             f"processes); across processes the mesh{'es' if len(specs) > 1 else ''} must use every device: "
             f"make the axis sizes multiply to {total}"
+        )
+    if len(meshes) == 2 and meshes[0].size != meshes[1].size:
+        raise MeshSpecError(
+            f"prefill mesh {str(specs[0])!r} has {meshes[0].size} devices and decode mesh {str(specs[1])!r} "
+            f"{meshes[1].size}; across processes the KV moves shard for shard (kv/process_handoff.py), so give "
+            "both meshes the same number of devices"
         )
