@@ -5,6 +5,7 @@ from it without the source tree."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -25,10 +26,16 @@ def test_every_package_is_listed_in_pyproject():
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> pathlib.Path:
-    """The wheel of this tree, unpacked as a site directory."""
+    """The wheel of this tree (built from a copy, so no build/ lands in the checkout), unpacked as a site directory."""
     out = tmp_path_factory.mktemp("wheel")
+    src = out / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "build", "*.egg-info")
+    for name in ("infire_jax", "configs"):
+        shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)],
         check=True, capture_output=True, timeout=300,
     )
     (wheel,) = out.glob("infire_jax-*.whl")
