@@ -18,7 +18,9 @@ Steps, in order (--dry_run prints them with their parameters and exits 0):
              t(generate 1)) / n per step, for --batch_sizes x --contexts: pallas vs xla vs the roofline
              (weights + the rows' KV bytes per step / bandwidth).
   prefill    the engine's prefill (generate 1 token) of --prefill_lengths prompts: pallas vs xla vs
-             max(weight bytes / bandwidth, FLOPs / peak).
+             max(weight bytes / bandwidth, FLOPs / peak). A prompt of at most --prefill_chunk tokens runs the
+             whole-prompt program (flash kernel), a longer one the chunk program (chunks of --prefill_chunk
+             new tokens over the pages written so far: the paged kernel with T > 1). No prefix cache.
 Benchmarks run --compute_dtype / --dtype (bf16 by default: the GPU configuration). Medians of --runs
 after a warm-up; compile times are reported apart. A missing feature or a failed step ends the check
 with one sentence on stderr and exit code 1; the figures so far are in --out (JSON).
@@ -58,6 +60,7 @@ flags.DEFINE_list("batch_sizes", ["1", "16", "64"], "Decode batch sizes.")
 flags.DEFINE_list("contexts", ["1024", "4096"], "Cached positions per row in the decode benchmarks.")
 flags.DEFINE_list("prefill_lengths", ["512", "2048"], "Prompt lengths of the prefill benchmarks.")
 flags.DEFINE_integer("prefill_batch", 4, "Rows of the prefill benchmarks.")
+flags.DEFINE_integer("prefill_chunk", 512, "Prompt tokens per prefill call of the benchmarked engine (its default).")
 flags.DEFINE_integer("decode_tokens", 64, "Tokens per row timed in the decode benchmarks (n).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Stored weight dtype of the benchmarks.")
 flags.DEFINE_enum("compute_dtype", "bfloat16", ["bfloat16", "float32"], "Activation and KV dtype of the benchmarks.")
@@ -107,7 +110,8 @@ def plan() -> list[tuple[str, dict[str, Any]]]:
         for c in ints(FLAGS.contexts):
             steps.append((f"decode/b{b}/ctx{c}", dict(model=model, new_tokens=FLAGS.decode_tokens, **common)))
     for t in ints(FLAGS.prefill_lengths):
-        steps.append((f"prefill/b{FLAGS.prefill_batch}/t{t}", dict(model=model, **common)))
+        program = "whole prompt (flash)" if t <= FLAGS.prefill_chunk else f"chunks of {FLAGS.prefill_chunk} (paged, T > 1)"
+        steps.append((f"prefill/b{FLAGS.prefill_batch}/t{t}", dict(model=model, program=program, **common)))
     return steps
 
 
@@ -329,7 +333,8 @@ def bench_engine(model_dir: pathlib.Path, shape: bc.Shape, machine: dict[str, fl
     results: dict[str, Any] = {}
     for kernels in KERNELS:
         model = infire_jax.load(model_dir, dtype=FLAGS.dtype, compute_dtype=FLAGS.compute_dtype, kernels=kernels,
-                                max_decode_batch=max_rows, kv_pages=max_rows * -(-max_tokens // 16) + 8)
+                                max_decode_batch=max_rows, kv_pages=max_rows * -(-max_tokens // 16) + 8,
+                                prefix_cache=False, prefill_chunk=FLAGS.prefill_chunk)
         gen = lambda tokens, n: model.generate(tokens.tolist(), max_new_tokens=n)  # noqa: E731
         for b in batches:
             for c in contexts:

@@ -6,7 +6,7 @@ calls under kernels="xla" (fp32, <= 1e-5 of the largest output), for rows of mix
 length 1, whole pages, ragged), batch 1, windows (Llama 4's rings and chunked prefill), new tokens
 over a cached prefix (T > 1), static and traced layer indices, several key splits, on tp=1 and tp=2.
 Engine level: dense Llama, Llama 4 (ring pages) and DeepSeek-V3 (MLA) generate the XLA engine's greedy
-tokens and logits on tp=1 and tp=2. Also: kernels="auto" picks Pallas only on a GPU platform (faked),
+tokens and logits on tp=1 and tp=2 (there also prefilling a prompt in chunks over its pages). Also: kernels="auto" picks Pallas only on a GPU platform (faked),
 and the kernels lower for CUDA through the Triton lowering (no GPU needed to lower).
 """
 
@@ -45,10 +45,12 @@ def layouts():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """How often each Pallas kernel was traced (proof that the Pallas path ran, not XLA's)."""
-    calls = {"paged": 0, "causal": 0}
+    calls = {"paged": 0, "causal": 0, "paged_rows": 0}  # and the most query rows of a paged call
     for name, fn in (("paged", pallas_attention.paged_attention), ("causal", pallas_attention.causal_attention)):
         def counted(*args, _fn=fn, _name=name, **kwargs):
             calls[_name] += 1
+            if _name == "paged":
+                calls["paged_rows"] = max(calls["paged_rows"], args[0][0].shape[2])
             return _fn(*args, **kwargs)
 
         monkeypatch.setattr(pallas_attention, f"{name}_attention", counted)
@@ -225,7 +227,7 @@ PROMPTS = [np.random.default_rng(i).integers(1, VOCAB, n).astype(np.int32) for i
 
 
 def _generate(path, **kwargs):
-    model = infire_jax.load(path, **ENGINE, **kwargs)
+    model = infire_jax.load(path, **(ENGINE | kwargs))
     reqs = model.run_requests(PROMPTS, [SamplingParams(8)] * len(PROMPTS), with_logits=True)
     return [r.output for r in reqs], [np.stack(r.logits) for r in reqs]
 
@@ -246,14 +248,19 @@ def xla_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "family,mesh",
-    # dense Llama on tp=2 runs the kernels as Llama 4's global layers do (and the op tests on tp=2)
-    [("llama", "tp=1"), ("llama4", "tp=1"), ("llama4", "tp=2"), ("deepseek_v3", "tp=1"), ("deepseek_v3", "tp=2")],
+    "family,mesh,chunk",
+    # dense Llama on tp=2 runs the kernels as Llama 4's global layers do (and the op tests on tp=2). With
+    # chunk 16 the prompts go through the chunk program (the 19-token one as 16 + 3 tokens: prefill over a
+    # cached prefix, the paged kernel with T > 1 new tokens), not the flash kernel; the XLA reference
+    # prefills whole prompts.
+    [("llama", "tp=1", None), ("llama4", "tp=1", None), ("llama4", "tp=2", 16), ("deepseek_v3", "tp=1", None),
+     ("deepseek_v3", "tp=2", 16)],
 )
-def test_engine_equals_xla(xla_run, kernel_calls, family, mesh):
+def test_engine_equals_xla(xla_run, kernel_calls, family, mesh, chunk):
     path, (want_tokens, want_logits) = xla_run(family)
-    tokens, logits = _generate(path, mesh=mesh, kernels="pallas_interpret")
-    assert kernel_calls["paged"] and bool(kernel_calls["causal"]) == (family != "deepseek_v3")  # MLA prefill: XLA
+    tokens, logits = _generate(path, mesh=mesh, kernels="pallas_interpret", prefill_chunk=chunk or 512)
+    assert kernel_calls["paged"] and bool(kernel_calls["causal"]) == (family != "deepseek_v3" and not chunk)  # MLA: XLA
+    assert (kernel_calls["paged_rows"] > 16) == bool(chunk)  # rows of several new tokens: the chunk program ran
     assert tokens == want_tokens
     for got, want in zip(logits, want_logits):
         assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

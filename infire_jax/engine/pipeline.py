@@ -304,7 +304,7 @@ def chunk(
             s = _stage_index(pp)
             x_all = model.embed_tokens(tokens)
             ctx_all = model.context(start, t)
-            per_layer = model.unrolled
+            per_layer, in_place = model.unrolled, dispatch.pages_in_place()
 
             def tick(carry, i):
                 kp, vp, recv, last = carry
@@ -315,8 +315,8 @@ def chunk(
                 tables = [_rows(table, r0, mb) for table in as_groups(page_table)]
                 x_in = jnp.where(s == 0, _rows(x_all, r0, mb), recv)
                 ctx = jax.tree.map(lambda a: _rows(a, r0, mb), ctx_all)
-                kc = tuple(_gather_pages(k, table, per_layer) for k, table in zip(kp, tables))
-                vc = tuple(_gather_pages(v, table, per_layer) for v, table in zip(vp, tables))
+                kc = tuple(_gather_pages(k, table, per_layer, in_place) for k, table in zip(kp, tables))
+                vc = tuple(_gather_pages(v, table, per_layer, in_place) for v, table in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
                 y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
                 # entries (row, column) of the chunk, row-major: mb * t of them
