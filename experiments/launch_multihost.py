@@ -44,9 +44,12 @@ from absl import app, flags
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import flags_common  # noqa: E402  (experiments/flags_common.py)
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_dir", None, "Checkpoint directory (HF safetensors, compressed, or Model.save); "
-                    "default: the embedded tiny model.")
+flags_common.define_model_flags()
+flags_common.define_engine_flags(kv_pages=128)
+flags_common.define_compilation_cache_flag()
 flags.DEFINE_multi_string("mesh", None, "Global mesh of a run (repeat for several runs), e.g. pp=2,tp=2; "
                           "MESH::MODEL_DIR runs another checkpoint.")
 flags.DEFINE_string("prefill_mesh", None, "P/D run: the prefill mesh (global devices, e.g. pp=2,tp=2@0-3).")
@@ -54,9 +57,6 @@ flags.DEFINE_string("decode_mesh", None, "P/D run: the decode mesh (e.g. tp=4@4-
 flags.DEFINE_multi_string("prompts", None, "Prompt text or comma-separated token ids (repeat).")
 flags.DEFINE_string("prompts_file", None, "JSON list of prompts (text or token-id lists).")
 flags.DEFINE_integer("max_new_tokens", 16, "Greedy tokens per prompt.")
-flags.DEFINE_integer("kv_pages", 128, "KV pages of the decode worker.")
-flags.DEFINE_integer("max_decode_batch", 8, "Continuous-batch size limit.")
-flags.DEFINE_integer("decode_steps", 4, "Decode steps per decode call.")
 flags.DEFINE_integer("num_processes", None, "Processes in the cluster (launcher: how many to start).")
 flags.DEFINE_integer("process_id", None, "Run as this process of the cluster (unset: launch them all here).")
 flags.DEFINE_string("coordinator", None, "host:port of process 0's coordination service (launcher: a free "
@@ -72,6 +72,7 @@ flags.DEFINE_integer("kill_process", None, "Fault drill: SIGKILL this process mi
 flags.DEFINE_float("kill_after_s", 2.0, "Fault drill: seconds after generation started.")
 flags.DEFINE_string("process_logs", None, "Launcher: write each process's whole stderr to PROCESS_LOGS/process_<i>.log.")
 flags.DEFINE_string("json_out", None, "Write the results (launcher: of every process) to this JSON file.")
+flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
 MARK = "@@multihost "  # prefix of the lines a process reports to the launcher
 
@@ -131,6 +132,10 @@ def process_main() -> None:
     import jax
 
     runs = _runs(default_dir, f"tp={jax.device_count()}")
+    options = flags_common.engine_options()
+    engine = dict(decode_steps=options.decode_steps, kv_pages=options.kv_pages, page_size=options.page_size,
+                  max_decode_batch=options.max_decode_batch, prefix_cache=options.prefix_cache,
+                  prefill_chunk=options.prefill_chunk)
     for i, run in enumerate(runs):
         model_dir = run["model_dir"]
         cfg = load_config(model_dir)
@@ -145,8 +150,8 @@ def process_main() -> None:
         try:
             with reads.counting() as counter:
                 model = infire_jax.load(
-                    model_dir, kv_pages=FLAGS.kv_pages, max_decode_batch=FLAGS.max_decode_batch,
-                    decode_steps=FLAGS.decode_steps, **meshes,
+                    model_dir, dtype=FLAGS.dtype, compilation_cache_dir=FLAGS.compilation_cache_dir or None, **engine,
+                    **meshes,
                 )
         except MeshSpecError as e:  # the same in every process: leave normally, all of us together
             print(f"process {me}: MeshSpecError: {e}", file=sys.stderr, flush=True)

@@ -25,6 +25,7 @@ FLOORS = {
     "infire_jax.mesh": 0,
     "infire_jax.compression": 0,
     "infire_jax.sharding": 1,
+    "infire_jax.distributed": 1,  # jax.distributed set-up, the watchdog, host values shared between processes
     "infire_jax.kernels": 2,
     "infire_jax.kv": 2,
     "infire_jax.checkpoint": 2,

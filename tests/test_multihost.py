@@ -36,7 +36,7 @@ def launch(tmp_path, name, *flags, timeout=240):
     out = tmp_path / f"{name}.json"
     argv = [sys.executable, str(LAUNCHER), *flags, f"--json_out={out}", f"--timeout={timeout - 20}",
             "--prompts=" + ",".join(map(str, PROMPTS[0])), "--prompts=" + ",".join(map(str, PROMPTS[1])),
-            f"--max_new_tokens={NEW_TOKENS}"]
+            f"--max_new_tokens={NEW_TOKENS}", *(f"--{k}={v}" for k, v in ENGINE.items())]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert out.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     return json.loads(out.read_text())
