@@ -99,29 +99,21 @@ def place_model(
     into sharded arrays."""
     cfg = cfg or load_config(model_dir)
     family = family_of(cfg)
-    saved = store.is_saved_model(model_dir)
-    # The saved form is stacked: restore it stacked, then split into per-layer weights if wanted.
-    abstract, options = abstract_model(cfg, layout, dtype=dtype, compute_dtype=compute_dtype, layer_list=False if saved else None)
+    abstract, options = abstract_model(cfg, layout, dtype=dtype, compute_dtype=compute_dtype)
     graphdef, state, flat = _flat(abstract)
-    if saved:
-        store.restore(model_dir, state, layout, options.layer_slots, options.kv_repeat)
-        per_layer = build_options(family, cfg, layout)
-        if not per_layer.layer_list:
-            return PlacedModel(graphdef, state, layout)
-        stacked = {p: v.get_value() for p, v in flat.items()}
-        graphdef, state, flat = _flat(abstract_model(cfg, layout, dtype=dtype, compute_dtype=compute_dtype)[0])
-        arrays = store.split_layers(stacked, flat, layout)
+    if store.is_saved_model(model_dir):  # per-layer saved arrays, read onto the devices that hold them
+        store.restore(model_dir, state, layout, abstract.stack_index(), options.kv_repeat)
+        return PlacedModel(graphdef, state, layout)
+    tmap = family.tensor_map(cfg, options)
+    specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
+    shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
+    ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
+    # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
+    common = dict(ignore=ignore, ignore_layers_from=cfg.num_layers, prefix=cfg.weight_prefix, skip_prefixes=cfg.skip_weight_prefixes)
+    if compressed.is_compressed_checkpoint(model_dir):  # layer matrices stay compressed on the device
+        arrays = compressed.load_into(model_dir, flat, layout, tmap, host_ops=cpu_kernels, **common)
     else:
-        tmap = family.tensor_map(cfg, options)
-        specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
-        shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
-        ignore = ("lm_head.weight",) if cfg.tie_word_embeddings else ()
-        # Layers past num_layers (e.g. DeepSeek-V3's multi-token-prediction layer) are not served.
-        common = dict(ignore=ignore, ignore_layers_from=cfg.num_layers, prefix=cfg.weight_prefix, skip_prefixes=cfg.skip_weight_prefixes)
-        if compressed.is_compressed_checkpoint(model_dir):  # layer matrices stay compressed on the device
-            arrays = compressed.load_into(model_dir, flat, layout, tmap, host_ops=cpu_kernels, **common)
-        else:
-            arrays = hf.load_into(model_dir, specs, shardings, tmap, **common)
+        arrays = hf.load_into(model_dir, specs, shardings, tmap, **common)
     for p, var in flat.items():
         var.set_value(arrays[p])
     return PlacedModel(graphdef, state, layout)

@@ -33,6 +33,11 @@ places the model's parameters:
   the step each device decodes only its own shard (a shard_map over the weight's mesh axes, see
   Palette12Weight.decode_f32): no weight collectives, and tp peers hold 1/tp of the compressed
   weight, as with bf16. A matrix for which this would not be smaller than bf16 stays raw.
+  Routed experts (logical axes start with "layers", "experts") are stacked over both axes: a
+  palette and escape list per (layer, expert), leaves (L, X, ...), palette (L, X, 16), escapes
+  (L, X, G, E) on (pp, ep, the weight's tp axes). The expert dispatch (models/moe.py) indexes a
+  layer, then an expert, and decodes only the experts a step routes to, inside its shard_map over
+  ep / tp, each device its own block.
 * everything else (embeddings, LM head, norms, biases) is placed raw in the model's param dtype,
   exactly like the safetensors loader does (bf16 -> f32 is exact).
 
@@ -45,11 +50,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import json
 import os
 import pathlib
 import shutil
-import warnings
 import zlib
 from typing import Any, Callable, Iterable
 
@@ -300,10 +305,26 @@ def is_compressible(var: Any, per_layer: bool = False) -> bool:
     return len(axes) >= 2 if per_layer else len(axes) >= 3 and axes[0] == "layers"
 
 
-def _is_expert_stack(var: Any) -> bool:
-    """Routed-expert weights (layers x experts x ...): the on-device palette12 form stacks slices
-    along one axis only, and the expert dispatch indexes the experts axis too."""
-    return "experts" in (var.get_metadata().get("logical_axes") or ())
+def stack_depth(var: Any) -> int:
+    """Leading axes a compressed weight is stacked over, each entry with its own palette and escapes:
+    (layers, experts) for routed experts, so the expert dispatch indexes a layer, then an expert, and
+    decodes only the experts a step routes to; (layers,) for the other layer matrices."""
+    axes = var.get_metadata().get("logical_axes") or ()
+    return 2 if tuple(axes[:2]) == ("layers", "experts") else 1
+
+
+def stored_order(slice_axes: tuple) -> tuple[int, ...]:
+    """Stored order of a compressed weight's slice axes (stored axis i = logical axis perm[i]): as
+    the model holds them, output axes first, except routed experts held input-major (Llama 4's fused
+    tensors: gate/up (embed, fused, expert_mlp), down (expert_mlp, embed)), stored output-major with
+    their input axis (embed for gate/up, expert_mlp for down) last: the expert dispatch then reads
+    them in stored order as the (N, K) operand of the few-row kernel or of XLA's 2-D dot."""
+    axes = tuple(slice_axes)
+    natural = tuple(range(len(axes)))
+    if "experts" in axes or "expert_mlp" not in axes:  # not one expert's slice
+        return natural
+    source = axes.index("embed" if "fused" in axes else "expert_mlp")
+    return tuple(i for i in natural if i != source) + (source,)
 
 
 def _bits_to(bits: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -368,7 +389,6 @@ def load_into(
 
     mesh = layout.mesh
     out: dict[tuple[str, ...], Any] = {}
-    kept_raw: list[str] = []
     for path, var in variables.items():
         spec_struct = var.get_value()
         shape, dtype = tuple(spec_struct.shape), np.dtype(spec_struct.dtype)
@@ -399,18 +419,18 @@ def load_into(
                 sm[lead] = parts[1].reshape(sm[lead].shape)
         value = None
         per_layer = hf.layer_list_key(path) is not None
-        if is_compressible(var, per_layer) and _is_expert_stack(var):
-            kept_raw.append("/".join(path))
-        elif is_compressible(var, per_layer):
-            # Natural (N..., K...) order: layers.dense runs projections as 2-D dots over (N, K), which
-            # XLA:CPU reads in place (a contraction-first order measured 0.43x raw bf16 speed).
-            perm = tuple(range(len(shape) - (0 if per_layer else 1)))
-            held_slices = ({0} if local else set()) if per_layer else {i for block in local for i in block[0]}
+        if is_compressible(var, per_layer):
+            # (N..., K...) order: layers.dense runs projections as 2-D dots over (N, K), which XLA:CPU
+            # reads in place (a contraction-first order measured 0.43x raw bf16 speed).
+            depth = 0 if per_layer else stack_depth(var)
+            perm = stored_order(axes[depth:])
             if per_layer:  # encoded as a stack of one, placed as its one slice
-                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, jax_decode, held_slices,
-                                         host_ops, stacked=False)
-            else:
-                value = _palette12_param(exp, sm, mesh, wspec, perm, jax_decode, held_slices, host_ops)
+                value = _palette12_param(exp[None], sm[None], mesh, (None,) + wspec, perm, 1, jax_decode,
+                                         {0} if local else set(), host_ops, stacked=False)
+            else:  # the stack entries (flat over the stack axes) this process's shards hold
+                held = {int(np.ravel_multi_index(i, shape[:depth])) for block in local
+                        for i in itertools.product(*block[:depth])}
+                value = _palette12_param(exp, sm, mesh, wspec, perm, depth, jax_decode, held, host_ops)
         if value is None:
             with boot.clock.phase("convert"):
                 host = _join_to(exp, sm, dtype)
@@ -419,12 +439,6 @@ def load_into(
         out[path] = value
         if on_tensor:
             on_tensor("/".join(path))
-    if kept_raw:
-        warnings.warn(
-            f"{model_dir}: routed-expert weights {kept_raw} are decoded to bf16 on load (exactly) and kept "
-            "uncompressed on the device: on-device palette12 covers attention and dense MLP matrices only",
-            stacklevel=2,
-        )
     return out
 
 
@@ -451,23 +465,26 @@ def _volume(region: tuple[range, ...]) -> int:
     return int(np.prod([len(r) for r in region], dtype=np.int64))
 
 
-def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, perm: tuple[int, ...],
+def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, perm: tuple[int, ...], depth: int,
                      jax_decode: Any, held: set[int], host_ops: codec.HostOps | None = None,
                      stacked: bool = True) -> Any:
-    """The stacked blocked Palette12Weight of one parameter (slice axes stored in ``perm`` order),
-    or None if it would not be smaller than bf16. ``held``: the stack slices this process's shards
-    hold (the others are not encoded: the processes that hold them place their blocks). In a
-    multi-process run the processes agree on the choice, the palette kind and the escape width
-    (distributed.exchange), so every process builds the same program. ``stacked=False``: a stack
-    of one slice, placed as that slice (the leading axis dropped on the host, so no program runs
-    per leaf)."""
+    """The stacked blocked Palette12Weight of one parameter: one palette and escape list per entry
+    of its ``depth`` leading stack axes (layers; layers x experts for routed experts), slice axes
+    stored in ``perm`` order; or None if it would not be smaller than bf16. ``held``: the stack
+    entries (flat, row-major over the stack axes) this process's shards hold (the others are not
+    encoded: the processes that hold them place their blocks). In a multi-process run the processes
+    agree on the choice, the palette kind and the escape width (distributed.exchange), so every
+    process builds the same program. ``stacked=False``: a stack of one slice, placed as that slice
+    (the leading axis dropped on the host, so no program runs per leaf)."""
     from infire_jax import distributed
 
     with boot.clock.phase("convert"):
-        order = (0,) + tuple(1 + p for p in perm)
+        order = tuple(range(depth)) + tuple(depth + p for p in perm)
         exp, sm = np.ascontiguousarray(exp.transpose(order)), np.ascontiguousarray(sm.transpose(order))
         spec = tuple(wspec[i] for i in order)
-        blocks = jax_decode.block_counts(mesh, spec[1:])
+        blocks = jax_decode.block_counts(mesh, spec[depth:])
+        lead = exp.shape[:depth]
+        exp, sm = exp.reshape((-1,) + exp.shape[depth:]), sm.reshape((-1,) + sm.shape[depth:])
         placeholder = None
         slices = []
         for i in range(exp.shape[0]):
@@ -489,7 +506,8 @@ def _palette12_param(exp: np.ndarray, sm: np.ndarray, mesh: Any, wspec: tuple, p
             leaves = jax_decode.stack_palette12_blocks(slices, wide)
     if not smaller:
         return None
+    leaves = {k: a.reshape(lead + a.shape[1:]) for k, a in leaves.items()}
     if not stacked:
         leaves, spec = {k: v[0] for k, v in leaves.items()}, spec[1:]
     with boot.clock.phase("place"):
-        return jax_decode.place_stacked_palette12(leaves, mesh, spec, is_range, perm, stacked=stacked)
+        return jax_decode.place_stacked_palette12(leaves, mesh, spec, is_range, perm)

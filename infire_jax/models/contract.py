@@ -60,6 +60,12 @@ class ServingModel(Protocol):
 
     def kv_shapes(self, batch: int, seq: int) -> tuple[tuple[int, ...], tuple[int, ...]]: ...
 
+    def stack_index(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """For each stacked attribute (e.g. "layers"; MoE families also "dense", "moe"): (layer,
+        position in that stack) of every real layer it holds. Code moving stacked parameters between
+        layouts (Model.save / restore) reads positions here, never assuming one entry per slot."""
+        ...
+
     def cache_groups(self) -> CacheGroups | None:
         """Layers caching differently (Llama 4's windowed layers), or None: one full-length cache."""
         ...

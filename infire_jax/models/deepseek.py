@@ -226,7 +226,7 @@ class DeepseekV3(moe.MoEDecoder):
         cos, sin = ctx["cos"], ctx["sin"]
         q_rope = self._rope(q[..., nope:], cos, sin)
         k_rope = self._rope(kv[..., None, r:], cos, sin)[:, :, 0]
-        wkv_b = w["wkv_b"]
+        wkv_b = layers.materialize(w["wkv_b"], x.dtype)  # in the compute dtype (decoded if compressed): sliced below
         out = mla_attention(
             q[..., :nope], q_rope, latent, k_rope, wkv_b[:, :nope], wkv_b[:, nope:], ctx["start"], self.scale,
             *((kc, vc) if kc is None or isinstance(kc, PagedLayerCache) else (kc[:, 0], vc[:, 0])), absorb=self.absorb,

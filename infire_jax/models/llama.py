@@ -95,6 +95,11 @@ class Llama(nnx.Module):
         """One full-length cache for every layer."""
         return None
 
+    def stack_index(self) -> dict[str, tuple[tuple[int, int], ...]]:
+        """(layer, position in the stack) of every real layer of the stacked attribute "layers" (its
+        slot): code that moves stacked parameters between layouts (Model.save / restore) uses this."""
+        return {"layers": tuple(enumerate(self.layer_slots))}
+
     @property
     def unrolled(self) -> bool:
         """Layers run as an unrolled loop (so a caller may pass the KV cache as a per-layer list)."""

@@ -48,6 +48,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from infire_jax.compression.jax_decode import Palette12Weight
 from infire_jax.config import ModelConfig
 from infire_jax.kv.paged import scan_layers
 from infire_jax.models import layers
@@ -126,6 +127,7 @@ def sigmoid_topk_logits(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array
 #   in_major=True  (Llama 4 fused experts):                       gate_up (G, D, 2, F), down (G, F, D)
 
 _TILE = 64
+_UNROLL = 16  # (tile, expert) pairs up to which the tiled dispatch is unrolled
 DEFAULT_IMPL = "auto"  # "tiled" on cpu, "ragged" elsewhere; tests may force one
 
 
@@ -160,8 +162,7 @@ def _grouped_tiled(xs: jax.Array, sizes: jax.Array, w_gate_up: Any, w_down: Any,
         r0 = (first[e] + p - pair_start[e]) * tm
         # Slice the expert here, not inside the cond: a cond operand that is the whole expert stack
         # was copied on every iteration (measured ~30x slower).
-        wgu = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False), w_gate_up)
-        wd = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, e, 0, keepdims=False), w_down)
+        wgu, wd = entry(w_gate_up, e), entry(w_down, e)
 
         def compute(out):
             rows = r0 + jnp.arange(tm)
@@ -172,7 +173,13 @@ def _grouped_tiled(xs: jax.Array, sizes: jax.Array, w_gate_up: Any, w_down: Any,
 
         return jax.lax.cond(p < total, compute, lambda o: o, out), None
 
-    out, _ = jax.lax.scan(step, jnp.zeros((tiles * tm, d), xs.dtype), jnp.arange(min(tiles + g - 1, m)))
+    pairs = min(tiles + g - 1, m)
+    # Decode (all rows in one tile, a few pairs) is unrolled: inside a loop, each pair's expert is
+    # sliced from a copy of the layer's whole expert stack (the loop's operand) made every step, a
+    # cost in all experts' bytes where a step reads k of them (bench model, 64 experts, top 8: float32
+    # experts 80 -> 6 ms per layer). Prefill keeps the loop: it reads most experts anyway.
+    unroll = tiles == 1 and pairs <= _UNROLL
+    out, _ = jax.lax.scan(step, jnp.zeros((tiles * tm, d), xs.dtype), jnp.arange(pairs), unroll=unroll)
     return out[:m]
 
 
@@ -208,11 +215,23 @@ def _platform() -> str:
     return jax.default_backend()
 
 
+def _stored_order(w_gate_up: Any, w_down: Any, in_major: bool) -> tuple[Any, Any, bool]:
+    """Input-major expert weights that a compressed checkpoint stored output-major (checkpoint/
+    compressed.py stored_order) are used in their stored order: the (N, K) operand of the few-row
+    kernel and of XLA's 2-D dot, with no transpose."""
+    stored = in_major and all(isinstance(w, Palette12Weight) and w.perm not in (None, tuple(range(len(w.perm))))
+                              for w in (w_gate_up, w_down))
+    if not stored:
+        return w_gate_up, w_down, in_major
+    return dataclasses.replace(w_gate_up, perm=None), dataclasses.replace(w_down, perm=None), False
+
+
 def grouped_mlp(
     xs: jax.Array, sizes: jax.Array, w_gate_up: Any, w_down: Any, *, in_major: bool, impl: str = "auto"
 ) -> jax.Array:
     """Rows xs (M, D) sorted by expert, sizes (G,) rows per expert (sum <= M; rows past the sum give
     zeros) -> each row through its expert's SwiGLU, (M, D)."""
+    w_gate_up, w_down, in_major = _stored_order(w_gate_up, w_down, in_major)
     impl = DEFAULT_IMPL if impl == "auto" else impl
     if impl == "auto":
         impl = "tiled" if _platform() == "cpu" else "ragged"
@@ -316,12 +335,37 @@ def _mesh_axes(entry: Any) -> tuple[str, ...]:
 
 def _weight_spec(layout, w: Any, axes: Sequence[str | None]) -> tuple[Any, P]:
     """(shard_map spec tree of an expert weight, its PartitionSpec). A packed int4 weight takes the
-    spec its group scales allow, for the packed words and the scales alike (so they stay aligned)."""
+    spec its group scales allow, for the packed words and the scales alike (so they stay aligned).
+    A compressed (palette12) weight was cut into blocks for its layout when it was loaded: its
+    leaves are split over the experts axis and those blocks, and each device decodes its own."""
     if isinstance(w, PackedInt4):
         spec = layout.spec(axes, w.scale.shape)
         return PackedInt4(spec, spec), spec
     spec = layout.spec(axes, w.shape)
+    if isinstance(w, Palette12Weight):
+        expert = tuple(spec)[:1] or (None,)
+        blocks = tuple(w.block_spec or ())
+        if w.perm is not None and blocks:  # stored order -> logical order
+            blocks = tuple(blocks[list(w.perm).index(i)] for i in range(len(blocks)))
+        if _trim(spec) != _trim((*expert, *blocks)):
+            raise ValueError(
+                f"a compressed expert weight blocked as {w.block_spec} runs on a layout that splits it as {spec}; "
+                "load the compressed checkpoint for the layout it runs on"
+            )
+        return w.leaf_specs(expert), spec
     return spec, spec
+
+
+def _trim(entries: Sequence[Any]) -> tuple:
+    entries = list(entries)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return tuple(entries)
+
+
+def _local(w: Any) -> Any:
+    """An expert weight as one device holds it inside the dispatch's shard_map."""
+    return w.local_shard() if isinstance(w, Palette12Weight) else w
 
 
 def _axis_of(spec: P, axes: Sequence[str | None], logical: str) -> Any:
@@ -372,6 +416,7 @@ def routed_experts(
     mesh, spec_gu, spec_d, expert_axes, manual = ep
 
     def local(x, weights, idx, w_gate_up, w_down):
+        w_gate_up, w_down = _local(w_gate_up), _local(w_down)
         g = jax.tree.leaves(w_gate_up)[0].shape[0]
         first = jax.lax.axis_index(expert_axes) * g if expert_axes else 0
         y = _dispatch_local(x, weights, idx, w_gate_up, w_down, first, in_major, scale_input, impl)
@@ -494,11 +539,24 @@ def _param(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype: Any) -> 
     return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
 
 
+def entry(w: Any, i: jax.Array) -> Any:
+    """Entry i of a stacked weight's leading axis, leaf by leaf (a compressed weight is a pytree whose
+    leaves all carry the stack axes). bf16 leaves are sliced as their 16-bit patterns: XLA:CPU
+    slices a bf16 array by converting it to float32 first (the whole stack, hoisted out of the decode
+    loop: a float32 copy of every expert per dispatch)."""
+
+    def index(a):
+        if a.dtype != jnp.bfloat16:
+            return jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)
+        bits = jax.lax.dynamic_index_in_dim(jax.lax.bitcast_convert_type(a, jnp.uint16), i, 0, keepdims=False)
+        return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)
+
+    return jax.tree.map(index, w)
+
+
 def take(stack: dict[str, jax.Array], i: jax.Array) -> dict[str, jax.Array]:
-    """Layer i of a stack of parameters (leaf by leaf: a compressed weight is a pytree whose leaves
-    all carry the layers axis)."""
-    index = lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)  # noqa: E731
-    return {k: jax.tree.map(index, v) for k, v in stack.items()}
+    """Layer i of a stack of parameters."""
+    return {k: entry(v, i) for k, v in stack.items()}
 
 
 # ------------------------------------------------------------------------------------------------
