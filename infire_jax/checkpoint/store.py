@@ -145,7 +145,8 @@ def _entry_of(part: jax.Array, stage: int) -> jax.Array:
     sub = _stage_mesh(mesh, _stages(mesh, spec)[0], stage)
     on_stage = set(sub.devices.flat)
     shards = [s.data for s in part.addressable_shards if s.device in on_stage]
-    return jax.make_array_from_single_device_arrays((1,) + part.shape[1:], NamedSharding(sub, P(None, *spec[1:])), shards)
+    return jax.make_array_from_single_device_arrays((1,) + part.shape[1:], NamedSharding(sub, P(None, *spec[1:])), shards,
+                                                    dtype=part.dtype)
 
 
 def _part_from(entries: dict[int, jax.Array], shape: tuple[int, ...], sharding: NamedSharding, dtype: Any) -> jax.Array:
@@ -313,6 +314,7 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, stack_in
     path = pathlib.Path(path).absolute()
     compressed = _read_marker(path).get("compressed", {})
     mesh = layout.mesh
+    ocp = _orbax()
     targets: dict[str, Any] = {}
     plans = []  # (variable, saved name, form, conversion, {layer: (stage, part)} / {layer: None} / None)
     for name, var in _flat(abstract_state).items():
@@ -336,6 +338,9 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, stack_in
                     continue
                 rest, rest_spec = (shape, spec) if place is None else (shape[1:], spec[1:])
                 on = mesh if place is None else _stage_mesh(mesh, _stages(mesh, spec)[0], place[0])
+                if not any(d.process_index == jax.process_index() for d in on.devices.flat):
+                    read[leaf] = ocp.PLACEHOLDER  # a stage of other processes: they read it
+                    continue
                 read[leaf] = jax.ShapeDtypeStruct((1,) + tuple(rest), dtype, sharding=NamedSharding(on, P(None, *rest_spec)))
             read = read[None] if None in read else read
             if layer is None:
@@ -343,7 +348,6 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, stack_in
             else:
                 targets.setdefault(saved, {})[str(layer)] = read
         plans.append((var, saved, form, convert, places))
-    ocp = _orbax()
     restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
     before = _file_bytes_read()
     try:
@@ -351,7 +355,7 @@ def restore(path: str | pathlib.Path, abstract_state: Any, layout: Any, stack_in
             restored = _checkpointer().restore(path / "params", args=ocp.args.PyTreeRestore(targets, restore_args=restore_args))
     except Exception as e:  # orbax raises a variety of types for structure/shape mismatches
         raise ValueError(f"cannot restore {path}: it does not match this model config ({e})") from None
-    arrays = jax.block_until_ready(jax.tree.leaves(restored))
+    arrays = jax.block_until_ready([a for a in jax.tree.leaves(restored) if isinstance(a, jax.Array)])
     reads.add(
         bytes_read=_file_bytes_read() - before, tensors_read=sum(bool(a.addressable_shards) for a in arrays),
         needed_bytes=sum(_local_bytes(a) for a in arrays),
@@ -379,9 +383,11 @@ def _place(restored: Any, plans: list, layout: Any) -> None:
             else:
                 stages = _stages(mesh, spec)[1]
                 part_shape = (stages,) + tuple(shape[1:])
-                got = {layer: pick(restored[saved][str(layer)]) for layer in places}
+                got = {layer: pick(restored[saved][str(layer)]) for layer in places}  # this process's stages
+                got = {layer: a for layer, a in got.items() if isinstance(a, jax.Array)}
                 parts = tuple(
-                    _part_from({stage: got[layer] for layer, (stage, j) in places.items() if j == part}, part_shape,
+                    _part_from({stage: got[layer] for layer, (stage, j) in places.items() if j == part and layer in got},
+                               part_shape,
                                sharding, dtype)
                     for part in range(shape[0] // stages)
                 )
