@@ -1,18 +1,29 @@
 """Decode speed with runtime-compressed (palette12) weights vs the same weights raw in bf16.
 
-Both models come from one bf16 checkpoint (the smollm-135m preset's shape with deterministic random
-weights, by default cut to --layers layers): raw = `infire_jax.load(hf_dir, dtype="bfloat16")`,
+Both models come from one bf16 checkpoint: raw = `infire_jax.load(hf_dir, dtype="bfloat16")`,
 compressed = `infire_jax.load(compressed_dir, dtype="bfloat16")`, where compressed_dir is written by
 checkpoint/compressed.py. Only the stacked layer matrices differ (embedding / LM head / norms are
-raw bf16 in both), and their greedy outputs must be identical (checked).
+raw bf16 in both), and their greedy outputs must be identical (checked). The checkpoint:
+  --family=dense      the smollm-135m preset's shape with deterministic random weights, by default
+                      cut to --layers layers (tiny.py);
+  --family=qwen3_moe  a Qwen3-MoE shaped like a scaled-down Qwen3-30B-A3B (64 experts of 192 hidden
+                      columns, top 8, hidden 512, --layers layers), random N(0, 0.02) weights built
+                      with transformers; its routed experts are most of the bytes and run through the
+                      few-row CPU kernel (raw bf16 and palette12 alike) on one device;
+  --family=llama4     a Llama 4 shaped like a scaled-down Scout (16 experts of 512 columns, top 1, a
+                      shared expert, hidden 512): raw, its fused input-major expert tensors multiply
+                      through XLA (widened to float32 inside the step); compressed, they are stored
+                      output-major and run through the palette12 kernel.
 
-Decode tok/s at batch 1 through the public API: per run, generate N_long and N_short new tokens
-after the same prompt; (N_long - N_short) / (t_long - t_short) cancels prefill and fixed costs. Runs
+Decode tok/s at batch --batch (default 1) through the public API: per run, generate N_long and
+N_short new tokens after the same prompt; (N_long - N_short) / (t_long - t_short) cancels prefill
+and fixed costs. Runs
 of the two models alternate so machine load hits both alike; medians of --runs runs. The breakdown
 section times one scanned stack of layer matmuls (8 layers of this model's 6 matrices at m = 1)
 with f32 weights, bf16 weights (bit-op upcast) and palette12 weights (decode + dot, and decode only).
 
   python experiments/bench_compressed_decode.py --out /tmp/bench_compressed_decode.json
+  python experiments/bench_compressed_decode.py --family=qwen3_moe --runs=9 --out /tmp/bench_moe.json
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ from jax import lax  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "bench_compressed_decode.json", "Where to write the JSON results.")
-flags.DEFINE_string("preset", "smollm-135m", "tiny.py preset giving the model shape.")
+flags.DEFINE_enum("family", "dense", ["dense", "qwen3_moe", "llama4"], "Model family of the checkpoint (see above).")
+flags.DEFINE_string("preset", "smollm-135m", "tiny.py preset giving the model shape (--family=dense).")
+flags.DEFINE_integer("batch", 1, "Decode rows (the same prompt each).")
 flags.DEFINE_integer("layers", 8, "num_hidden_layers override (0 = the preset's own).")
 flags.DEFINE_string("mesh", "tp=1", "Mesh of both models.")
 flags.DEFINE_integer("runs", 7, "Timed runs per model (median reported; >= 5).")
@@ -44,7 +57,7 @@ flags.DEFINE_integer("prompt_len", 16, "Prompt tokens.")
 flags.DEFINE_integer("short", 8, "New tokens of the short generation.")
 flags.DEFINE_integer("long", 72, "New tokens of the long generation.")
 flags.DEFINE_integer("decode_steps", 8, "Decode steps per dispatch (infire_jax.load's default is 8).")
-flags.DEFINE_bool("breakdown", True, "Also time the per-layer matmul stack (f32 / bf16 / palette12).")
+flags.DEFINE_bool("breakdown", True, "Also time the per-layer matmul stack (f32 / bf16 / palette12; --family=dense).")
 flags.DEFINE_enum("kernels", "auto", ["auto", "xla"], "Both models' kernels (infire_jax.load): with 'auto' raw bf16 "
                   "weights (all of the raw model; embedding and LM head of the compressed one) go through the CPU "
                   "few-row kernel while compressed layer weights decode through XLA; 'xla' is XLA's code for both.")
@@ -83,16 +96,47 @@ class Contention:
 # ------------------------------------------------------------------------------------- models
 
 
+MOE_SHAPES = {
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", dict(
+        vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=192, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, num_experts=64, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, max_position_embeddings=2048, tie_word_embeddings=False)),
+    "llama4": ("Llama4ForCausalLM", "Llama4TextConfig", dict(
+        vocab_size=8192, hidden_size=512, intermediate_size=512, intermediate_size_mlp=2048, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, num_local_experts=16, num_experts_per_tok=1, interleave_moe_layer_step=1,
+        attention_chunk_size=8192, max_position_embeddings=2048)),
+}
+
+
+def write_moe_checkpoint(out: pathlib.Path, family: str, layers: int) -> None:
+    """A bf16 HF checkpoint of MOE_SHAPES[family] with random N(0, 0.02) weights (transformers' init)."""
+    import torch
+    import transformers
+
+    arch, config, shape = MOE_SHAPES[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config)(**shape, num_hidden_layers=layers or 8, initializer_range=0.02)
+    model = getattr(transformers, arch)(cfg).eval()
+    with torch.no_grad():  # every matrix N(0, 0.02), norms 1 (whatever the family's own init does)
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.02 if p.ndim >= 2 else torch.ones_like(p))
+    model.to(torch.bfloat16).save_pretrained(out)
+
+
 def checkpoints(work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict]:
     from infire_jax.checkpoint.compressed import compress_checkpoint, read_manifest
     from infire_jax.checkpoint.tiny import write_tiny_checkpoint
 
-    tag = f"{FLAGS.preset}-L{FLAGS.layers or 'all'}-bf16"
+    name = FLAGS.preset if FLAGS.family == "dense" else FLAGS.family
+    tag = f"{name}-L{FLAGS.layers or 'all'}-bf16"
     raw, comp = work / tag, work / f"{tag}-compressed"
     if not (raw / "config.json").is_file():
         tmp = pathlib.Path(tempfile.mkdtemp(dir=work))
         overrides = {"num_hidden_layers": FLAGS.layers} if FLAGS.layers else None
-        write_tiny_checkpoint(tmp, FLAGS.preset, dtype="bfloat16", overrides=overrides)
+        if FLAGS.family == "dense":
+            write_tiny_checkpoint(tmp, FLAGS.preset, dtype="bfloat16", overrides=overrides)
+        else:
+            write_moe_checkpoint(tmp, FLAGS.family, FLAGS.layers)
         os.replace(tmp, raw)
     if not (comp / "manifest.json").is_file():
         shutil.rmtree(comp, ignore_errors=True)
@@ -103,38 +147,43 @@ def checkpoints(work: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path, dict]:
 
 
 def device_bytes(model) -> dict[str, int]:
-    """Bytes of the stacked layer matrices and of all parameters, summed over leaves (global)."""
+    """Bytes of the layer matrices, of the routed experts and of all parameters, summed over leaves
+    (global)."""
     from flax import nnx
 
-    stacked = total = 0
+    stacked = experts = total = 0
     for path, var in nnx.to_flat_state(model.placed.state):
         leaves = jax.tree.leaves(var.get_value())
         nb = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves)
         total += nb
-        if "layers" in [str(p) for p in path] and len(var.get_metadata()["logical_axes"]) >= 3:
+        axes = var.get_metadata()["logical_axes"]
+        if "layers" in axes and len(axes) >= 3:
             stacked += nb
-    return dict(layer_matrices=stacked, all_params=total)
+        if "experts" in axes:
+            experts += nb
+    return dict(layer_matrices=stacked, routed_experts=experts, all_params=total)
 
 
 def bench_decode(models: dict, prompt: list[int]) -> dict:
     n1, n2 = FLAGS.short, FLAGS.long
+    prompts = [prompt] * FLAGS.batch
     outs = {}
     for name, m in models.items():  # warm-up: compiles every program both lengths use
-        outs[name] = m.generate([prompt], max_new_tokens=n2)[0]
-        m.generate([prompt], max_new_tokens=n1)
+        outs[name] = m.generate(prompts, max_new_tokens=n2)[0]
+        m.generate(prompts, max_new_tokens=n1)
     identical = len({tuple(o) for o in outs.values()}) == 1
     per = {name: dict(tok_s=[], t_long=[], t_short=[]) for name in models}
     with Contention() as c:
         for _ in range(FLAGS.runs):
             for name, m in models.items():
                 t0 = time.perf_counter()
-                m.generate([prompt], max_new_tokens=n2)
+                m.generate(prompts, max_new_tokens=n2)
                 t1 = time.perf_counter()
-                m.generate([prompt], max_new_tokens=n1)
+                m.generate(prompts, max_new_tokens=n1)
                 t2 = time.perf_counter()
                 per[name]["t_long"].append(t1 - t0)
                 per[name]["t_short"].append(t2 - t1)
-                per[name]["tok_s"].append((n2 - n1) / max(1e-9, (t1 - t0) - (t2 - t1)))
+                per[name]["tok_s"].append(FLAGS.batch * (n2 - n1) / max(1e-9, (t1 - t0) - (t2 - t1)))
     res = {"greedy_outputs_identical": identical, "foreign_cpu_fraction": c.foreign}
     for name, d in per.items():
         res[name] = dict(
@@ -232,19 +281,24 @@ def main(argv):
     results = dict(
         machine=dict(platform=platform.platform(), cpus=os.cpu_count(), jax=jax.__version__,
                      loadavg_at_start=os.getloadavg()),
-        model=dict(preset=FLAGS.preset, layers=raw.cfg.num_layers, hidden=raw.cfg.hidden_size,
+        model=dict(family=FLAGS.family, preset=FLAGS.preset if FLAGS.family == "dense" else None,
+                   experts=raw.cfg.get("num_experts") or raw.cfg.get("num_local_experts"),
+                   experts_per_token=raw.cfg.get("num_experts_per_tok"), expert_mlp=raw.cfg.get("moe_intermediate_size"),
+                   layers=raw.cfg.num_layers, hidden=raw.cfg.hidden_size,
                    mlp=raw.cfg.intermediate_size, vocab=raw.cfg.vocab_size, mesh=FLAGS.mesh,
                    raw_dir=str(raw_dir), compressed_dir=str(comp_dir)),
         checkpoint=manifest["totals"],
         device_bytes=dict(raw_bf16=device_bytes(raw), compressed=device_bytes(comp)),
         load_seconds=dict(raw_bf16=t_raw, compressed=t_comp),
         settings=dict(runs=FLAGS.runs, prompt_len=FLAGS.prompt_len, short=FLAGS.short, long=FLAGS.long,
-                      decode_steps=FLAGS.decode_steps, batch=1, sampling="greedy"),
+                      decode_steps=FLAGS.decode_steps, batch=FLAGS.batch, kernels=FLAGS.kernels, sampling="greedy"),
     )
     db = results["device_bytes"]
     db["layer_matrices_ratio"] = db["compressed"]["layer_matrices"] / db["raw_bf16"]["layer_matrices"]
+    if db["raw_bf16"]["routed_experts"]:
+        db["routed_experts_ratio"] = db["compressed"]["routed_experts"] / db["raw_bf16"]["routed_experts"]
     results["decode"] = bench_decode({"raw_bf16": raw, "compressed": comp}, prompt)
-    if FLAGS.breakdown:
+    if FLAGS.breakdown and FLAGS.family == "dense":
         results["breakdown"] = bench_breakdown(raw, comp, FLAGS.runs * 2)
     results["machine"]["loadavg_at_end"] = os.getloadavg()
     pathlib.Path(FLAGS.out).write_text(json.dumps(results, indent=1) + "\n")

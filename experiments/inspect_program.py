@@ -1,8 +1,10 @@
 """Compile the prefill and decode programs for a model + deployment and report, as JSON, the
-per-device parameter and KV bytes and every collective (kind, groups, mesh axes, bytes, count per call).
+per-device parameter and KV bytes (routed experts separately for MoE models: bytes held, what bf16
+would hold, their ratio) and every collective (kind, groups, mesh axes, bytes, count per call).
 
   python experiments/inspect_program.py --mesh pp=2,tp=2
   python experiments/inspect_program.py --deployment pp2_tp4 --png /tmp/layout.png
+  python experiments/inspect_program.py --model_dir path/to/compressed_moe --mesh ep=2 --dtype bfloat16
   python experiments/inspect_program.py --mesh pp=2,tp=2 --trace_dir /tmp/trace   # then: tensorboard --logdir
       /tmp/trace, or open /tmp/trace/plugins/profile/<run>/perfetto_trace.json.gz in ui.perfetto.dev
 
@@ -24,6 +26,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "HF checkpoint directory (default: the embedded tiny model).")
 flags.DEFINE_string("mesh", "tp=2", "Mesh spec (ignored when --deployment is given).")
 flags.DEFINE_string("deployment", None, "Deployment name in configs/deployments/ or a JSON path.")
+flags.DEFINE_string("dtype", "float32", "Storage dtype of the weights that stay raw (infire_jax.load's dtype).")
 flags.DEFINE_integer("batch", 4, "Decode/prefill batch.")
 flags.DEFINE_integer("prompt_len", 32, "Prefill length.")
 flags.DEFINE_integer("cache_len", 128, "Decode cache positions per row.")
@@ -49,7 +52,7 @@ def main(argv: list[str]) -> None:
 
     model_dir = FLAGS.model_dir or tiny.ensure_default_model()
     kwargs = dict(deployment=FLAGS.deployment) if FLAGS.deployment else dict(mesh=FLAGS.mesh)
-    model = infire_jax.load(model_dir, decode_steps=FLAGS.steps, **kwargs)
+    model = infire_jax.load(model_dir, dtype=FLAGS.dtype, decode_steps=FLAGS.steps, **kwargs)
     report = inspect_model(model.programs, FLAGS.batch, FLAGS.prompt_len, FLAGS.cache_len, FLAGS.steps)
     report["layout"] = layout_table(model.placed).splitlines()
     data = viz.measured_layout(model.programs, report=report, hardware=FLAGS.hardware)

@@ -9,7 +9,8 @@ a model on N devices, from the real model class built abstractly (infire_jax.pla
 --model: a name in configs/models/ (kimi_k25, llama4_scout, llama31_8b, qwen3_30b_a3b), a config.json
 path or a model directory. --weights: auto (the checkpoint's own format: int4 experts when its
 config.json carries the compressed-tensors block, else bf16), bf16, int4_experts, compressed
-(palette12, 0.75 of bf16 for stacked layer matrices) or fp32. Without --mesh every pp x ep x tp mesh of
+(palette12, 0.75 of bf16 for stacked layer matrices, routed experts included; the plan then also
+reports what it gains against bf16 on the same mesh) or fp32. Without --mesh every pp x ep x tp mesh of
 --count devices is planned and the best kept (fits first, then the most KV left; --objective=tokens
 prefers the longest context). --json prints one JSON object (fits, weights_gib_per_device, kv_free_gib
 (total over devices), max_context_tokens, boot (seconds from process start to serving, on paper:
@@ -155,6 +156,12 @@ def main(argv) -> int:
               f"init {b['init_s']:.1f} + read {b['read_s']:.1f} ({b['assumptions']['storage_bytes_per_s'] / 1e9:g} GB/s "
               f"per node) + host->device {b['host_to_device_s']:.1f} + compile {b['compile_s']:.1f} "
               f"(cold {b['compile_cold_cache_s']:.1f}) s")
+    if g.get("versus_bf16"):
+        v = g["versus_bf16"]
+        print(f"  vs bf16 on {g['mesh']}: weights {v['weights_saved_gib_per_device']:.2f} GiB per device smaller (routed "
+              f"experts {v['routed_experts_saved_gib_per_device']:.2f}); KV +{v['kv_gained_gib']:.2f} GiB total "
+              f"({v['kv_free_gib_bf16']:.2f} -> {g['kv_free_gib']:.2f}); max context +{v['max_context_tokens_gained']:,} "
+              f"tokens; +{v['cache_tokens_at_8k_gained']:,} tokens cached as 8k-token sequences")
     for c in out["candidates"][:8]:
         print(f"    {c['mesh']:16s} fits={c['fits']!s:5s} weights/dev {c['weights_gib_per_device']:8.2f} GiB  "
               f"KV left {c['kv_free_gib']:9.2f} GiB  context {c['max_context_tokens']:>12,}")

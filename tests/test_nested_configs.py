@@ -241,8 +241,13 @@ def test_nested_config_errors():
 def test_compressed_nested_checkpoint_loads_text_weights(llama4, tmp_path):
     """A compressed multimodal checkpoint is served like the raw one: same prefix and skipped vision
     tensors, and (bf16 weights, exact compression) bitwise the raw bf16 logits. Routed experts stay
-    raw on the device, with a warning that says so."""
+    compressed on the device too (one palette per layer and expert), with no warning."""
+    import warnings
+
+    from flax import nnx
+
     from infire_jax.checkpoint.compressed import compress_checkpoint
+    from infire_jax.compression.jax_decode import Palette12Weight
 
     out, _, _ = llama4
     comp = tmp_path / "comp"
@@ -251,8 +256,12 @@ def test_compressed_nested_checkpoint_loads_text_weights(llama4, tmp_path):
     # Both with XLA's code: raw bf16 weights would otherwise take the few-row CPU kernel (its sums
     # run in another order), which compressed weights do not use.
     raw = infire_jax.load(out, dtype="bfloat16", kernels="xla").logits(tokens)
-    with pytest.warns(UserWarning, match=r"routed-expert weights \['moe/w_down', 'moe/w_gate_up'\]"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = infire_jax.load(comp, dtype="bfloat16", kernels="xla")
+    assert not [w for w in caught if "compress" in str(w.message)], [str(w.message) for w in caught]
+    params = dict(nnx.to_flat_state(model.placed.state))
+    assert all(isinstance(params[("moe", n)].get_value(), Palette12Weight) for n in ("w_gate_up", "w_down"))
     np.testing.assert_array_equal(model.logits(tokens), raw)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from infire_jax.config import ConfigError
 from infire_jax.plan import Deployment, HardwareError, PlanError, get_hardware, plan_best, plan_capacity
-from infire_jax.plan.capacity import layer_types, load_hf_config, model_config
+from infire_jax.plan.capacity import MODELS_DIR, layer_types, load_hf_config, model_config
 from infire_jax.plan.hardware import GiB
 from infire_jax.plan.simulator import WORKLOADS, CostModel, search
 
@@ -88,6 +88,28 @@ def test_weight_formats_and_estimates():
     # palette12 applies to the stacked layer matrices, embeddings stay bf16
     assert math.isclose(comp.weight_breakdown_total["routed_expert"] / e_bf, 0.7502, rel_tol=1e-6)
     assert comp.weight_breakdown_total["embedding"] == bf16.weight_breakdown_total["embedding"]
+
+
+def test_compressed_scout_gains_kv_by_what_compression_saves():
+    """Scout on 2xH200 with compressed weights (routed experts included): the KV cache left grows by
+    exactly the weight bytes saved per device, most of them the routed experts', whose bf16 bytes
+    are the config's own count (layers x experts x 3 x hidden x expert columns x 2 B, tp=2 splits
+    the expert columns)."""
+    cfg = json.loads((MODELS_DIR / "llama4_scout.json").read_text())
+    comp = plan_capacity("llama4_scout", Deployment("h200", 2, mesh="tp=2", weights="compressed"))
+    bf16 = comp.bf16
+    assert bf16.weights == "bf16" and bf16.mesh == comp.mesh
+    experts_bf16 = len(cfg["moe_layers"]) * cfg["num_local_experts"] * 3 * cfg["hidden_size"] * cfg["intermediate_size"] * 2
+    assert math.isclose(bf16.weight_breakdown_per_device["routed_expert"], experts_bf16 / 2, rel_tol=1e-12)
+    experts_saved = bf16.weight_breakdown_per_device["routed_expert"] - comp.weight_breakdown_per_device["routed_expert"]
+    assert math.isclose(experts_saved, (1 - 0.7502) * experts_bf16 / 2, rel_tol=1e-9)
+    saved = bf16.weight_bytes_per_device - comp.weight_bytes_per_device
+    assert math.isclose(comp.kv_free_per_device - bf16.kv_free_per_device, saved, rel_tol=1e-9)
+    assert 0.9 * saved < experts_saved < saved
+    v = comp.summary()["versus_bf16"]
+    assert v["kv_gained_gib"] > 44 and v["routed_experts_saved_gib_per_device"] > 22  # ~24.1 GB of 2 x 96.6 GB
+    assert v["max_context_tokens_gained"] > 0 and v["cache_tokens_at_8k_gained"] > 0
+    assert v["max_context_tokens_bf16"] + v["max_context_tokens_gained"] == comp.summary()["max_context_tokens"]
 
 
 def test_per_device_bytes_follow_the_layout():

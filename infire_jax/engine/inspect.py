@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from infire_jax.compression.weights import EncodedWeight
 from infire_jax.kv import cache as kv_cache
 
 __all__ = [
-    "Collective", "DeviceShare", "collective_axes", "device_shares", "group_members", "hlo_collectives", "inspect_model",
-    "layout_table", "per_device_bytes", "placed_shares",
+    "Collective", "DeviceShare", "collective_axes", "device_shares", "expert_bytes", "group_members", "hlo_collectives",
+    "inspect_model", "layout_table", "per_device_bytes", "placed_shares",
 ]
 
 _KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "ragged-all-to-all")
@@ -199,6 +200,32 @@ def per_device_bytes(arrays: list[tuple[tuple[int, ...], Any, Any]]) -> dict[int
     return dict(sorted(out.items()))
 
 
+def expert_bytes(placed: Any) -> dict[str, Any]:
+    """Routed-expert parameters (logical axes with "experts") per device: the bytes held, and for
+    the float and compressed ones what bf16 storage of the same shards would take (None when int4
+    or other packed forms are present), with their ratio per device."""
+    from flax import nnx
+
+    held, bf16, plain = [], [], True
+    for _, var in nnx.to_flat_state(placed.state):
+        axes = tuple(var.get_metadata().get("logical_axes") or ())
+        if "experts" not in axes:
+            continue
+        value = var.get_value()
+        held += [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(value)]
+        compressed = isinstance(value, EncodedWeight)
+        plain &= compressed or jnp.issubdtype(value.dtype, jnp.floating)
+        bf16.append((value.shape, jnp.bfloat16, placed.layout.sharding(axes, value.shape)))
+    if not held:
+        return {}
+    out = dict(routed_expert_bytes_per_device=per_device_bytes(held))
+    if plain:
+        ref = per_device_bytes(bf16)
+        out["routed_expert_bf16_bytes_per_device"] = ref
+        out["routed_expert_ratio_per_device"] = {d: round(b / ref[d], 5) for d, b in out["routed_expert_bytes_per_device"].items()}
+    return out
+
+
 def _summary(colls: list[Collective], per: int, mesh_shape: Mapping[str, int]) -> dict[str, Any]:
     return dict(
         collectives=[
@@ -261,6 +288,7 @@ def inspect_model(
         cache_len=cache_len,
         param_bytes_total=int(sum(np.prod(s) * jnp.dtype(t).itemsize for s, t, _ in params)),
         param_bytes_per_device=per_device_bytes(params),
+        **expert_bytes(placed),
         kv_bytes_per_device=per_device_bytes(kv),
         prefill=_summary(hlo_collectives(prefill.as_text()), 1, mesh),
         decode=_summary(hlo_collectives(decode.as_text()), steps, mesh) | dict(steps=steps, ticks=ticks, tokens_per_call=b * steps),

@@ -446,6 +446,25 @@ class CapacityPlan:
     reason: str
     abstract: AbstractModel = dataclasses.field(repr=False, default=None)
     stage_layers: list[dict[str, int]] = dataclasses.field(default_factory=list)
+    bf16: "CapacityPlan | None" = dataclasses.field(repr=False, default=None)  # compressed: the same deployment in bf16
+
+    def versus_bf16(self) -> dict[str, Any] | None:
+        """For compressed weights: what they free against bf16 on the same mesh, per device (weights
+        saved in all and by routed experts) and the KV cache gained (GiB over all devices, the longest
+        sequence, tokens cached as 8k-token sequences)."""
+        if self.bf16 is None:
+            return None
+        b, g = self.bf16, lambda x: round(x / GiB, 3)  # noqa: E731
+        tokens = lambda x: int(min(x, 2**62))  # noqa: E731  (as summary() reports them)
+        saved = {k: v - self.weight_breakdown_per_device.get(k, 0.0) for k, v in b.weight_breakdown_per_device.items()}
+        return dict(
+            weights_saved_gib_per_device=g(b.weight_bytes_per_device - self.weight_bytes_per_device),
+            routed_experts_saved_gib_per_device=g(saved.get("routed_expert", 0.0)),
+            kv_free_gib_bf16=g(b.kv_free_total), kv_gained_gib=g(self.kv_free_total - b.kv_free_total),
+            max_context_tokens_bf16=tokens(b.max_context_tokens),
+            max_context_tokens_gained=tokens(self.max_context_tokens) - tokens(b.max_context_tokens),
+            cache_tokens_at_8k_gained=(tokens(self.max_cache_tokens(8192)) - tokens(b.max_cache_tokens(8192))) * self.replicas,
+        )
 
     @property
     def devices_per_replica(self) -> int:
@@ -510,6 +529,8 @@ class CapacityPlan:
         if self.fits:
             boot = boot_time(self)
             out["boot"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in boot.items()}
+        if self.bf16 is not None:
+            out["versus_bf16"] = self.versus_bf16()
         return out
 
 
@@ -565,7 +586,10 @@ def plan_capacity(
         raise PlanError(f"mesh {mesh}: plan data-parallel copies as replicas (count a multiple of the mesh), not dp")
     param_dtype = "float32" if deployment.weights == "fp32" else "bfloat16"
     am = build_abstract(cfg, mesh, deployment.rules, param_dtype=param_dtype, weights=deployment.weights, int4_native=native)
-    return _plan_from_abstract(name, am, hw, deployment, native, n)
+    plan = _plan_from_abstract(name, am, hw, deployment, native, n)
+    if deployment.weights == "compressed":  # what compression gains is read against bf16 on the same mesh
+        plan.bf16 = plan_capacity(model, dataclasses.replace(deployment, mesh=mesh, weights="bf16"))
+    return plan
 
 
 def _plan_from_abstract(name: str, am: AbstractModel, hw: Hardware, dep: Deployment, native: bool, n: int) -> CapacityPlan:
