@@ -175,7 +175,8 @@ def measured_layout(
     for path, var in nnx.to_flat_state(placed.state):
         value = var.get_value()
         kind = param_kind(tuple(str(p) for p in path), tuple(var.get_metadata()["logical_axes"]))
-        for dev, b in per_device_bytes([(value.shape, value.dtype, value.sharding)]).items():
+        leaves = [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(value)]  # a compressed weight: its leaves
+        for dev, b in per_device_bytes(leaves).items():
             by_kind[kind][dev] = by_kind[kind].get(dev, 0) + b
     cfg = placed.cfg
     shares = placed_shares(placed)

@@ -170,6 +170,19 @@ def test_compressed_experts_on_the_device_match_raw_bf16(checkpoints, family, me
         _assert_greedy_path(logits, tokens)
 
 
+def test_inspect_program_reports_compressed_expert_bytes(checkpoints):
+    """inspect_program.py's report (inspect_model) and its layout figure (viz.measured_layout) of a
+    compressed MoE model on ep=2: routed experts <= 0.76 of bf16 per device, every weight byte in
+    the figure (compressed weights counted leaf by leaf)."""
+    from infire_jax import viz
+    from infire_jax.engine.inspect import inspect_model
+
+    model = _LOADED.get(("qwen3_moe", "ep=2")) or _load(checkpoints["qwen3_moe"][1], "ep=2")
+    report = inspect_model(model.programs, 1, 8, 16, 1)
+    assert max(report["routed_expert_ratio_per_device"].values()) <= 0.76, report["routed_expert_ratio_per_device"]
+    assert viz.measured_layout(model.programs, report=report).weight_bytes() == report["param_bytes_per_device"]
+
+
 @pytest.mark.parametrize("family,source", [("llama4", "ep=2"), ("qwen3_moe", "raw")])
 def test_moe_model_saves_and_restores_on_pp2_tp2(checkpoints, family, source, tmp_path, monkeypatch):
     """Compressed Llama 4 saved from ep=2, raw bf16 Qwen3-MoE saved from one device."""
