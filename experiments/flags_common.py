@@ -18,7 +18,8 @@ def define_model_flags() -> None:
 
 
 def define_compilation_cache_flag() -> None:
-    """--compilation_cache_dir: JAX's persistent compilation cache of an in-process deployment."""
+    """--compilation_cache_dir: JAX's persistent compilation cache of the deployment's processes
+    (this one, and the worker processes of a multi-process deployment)."""
     flags.DEFINE_string("compilation_cache_dir", "default", "JAX's persistent compilation cache, every program "
                         "cached ('default': ~/.cache/infire_jax/xla/<cpu>; '' = off; infire_jax/boot.py).")
 

@@ -48,6 +48,7 @@ flags.DEFINE_string("compute_dtype", "float32", "Activation / KV dtype of the pr
 flags.DEFINE_string("decode_compute_dtype", None, "Activation / KV dtype of the decode workers (default: "
                     "--compute_dtype; a different one demonstrates the KV layout check).")
 flags_common.define_engine_flags(kv_pages=256)
+flags_common.define_compilation_cache_flag()
 flags.DEFINE_integer("num_transports", 2, "Transport addresses per transfer server (same on every worker).")
 flags.DEFINE_float("timeout", 300.0, "Seconds before unfinished requests fail with RequestTimeout.")
 flags.DEFINE_float("start_timeout", 180.0, "Seconds for every worker to load and answer the handshake.")
@@ -126,6 +127,7 @@ def main(argv: list[str]) -> None:
     engine = RemoteEngine(
         model_dir, prefill, decode, mode=FLAGS.mode, num_transports=FLAGS.num_transports,
         start_timeout=FLAGS.start_timeout, stall_timeout=FLAGS.stall_timeout, pull_timeout=FLAGS.pull_timeout,
+        compilation_cache_dir=FLAGS.compilation_cache_dir or None,
     )
     t0 = time.perf_counter()
     result: dict = dict(

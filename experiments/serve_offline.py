@@ -105,7 +105,8 @@ def run_multiprocess(model_dir, prefill_specs, decode_specs, vocab: int, tokeniz
         for i, s in enumerate(decode_specs)
     ]
     requests = load_requests(vocab, tokenize)
-    with RemoteEngine(str(model_dir), prefill, decode) as engine:
+    cache_dir = FLAGS.compilation_cache_dir or None
+    with RemoteEngine(str(model_dir), prefill, decode, compilation_cache_dir=cache_dir) as engine:
         params = lambda i, n: dict(max_new_tokens=n, temperature=FLAGS.temperature, seed=FLAGS.seed + i)  # noqa: E731
         if FLAGS.warmup:
             warm = [engine.submit(ids, params(i, n)) for i, (ids, n) in enumerate(requests)]

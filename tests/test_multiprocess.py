@@ -3,6 +3,7 @@ jax.experimental.transfer, layouts checked before every transfer, dead workers f
 their requests within a bounded time. Every test is bounded by an alarm (HARD_LIMIT_S) on top of the
 engine's own timeouts; worker processes are spawned and configure their own CPU devices."""
 
+import pathlib
 import signal
 import time
 
@@ -61,12 +62,14 @@ def reference(colocated):
 
 
 @pytest.fixture(scope="module")
-def pd_engine(model_dir):
-    """One prefill process (tp=2) and one decode process (pp=2): different layouts on each side."""
+def pd_engine(model_dir, tmp_path_factory):
+    """One prefill process (tp=2) and one decode process (pp=2): different layouts on each side; the
+    workers' persistent compilation cache in a fresh directory."""
     engine = RemoteEngine(
         model_dir,
         [WorkerConfig("prefill", "prefill0", mesh="tp=2")],
         [WorkerConfig("decode", "decode0", mesh="pp=2", decode_steps=4, num_pages=64)],
+        compilation_cache_dir=tmp_path_factory.mktemp("xla_cache"),
         **TIMEOUTS,
     )
     engine.start()
@@ -94,6 +97,10 @@ def test_two_processes_equal_colocated(pd_engine, reference):
     jobs = {r.job for r in reqs}
     assert stats["transfers"] == len(jobs) == 2  # one KV transfer per prefill batch, not per layer/request
     assert stats["transfer_bytes"] > 0 and all(r.metrics()["ttft_s"] > 0 and r.pull_s > 0 for r in reqs)
+    # every worker process compiled into the persistent cache it was given (as the client's process does)
+    cache_dir = engine.opts["compilation_cache_dir"]
+    assert {w.info["compilation_cache_dir"] for w in engine.workers.values()} == {cache_dir}
+    assert any(pathlib.Path(cache_dir).iterdir())
     # the other agreed layout: one device on each side, resharded locally by the decode worker
     engine.mode = "single"
     try:

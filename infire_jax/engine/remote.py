@@ -164,6 +164,9 @@ def worker_main(cfg: WorkerConfig, opts: dict[str, Any], address: Any, authkey: 
 
     jax.config.update("jax_platforms", opts.get("platform", "cpu"))
     jax.config.update("jax_num_cpu_devices", int(cfg.devices or cfg.mesh_devices()))
+    from infire_jax import boot
+
+    boot.use_compilation_cache(opts.get("compilation_cache_dir"))  # as the client's process: before any compile
     conn = Client(address, authkey=authkey)
     code = 0
     try:
@@ -235,6 +238,7 @@ class _Server:
             vocab_size=model_cfg.vocab_size, context=model_cfg.max_position_embeddings,
             page_size=c.page_size, num_pages=c.num_pages, decode_steps=c.decode_steps, max_batch=c.max_batch,
             identity=w.kv.identity, page_sizes=w.page_sizes, context_tokens=w.context_tokens,
+            compilation_cache_dir=self.jax.config.jax_compilation_cache_dir,
         )
 
     def send(self, kind: str, payload: dict[str, Any]) -> None:
@@ -675,6 +679,7 @@ class RemoteEngine:
         max_retries: int = 1,
         checksum: bool = True,
         platform: str = "cpu",
+        compilation_cache_dir: str | os.PathLike | None = "default",
     ):
         from infire_jax.kv.remote_transfer import TRANSFER_MODES
 
@@ -696,6 +701,7 @@ class RemoteEngine:
         self.opts = dict(
             model_dir=self.model_dir, num_transports=num_transports, pull_timeout=pull_timeout,
             offer_timeout=offer_timeout, checksum=checksum, platform=platform,
+            compilation_cache_dir=None if compilation_cache_dir is None else str(compilation_cache_dir),
         )
         self.workers: dict[str, _Worker] = {}
         self.requests: dict[Any, RemoteRequest] = {}
