@@ -38,7 +38,10 @@ from infire_jax.plan.capacity import Deployment, plan_capacity
 from infire_jax.plan.hardware import Hardware, cpu_hardware
 from infire_jax.plan.simulator import CostModel
 
-__all__ = ["Case", "DEFAULT_CASES", "pin_one_core", "measure_rates", "measure_overheads", "measure_case", "predict_case", "calibrate"]
+__all__ = [
+    "Case", "DEFAULT_CASES", "pin_one_core", "measure_rates", "measure_overheads", "measure_case", "predict_case", "calibrate",
+    "fit_engine_steps", "replay_sessions",
+]
 
 MATMUL_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -342,3 +345,114 @@ def calibrate(
         all_within_25pct=int((allr <= 0.25).sum()), cases=len(records),
         roofline_within_25pct=int((roofe <= 0.25).sum()),
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# Agent traces: the simulator's engine loop calibrated on the engine's own steps
+# ------------------------------------------------------------------------------------------------
+
+
+def fit_engine_steps(
+    cost: CostModel,
+    decode_s: dict[tuple[int, int], float],
+    chunk_s: dict[tuple[int, int], float],
+    bandwidth: float,
+    link_bw: float,
+    whole_s: dict[int, float] | None = None,
+    transfer_s: dict[int, float] | None = None,
+    kv_bytes_per_token: float = 0.0,
+) -> Hardware:
+    """This CPU as the simulator's Hardware, from the engine's step times measured in isolation:
+      decode_s[(rows, context)]   seconds per decode step of `rows` rows (a power of two) at that context
+      chunk_s[(width, prefix)]    seconds of one chunked-prefill call of `width` tokens (a power of two)
+                                  after `prefix` cached tokens, one row
+    Two contexts per row count (two prefixes per width) give the attention rate at those rows from
+    the slope; the linear layers' rate at those rows is what the rest of the time leaves. Decode
+    fills the table below the smallest chunk width, chunks the rest. Overheads per step and call
+    are in the rates (no separate constants). bandwidth: the copy rate (the memory term); link_bw:
+    bytes/s of a KV page move between two devices of this process.
+      whole_s[n]       seconds of a whole-prompt prefill call of n tokens (nothing cached): the
+                       median ratio to the fitted chunk time at the same padded width is
+                       Hardware.whole_prompt_factor
+      transfer_s[n]    seconds one P -> D shipment of an n-token prompt adds (two or more n): a line
+                       in bytes (kv_bytes_per_token each) gives link_bw and transfer_latency_s"""
+    n_layers = cost.n_layers
+
+    def shared_slope(points: dict[int, list[tuple[float, float]]]) -> tuple[float, dict[int, float]]:
+        """Least squares of y = base[m] + slope * x over every m: one attention cost per FLOP for the
+        family (a shared machine makes single slopes noisy), a base time per row count."""
+        xs, ys, cols = [], [], sorted(points)
+        for m in cols:
+            for x, y in points[m]:
+                xs.append([x] + [1.0 if c == m else 0.0 for c in cols])
+                ys.append(y)
+        sol, *_ = np.linalg.lstsq(np.asarray(xs), np.asarray(ys), rcond=None)
+        slope = max(float(sol[0]), 1e-15)
+        return slope, {m: float(np.mean([y - slope * x for x, y in points[m]])) for m in cols}
+
+    # decode: time = (lin + head)(m) / R(m) + attn / A
+    dec_pts: dict[int, list[tuple[float, float]]] = {}
+    for (m, ctx), t in decode_s.items():
+        dec_pts.setdefault(m, []).append((cost.attn_decode * n_layers * m * ctx, t))
+    if 1 not in dec_pts:
+        raise ValueError("decode_s needs rows = 1 (the LM head of a prefill call runs at one row)")
+    slope, base = shared_slope(dec_pts)
+    rates = {m: 2.0 * (cost.dense_elems + cost.head_elems) * m / max(b, 1e-9) for m, b in base.items()}
+    attn = {m: 1.0 / slope for m in base}
+    head_rate_1 = rates[1]
+    # chunks: time = lin(c) / R(c) + head(1) / R(1) + attn pairs / A
+    pf_pts: dict[int, list[tuple[float, float]]] = {}
+    for (c, prefix), t in chunk_s.items():
+        pairs = cost.chunk_terms(prefix, c)["pf_pairs_full"]
+        pf_pts.setdefault(c, []).append((cost.attn_prefill * n_layers * pairs, t - 2.0 * cost.head_elems / head_rate_1))
+    if pf_pts:
+        lo = min(pf_pts)
+        for m in [m for m in rates if m >= lo]:
+            del rates[m], attn[m]
+        slope, base = shared_slope(pf_pts)
+        for c, b in base.items():
+            rates[c] = 2.0 * cost.dense_elems * c / max(b, 1e-9)
+            attn[c] = 1.0 / slope
+    extra: dict[str, Any] = {}
+    if transfer_s and len(transfer_s) >= 2 and kv_bytes_per_token > 0:
+        xs = np.array([n * kv_bytes_per_token for n in transfer_s])
+        ys = np.array(list(transfer_s.values()))
+        slope, intercept = np.polyfit(xs, ys, 1)
+        if slope > 0:
+            link_bw = 1.0 / slope
+        extra["transfer_latency_s"] = max(0.0, float(intercept))
+    hw = cpu_hardware(
+        bandwidth=bandwidth, flops=max(rates.values()), matmul_rates=tuple(sorted(rates.items())),
+        attention_rates=tuple(sorted(attn.items())), link_bw=link_bw, step_overhead_s=0.0, **extra,
+        measured=dict(decode_s={f"{k[0]}x{k[1]}": v for k, v in decode_s.items()},
+                      chunk_s={f"{k[0]}@{k[1]}": v for k, v in chunk_s.items()}),
+    )
+    if whole_s:
+        chunked = CostModel(cost.plan, hw)
+        ratios = []
+        for n, t in whole_s.items():
+            width = 1 << max(4, int(n - 1).bit_length())  # the engine pads to a power of two >= 16
+            ratios.append(t / chunked.stage_time(width, 1, **chunked.chunk_terms(0, width)))
+        hw = dataclasses.replace(hw, whole_prompt_factor=float(np.median(ratios)))
+    return hw
+
+
+def replay_sessions(turns: Sequence[Any]) -> tuple[list[list[Any]], list[float]]:
+    """A replayed agent trace (engine/trace.py turns: session, turn, arrival_s, append, max_tokens) as
+    the simulator's sessions and start times: turn k's prompt = turn k - 1's prompt and answer + what
+    turn k appends; the next turn follows the answer at once (a replay submits it when the previous
+    one finishes, or at its arrival if later: only think_s = 0 traces map exactly)."""
+    from infire_jax.plan.simulator import Turn
+
+    by: dict[int, list[Any]] = {}
+    for t in sorted(turns, key=lambda t: (t.session, t.turn)):
+        by.setdefault(t.session, []).append(t)
+    sessions, starts = [], []
+    for s in sorted(by):
+        prompt, out = 0, []
+        for k, t in enumerate(by[s]):
+            prompt += len(t.append) + (by[s][k - 1].max_tokens if k else 0)
+            out.append(Turn(prompt, int(t.max_tokens), 0.0))
+        sessions.append(out)
+        starts.append(float(by[s][0].arrival_s))
+    return sessions, starts

@@ -65,28 +65,30 @@ class Hardware:
     host_to_device_bw: float = 50e9  # bytes/s per device from host memory (~80% of PCIe 5.0 x16's 63 GB/s)
     measured: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
+    # measured attention rate by query rows m (QK and PV FLOPs over cached key positions per second):
+    # ((m, FLOP/s), ...) ascending; None = the matmul rate at the step's rows. On this CPU paged
+    # attention gathers pages and runs far below the linear layers' rate (plan.calibrate / the agent
+    # calibration measure it from the context slope of the engine's steps).
+    attention_rates: tuple[tuple[int, float], ...] | None = None
+    # this engine on this machine (plan.calibrate.fit_engine_steps): a whole-prompt prefill call (the
+    # prefill program, nothing cached) takes this times a chunk call of the same padded width (the
+    # chunk program, which writes and reads pages); and the fixed cost of one P -> D KV shipment
+    # (None: 10 collective latencies)
+    whole_prompt_factor: float = 1.0
+    transfer_latency_s: float | None = None
+
     def matmul_rate(self, m: float) -> float:
         """Achieved FLOP/s of a linear layer applied to m rows (flops_efficiency applies to both the
         datasheet peak and the measured rates)."""
         if not self.matmul_rates:
             return self.flops * self.flops_efficiency
-        return self.flops_efficiency * self._measured_rate(m)
+        return self.flops_efficiency * _rate_at(self.matmul_rates, m)
 
-    def _measured_rate(self, m: float) -> float:
-        ms = [r[0] for r in self.matmul_rates]
-        rs = [r[1] for r in self.matmul_rates]
-        if m <= ms[0]:
-            return rs[0] * max(m, 1e-9) / ms[0] if m < ms[0] else rs[0]
-        if m >= ms[-1]:
-            return rs[-1]
-        import math as _m
-
-        x = _m.log(m)
-        for i in range(1, len(ms)):
-            if m <= ms[i]:
-                x0, x1 = _m.log(ms[i - 1]), _m.log(ms[i])
-                return rs[i - 1] + (rs[i] - rs[i - 1]) * (x - x0) / (x1 - x0)
-        return rs[-1]
+    def attention_rate(self, m: float) -> float:
+        """Achieved FLOP/s of attention for m query rows (the matmul rate unless measured)."""
+        if not self.attention_rates:
+            return self.matmul_rate(max(m, 1))
+        return self.flops_efficiency * _rate_at(self.attention_rates, m)
 
     @property
     def memory_gib(self) -> float:
@@ -250,3 +252,22 @@ def measure_cpu(mbytes: int = 256, runs: int = 7, save: bool = True) -> dict[str
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2))
     return out
+
+
+def _rate_at(table: tuple[tuple[int, float], ...], m: float) -> float:
+    """A rate table ((m, rate), ...) at m rows: log-linear between entries, flat past the last, and
+    proportional to m below the first (fewer rows than measured do proportionally less work per call)."""
+    import math
+
+    ms = [r[0] for r in table]
+    rs = [r[1] for r in table]
+    if m <= ms[0]:
+        return rs[0] * max(m, 1e-9) / ms[0] if m < ms[0] else rs[0]
+    if m >= ms[-1]:
+        return rs[-1]
+    x = math.log(m)
+    for i in range(1, len(ms)):
+        if m <= ms[i]:
+            x0, x1 = math.log(ms[i - 1]), math.log(ms[i])
+            return rs[i - 1] + (rs[i] - rs[i - 1]) * (x - x0) / (x1 - x0)
+    return rs[-1]

@@ -242,7 +242,7 @@ class CostModel:
         nbytes = self.dense_bytes + self.expert_bytes * self.touched(tokens) + dkv + xkv
         if self.hw.matmul_rates:  # measured rate by rows (this CPU): the linear layers run at m = tokens
             t_c = (lin / self.hw.matmul_rate(tokens) + head / self.hw.matmul_rate(logit_rows)
-                   + attn / self.hw.matmul_rate(max(tokens, 1)))
+                   + attn / self.hw.attention_rate(max(tokens, 1)))
         else:
             t_c = flops / self.peak
         t_m = nbytes / self.bw
@@ -441,6 +441,14 @@ class InstanceSpec:
     max_batch: int
     cost: CostModel = dataclasses.field(repr=False)
     capacity: CapacityPlan = dataclasses.field(repr=False)
+    # 0: continuous batching with fused iterations (vLLM's scheduler, module doc). k > 0: this
+    # project's engine loop (engine/core.py): a step is one prefill call (whole prompts batched up to
+    # `chunk` tokens and padded to powers of two, or the next chunk of each prompt in progress), then
+    # one decode call of k tokens for every running row (1 while a prompt is mid-chunk), batch padded
+    # to a power of two; a request arriving meanwhile waits for the step to end.
+    call_steps: int = 0
+    max_batch_tokens: int = 8192  # engine loop: padded tokens of one whole-prompt prefill call
+    page_size: int = 1  # prefix caches reuse whole pages of this many tokens
 
     @property
     def devices(self) -> int:
@@ -483,7 +491,7 @@ class ClusterPlan:
 
 class Request:
     __slots__ = ("id", "arrival", "prompt", "output", "t_first", "t_done", "done_prefill", "rejected", "kv",
-                 "session", "turn", "cached", "kv_prefill", "xfer_tokens")
+                 "session", "turn", "cached", "kv_prefill", "xfer_tokens", "turn_submitted")
 
     def __init__(self, i: int, arrival: float, prompt: int, output: int, session: int | None = None, turn: int = 0):
         self.id, self.arrival, self.prompt, self.output = i, arrival, int(prompt), int(output)
@@ -495,6 +503,7 @@ class Request:
         self.cached = 0  # prompt tokens found in a prefix cache (not prefilled)
         self.kv_prefill = 0.0  # bytes a prefill instance holds while the prompt is prefilled (sessions)
         self.xfer_tokens = 0  # prompt tokens whose KV crossed from prefill to decode
+        self.turn_submitted: float | None = None  # engine loop: when the loop took the request
 
 
 class _Sim:
@@ -526,8 +535,8 @@ class _PrefixCache:
     what lies past it). Entries are evicted least recently used first when running requests need
     the memory; a request that reuses an entry takes it over (its pages become the request's)."""
 
-    def __init__(self, seq_bytes: Callable[[float], float], system_tokens: int):
-        self.seq_bytes, self.system = seq_bytes, system_tokens
+    def __init__(self, seq_bytes: Callable[[float], float], system_tokens: int, page: int = 1):
+        self.seq_bytes, self.system, self.page = seq_bytes, system_tokens, page
         self.entries: collections.OrderedDict[Any, int] = collections.OrderedDict()
         self.sizes: dict[Any, float] = {}
         self.bytes = 0.0
@@ -541,7 +550,7 @@ class _PrefixCache:
             held = self.system
         else:
             return 0
-        return max(0, min(held, r.prompt - 1))
+        return max(0, min(held, r.prompt - 1)) // self.page * self.page  # whole pages are reused
 
     def take(self, r: Request) -> int:
         """hit(r), and the session's entry leaves the cache (r now owns those pages); the shared
@@ -553,6 +562,13 @@ class _PrefixCache:
         if self.system and SYSTEM in self.entries:
             self.entries.move_to_end(SYSTEM)
         return n
+
+    def put_system(self) -> None:
+        """The shared system prompt is cached (without a session's conversation)."""
+        if self.system and SYSTEM not in self.entries:
+            self.entries[SYSTEM] = self.system
+            self.sizes[SYSTEM] = self.seq_bytes(self.system)
+            self.bytes += self.sizes[SYSTEM]
 
     def put(self, session: Any, tokens: int) -> None:
         """Keep `tokens` of the session's conversation (and the shared system prompt)."""
@@ -578,6 +594,25 @@ class _PrefixCache:
         return True
 
 
+def _pow2(n: float, minimum: int = 1) -> int:
+    """Smallest power of two >= max(n, minimum) (the engine's padded shapes)."""
+    return max(minimum, 1 << max(0, int(math.ceil(n)) - 1).bit_length())
+
+
+class _Processor:
+    """One processor that several instances' engine loops share (this engine's workers in one
+    process): their steps run one at a time, in turn."""
+
+    def __init__(self) -> None:
+        self.owner: Any = None
+        self.waiting: list[Any] = []
+        self.step_end = 0.0
+
+    def wait(self, x: Any) -> None:
+        if x not in self.waiting:
+            self.waiting.append(x)
+
+
 class _Instance:
     """One instance (prefill, decode or colocated) with its queue and running rows; with sessions
     (AgentWorkload) also its prefix cache, which lives in the KV memory running requests leave."""
@@ -600,9 +635,11 @@ class _Instance:
         self.version = 0  # bumped when a fast-forwarded decode run is cut short
         self.ff: tuple[float, float, int] | None = None  # (start, step time, steps) of the running decode run
         self._kv_need: dict[int, float] = {}
-        self.cache = (_PrefixCache(spec.capacity.seq_bytes_per_device, system_tokens)
+        self.cache = (_PrefixCache(spec.capacity.seq_bytes_per_device, system_tokens, spec.page_size)
                       if system_tokens is not None else None)
         self.busy_prefill = self.busy_decode = 0.0  # seconds of work, for the cost split
+        self.proc: _Processor | None = None  # the processor this instance shares with others (one engine loop)
+        self.step_end = 0.0  # engine loop: when the step under way ends
 
     # -- KV accounting ------------------------------------------------------------------------
     def kv_need(self, r: Request) -> float:
@@ -631,6 +668,11 @@ class _Instance:
 
     # -- entry points -------------------------------------------------------------------------
     def submit(self, r: Request) -> None:
+        if self.spec.call_steps and r.turn_submitted is None:
+            # the engine loop takes requests between steps: a request is submitted (its TTFT starts)
+            # when the step under way ends, as the replay driving the real engine does
+            busy_until = max(self.step_end, self.proc.step_end if self.proc is not None else 0.0)
+            r.arrival = r.turn_submitted = max(r.arrival, busy_until)
         if self.spec.role != "prefill" and self.kv_need(r) > self.kv_capacity:
             r.rejected = True
             r.t_first = r.t_done = math.inf
@@ -696,6 +738,9 @@ class _Instance:
 
     def _start(self) -> None:
         if self.busy:
+            return
+        if self.spec.call_steps:
+            self._engine_step()
             return
         role = self.spec.role
         if role == "decode":
@@ -825,6 +870,127 @@ class _Instance:
                     self._add_row(r)
         self._start()
 
+    # -- this engine's loop (InstanceSpec.call_steps > 0) -------------------------------------
+    def _engine_step(self) -> None:
+        """One step of engine/core.py's loop: a prefill call, then a decode call of the running rows
+        (rows whose prompt completed in this step's prefill call join it)."""
+        proc = self.proc
+        if proc is not None and proc.owner is not None and proc.owner is not self:
+            proc.wait(self)
+            return
+        role, cost, now = self.spec.role, self.cost, self.sim.now
+        if role == "decode":
+            self._admit_rows()
+        else:
+            self._admit_prefill()
+        t_pf, taken = self._engine_prefill() if self.prefilling else (0.0, [])
+        done_pf = [r for r, c in taken if r.done_prefill + c >= r.prompt]
+        joining = [r for r in done_pf if r.output > 1] if role == "colocated" else []
+        steps, t_dec = 0, 0.0
+        n = len(self.rows) + len(joining)
+        if role != "prefill" and n:
+            left, budget = 0, self.spec.chunk
+            for r in self.prefilling:  # engine/core.py `chunking`: a prompt needs more than this call
+                if r in done_pf:
+                    continue
+                rest = r.prompt - r.done_prefill - dict(taken).get(r, 0)
+                if rest > budget:
+                    left = 1
+                    break
+                budget -= rest
+            steps = 1 if left and role == "colocated" else self.spec.call_steps
+            ctx = float(self.ctx.sum()) + sum(r.prompt for r in joining)
+            b = _pow2(n)
+            capped = ctx if not self.chunk_cap else float(np.minimum(
+                np.concatenate([self.ctx, [r.prompt for r in joining]]), self.chunk_cap).sum())
+            t_dec = steps * self.pp * cost.stage_time(b, b, ctx + n * (steps - 1) / 2.0, capped + n * (steps - 1) / 2.0)
+        t = t_pf + t_dec
+        if t <= 0.0:
+            return
+        self.busy = True
+        if proc is not None:
+            proc.owner = self
+            proc.step_end = now + t
+        self.step_end = now + t
+        self.busy_prefill += t_pf
+        self.busy_decode += t_dec
+        self.sim.at(now + t, self._engine_done, taken, joining, len(self.rows), steps, now + t_pf)
+
+    def _engine_prefill(self) -> tuple[float, list[tuple[Request, int]]]:
+        """Time and (request, tokens) of the engine's next prefill call: whole prompts (nothing cached,
+        batched up to `chunk` tokens, padded to powers of two) or the next chunk of each prompt."""
+        cost, spec = self.cost, self.spec
+        budget = spec.chunk
+        terms = dict(pf_pairs_full=0.0, pf_pairs_capped=0.0, pf_prefix_full=0.0, pf_prefix_capped=0.0)
+        head = self.prefilling[0]
+        taken: list[tuple[Request, int]] = []
+        if head.done_prefill == 0 and head.prompt <= budget:
+            used = 0
+            for r in self.prefilling:
+                if r.done_prefill or len(taken) >= spec.max_batch or (taken and used + r.prompt > budget):
+                    break
+                longest = max([x.prompt for x, _ in taken] + [r.prompt])
+                if taken and _pow2(len(taken) + 1) * _pow2(longest, 16) > spec.max_batch_tokens:
+                    break
+                taken.append((r, r.prompt))
+                used += r.prompt
+            b, width = _pow2(len(taken)), _pow2(max(n for _, n in taken), 16)
+            for k, v in cost.chunk_terms(0, width).items():
+                terms[k] += b * v
+            return cost.stage_time(b * width, b, **terms) * self.pp * cost.hw.whole_prompt_factor, taken
+        else:
+            for r in self.prefilling:
+                if budget <= 0 or len(taken) >= spec.max_batch:
+                    break
+                n = min(r.prompt - r.done_prefill, budget)
+                taken.append((r, n))
+                budget -= n
+            b, width = _pow2(len(taken)), _pow2(max(n for _, n in taken), 16)
+            for r, _ in taken:
+                for k, v in cost.chunk_terms(r.done_prefill, width).items():
+                    terms[k] += v
+        return cost.stage_time(b * width, b, **terms) * self.pp, taken
+
+    def _engine_done(self, taken, joining, n_prev: int, steps: int, t_first: float) -> None:
+        self.busy = False
+        finished = []
+        for r, c in taken:
+            r.done_prefill += c
+            if r.done_prefill >= r.prompt:
+                finished.append(r)
+        if finished:
+            self.prefilling = [r for r in self.prefilling if r.done_prefill < r.prompt]
+        for r in finished:
+            self.outstanding -= r.prompt - r.cached
+            if self.cache is not None:  # the engine indexes a prompt's pages as they are written
+                self.cache.put_system()
+            if self.spec.role == "prefill":
+                if r.kv_prefill:  # the prompt's KV stays cached here for the session's next turn
+                    self._finish_kv(r, r.kv_prefill, r.prompt)
+                self._prefilled(r)
+            else:
+                r.t_first = t_first
+                if r.output <= 1:
+                    r.t_done = t_first
+                    self._finish_kv(r, r.kv, r.prompt + r.output)
+                    self.on_done(r)
+        for r in joining:
+            self._add_row(r)
+            self.ctx[-1] -= 1  # the first token's KV is written by the decode call
+        if steps:
+            k = n_prev + len(joining)
+            self.ctx[:k] += steps
+            self.rem[:k] -= steps
+            self._retire()
+        proc = self.proc
+        if proc is None:
+            self._start()
+            return
+        proc.owner = None
+        queue, proc.waiting = proc.waiting + [self], []
+        for x in queue:  # the others' turn first (the engine loop steps its workers in turn)
+            x._start()
+
     def _prefilled(self, r: Request) -> None:
         r.t_first = self.sim.now
         self.on_prefilled(r)
@@ -847,6 +1013,7 @@ class SimResult:
     gpus: int = 0
     transferred_tokens: int = 0  # prompt tokens whose KV crossed P -> D (measured requests)
     prefill_tokens: int = 0  # prompt tokens prefilled (not found cached)
+    samples: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)  # ttft, tpot per request (s)
 
     def usd_per_mtok(self, usd_per_gpu_hour: float) -> tuple[float, float]:
         """(input, output) dollars per million tokens at this rate: the plan's GPU-hours split by
@@ -903,6 +1070,9 @@ def simulate(
     tpot_slo: float | None = None,
     warmup: float = 0.2,
     affinity: bool = True,
+    one_loop: bool = False,
+    sessions: Sequence[Sequence[Turn]] | None = None,
+    starts: Sequence[float] | None = None,
 ) -> SimResult:
     """Run Poisson arrivals at `rate` per second through the cluster plan: n requests of a Workload,
     or n sessions of an AgentWorkload (default run_length()). Metrics cover the requests after the
@@ -921,9 +1091,16 @@ def simulate(
         workload = dataclasses.replace(workload, ttft_slo=ttft_slo or workload.ttft_slo,
                                        tpot_slo=tpot_slo or workload.tpot_slo)
     agent = isinstance(workload, AgentWorkload)
-    n = n or run_length(workload, rate)
-    rng = np.random.default_rng(seed + 1)
-    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    replayed = sessions is not None
+    if replayed:
+        if not agent or starts is None or len(starts) != len(sessions):
+            raise ValueError("a replayed trace needs an AgentWorkload and one start time per session")
+        n, arrivals = len(sessions), np.asarray(starts, np.float64)
+        sessions = [list(x) for x in sessions]
+    else:
+        n = n or run_length(workload, rate)
+        rng = np.random.default_rng(seed + 1)
+        arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
     sim = _Sim()
     reqs: list[Request] = []
     done: list[Request] = []
@@ -931,7 +1108,8 @@ def simulate(
     dec: list[_Instance] = []
     col: list[_Instance] = []
     system = workload.system_tokens if agent else None
-    sessions = workload.sessions(n, seed) if agent else None
+    if agent and not replayed:
+        sessions = workload.sessions(n, seed)
 
     def finished(r: Request) -> None:
         done.append(r)
@@ -949,7 +1127,8 @@ def simulate(
         link = hw.link_bw if same_node else hw.network_bw
         streams = min(p_spec.devices, d_spec.devices)
         per_token = d_spec.capacity.kv_bytes_per_token_total
-        xfer = (per_token, streams * link * hw.bw_efficiency, hw.collective_latency_s * 10)
+        latency = hw.collective_latency_s * 10 if hw.transfer_latency_s is None else hw.transfer_latency_s
+        xfer = (per_token, streams * link * hw.bw_efficiency, latency)
 
         def prefilled(r: Request) -> None:
             if r.output <= 1:
@@ -977,6 +1156,10 @@ def simulate(
             for _ in range(spec.count):
                 col.append(_Instance(sim, spec, None, finished, system))
         front = col
+    if one_loop:
+        proc = _Processor()
+        for x in pre + dec + col:
+            x.proc = proc
 
     def load(x: _Instance) -> float:
         return x.outstanding + (len(x.rows) * 8 if x.spec.role == "colocated" else 0)
@@ -1007,7 +1190,10 @@ def simulate(
     sim.run()
     ttft_slo, tpot_slo = workload.ttft_slo, workload.tpot_slo
     reqs = sorted(reqs, key=lambda r: r.arrival)
-    if agent:  # after one session life (the system filling) until sessions stop starting (the drain runs light)
+    if replayed:
+        measured = reqs
+        span = max((r.t_done for r in reqs if r.t_done is not None and math.isfinite(r.t_done)), default=0.0)
+    elif agent:  # after one session life (the system filling) until sessions stop starting (the drain runs light)
         hi_t = float(arrivals[-1])
         lo_t = min(max(float(arrivals[int(warmup * n)]), workload.session_seconds()), hi_t * 0.5)
         measured = [r for r in reqs if lo_t <= r.arrival <= hi_t]
@@ -1037,7 +1223,7 @@ def simulate(
         hit_ratio=sum(r.cached for r in ok) / prompt_toks if prompt_toks else 0.0,
         input_tok_s=prompt_toks / span if span > 0 else 0.0, output_tok_s=toks / span if span > 0 else 0.0,
         input_share=share, gpus=plan.gpus, transferred_tokens=int(sum(r.xfer_tokens for r in ok)),
-        prefill_tokens=int(sum(r.prompt - r.cached for r in ok)),
+        prefill_tokens=int(sum(r.prompt - r.cached for r in ok)), samples=dict(ttft=ttft, tpot=tpot),
     )
 
 

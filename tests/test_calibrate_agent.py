@@ -1,0 +1,96 @@
+"""The plumbing of the agent-trace calibration (experiments/calibrate_agent.py), not its numbers:
+fitting the CPU Hardware from engine step times, replaying a trace's sessions in the simulator, and
+the simulator's engine loop (InstanceSpec.call_steps, one shared processor). Abstract: no weights,
+no compilation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from infire_jax.checkpoint.tiny import make_config
+from infire_jax.engine.trace import make_trace
+from infire_jax.plan import Deployment, plan_capacity
+from infire_jax.plan.calibrate import fit_engine_steps, replay_sessions
+from infire_jax.plan.hardware import cpu_hardware
+from infire_jax.plan.simulator import AgentWorkload, ClusterPlan, CostModel, InstanceSpec, simulate
+
+CFG = make_config("smollm-135m", dict(num_hidden_layers=2)) | {"_name": "smollm-L2"}
+
+
+def _cost(hw):
+    return CostModel(plan_capacity(CFG, Deployment(hw, 1, mesh="tp=1", weights="fp32")), hw)
+
+
+@pytest.fixture(scope="module")
+def truth():
+    """A CPU whose rates we know: the step times it implies are what the fit gets to see."""
+    return cpu_hardware(bandwidth=1e15, flops=50e9, step_overhead_s=0.0,
+                        matmul_rates=((1, 5e9), (2, 8e9), (4, 14e9), (8, 20e9), (16, 25e9), (64, 35e9), (256, 45e9)),
+                        attention_rates=((1, 3e9), (8, 3e9), (16, 60e9), (256, 60e9)))
+
+
+def _points(cost):
+    decode = {(m, c): cost.stage_time(m, m, m * c, m * c) for m in (1, 2, 4, 8) for c in (64, 512)}
+    chunk = {(w, p): cost.stage_time(w, 1, **cost.chunk_terms(p, w)) for w in (16, 64, 256) for p in (32, 1024)}
+    return decode, chunk
+
+
+def test_fit_recovers_the_rates_behind_the_step_times(truth):
+    cost = _cost(truth)
+    decode, chunk = _points(cost)
+    whole = {n: 0.8 * cost.stage_time(w, 1, **cost.chunk_terms(0, w)) for n, w in ((40, 64), (200, 256))}
+    ship = {64: 2e-3 + 64 * cost.plan.kv_bytes_per_token_total / 5e9,
+            960: 2e-3 + 960 * cost.plan.kv_bytes_per_token_total / 5e9}
+    hw = fit_engine_steps(cost, decode, chunk, bandwidth=1e15, link_bw=1e9, whole_s=whole, transfer_s=ship,
+                          kv_bytes_per_token=cost.plan.kv_bytes_per_token_total)
+    got = dict(hw.matmul_rates)
+    for m, rate in ((1, 5e9), (4, 14e9), (8, 20e9), (16, 25e9), (64, 35e9), (256, 45e9)):
+        assert got[m] == pytest.approx(rate, rel=1e-6)
+    assert hw.attention_rate(4) == pytest.approx(3e9, rel=1e-6)
+    assert hw.attention_rate(64) == pytest.approx(60e9, rel=1e-6)
+    assert hw.whole_prompt_factor == pytest.approx(0.8, rel=1e-6)
+    assert hw.link_bw == pytest.approx(5e9, rel=1e-6) and hw.transfer_latency_s == pytest.approx(2e-3, rel=1e-6)
+    fitted = _cost(hw)  # the fitted model predicts its own points back
+    for (m, c), t in decode.items():
+        assert fitted.stage_time(m, m, m * c, m * c) == pytest.approx(t, rel=1e-6)
+    with pytest.raises(ValueError, match="rows = 1"):
+        fit_engine_steps(cost, {k: v for k, v in decode.items() if k[0] != 1}, chunk, bandwidth=1e15, link_bw=1e9)
+
+
+def test_replayed_trace_sessions_and_engine_loop(truth):
+    trace = make_trace(sessions=3, turns=3, vocab_size=1000, system_tokens=128, tool_tokens=(20, 40),
+                       user_tokens=(4, 8), max_tokens=16, session_interval_s=0.2, seed=1)
+    sessions, starts = replay_sessions(trace)
+    assert starts == [0.0, 0.2, 0.4] and [len(s) for s in sessions] == [3, 3, 3]
+    by = {(t.session, t.turn): t for t in trace}
+    for s, turns in enumerate(sessions):
+        assert turns[0].prompt == len(by[(s, 0)].append)
+        for k in (1, 2):  # previous prompt + its 16 generated tokens + what the turn appends
+            assert turns[k].prompt == turns[k - 1].prompt + 16 + len(by[(s, k)].append)
+    cost = _cost(truth)
+    spec = lambda role: InstanceSpec(role, "tp=1", 1, 512, 16, cost, cost.plan, call_steps=8, page_size=16)  # noqa: E731
+    workload = AgentWorkload(turns=3, system_tokens=128)
+    col = simulate(ClusterPlan([spec("colocated")]), workload, 1.0, sessions=sessions, starts=starts)
+    pd = simulate(ClusterPlan([spec("prefill"), spec("decode")]), workload, 1.0, sessions=sessions, starts=starts,
+                  one_loop=True)
+    for res in (col, pd):
+        assert res.n == 9 and len(res.samples["ttft"]) == 9 and len(res.samples["tpot"]) == 9
+        assert (res.samples["ttft"] > 0).all() and (res.samples["tpot"] > 0).all()
+        assert 0.5 < res.hit_ratio < 1.0  # later turns and sessions reuse whole pages of what came before
+    # one processor for both roles: a decode step waits for the prefill call, so tokens come slower
+    # than on two processors
+    two = simulate(ClusterPlan([spec("prefill"), spec("decode")]), workload, 1.0, sessions=sessions, starts=starts)
+    assert pd.tpot["p50"] >= two.tpot["p50"]
+    # a whole-prompt call priced by the measured factor
+    cheap = dataclasses.replace(truth, whole_prompt_factor=0.5)
+    cost2 = _cost(cheap)
+    spec2 = InstanceSpec("colocated", "tp=1", 1, 512, 16, cost2, cost2.plan, call_steps=8, page_size=16)
+    faster = simulate(ClusterPlan([spec2]), AgentWorkload(turns=1, system_tokens=0), 1.0,
+                      sessions=[s[:1] for s in sessions], starts=starts)
+    slower = simulate(ClusterPlan([spec("colocated")]), AgentWorkload(turns=1, system_tokens=0), 1.0,
+                      sessions=[s[:1] for s in sessions], starts=starts)
+    assert faster.ttft["p50"] < slower.ttft["p50"]
+    with pytest.raises(ValueError, match="one start time per session"):
+        simulate(ClusterPlan([spec("colocated")]), workload, 1.0, sessions=sessions, starts=starts[:2])
