@@ -67,7 +67,8 @@ DECODE_CONTEXTS = (64, 512)
 CHUNK_WIDTHS = (16, 64, 256, 512)
 CHUNK_PREFIXES = (32, 1024)
 WHOLE_PROMPTS = (48, 200, 500)
-SHIP_PROMPTS = (64, 960)  # P -> D shipments of these prompts (1P:1D deployment)
+SHIP_PROMPTS = (64, 960)
+CALL_ROWS = (1, 4)  # one-step decode calls (the per-call overhead)  # P -> D shipments of these prompts (1P:1D deployment)
 
 
 def _load() -> float:
@@ -151,6 +152,10 @@ class Calibration:
         self.vocab, self.rng = vocab, np.random.default_rng(1)
         self.engine = colocated.engine(dataclasses.replace(colocated.options, prefix_cache=True))
         self.pd = pd.engine(dataclasses.replace(pd.options, prefix_cache=False)) if pd is not None else None
+        # decode calls of one step (what a colocated step runs while a prompt is mid-chunk): against
+        # calls of decode_steps steps they give the fixed cost of a call
+        self.one_step = colocated.engine(dataclasses.replace(colocated.options, prefix_cache=True, decode_steps=1))
+        self.dec1 = collections.defaultdict(list)
         self.bases = {p: self.rng.integers(3, vocab, p).tolist() for p in CHUNK_PREFIXES}
         self.dec, self.dec_ctx = collections.defaultdict(list), {}
         self.chunk, self.whole, self.ship = (collections.defaultdict(list) for _ in range(3))
@@ -163,6 +168,8 @@ class Calibration:
             for ctx in DECODE_CONTEXTS:
                 times, self.dec_ctx[(rows, ctx)] = _decode_times(engine, vocab, rows, ctx, rng, calls)
                 self.dec[(rows, ctx)] += times
+        for rows in CALL_ROWS:
+            self.dec1[rows] += _decode_times(self.one_step, vocab, rows, DECODE_CONTEXTS[0], rng, 2 * calls)[0]
         for prefix, base in self.bases.items():
             _prefill_times(engine, base, 16, vocab, rng, 1, None)  # (re)cache the prefix
             for width in CHUNK_WIDTHS:
@@ -173,13 +180,14 @@ class Calibration:
         if self.pd is not None:
             from infire_jax.engine.sampling import SamplingParams
 
-            for n in SHIP_PROMPTS:
+            for n in SHIP_PROMPTS:  # the engine's own clock around each shipment's move
                 for i in range(calls + first):
-                    r = self.pd.submit(rng.integers(3, vocab, n).tolist(), SamplingParams(2))
+                    self.pd.reset_stats()
+                    self.pd.submit(rng.integers(3, vocab, n).tolist(), SamplingParams(2))
                     self.pd.run()
-                    if i >= first:
-                        m = r.metrics()
-                        self.ship[n].append(m["e2e_s"] - m["ttft_s"])
+                    st = self.pd.stats()
+                    if i >= first and st["transfers"]:
+                        self.ship[n].append(st["transfer_s"] / st["transfers"])
         self.rounds += 1
         self.seconds += time.perf_counter() - t0
         self.loads.append(_load())
@@ -187,26 +195,27 @@ class Calibration:
 
     def fit(self, cost, kv_bytes_per_token: float) -> tuple[object, dict]:
         from infire_jax.plan.calibrate import fit_engine_steps
-        from infire_jax.plan.simulator import CostModel
 
         med = statistics.median
         decode = {(m, round(self.dec_ctx[(m, c)])): med(v) for (m, c), v in self.dec.items()}
         chunk = {k: med(v) for k, v in self.chunk.items()}
         whole = {n: med(v) for n, v in self.whole.items()}
         bw, link = _copy_bw(), _link_bw()
-        hw = fit_engine_steps(cost, decode, chunk, bandwidth=bw, link_bw=link, whole_s=whole)
+        steps = self.engine.decode_workers[0].steps
+        short = DECODE_CONTEXTS[0]
+        call = max(0.0, med([(steps * med(self.dec1[m]) - steps * med(self.dec[(m, short)])) / (steps - 1)
+                             for m in CALL_ROWS]))
+        kw = dict(bandwidth=bw, link_bw=link, whole_s=whole, call_overhead_s=call, decode_steps=steps)
+        hw = fit_engine_steps(cost, decode, chunk, **kw)
         transfer = {}
-        if self.ship:  # a shipment's time: (end - first token) minus the decode call that follows it
-            fitted = CostModel(cost.plan, hw)
-            steps = self.engine.decode_workers[0].steps
-            transfer = {n: med(v) - steps * fitted.stage_time(1, 1, n + steps / 2, n + steps / 2)
-                        for n, v in self.ship.items()}
-            hw = fit_engine_steps(cost, decode, chunk, bandwidth=bw, link_bw=link, whole_s=whole,
-                                  transfer_s=transfer, kv_bytes_per_token=kv_bytes_per_token)
+        if self.ship:
+            transfer = {n: med(v) for n, v in self.ship.items() if v}
+            hw = fit_engine_steps(cost, decode, chunk, transfer_s=transfer, kv_bytes_per_token=kv_bytes_per_token, **kw)
         info = dict(rounds=self.rounds, seconds=self.seconds, load_rounds=self.loads, bandwidth_gbs=bw / 1e9,
                     copy_link_gbs=link / 1e9, shipment_link_gbs=hw.link_bw / 1e9,
                     transfer_latency_ms=None if hw.transfer_latency_s is None else hw.transfer_latency_s * 1e3,
-                    whole_prompt_factor=hw.whole_prompt_factor,
+                    whole_prompt_factor=hw.whole_prompt_factor, call_overhead_ms=call * 1e3,
+                    one_step_decode_ms={m: med(v) * 1e3 for m, v in self.dec1.items()},
                     matmul_rates_gflops={m: r / 1e9 for m, r in hw.matmul_rates},
                     attention_rates_gflops={m: r / 1e9 for m, r in hw.attention_rates},
                     decode_ms={f"{m}x{c}": v * 1e3 for (m, c), v in decode.items()},
@@ -221,9 +230,10 @@ def check_points(cost_cal, info: dict) -> dict:
     from infire_jax.plan.simulator import _pow2
 
     out = {}
+    ov = cost_cal.hw.step_overhead_s
     for key, ms in info["decode_ms"].items():
         m, c = (int(x) for x in key.split("x"))
-        out[f"decode {key}"] = (cost_cal.stage_time(m, m, m * c, m * c) * 1e3, ms)
+        out[f"decode {key}"] = ((cost_cal.stage_time(m, m, m * c, m * c) - ov * 7 / 8) * 1e3, ms)
     for key, ms in info["chunk_ms"].items():
         w, p = (int(x) for x in key.split("@"))
         out[f"chunk {key}"] = (cost_cal.stage_time(w, 1, **cost_cal.chunk_terms(p, w)) * 1e3, ms)
@@ -235,34 +245,38 @@ def check_points(cost_cal, info: dict) -> dict:
 
 
 # ---- 2. the settings: measured (the bench's replay) and predicted (the simulator) --------------
-def measure_setting(deploy, trace, vocab: int, max_passes: int = 3) -> dict:
-    """The bench's replay (a warm-up copy, then the trace, prefix cache on), repeated with other
-    token ids while a pass still compiled a program (batching follows timing, so a pass can meet
-    padded shapes the warm-up did not): the first pass that compiled nothing is reported, else
-    the last."""
+def measure_setting(deploy, trace, vocab: int, clean_passes: int = 2, max_passes: int = 4) -> dict:
+    """The bench's replay (a warm-up copy, then the trace with other token ids, prefix cache on), as
+    bench_agent_trace.py --rounds does: records pooled over `clean_passes` passes that compiled no
+    program (batching follows timing, so a pass can meet padded shapes the warm-up did not; a
+    compilation there is no serving cost the simulator models), at most max_passes (if none was
+    clean, the last pass)."""
     from infire_jax import boot
     from infire_jax.engine.trace import replay
 
     engine = deploy.engine(dataclasses.replace(deploy.options, prefix_cache=True))
     replay(engine, bench._shifted(trace, vocab, max_passes))  # warm-up copy: same lengths, nothing reusable
+    kept, hits, load0, walls, compiled = [], [], _load(), [], []
     for k in range(max_passes):
         engine.reset_stats()
-        load0, t0 = _load(), time.perf_counter()
-        programs0 = boot.clock.programs_requested
+        t0, programs0 = time.perf_counter(), boot.clock.programs_requested
         records = replay(engine, bench._shifted(trace, vocab, k))
-        wall = time.perf_counter() - t0
-        programs = boot.clock.programs_requested - programs0
-        if not programs:
-            break
-        print(f"  pass {k}: {programs} programs compiled or loaded during the pass; replaying again", flush=True)
-    stats = engine.stats()
+        walls.append(time.perf_counter() - t0)
+        compiled.append(boot.clock.programs_requested - programs0)
+        if not compiled[-1]:
+            kept += records
+            hits.append(engine.stats().get("hit_ratio"))
+            if len(hits) == clean_passes:
+                break
+    if not kept:
+        kept, hits = records, [engine.stats().get("hit_ratio")]
     return dict(
-        ttft_s=bench._pcts([r["ttft_s"] for r in records]),
-        tpot_s=bench._pcts([r["tpot_s"] for r in records if "tpot_s" in r]),
-        hit_ratio=stats.get("hit_ratio"), prefill_tokens_computed=stats.get("prefill_tokens_computed"),
-        wall_s=wall, load_before=load0, load_after=_load(), passes=k + 1, programs_in_reported_pass=programs,
+        ttft_s=bench._pcts([r["ttft_s"] for r in kept]),
+        tpot_s=bench._pcts([r["tpot_s"] for r in kept if "tpot_s" in r]),
+        hit_ratio=statistics.median(hits), wall_s=walls, load_before=load0, load_after=_load(),
+        passes=len(walls), programs_per_pass=compiled, clean_passes=len(hits) if compiled.count(0) else 0,
         records=[dict(session=r["session"], turn=r["turn"], prompt=len(r["prompt"]), cached=r["cached_tokens"],
-                      ttft_s=r["ttft_s"], tpot_s=r.get("tpot_s")) for r in records],
+                      ttft_s=r["ttft_s"], tpot_s=r.get("tpot_s")) for r in kept],
     )
 
 
@@ -353,7 +367,7 @@ def main(argv) -> None:
               f"({100 * err.get('tpot_p50', float('nan')):+4.0f}%)  p90 {p_['tpot_s']['p90'] * 1e3:5.1f} / "
               f"{m_['tpot_s']['p90'] * 1e3:5.1f} ({100 * err.get('tpot_p90', float('nan')):+4.0f}%)  "
               f"hit {p_['hit_ratio']:.2f} / {m_['hit_ratio'] or 0:.2f}  load {m_['load_before']}-{m_['load_after']}  "
-              f"passes {m_['passes']}  {'ok' if ok else 'MISS'}", flush=True)
+              f"passes {m_['passes']} ({m_['clean_passes']} clean)  {'ok' if ok else 'MISS'}", flush=True)
     result = dict(model=f"smollm-135m shape, {FLAGS.layers} layers, float32", model_dir=model_dir,
                   engine=dataclasses.asdict(options), calibration=info, settings=rows,
                   within_tolerance=sum(r["within_tolerance"] for r in rows.values()), settings_count=len(rows),

@@ -361,6 +361,8 @@ def fit_engine_steps(
     whole_s: dict[int, float] | None = None,
     transfer_s: dict[int, float] | None = None,
     kv_bytes_per_token: float = 0.0,
+    call_overhead_s: float = 0.0,
+    decode_steps: int = 8,
 ) -> Hardware:
     """This CPU as the simulator's Hardware, from the engine's step times measured in isolation:
       decode_s[(rows, context)]   seconds per decode step of `rows` rows (a power of two) at that context
@@ -368,8 +370,10 @@ def fit_engine_steps(
                                   after `prefix` cached tokens, one row
     Two contexts per row count (two prefixes per width) give the attention rate at those rows from
     the slope; the linear layers' rate at those rows is what the rest of the time leaves. Decode
-    fills the table below the smallest chunk width, chunks the rest. Overheads per step and call
-    are in the rates (no separate constants). bandwidth: the copy rate (the memory term); link_bw:
+    fills the table below the smallest chunk width, chunks the rest. call_overhead_s: the engine's
+    fixed cost per program call (Python, dispatch, reading tokens back), measured apart (a decode
+    call of one step against one of many) and kept out of the per-token rates (the simulator's
+    engine loop charges it per call: Hardware.step_overhead_s). bandwidth: the copy rate (the memory term); link_bw:
     bytes/s of a KV page move between two devices of this process.
       whole_s[n]       seconds of a whole-prompt prefill call of n tokens (nothing cached): the
                        median ratio to the fitted chunk time at the same padded width is
@@ -397,6 +401,7 @@ def fit_engine_steps(
     if 1 not in dec_pts:
         raise ValueError("decode_s needs rows = 1 (the LM head of a prefill call runs at one row)")
     slope, base = shared_slope(dec_pts)
+    base = {m: b - call_overhead_s / decode_steps for m, b in base.items()}  # decode_s: per step of such calls
     rates = {m: 2.0 * (cost.dense_elems + cost.head_elems) * m / max(b, 1e-9) for m, b in base.items()}
     attn = {m: 1.0 / slope for m in base}
     head_rate_1 = rates[1]
@@ -404,7 +409,8 @@ def fit_engine_steps(
     pf_pts: dict[int, list[tuple[float, float]]] = {}
     for (c, prefix), t in chunk_s.items():
         pairs = cost.chunk_terms(prefix, c)["pf_pairs_full"]
-        pf_pts.setdefault(c, []).append((cost.attn_prefill * n_layers * pairs, t - 2.0 * cost.head_elems / head_rate_1))
+        pf_pts.setdefault(c, []).append((cost.attn_prefill * n_layers * pairs,
+                                         t - 2.0 * cost.head_elems / head_rate_1 - call_overhead_s))
     if pf_pts:
         lo = min(pf_pts)
         for m in [m for m in rates if m >= lo]:
@@ -423,7 +429,7 @@ def fit_engine_steps(
         extra["transfer_latency_s"] = max(0.0, float(intercept))
     hw = cpu_hardware(
         bandwidth=bandwidth, flops=max(rates.values()), matmul_rates=tuple(sorted(rates.items())),
-        attention_rates=tuple(sorted(attn.items())), link_bw=link_bw, step_overhead_s=0.0, **extra,
+        attention_rates=tuple(sorted(attn.items())), link_bw=link_bw, step_overhead_s=call_overhead_s, **extra,
         measured=dict(decode_s={f"{k[0]}x{k[1]}": v for k, v in decode_s.items()},
                       chunk_s={f"{k[0]}@{k[1]}": v for k, v in chunk_s.items()}),
     )

@@ -541,6 +541,7 @@ class _PrefixCache:
         self.sizes: dict[Any, float] = {}
         self.bytes = 0.0
         self.evicted_tokens = 0
+        self.system_written = 0  # engine loop: tokens of the shared system prompt prefilled so far
 
     def hit(self, r: Request) -> int:
         """Prompt tokens of r this cache holds (at most prompt - 1: the last token is computed)."""
@@ -548,6 +549,8 @@ class _PrefixCache:
             held = self.entries[r.session]
         elif self.system and SYSTEM in self.entries:
             held = self.system
+        elif self.system_written:  # the part of the system prompt whose pages are written already
+            held = self.system_written
         else:
             return 0
         return max(0, min(held, r.prompt - 1)) // self.page * self.page  # whole pages are reused
@@ -563,9 +566,13 @@ class _PrefixCache:
             self.entries.move_to_end(SYSTEM)
         return n
 
-    def put_system(self) -> None:
-        """The shared system prompt is cached (without a session's conversation)."""
-        if self.system and SYSTEM not in self.entries:
+    def put_system(self, tokens: int) -> None:
+        """`tokens` of a prompt (which starts with the shared system prompt) have their pages written
+        and indexed: that much of the system prompt is reusable (the engine indexes chunk by chunk)."""
+        if not self.system:
+            return
+        self.system_written = max(self.system_written, min(tokens, self.system))
+        if self.system_written >= self.system and SYSTEM not in self.entries:
             self.entries[SYSTEM] = self.system
             self.sizes[SYSTEM] = self.seq_bytes(self.system)
             self.bytes += self.sizes[SYSTEM]
@@ -591,6 +598,8 @@ class _PrefixCache:
         key, tokens = self.entries.popitem(last=False)
         self.bytes -= self.sizes.pop(key)
         self.evicted_tokens += tokens
+        if key == SYSTEM:
+            self.system_written = 0
         return True
 
 
@@ -734,6 +743,9 @@ class _Instance:
                 r.kv_prefill = need
                 self.kv_used += need
             self.waiting.pop(0)
+            if self.spec.call_steps and self.cache is not None:  # the engine reuses what is indexed now
+                r.cached = r.done_prefill = self.cache.take(r)
+                self.outstanding -= r.cached
             self.prefilling.append(r)
 
     def _start(self) -> None:
@@ -903,7 +915,9 @@ class _Instance:
             b = _pow2(n)
             capped = ctx if not self.chunk_cap else float(np.minimum(
                 np.concatenate([self.ctx, [r.prompt for r in joining]]), self.chunk_cap).sum())
-            t_dec = steps * self.pp * cost.stage_time(b, b, ctx + n * (steps - 1) / 2.0, capped + n * (steps - 1) / 2.0)
+            per_step = cost.stage_time(b, b, ctx + n * (steps - 1) / 2.0, capped + n * (steps - 1) / 2.0)
+            call = cost.hw.step_overhead_s  # the engine's overhead is per program call, not per token
+            t_dec = self.pp * (steps * (per_step - call) + call)
         t = t_pf + t_dec
         if t <= 0.0:
             return
@@ -960,10 +974,11 @@ class _Instance:
                 finished.append(r)
         if finished:
             self.prefilling = [r for r in self.prefilling if r.done_prefill < r.prompt]
+        if self.cache is not None:  # the engine indexes a prompt's pages as they are written
+            for r, _ in taken:
+                self.cache.put_system(r.done_prefill if r.turn == 0 else r.prompt)
         for r in finished:
             self.outstanding -= r.prompt - r.cached
-            if self.cache is not None:  # the engine indexes a prompt's pages as they are written
-                self.cache.put_system()
             if self.spec.role == "prefill":
                 if r.kv_prefill:  # the prompt's KV stays cached here for the session's next turn
                     self._finish_kv(r, r.kv_prefill, r.prompt)
@@ -1169,9 +1184,9 @@ def simulate(
             target = min(front, key=lambda x: load(x) - x.cache.hit(r))
         else:
             target = min(front, key=load)
-        if target.cache is not None:
+        if target.cache is not None and not target.spec.call_steps:
             r.cached = r.done_prefill = target.cache.take(r)
-        target.submit(r)
+        target.submit(r)  # (the engine loop looks its cache up when it admits the request)
 
     def arrive_turn(session: int, turn: int, t: Turn) -> None:
         r = Request(len(reqs), sim.now, t.prompt, t.output, session, turn)
