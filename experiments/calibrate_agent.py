@@ -3,16 +3,18 @@
   python experiments/calibrate_agent.py --out /tmp/calibrate_agent.json
 
 One run, one calibration for every setting (nothing is fitted per setting):
-  1. calibration: the engine's own steps timed in isolation on the colocated deployment, right
-     before the settings are measured (this machine is shared; its speed drifts with the load):
-     decode calls of 1, 2, 4, 8 rows at two contexts, chunked-prefill calls of 16 ... 512 tokens
-     after two cached prefixes, and a KV page move between two devices. plan.calibrate
-     .fit_engine_steps turns them into the CPU Hardware entry (linear and attention rates by rows).
-     Whole-prompt prefills and the fit's own points are predicted back as a check.
+  1. calibration: the engine's own steps timed in isolation: decode calls of 1, 2, 4, 8 rows at two
+     contexts, one-step decode calls (the fixed cost of a call), chunked-prefill calls of 16 ... 512
+     tokens after two cached prefixes, whole-prompt prefills, and P -> D shipments (1P:1D). This
+     machine is shared and its speed drifts with the load, so the points are measured in rounds,
+     one before each setting and one after the last (medians over all rounds).
+     plan.calibrate.fit_engine_steps turns them into the CPU Hardware entry; the fit's own points
+     are predicted back as a check.
   2. five held-out agent traces (experiments/agent_trace.py's generator; prompt lengths, reuse and
      P:D differ), each replayed as experiments/bench_agent_trace.py replays it (a warm-up copy with
-     other token ids first, then the trace; prefix cache on) and simulated by plan.simulator with
-     the calibrated Hardware, the engine's loop (InstanceSpec.call_steps) and the trace's sessions.
+     other token ids first, then the trace, prefix cache on; records of two passes that compiled
+     nothing) and simulated by plan.simulator with the calibrated Hardware, the engine's loop
+     (InstanceSpec.call_steps; 1P:1D on one shared processor) and the trace's sessions.
 Printed and written (--out): predicted vs measured TTFT and TPOT p50 / p90 per setting, the errors,
 how many settings are within +-25% on both p50s, and the load average at every phase.
 
@@ -67,8 +69,8 @@ DECODE_CONTEXTS = (64, 512)
 CHUNK_WIDTHS = (16, 64, 256, 512)
 CHUNK_PREFIXES = (32, 1024)
 WHOLE_PROMPTS = (48, 200, 500)
-SHIP_PROMPTS = (64, 960)
-CALL_ROWS = (1, 4)  # one-step decode calls (the per-call overhead)  # P -> D shipments of these prompts (1P:1D deployment)
+SHIP_PROMPTS = (64, 960)  # P -> D shipments of these prompts (1P:1D deployment)
+CALL_ROWS = (1, 4)  # one-step decode calls (the per-call overhead)
 
 
 def _load() -> float:
@@ -95,7 +97,8 @@ def _decode_times(engine, vocab: int, rows: int, ctx: int, rng, calls: int) -> t
     return times, ctx + 2 * steps + steps * (calls - 1) / 2 + (steps - 1) / 2
 
 
-def _prefill_times(engine, prompt, new_tokens: int, vocab: int, rng, calls: int, expect_cached: int | None) -> list[float]:
+def _prefill_times(engine, prompt, new_tokens: int, vocab: int, rng, calls: int,
+                   expect_cached: int | None) -> list[float]:
     """TTFTs of one-token requests `prompt` + `new_tokens` random tokens on an idle engine (one
     prefill call each: whole, or a chunk after the cached `prompt`)."""
     from infire_jax.engine.sampling import SamplingParams
@@ -241,7 +244,8 @@ def check_points(cost_cal, info: dict) -> dict:
         t = _pow2(n, 16)
         out[f"whole prefill {n}"] = (cost_cal.stage_time(t, 1, **cost_cal.chunk_terms(0, t)) * 1e3
                                      * cost_cal.hw.whole_prompt_factor, ms)
-    return {k: dict(predicted_ms=round(p, 2), measured_ms=round(m, 2), error=round(p / m - 1, 3)) for k, (p, m) in out.items()}
+    return {k: dict(predicted_ms=round(p, 2), measured_ms=round(m, 2), error=round(p / m - 1, 3))
+            for k, (p, m) in out.items()}
 
 
 # ---- 2. the settings: measured (the bench's replay) and predicted (the simulator) --------------
@@ -322,7 +326,8 @@ def main(argv) -> None:
     if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
         write_tiny_checkpoint(model_dir, "smollm-135m", overrides=dict(num_hidden_layers=FLAGS.layers), tokenizer=False)
     vocab = load_config(model_dir).vocab_size
-    model_cfg = json.loads(open(os.path.join(model_dir, "config.json")).read()) | {"_name": f"smollm135m-L{FLAGS.layers}"}
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_cfg = json.load(f) | {"_name": f"smollm135m-L{FLAGS.layers}"}
     names = FLAGS.settings.split(",") if FLAGS.settings else list(SETTINGS)
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
