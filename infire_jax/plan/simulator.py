@@ -997,11 +997,17 @@ class _Instance:
             self.ctx[:k] += steps
             self.rem[:k] -= steps
             self._retire()
+        # the next step starts after what happens at this instant (the next turns of sessions that
+        # just finished arrive now; the engine's replay submits them before its next step)
+        self.sim.at(self.sim.now, self._next_step)
+
+    def _next_step(self) -> None:
         proc = self.proc
         if proc is None:
             self._start()
             return
-        proc.owner = None
+        if proc.owner is self:
+            proc.owner = None
         queue, proc.waiting = proc.waiting + [self], []
         for x in queue:  # the others' turn first (the engine loop steps its workers in turn)
             x._start()
