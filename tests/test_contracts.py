@@ -32,6 +32,7 @@ FLOORS = {
     "infire_jax.models": 3,
     "infire_jax.loader": 4,
     "infire_jax.engine": 5,
+    "infire_jax.engine.speculative": 5,  # proposers and the verify-or-decode decision of speculative decoding
     "infire_jax.plan": 5,
     "infire_jax.plan.calibrate": 6,
     "infire_jax.viz": 6,  # figures of what engine/inspect measures and plan/ computes

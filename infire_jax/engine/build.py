@@ -16,6 +16,7 @@ from infire_jax import distributed
 from infire_jax.config import ModelConfig, load_config
 from infire_jax.engine.disagg import ColocatedWorker, DecodeWorker, Engine, PrefillWorker
 from infire_jax.engine.programs import Programs
+from infire_jax.engine.speculative import parse_speculative
 from infire_jax.loader import dtype_of, make_layout, place_model
 
 __all__ = [
@@ -33,7 +34,8 @@ class EngineOptions:
     prefill_max_tokens: padded tokens per prefill batch; prefix_cache: keep finished requests' KV pages
     indexed by their tokens for reuse (kv/manager.py); prefill_chunk: prompt tokens per prefill call
     (a longer prompt is prefilled in chunks between decode steps; None: whole prompts). A prefill
-    worker's prefix cache gets kv_pages pages too."""
+    worker's prefix cache gets kv_pages pages too. speculative: speculative decoding on the decode
+    workers ("ngram:K", ...; engine/speculative.py parse_speculative), None = off."""
 
     decode_steps: int = 8
     kv_pages: int = 512
@@ -42,8 +44,10 @@ class EngineOptions:
     prefill_max_tokens: int = 8192
     prefix_cache: bool = True
     prefill_chunk: int | None = 512
+    speculative: str | None = None
 
     def __post_init__(self) -> None:
+        parse_speculative(self.speculative)  # a bad spec fails here, before anything is placed
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens or None (whole prompts), got {self.prefill_chunk}")
 
@@ -76,6 +80,7 @@ def decode_worker(name: str, programs: Programs, options: EngineOptions) -> Deco
     return DecodeWorker(
         name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
         steps=options.decode_steps, prefix_cache=options.prefix_cache,
+        speculative=parse_speculative(options.speculative),
     )
 
 
@@ -83,7 +88,7 @@ def colocated_worker(name: str, programs: Programs, options: EngineOptions) -> C
     return ColocatedWorker(
         name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
         steps=options.decode_steps, prefill_chunk=options.prefill_chunk, prefix_cache=options.prefix_cache,
-        max_batch_tokens=options.prefill_max_tokens,
+        max_batch_tokens=options.prefill_max_tokens, speculative=parse_speculative(options.speculative),
     )
 
 

@@ -41,6 +41,7 @@ import numpy as np
 from infire_jax import boot, distributed
 from infire_jax.engine.programs import Programs, bucket
 from infire_jax.engine.sampling import SamplingParams, pack_params
+from infire_jax.engine.speculative import SpecConfig, Speculator
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
 from infire_jax.kv.manager import KVManager, Lease, cache_identity
@@ -69,6 +70,8 @@ class Request:
     prefill_worker: str | None = None
     decode_worker: str | None = None
     with_logits: bool = False  # keep the logits each token was drawn from (tests, analysis)
+    proposed_tokens: int = 0  # speculative drafts verified for it
+    accepted_tokens: int = 0  # of those, the ones kept
     block_hashes: dict[bytes, list[bytes]] = dataclasses.field(default_factory=dict, repr=False)  # per cache identity
 
     @property
@@ -90,6 +93,8 @@ class Request:
             transfer_bytes=self.transfer_bytes,
             prefill_worker=self.prefill_worker,
             decode_worker=self.decode_worker,
+            proposed_tokens=self.proposed_tokens,
+            accepted_tokens=self.accepted_tokens,
         )
         if "prefill_start" in t:
             out["queue_s"] = t["prefill_start"] - self.submitted
@@ -484,12 +489,37 @@ class _Worker:
 
 
 class _Decoding(_Worker):
-    """The decode batch of a worker that decodes (colocated or decode)."""
+    """The decode batch of a worker that decodes (colocated or decode). With a speculative config each
+    decode call may instead be one verification step of drafted tokens (engine/speculative.py)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, speculative: SpecConfig | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.ready: collections.deque[_Row] = collections.deque()  # prompt KV complete, not running yet
         self.running: list[Request] = []
+        self.speculator = Speculator(speculative, [q.window for q in self.pools]) if speculative else None
+
+    @property
+    def overshoot(self) -> int:
+        """Positions past its last token a call may write: a decode call's steps, or a verify call's
+        last token and drafts."""
+        return max(self.steps, self.speculator.config.k + 1) if self.speculator else self.steps
+
+    def total_tokens(self, r: Request) -> int:
+        """The prompt, every token it may generate, and the overshoot of its last call."""
+        return r.total_tokens(self.overshoot)
+
+    def _tables(self, rows: Sequence[Request], reach: Sequence[int], b: int) -> tuple[list[int], list[np.ndarray]]:
+        """Page tables (per group, b rows) covering positions < reach[i] of each row: only the pages a
+        call reaches (a request reserves pages for all the tokens it may generate; attending over the
+        not-yet-written ones would gather them every step). Returns (pages per row per group, tables)."""
+        pages = [self._pages(self.rows[r.id]) for r in rows]
+        used = [[min(len(pg), pool.pages_for(n)) for pg, pool in zip(pgs, self.pools)] for n, pgs in zip(reach, pages)]
+        per_row = [bucket(max(u[g] for u in used)) for g in range(len(self.pools))]
+        tables = [np.zeros((b, n), np.int32) for n in per_row]
+        for i in range(len(rows)):
+            for table, pg, n in zip(tables, pages[i], used[i]):
+                table[i, :n] = pg[:n]
+        return per_row, tables
 
     def _start_decoding(self, row: _Row) -> Request | None:
         """A row whose prompt KV is complete: queue it for the decode batch, or finish it if its first
@@ -520,38 +550,85 @@ class _Decoding(_Worker):
         p, rows = self.programs, self.running
         self.in_call = list(rows)
         b = p.batch_bucket(len(rows))
-        # Only the pages this call reaches (a request reserves pages for all the tokens it may
-        # generate; attending over the not-yet-written ones would gather them every step).
-        pages = [self._pages(self.rows[r.id]) for r in rows]
-        used = [[min(len(pg), pool.pages_for(r.length + steps)) for pg, pool in zip(pgs, self.pools)]
-                for r, pgs in zip(rows, pages)]
-        per_row = [bucket(max(u[g] for u in used)) for g in range(len(self.pools))]
-        tables = [np.zeros((b, n), np.int32) for n in per_row]
+        t0 = time.perf_counter()
+        if self.speculator is not None:
+            drafts = {}
+            for r in rows:
+                seq = np.concatenate([r.prompt, np.asarray(r.output, np.int32)])
+                d = self.speculator.propose(r.id, seq, r.length, r.params.max_new_tokens - len(r.output))
+                if len(d):
+                    drafts[r.id] = d
+            if drafts:
+                c = bucket(1 + max(len(d) for d in drafts.values()))
+                if self.speculator.worth(b, c, drafts, len(rows)):
+                    return self._verify_call(rows, b, c, drafts, t0)
+        per_row, tables = self._tables(rows, [r.length + steps for r in rows], b)
         lengths = np.zeros(b, np.int32)
         tokens = np.zeros(b, np.int32)
         active = np.zeros(b, bool)
         for i, r in enumerate(rows):
-            for table, pg, n in zip(tables, pages[i], used[i]):
-                table[i, :n] = pg[:n]
             lengths[i], tokens[i], active[i] = r.length, r.output[-1], True
         sp = pack_params([r.params for r in rows], b)
         with_logits = any(r.with_logits for r in rows)
         shape = (b, p.pack(per_row), *self._geometry, steps, with_logits)
+        key = ("decode",) + shape
+        fresh = key not in p.compile_seconds
         out, self.k_pages, self.v_pages = p._timed(
-            ("decode",) + shape, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
+            key, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
             lengths, tokens, active, sp,
         )
         toks = distributed.fetch(out[0] if with_logits else out, schedule=(*tables, lengths, tokens, active))
         logits = distributed.fetch(out[1]) if with_logits else None
-        finished = []
+        if self.speculator is not None:
+            self.speculator.observed_decode(b, steps, None if fresh else time.perf_counter() - t0)
         for i, r in enumerate(rows):
             r.length += steps
             for j in range(steps):
                 if r.finish_reason:
                     break
                 r.add_token(toks[j, i], logits[j, i] if logits is not None else None)
-            if r.finish_reason:
-                finished.append(r)
+        return self._finish_rows(rows)
+
+    def _verify_call(self, rows: list[Request], b: int, c: int, drafts: dict[Any, np.ndarray], t0: float) -> list[Request]:
+        """One speculative verification step (Programs.verify_fn) for the running batch: each row's
+        last token and its drafts (rows without drafts just decode one token); returns the requests
+        that finished."""
+        p = self.programs
+        per_row, tables = self._tables(rows, [r.length + len(drafts.get(r.id, ())) + 1 for r in rows], b)
+        tokens = np.zeros((b, c), np.int32)
+        start, proposed = np.zeros(b, np.int32), np.full(b, -1, np.int32)
+        for i, r in enumerate(rows):
+            d = drafts.get(r.id, ())
+            tokens[i, 0], tokens[i, 1: 1 + len(d)] = r.output[-1], d
+            start[i], proposed[i] = r.length, len(d)
+        sp = pack_params([r.params for r in rows], b)
+        with_logits = any(r.with_logits for r in rows)
+        shape = (b, c, p.pack(per_row), *self._geometry, with_logits)
+        key = ("verify",) + shape
+        fresh = key not in p.compile_seconds
+        out, accepted, logits, self.k_pages, self.v_pages = p._timed(
+            key, p.verify_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
+            start, proposed, tokens, sp,
+        )
+        toks = distributed.fetch(out, schedule=(*tables, start, proposed, tokens))
+        accepted = distributed.fetch(accepted)
+        logits = distributed.fetch(logits) if with_logits else None
+        judged = {}
+        for i, r in enumerate(rows):
+            k, a = int(max(proposed[i], 0)), int(accepted[i])
+            judged[r.id] = (k, a)
+            r.proposed_tokens += k
+            r.accepted_tokens += a
+            r.length += a + 1
+            for j in range(a + 1):
+                if r.finish_reason:
+                    break
+                r.add_token(toks[i, j], logits[i, j] if logits is not None else None)
+        self.speculator.observed_verify(b, c, None if fresh else time.perf_counter() - t0, judged)
+        return self._finish_rows(rows)
+
+    def _finish_rows(self, rows: list[Request]) -> list[Request]:
+        finished = [r for r in rows if r.finish_reason]
         for r in finished:
             self._release(self.rows[r.id])
             finish(r)
@@ -567,6 +644,8 @@ class _Decoding(_Worker):
             self.running.remove(r)
         if row in self.ready:
             self.ready.remove(row)
+        if self.speculator is not None:
+            self.speculator.forget(r.id)
         self.drop(r.id)
 
     def release(self, r: Request) -> None:
@@ -576,6 +655,8 @@ class _Decoding(_Worker):
         row = self.rows.get(r.id)
         if row is not None and row in self.ready:
             self.ready.remove(row)
+        if self.speculator is not None:
+            self.speculator.forget(r.id)
         self.drop(r.id)
 
 
@@ -586,10 +667,10 @@ class ColocatedWorker(_Decoding):
 
     def __init__(self, name: str, programs: Programs, *, num_pages: int = 256, page_size: int = 16,
                  max_batch: int = 16, steps: int | None = None, prefill_chunk: int | None = None,
-                 prefix_cache: bool = True, max_batch_tokens: int = 8192):
+                 prefix_cache: bool = True, max_batch_tokens: int = 8192, speculative: SpecConfig | None = None):
         super().__init__(name, programs, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
                          prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, max_batch_tokens=max_batch_tokens,
-                         steps=steps)
+                         steps=steps, speculative=speculative)
 
     def step(self) -> list[Request]:
         """Admit, one prefill call, one decode call; returns the requests that finished."""
@@ -682,9 +763,10 @@ class DecodeWorker(_Decoding):
     role = "decode"
 
     def __init__(self, name: str, programs: Programs, *, num_pages: int = 256, page_size: int = 16,
-                 max_batch: int = 16, steps: int | None = None, prefix_cache: bool = True):
+                 max_batch: int = 16, steps: int | None = None, prefix_cache: bool = True,
+                 speculative: SpecConfig | None = None):
         super().__init__(name, programs, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
-                         prefix_cache=prefix_cache, steps=steps)
+                         prefix_cache=prefix_cache, steps=steps, speculative=speculative)
         self.transfer_stats = transfer.TransferStats()
 
     def receive(self, shipment: Shipment, arrays: tuple[Any, ...]) -> list[Request]:

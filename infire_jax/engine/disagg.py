@@ -32,6 +32,7 @@ from infire_jax.engine.core import (
 )
 from infire_jax.engine.generation import RequestError, validate_prompt
 from infire_jax.engine.sampling import SamplingParams
+from infire_jax.engine.speculative import spec_stats
 from infire_jax.kv import transfer
 
 __all__ = ["Request", "ColocatedWorker", "PrefillWorker", "DecodeWorker", "Engine", "generate"]
@@ -229,6 +230,7 @@ class Engine:
             transfers=ts.transfers,
             transfer_bytes=ts.bytes,
             transfer_s=ts.seconds,
+            **spec_stats([w.speculator.counters for w in self.decode_workers if w.speculator is not None]),
         )
 
 

@@ -279,6 +279,7 @@ def chunk(
     start: jax.Array,
     n_new: jax.Array,
     tokens: jax.Array,
+    all_positions: bool = False,
 ) -> tuple[jax.Array, Any, Any]:
     """A chunk of new tokens per row over the row's cached pages: prefill at an offset.
 
@@ -286,7 +287,8 @@ def chunk(
     positions < start[r] (read through its page table, a windowed group's ring as in `decode`) and to
     the chunk's tokens before it, and its K/V is written into the pages (columns past n_new[r] are
     padding: computed, never stored). Returns the normed hidden state of each row's last new token
-    (B, D) and the updated pages. With pp stages the B rows form pp microbatches that run through the
+    (B, D), or with all_positions of every column (B, T, D) (speculative verification scores them
+    all), and the updated pages. With pp stages the B rows form pp microbatches that run through the
     stages in GPipe order (2 pp - 1 ticks), every stage reading and writing only its own layers' pages."""
     pp = layout.mesh.shape[PP]
     module = nnx.merge(graphdef, state)
@@ -327,7 +329,7 @@ def chunk(
                 # (L, mb, KV, t, hd) -> (mb * t, L, KV, hd)
                 many = lambda x: x.transpose(1, 3, 0, 2, 4).reshape((mb * t, x.shape[0], x.shape[2], x.shape[4]))  # noqa: E731
                 kp, vp = _write_kv(kp, vp, tables, windows, rows, pos, ok, _group_kv(kn, vn, write_slots, s), many, end)
-                y_last = y[jnp.arange(mb), jnp.maximum(count - 1, 0)]
+                y_last = y if all_positions else y[jnp.arange(mb), jnp.maximum(count - 1, 0)]
                 done = valid & (s == pp - 1)
                 last = jax.lax.dynamic_update_slice_in_dim(last, jnp.where(done, y_last, _rows(last, r0, mb)), r0, 0)
                 return (kp, vp, _ring(y, pp), last), None
@@ -336,7 +338,7 @@ def chunk(
                 as_groups(k_pages),
                 as_groups(v_pages),
                 jnp.zeros((mb, t, x_all.shape[-1]), x_all.dtype),
-                jnp.zeros((b, x_all.shape[-1]), x_all.dtype),
+                jnp.zeros((b, t, x_all.shape[-1]) if all_positions else (b, x_all.shape[-1]), x_all.dtype),
             )
             if pp == 1:
                 carry, _ = tick(carry, jnp.int32(0))

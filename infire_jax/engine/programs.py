@@ -22,7 +22,7 @@ from infire_jax.engine import pipeline
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
 from infire_jax.loader import PlacedModel
-from infire_jax.engine.sampling import sample
+from infire_jax.engine.sampling import sample, verify
 from infire_jax.sharding import use_layout
 
 __all__ = ["Programs", "bucket", "PlacedModel"]
@@ -263,6 +263,46 @@ class Programs:
                 run,
                 in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
                 out_shardings=(rep, rep if with_logits else None, k_sh, v_sh),
+                donate_argnums=(1, 2),
+                compiler_options=self.decode_compiler_options(b),
+            ),
+        )
+
+    def verify_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
+        """(state, k_pages, v_pages, page_table (b, P), start (b,), proposed (b,), tokens (b, c), sampling) ->
+        (tokens (b, c), accepted (b,), logits (b, c, vocab) or None, k_pages, v_pages): one speculative
+        verification step.
+
+        Row r feeds tokens[r, 0] (its last token, at position start[r]) and its proposed[r] drafts
+        tokens[r, 1 : proposed[r] + 1] at the positions after it, as one chunk over its cached pages
+        (chunk_fn's program with the logits of every column), writing all their K/V. sampling.verify
+        judges the drafts: the row keeps tokens[r, :accepted[r] + 1], and the K/V of positions
+        start .. start + accepted is valid; the K/V written past it is stale and is overwritten by
+        the row's next call (attention never reads past a row's length). Rows with proposed = -1 are
+        padding (write nothing). The pages are donated."""
+        if b % self.stages:
+            raise ValueError(f"verify_fn: b={b} rows must be a multiple of the {self.stages} pipeline stages (use batch_bucket)")
+        graphdef, layout = self.placed.graphdef, self.layout
+
+        def run(state, k_pages, v_pages, page_table, start, proposed, tokens, sp):
+            n_new = jnp.maximum(proposed + 1, 0)
+            hidden, k_pages, v_pages = pipeline.chunk(
+                graphdef, state, layout, k_pages, v_pages, page_table, start, n_new, tokens, all_positions=True
+            )
+            with use_layout(layout):
+                logits = nnx.merge(graphdef, state).logits(hidden).astype(jnp.float32)
+            drafts = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # column j judges tokens[:, j + 1]
+            out, accepted = verify(logits, drafts, jnp.maximum(proposed, 0), start, sp)
+            return out, accepted, logits if with_logits else None, k_pages, v_pages
+
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            ("verify", b, c, pages_per_row, num_pages, page_size, with_logits),
+            lambda: jax.jit(
+                run,
+                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
+                out_shardings=(rep, rep, rep if with_logits else None, k_sh, v_sh),
                 donate_argnums=(1, 2),
                 compiler_options=self.decode_compiler_options(b),
             ),

@@ -72,6 +72,7 @@ from typing import Any, Sequence
 from infire_jax.engine.core import Router
 from infire_jax.engine.generation import RequestError, validate_prompt
 from infire_jax.engine.sampling import SamplingError, SamplingParams, per_request
+from infire_jax.engine.speculative import SpecCounters, spec_stats
 from infire_jax.kv.cache import pages_needed
 from infire_jax.kv.transfer import KVLayoutMismatch
 
@@ -130,6 +131,7 @@ class WorkerConfig:
     max_batch_tokens: int = 8192  # prefill: padded tokens per prefill batch
     prefill_chunk: int | None = 512  # prefill: prompt tokens per prefill call (None: whole prompts)
     prefix_cache: bool = True
+    speculative: str | None = None  # decode: speculative decoding (engine/speculative.py), None = off
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -142,7 +144,7 @@ class WorkerConfig:
         return EngineOptions(
             decode_steps=self.decode_steps, kv_pages=self.num_pages, page_size=self.page_size,
             max_decode_batch=self.max_batch, prefill_max_tokens=self.max_batch_tokens,
-            prefix_cache=self.prefix_cache, prefill_chunk=self.prefill_chunk,
+            prefix_cache=self.prefix_cache, prefill_chunk=self.prefill_chunk, speculative=self.speculative,
         )
 
     def mesh_devices(self) -> int:
@@ -239,6 +241,7 @@ class _Server:
             page_size=c.page_size, num_pages=c.num_pages, decode_steps=c.decode_steps, max_batch=c.max_batch,
             identity=w.kv.identity, page_sizes=w.page_sizes, context_tokens=w.context_tokens,
             compilation_cache_dir=self.jax.config.jax_compilation_cache_dir,
+            overshoot=w.overshoot if c.role == "decode" else 0,
         )
 
     def send(self, kind: str, payload: dict[str, Any]) -> None:
@@ -247,8 +250,10 @@ class _Server:
     def state(self) -> dict[str, Any]:
         """What the client's copy of this worker needs: index changes (for routing), counters."""
         w = self.worker
+        spec = w.speculator.counters if self.cfg.role == "decode" and w.speculator is not None else None
         return dict(events=w.kv.drain_events(), counters=dataclasses.asdict(w.counters),
-                    evicted_pages=w.kv.evicted_pages, free_blocks=w.kv.free_blocks)
+                    evicted_pages=w.kv.evicted_pages, free_blocks=w.kv.free_blocks,
+                    spec=dataclasses.asdict(spec) if spec else None)
 
     def serve(self) -> None:
         while True:
@@ -527,7 +532,8 @@ class _DecodeServer(_Server):
                 tokens[r.id] = [int(x) for x in new]
                 self.sent[r.id] = len(r.output)
         done = [dict(id=r.id, output=[int(x) for x in r.output], finish_reason=r.finish_reason,
-                     transfer_s=r.transfer_seconds) for r in finished]
+                     transfer_s=r.transfer_seconds, proposed_tokens=r.proposed_tokens,
+                     accepted_tokens=r.accepted_tokens) for r in finished]
         for r in finished:
             self.requests.pop(r.id, None)
             self.sent.pop(r.id, None)
@@ -559,6 +565,8 @@ class RemoteRequest:
     pull_s: float = 0.0
     local_reshard_s: float = 0.0
     transfer_bytes: int = 0
+    proposed_tokens: int = 0  # speculative drafts verified for it (decode worker)
+    accepted_tokens: int = 0
     block_hashes: dict[bytes, list[bytes]] = dataclasses.field(default_factory=dict, repr=False)
 
     @property
@@ -581,6 +589,7 @@ class RemoteRequest:
             generated_tokens=n, prefill_worker=self.prefill_worker, decode_worker=self.decode_worker,
             retries=self.retries, prefill_s=self.prefill_s, transfer_s=self.pull_s + self.local_reshard_s,
             pull_s=self.pull_s, local_reshard_s=self.local_reshard_s, transfer_bytes=self.transfer_bytes,
+            proposed_tokens=self.proposed_tokens, accepted_tokens=self.accepted_tokens,
         )
         if "dispatched" in t:
             out["queue_s"] = t["dispatched"] - self.submitted
@@ -606,6 +615,7 @@ class _Worker:
     counters: dict[str, int] = dataclasses.field(default_factory=dict)  # its latest counters
     evicted_pages: int = 0
     free_blocks: int = 0
+    spec: dict[str, int] | None = None  # decode: its speculation counters (SpecCounters), if on
 
     @property
     def name(self) -> str:
@@ -624,6 +634,7 @@ class _Worker:
             self.index.add(h) if kind == "add" else self.index.discard(h)
         if "counters" in p:
             self.counters, self.evicted_pages, self.free_blocks = p["counters"], p["evicted_pages"], p["free_blocks"]
+            self.spec = p["spec"]
 
     def hashes(self, r: RemoteRequest) -> list[bytes]:
         from infire_jax.kv.manager import block_hashes
@@ -876,7 +887,7 @@ class RemoteEngine:
     @staticmethod
     def _pages_for(r: RemoteRequest, w: _Worker) -> int:
         """Pages of the full-length pool the request reserves on w (engine/core.py: the same rule)."""
-        total = len(r.prompt) + (r.params.max_new_tokens + w.info["decode_steps"] if w.role == "decode" else 0)
+        total = len(r.prompt) + (r.params.max_new_tokens + w.info["overshoot"] if w.role == "decode" else 0)
         return pages_needed(total, w.info["page_size"])
 
     def _live(self, key: Any) -> RemoteRequest | None:
@@ -1121,6 +1132,7 @@ class RemoteEngine:
         for d in p["done"]:
             r = self._live(d["id"])
             if r is not None:
+                r.proposed_tokens, r.accepted_tokens = d["proposed_tokens"], d["accepted_tokens"]
                 self._done(r, d["output"], d["finish_reason"])
 
     # ---- failures -------------------------------------------------------------------------------
@@ -1203,6 +1215,7 @@ class RemoteEngine:
             transfers=len(self.transfers), transfer_bytes=nbytes, pull_s=pull_s,
             pull_gib_per_s=nbytes / 2**30 / pull_s if pull_s else 0.0,
             local_reshard_s=sum(t["local_reshard_s"] for t in self.transfers),
+            **spec_stats([SpecCounters(**w.spec) for w in dec if w.spec]),
             workers={w.name: dict(role=w.role, pid=w.process.pid, mesh=w.cfg.mesh, alive=w.alive, death=w.death)
                      for w in self.workers.values()},
         )

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["SamplingParams", "SamplingError", "sample", "pack_params", "per_request"]
+__all__ = ["SamplingParams", "SamplingError", "sample", "verify", "pack_params", "per_request"]
 
 
 class SamplingError(ValueError):
@@ -73,7 +73,9 @@ def pack_params(params: Sequence[SamplingParams | None], batch: int) -> dict[str
     )
 
 
-def _sample_rows(logits: jax.Array, position: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+def _filtered(logits: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+    """Temperature-scaled logits with the tokens outside top-k / top-p set to -inf: the distribution a
+    sampled token is drawn from (softmax of this)."""
     vocab = logits.shape[-1]
     temp = jnp.maximum(p["temperature"], 1e-6)[:, None]
     scaled = logits / temp
@@ -84,9 +86,15 @@ def _sample_rows(logits: jax.Array, position: jax.Array, p: dict[str, jax.Array]
     before = jnp.cumsum(probs, axis=-1) - probs  # probability mass strictly above each sorted token
     keep = (before < p["top_p"][:, None]) & (jnp.arange(vocab)[None, :] < k[:, None])
     pth = jnp.min(jnp.where(keep, order, jnp.inf), axis=-1, keepdims=True)
-    masked = jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
-    keys = jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p["seed"], position)
-    return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)
+    return jnp.where(scaled >= jnp.maximum(kth, pth), scaled, -jnp.inf)
+
+
+def _keys(p: dict[str, jax.Array], position: jax.Array) -> jax.Array:
+    return jax.vmap(lambda s, pos: jax.random.fold_in(jax.random.key(s), pos))(p["seed"], position)
+
+
+def _sample_rows(logits: jax.Array, position: jax.Array, p: dict[str, jax.Array]) -> jax.Array:
+    return jax.vmap(jax.random.categorical)(_keys(p, position), _filtered(logits, p)).astype(jnp.int32)
 
 
 def sample(logits: jax.Array, position: jax.Array, params: dict[str, jax.Array]) -> jax.Array:
@@ -96,3 +104,51 @@ def sample(logits: jax.Array, position: jax.Array, params: dict[str, jax.Array])
     any_random = jnp.any(params["temperature"] > 0)
     drawn = jax.lax.cond(any_random, lambda: _sample_rows(logits, position, params), lambda: greedy)
     return jnp.where(params["temperature"] > 0, drawn, greedy)
+
+
+def verify(
+    logits: jax.Array, drafts: jax.Array, proposed: jax.Array, start: jax.Array, params: dict[str, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    """Speculative verification: which proposed tokens the target model keeps, and the token after them.
+
+    logits (B, C, V): the target's logits at columns 0 .. C-1 of a verify chunk (column j predicts the
+    token at position start + j + 1); drafts (B, C): drafts[:, j] is the proposed token for that
+    position (used for j < proposed); proposed (B,) proposals per row. Returns tokens (B, C) and
+    accepted (B,): row r keeps tokens[r, :accepted[r] + 1] (its accepted drafts, then the target's own
+    token at the first rejection, or a bonus token when every draft was accepted).
+
+    Greedy rows accept a draft iff it is the argmax, so their tokens are exactly those of plain decoding.
+    Sampled rows use speculative rejection sampling with a deterministic proposal (q = one-hot at the
+    draft, as n-gram lookup and greedy drafting give): accept draft d with probability p(d), else draw
+    from p with d removed (renormalised); the output follows p, the target's filtered distribution,
+    exactly. Keys depend on (seed, position) only: a draw with no proposal uses the key `sample` uses,
+    so a row that proposes nothing draws what plain decoding draws."""
+    b, c, v = logits.shape
+    logits = logits.astype(jnp.float32)
+    cols = jnp.arange(c)[None, :]
+    live = cols < proposed[:, None]  # (B, C): a draft to judge at this column
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    hit_greedy = live & (drafts == greedy)
+
+    def sampled():
+        flat = lambda x: jnp.repeat(x, c, axis=0)  # noqa: E731  (B,) -> (B * C,) row-major
+        p = {k: flat(x) for k, x in params.items()}
+        pos = (start[:, None] + cols + 1).reshape(-1)
+        filt = _filtered(logits.reshape(b * c, v), p)
+        d = drafts.reshape(-1)
+        p_d = jnp.take_along_axis(jax.nn.softmax(filt, axis=-1), d[:, None], axis=-1)[:, 0]
+        keys = _keys(p, pos)
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1)))(keys)
+        hit = live.reshape(-1) & (u < p_d)
+        removed = jnp.where(live.reshape(-1)[:, None] & (jnp.arange(v)[None, :] == d[:, None]), -jnp.inf, filt)
+        removed = jnp.where(jnp.isfinite(removed).any(axis=-1, keepdims=True), removed, filt)  # p(d) = 1: always hit
+        drawn = jax.vmap(jax.random.categorical)(keys, removed).astype(jnp.int32)
+        return hit.reshape(b, c), drawn.reshape(b, c)
+
+    hit_s, drawn = jax.lax.cond(jnp.any(params["temperature"] > 0), sampled, lambda: (hit_greedy, greedy))
+    rand = (params["temperature"] > 0)[:, None]
+    hit = jnp.where(rand, hit_s, hit_greedy)
+    accepted = jnp.sum(jnp.cumprod(hit.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
+    own = jnp.where(rand, drawn, greedy)
+    tokens = jnp.where(cols < accepted[:, None], drafts, own)
+    return tokens, accepted

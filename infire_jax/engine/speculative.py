@@ -1,0 +1,227 @@
+"""Speculative decoding: proposers, adaptive draft lengths, and when speculation pays.
+
+A decoding worker (engine/core.py) with a `Speculator` asks it, before each decode call, for draft
+tokens per running row. With drafts, the call is one verification step (Programs.verify_fn: the
+row's last token and its k drafts scored in one pass over the paged KV, the longest agreeing prefix
+kept, the rest rolled back by length); without, it is the ordinary multi-step decode call. So
+speculation can only replace a decode call where it is predicted to produce more tokens per second:
+
+  tokens per verify call  sum over rows of 1 + a_r, a_r = expected accepted drafts of row r
+                          (alpha_r + alpha_r^2 + ... + alpha_r^k_r from its recent acceptance rate)
+  tokens per decode step  the batch's rows
+  cost                    the measured wall time of each kind of call for this batch size (verify:
+                          per chunk width), an EMA; before a measurement, a prior that charges a
+                          verify of b rows x c columns 1 + b c / 64 decode steps.
+
+A worker in a multi-process (SPMD) run decides on the prior alone: every process must take the same
+decision, and clocks differ between processes. Each row's draft length adapts to its acceptance
+rate: about the run length alpha / (1 - alpha) it sustains, plus one, at most the configured k.
+
+Proposers: "ngram" (prompt lookup): the most recent earlier occurrence of the row's last n tokens
+(n = 3, then 2) in its prompt and output proposes the tokens that followed it. No extra weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from infire_jax import distributed
+
+__all__ = ["SpecConfig", "SpecError", "parse_speculative", "NgramProposer", "Speculator", "SpecCounters"]
+
+METHODS = ("ngram", "draft", "eagle3")
+
+
+class SpecError(ValueError):
+    """A speculative-decoding spec that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+    """method: "ngram" | "draft" | "eagle3"; k: most draft tokens per row per step; path: the draft
+    checkpoint (draft, eagle3)."""
+
+    method: str
+    k: int
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return ":".join([self.method] + ([self.path] if self.path else []) + [str(self.k)])
+
+
+def parse_speculative(spec: str | SpecConfig | None) -> SpecConfig | None:
+    """'ngram:K' | 'draft:DIR:K' | 'eagle3:DIR:K' (K: 1..16) -> SpecConfig; None or '' -> None."""
+    if spec is None or isinstance(spec, SpecConfig):
+        return spec or None
+    if not isinstance(spec, str):
+        raise SpecError(f"speculative must be a string like 'ngram:4', got {type(spec).__name__}")
+    if not spec:
+        return None
+    usage = "use 'ngram:K', 'draft:DIR:K' or 'eagle3:DIR:K' with K draft tokens per step (1..16)"
+    method, _, rest = spec.partition(":")
+    path, _, k = rest.rpartition(":")
+    if method not in METHODS or not k.isdigit() or not 1 <= int(k) <= 16 or (method == "ngram") != (path == ""):
+        raise SpecError(f"bad speculative spec {spec!r}: {usage}")
+    if method != "ngram":
+        raise SpecError(
+            f"speculative method {method!r} is not implemented yet (only 'ngram:K' is); see WORKSPACE_NOTES.md "
+            "'Known limitations'"
+        )
+    return SpecConfig(method, int(k), path or None)
+
+
+class NgramProposer:
+    """Prompt lookup: continue the sequence as it continued after the last earlier occurrence of its
+    final n tokens (n = max_ngram .. min_ngram, longest match first)."""
+
+    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
+        self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def propose(self, seq: np.ndarray, k: int) -> np.ndarray:
+        """Up to k draft tokens following `seq` (1-d int array); empty if no n-gram recurs."""
+        L = len(seq)
+        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
+            pattern = seq[L - n:]
+            windows = np.lib.stride_tricks.sliding_window_view(seq[: L - 1], n)  # starts 0 .. L - 1 - n
+            hits = np.flatnonzero((windows == pattern).all(axis=1))
+            if hits.size:
+                at = int(hits[-1]) + n
+                return seq[at: at + k]
+        return seq[:0]
+
+
+@dataclasses.dataclass
+class SpecCounters:
+    """What speculation did (engine.stats() sums these over workers)."""
+
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
+    verify_calls: int = 0
+    verified_rows: int = 0  # rows with at least one draft, summed over verify calls
+    decode_calls: int = 0  # decode calls taken while speculation was on
+
+
+@dataclasses.dataclass
+class _RowState:
+    alpha: float  # recent acceptance rate (EMA of accepted / proposed)
+    k: int
+
+
+class Speculator:
+    """Per decoding worker: drafts per row, adaptive k, and the verify-or-decode decision (module doc)."""
+
+    EMA = 0.3
+    PROBE_EVERY = (8, 64)  # decode calls between re-measuring a refused verify (doubling up to the max)
+
+    def __init__(self, config: SpecConfig, windows: Sequence[int | None] = ()):
+        self.config = config
+        self.proposer = NgramProposer()
+        self.windows = [w for w in windows if w is not None]
+        self.rows: dict[Any, _RowState] = {}
+        self.alpha0 = 0.5  # prior for a new row: the worker's recent acceptance
+        self.step_seconds: dict[int, float] = {}  # batch -> seconds per decode step
+        self.verify_seconds: dict[tuple[int, int], float] = {}  # (batch, chunk width) -> seconds per call
+        self.clocked = distributed.process_count() == 1
+        self.counters = SpecCounters()
+        self.adaptive = True  # False: verify whenever a row has drafts (tests and measurements of the verify path)
+        self._refused = 0
+        self._probe = self.PROBE_EVERY[0]
+
+    # -- drafts -------------------------------------------------------------------------------
+    def _state(self, rid: Any) -> _RowState:
+        if rid not in self.rows:
+            self.rows[rid] = _RowState(self.alpha0, self.config.k)
+        return self.rows[rid]
+
+    def _cap(self, length: int, left: int) -> int:
+        """Most drafts a row at `length` (its next token's position) may take: its remaining budget and,
+        per windowed cache group, the window of the first draft (a draft past it would overwrite ring
+        slots its rejected siblings' successors still read)."""
+        cap = max(0, left - 1)
+        for w in self.windows:
+            cap = min(cap, w - (length + 1) % w)
+        return cap
+
+    def propose(self, rid: Any, seq: np.ndarray, length: int, left: int) -> np.ndarray:
+        """Drafts for one row: seq = its prompt and output so far, length = KV positions it holds,
+        left = tokens it may still generate."""
+        k = min(self._state(rid).k, self._cap(length, left))
+        return self.proposer.propose(seq, k) if k > 0 else seq[:0]
+
+    def forget(self, rid: Any) -> None:
+        self.rows.pop(rid, None)
+
+    # -- the decision ---------------------------------------------------------------------------
+    def _expected(self, rid: Any, k: int) -> float:
+        a = self._state(rid).alpha
+        return sum(a ** i for i in range(1, k + 1))
+
+    def _prior_verify(self, b: int, c: int, step: float) -> float:
+        return step * (1 + b * c / 64)
+
+    def worth(self, b: int, c: int, drafts: dict[Any, np.ndarray], rows: int) -> bool:
+        """Whether a verify call of b padded rows x c columns with these drafts beats a decode call."""
+        if not self.adaptive:
+            return True
+        step = self.step_seconds.get(b, 1.0) if self.clocked else 1.0
+        if self.clocked and b not in self.step_seconds:
+            return False  # measure a decode call first
+        verify = self.verify_seconds.get((b, c)) if self.clocked else None
+        if verify is None:
+            if self.clocked:  # unmeasured: try it once
+                return True
+            verify = self._prior_verify(b, c, step)
+        gain = (rows + sum(self._expected(rid, len(d)) for rid, d in drafts.items())) / verify
+        if gain >= rows / step:
+            self._refused, self._probe = 0, self.PROBE_EVERY[0]
+            return True
+        self._refused += 1
+        if self.clocked and self._refused >= self._probe:  # re-measure: acceptance and cost drift
+            self._refused, self._probe = 0, min(2 * self._probe, self.PROBE_EVERY[1])
+            return True
+        return False
+
+    def _ema(self, table: dict, key: Any, value: float) -> None:
+        table[key] = value if key not in table else (1 - self.EMA) * table[key] + self.EMA * value
+
+    def observed_decode(self, b: int, steps: int, seconds: float | None) -> None:
+        """A decode call's wall time (None: it compiled, not a measurement)."""
+        self.counters.decode_calls += 1
+        if seconds is not None and self.clocked:
+            self._ema(self.step_seconds, b, seconds / steps)
+
+    def observed_verify(self, b: int, c: int, seconds: float | None, judged: dict[Any, tuple[int, int]]) -> None:
+        """A verify call: its wall time (None: it compiled) and per row (drafts, accepted)."""
+        self.counters.verify_calls += 1
+        if seconds is not None and self.clocked:
+            self._ema(self.verify_seconds, (b, c), seconds)
+        for rid, (k, a) in judged.items():
+            if not k:
+                continue
+            self.counters.proposed_tokens += k
+            self.counters.accepted_tokens += a
+            self.counters.verified_rows += 1
+            st = self._state(rid)
+            st.alpha = (1 - self.EMA) * st.alpha + self.EMA * (a / k)
+            self.alpha0 = (1 - self.EMA) * self.alpha0 + self.EMA * (a / k)
+            run = st.alpha / max(1e-6, 1 - st.alpha)
+            st.k = max(1, min(self.config.k, math.ceil(run) + 1))
+
+
+def spec_stats(counters: Sequence[SpecCounters]) -> dict[str, Any]:
+    """Engine-wide speculation figures from the decoding workers' counters: proposed and accepted
+    draft tokens, acceptance_rate (accepted / proposed), mean_accepted_length (tokens a row gained
+    per verification in which it had drafts: accepted + 1), verify and decode calls."""
+    total = SpecCounters(**{f.name: sum(getattr(c, f.name) for c in counters) for f in dataclasses.fields(SpecCounters)})
+    return dict(
+        spec_proposed_tokens=total.proposed_tokens,
+        spec_accepted_tokens=total.accepted_tokens,
+        acceptance_rate=total.accepted_tokens / total.proposed_tokens if total.proposed_tokens else 0.0,
+        mean_accepted_length=(total.accepted_tokens + total.verified_rows) / total.verified_rows if total.verified_rows else 0.0,
+        spec_verify_calls=total.verify_calls,
+        spec_decode_calls=total.decode_calls,
+    )
