@@ -15,7 +15,8 @@ speculation can only replace a decode call where it is predicted to produce more
 
 A worker in a multi-process (SPMD) run decides on the prior alone: every process must take the same
 decision, and clocks differ between processes. Each row's draft length adapts to its acceptance
-rate: about the run length alpha / (1 - alpha) it sustains, plus one, at most the configured k.
+rate: about the run length alpha / (1 - alpha) it sustains, plus one, at most the configured k (and
+one more than its last draft count when that was kept whole).
 
 Proposers: "ngram" (prompt lookup): the most recent earlier occurrence of the row's last n tokens
 (n = 3, then 2) in its prompt and output proposes the tokens that followed it. No extra weights.
@@ -210,6 +211,8 @@ class Speculator:
             self.alpha0 = (1 - self.EMA) * self.alpha0 + self.EMA * (a / k)
             run = st.alpha / max(1e-6, 1 - st.alpha)
             st.k = max(1, min(self.config.k, math.ceil(run) + 1))
+            if a == k:  # every draft kept: try one more next time
+                st.k = max(st.k, min(self.config.k, k + 1))
 
 
 def spec_stats(counters: Sequence[SpecCounters]) -> dict[str, Any]:
