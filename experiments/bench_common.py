@@ -405,7 +405,7 @@ def machine(bandwidth_mb: int = 512, runs: int = 7) -> dict[str, Any]:
 
 
 def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0,
-              kernels: str | None = None, dtype: str = "float32"):
+              kernels: str | None = None, dtype: str = "float32", speculative: str | None = None):
     """infire_jax.load with room for `max_batch` rows of `max_tokens` tokens (passes the paged
     engine's max_decode_batch / kv_pages, and `kernels` when given, if this version of load() has them)."""
     import inspect
@@ -413,6 +413,8 @@ def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: in
     from infire_jax import api
 
     kw: dict[str, Any] = dict(decode_steps=decode_steps, dtype=dtype)
+    if speculative:  # (a version of load() without speculation fails here: unknown keyword)
+        kw["speculative"] = speculative
     sig = inspect.signature(api.load).parameters
     if "max_decode_batch" in sig:
         kw["max_decode_batch"] = max(max_batch, sig["max_decode_batch"].default or 1)

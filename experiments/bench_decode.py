@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+import flags_common  # noqa: E402  (experiments/flags_common.py)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "HF checkpoint (default: the smollm-135m preset, written once under "
@@ -52,6 +53,7 @@ flags.DEFINE_list("peer", ["transformers"], "Peers: transformers, ours_xla (our 
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Storage dtype of our weights (ours and ours_xla; "
                   "compute stays float32; the roofline reads this many bytes per weight). The other peers run float32.")
 flags.DEFINE_integer("threads", 2, "Threads of the peers (torch.set_num_threads, llama.cpp n_threads).")
+flags_common.define_speculative_flag()
 flags.DEFINE_boolean("engine_metrics", True, "Also report the engine's own time per output token.")
 flags.DEFINE_integer("bandwidth_mb", 512, "Size of the bandwidth probe buffer.")
 flags.DEFINE_float("quiet_wait", 10.0, "Seconds to wait for other processes to pause before retrying a run they "
@@ -168,7 +170,7 @@ def main(argv: list[str]) -> None:
     batches = [int(x) for x in FLAGS.batch_sizes]
     sizes = dict(decode_steps=FLAGS.decode_steps, max_batch=max(batches),
                  max_tokens=FLAGS.prompt_len + FLAGS.new_tokens + FLAGS.decode_steps + 1)
-    model = bc.load_ours(model_dir, **sizes, dtype=FLAGS.dtype)
+    model = bc.load_ours(model_dir, **sizes, dtype=FLAGS.dtype, speculative=FLAGS.speculative)
     result["load_s"] = time.perf_counter() - t0
 
     peers = {}

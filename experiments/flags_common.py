@@ -24,9 +24,16 @@ def define_compilation_cache_flag() -> None:
                         "cached ('default': ~/.cache/infire_jax/xla/<cpu>; '' = off; infire_jax/boot.py).")
 
 
+def define_speculative_flag() -> None:
+    """--speculative: speculative decoding on the decode workers (engine/speculative.py)."""
+    flags.DEFINE_string("speculative", None, "Speculative decoding: 'ngram:K' (prompt lookup, up to K draft tokens "
+                        "per step, verified exactly; switches itself off where it does not pay). Default: off.")
+
+
 def define_engine_flags(kv_pages: int = 512) -> None:
     """The workers' KV capacity, batching and prefix cache: --kv_pages, --page_size, --max_decode_batch,
-    --decode_steps, --prefix_cache, --prefill_chunk."""
+    --decode_steps, --prefix_cache, --prefill_chunk, --speculative."""
+    define_speculative_flag()
     flags.DEFINE_integer("kv_pages", kv_pages, "KV pages per worker (decode: its cache; prefill: its prefix cache).")
     flags.DEFINE_integer("page_size", 16, "Tokens per KV page (a power of two <= 16).")
     flags.DEFINE_integer("max_decode_batch", 16, "Continuous batch bound per decode worker (and rows per prefill batch).")
@@ -63,5 +70,5 @@ def engine_options():
     return EngineOptions(
         decode_steps=FLAGS.decode_steps, kv_pages=FLAGS.kv_pages, page_size=FLAGS.page_size,
         max_decode_batch=FLAGS.max_decode_batch, prefix_cache=FLAGS.prefix_cache,
-        prefill_chunk=FLAGS.prefill_chunk or None,
+        prefill_chunk=FLAGS.prefill_chunk or None, speculative=FLAGS.speculative or None,
     )

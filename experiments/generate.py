@@ -35,6 +35,7 @@ flags.DEFINE_string("decode_mesh", None, "Disaggregated: decode mesh on other de
 flags.DEFINE_integer("devices", None, "Simulated CPU devices (default: as many as the mesh needs).")
 flags.DEFINE_bool("warmup", True, "Compile the programs these prompts need before the first request.")
 flags_common.define_compilation_cache_flag()
+flags_common.define_speculative_flag()
 
 flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
@@ -64,7 +65,8 @@ def main(argv: list[str]) -> None:
         if FLAGS.prefill_mesh or FLAGS.decode_mesh
         else dict(mesh=FLAGS.mesh)
     )
-    model = infire_jax.load(model_dir, dtype=FLAGS.dtype, compilation_cache_dir=cache_dir, **placement)
+    model = infire_jax.load(model_dir, dtype=FLAGS.dtype, compilation_cache_dir=cache_dir,
+                            speculative=FLAGS.speculative or None, **placement)
     load_s = time.perf_counter() - t0
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     warmup = model.warm_up([len(model.encode(p)) for p in FLAGS.prompt], FLAGS.max_new_tokens) if FLAGS.warmup else None
