@@ -562,6 +562,7 @@ class _Decoding(_Worker):
                 c = bucket(1 + max(len(d) for d in drafts.values()))
                 if self.speculator.worth(b, c, drafts, len(rows)):
                     return self._verify_call(rows, b, c, drafts, t0)
+            steps = self.speculator.decode_steps([r.id for r in rows], steps)
         per_row, tables = self._tables(rows, [r.length + steps for r in rows], b)
         lengths = np.zeros(b, np.int32)
         tokens = np.zeros(b, np.int32)

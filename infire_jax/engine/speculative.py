@@ -110,12 +110,16 @@ class SpecCounters:
 class _RowState:
     alpha: float  # recent acceptance rate (EMA of accepted / proposed)
     k: int
+    idle: int = 1 << 30  # decode calls since its last verification that kept a draft
 
 
 class Speculator:
     """Per decoding worker: drafts per row, adaptive k, and the verify-or-decode decision (module doc)."""
 
     EMA = 0.3
+    ACTIVE = 0.4  # a row whose acceptance rate is at least this is speculating: decode calls stay short
+    SHORT_STEPS = 2
+    IDLE_CALLS = 4  # short decode calls after a row's last accepted draft before its calls are full again
     PROBE_EVERY = (8, 64)  # decode calls between re-measuring a refused verify (doubling up to the max)
 
     def __init__(self, config: SpecConfig, windows: Sequence[int | None] = ()):
@@ -152,6 +156,17 @@ class Speculator:
         left = tokens it may still generate."""
         k = min(self._state(rid).k, self._cap(length, left))
         return self.proposer.propose(seq, k) if k > 0 else seq[:0]
+
+    def decode_steps(self, rids: Sequence[Any], steps: int) -> int:
+        """Steps of a decode call taken instead of a verification (no drafts, or not worth it): short
+        (SHORT_STEPS) while some row was accepting drafts within its last IDLE_CALLS calls (a copying
+        row that strayed from its source is back to verifying within a step or two), else the full
+        `steps` (a row that never or no longer gets drafts accepted decodes at full speed)."""
+        states = [self._state(rid) for rid in rids]
+        short = any(st.idle < self.IDLE_CALLS and st.alpha >= self.ACTIVE for st in states)
+        for st in states:
+            st.idle += 1
+        return min(steps, self.SHORT_STEPS) if short else steps
 
     def forget(self, rid: Any) -> None:
         self.rows.pop(rid, None)
@@ -207,6 +222,7 @@ class Speculator:
             self.counters.accepted_tokens += a
             self.counters.verified_rows += 1
             st = self._state(rid)
+            st.idle = 0 if a else st.idle
             st.alpha = (1 - self.EMA) * st.alpha + self.EMA * (a / k)
             self.alpha0 = (1 - self.EMA) * self.alpha0 + self.EMA * (a / k)
             run = st.alpha / max(1e-6, 1 - st.alpha)
