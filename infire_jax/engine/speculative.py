@@ -11,7 +11,9 @@ speculation can only replace a decode call where it is predicted to produce more
   tokens per decode step  the batch's rows
   cost                    the measured wall time of each kind of call for this batch size (verify:
                           per chunk width), an EMA; before a measurement, a prior that charges a
-                          verify of b rows x c columns 1 + b c / 64 decode steps.
+                          verify of b rows x c columns 1 + b c / 32 decode steps (CPU: a verify
+                          of 1 x 8 costs about one decode step, of 16 x 8 several). Only batches of
+                          at most 4 rows try an unmeasured verify shape; larger ones go by the prior.
 
 A worker in a multi-process (SPMD) run decides on the prior alone: every process must take the same
 decision, and clocks differ between processes. Each row's draft length adapts to its acceptance
@@ -120,6 +122,7 @@ class Speculator:
     ACTIVE = 0.4  # a row whose acceptance rate is at least this is speculating: decode calls stay short
     SHORT_STEPS = 2
     IDLE_CALLS = 4  # short decode calls after a row's last accepted draft before its calls are full again
+    EXPLORE_ROWS = 4  # batches up to this many rows try an unmeasured verify shape (and take short decode calls)
     PROBE_EVERY = (8, 64)  # decode calls between re-measuring a refused verify (doubling up to the max)
 
     def __init__(self, config: SpecConfig, windows: Sequence[int | None] = ()):
@@ -163,7 +166,7 @@ class Speculator:
         row that strayed from its source is back to verifying within a step or two), else the full
         `steps` (a row that never or no longer gets drafts accepted decodes at full speed)."""
         states = [self._state(rid) for rid in rids]
-        short = any(st.idle < self.IDLE_CALLS and st.alpha >= self.ACTIVE for st in states)
+        short = len(states) <= self.EXPLORE_ROWS and any(st.idle < self.IDLE_CALLS and st.alpha >= self.ACTIVE for st in states)
         for st in states:
             st.idle += 1
         return min(steps, self.SHORT_STEPS) if short else steps
@@ -177,7 +180,7 @@ class Speculator:
         return sum(a ** i for i in range(1, k + 1))
 
     def _prior_verify(self, b: int, c: int, step: float) -> float:
-        return step * (1 + b * c / 64)
+        return step * (1 + b * c / 32)
 
     def worth(self, b: int, c: int, drafts: dict[Any, np.ndarray], rows: int) -> bool:
         """Whether a verify call of b padded rows x c columns with these drafts beats a decode call."""
@@ -188,7 +191,7 @@ class Speculator:
             return False  # measure a decode call first
         verify = self.verify_seconds.get((b, c)) if self.clocked else None
         if verify is None:
-            if self.clocked:  # unmeasured: try it once
+            if self.clocked and b <= self.EXPLORE_ROWS:  # unmeasured: try it once
                 return True
             verify = self._prior_verify(b, c, step)
         gain = (rows + sum(self._expected(rid, len(d)) for rid, d in drafts.items())) / verify
