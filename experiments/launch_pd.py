@@ -121,7 +121,7 @@ def main(argv: list[str]) -> None:
         WorkerConfig("decode", f"decode{i}", mesh=FLAGS.decode_mesh, dtype=FLAGS.dtype,
                      compute_dtype=FLAGS.decode_compute_dtype or FLAGS.compute_dtype, decode_steps=FLAGS.decode_steps,
                      num_pages=FLAGS.kv_pages, page_size=FLAGS.page_size, max_batch=FLAGS.max_decode_batch,
-                     prefix_cache=FLAGS.prefix_cache)
+                     prefix_cache=FLAGS.prefix_cache, speculative=FLAGS.speculative or None)
         for i in range(FLAGS.num_decode)
     ]
     engine = RemoteEngine(

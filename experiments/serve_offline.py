@@ -101,7 +101,7 @@ def run_multiprocess(model_dir, prefill_specs, decode_specs, vocab: int, tokeniz
     ]
     decode = [
         WorkerConfig("decode", f"decode{i}", mesh=s, dtype=FLAGS.dtype, decode_steps=FLAGS.decode_steps,
-                     max_batch=FLAGS.max_decode_batch, **cache)
+                     max_batch=FLAGS.max_decode_batch, speculative=FLAGS.speculative or None, **cache)
         for i, s in enumerate(decode_specs)
     ]
     requests = load_requests(vocab, tokenize)
