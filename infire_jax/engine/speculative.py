@@ -199,7 +199,8 @@ class Speculator:
             self._refused, self._probe = 0, self.PROBE_EVERY[0]
             return True
         self._refused += 1
-        if self.clocked and self._refused >= self._probe:  # re-measure: acceptance and cost drift
+        measured = (b, c) in self.verify_seconds or b <= self.EXPLORE_ROWS  # (a large batch goes by the prior)
+        if self.clocked and measured and self._refused >= self._probe:  # re-measure: acceptance and cost drift
             self._refused, self._probe = 0, min(2 * self._probe, self.PROBE_EVERY[1])
             return True
         return False
