@@ -559,7 +559,7 @@ class _Decoding(_Worker):
                 if len(d):
                     drafts[r.id] = d
             if drafts:
-                c = bucket(1 + max(len(d) for d in drafts.values()))
+                c = bucket(1 + self.speculator.config.k)  # one width per batch bucket: few programs to compile
                 if self.speculator.worth(b, c, drafts, len(rows)):
                     return self._verify_call(rows, b, c, drafts, t0)
             steps = self.speculator.decode_steps([r.id for r in rows], steps)
