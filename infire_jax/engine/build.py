@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from infire_jax import distributed
 from infire_jax.config import ModelConfig, load_config
 from infire_jax.engine.disagg import ColocatedWorker, DecodeWorker, Engine, PrefillWorker
+from infire_jax.engine.draft import DraftModelProposer, check_draft, place_draft
 from infire_jax.engine.programs import Programs
 from infire_jax.engine.speculative import parse_speculative
 from infire_jax.loader import dtype_of, make_layout, place_model
@@ -35,7 +36,9 @@ class EngineOptions:
     indexed by their tokens for reuse (kv/manager.py); prefill_chunk: prompt tokens per prefill call
     (a longer prompt is prefilled in chunks between decode steps; None: whole prompts). A prefill
     worker's prefix cache gets kv_pages pages too. speculative: speculative decoding on the decode
-    workers ("ngram:K", ...; engine/speculative.py parse_speculative), None = off."""
+    workers ("ngram:K", "draft:DIR:K"; engine/speculative.py parse_speculative), None = off;
+    draft_tp: the tensor-parallel size of a draft model ("draft:DIR:K"), placed on the first draft_tp
+    devices of each decoding mesh (engine/draft.py)."""
 
     decode_steps: int = 8
     kv_pages: int = 512
@@ -45,9 +48,12 @@ class EngineOptions:
     prefix_cache: bool = True
     prefill_chunk: int | None = 512
     speculative: str | None = None
+    draft_tp: int = 1
 
     def __post_init__(self) -> None:
         parse_speculative(self.speculative)  # a bad spec fails here, before anything is placed
+        if self.draft_tp < 1:
+            raise ValueError(f"draft_tp must be a positive tensor-parallel size, got {self.draft_tp}")
         if self.prefill_chunk is not None and self.prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens or None (whole prompts), got {self.prefill_chunk}")
 
@@ -76,19 +82,31 @@ def prefill_worker(name: str, programs: Programs, options: EngineOptions) -> Pre
     )
 
 
-def decode_worker(name: str, programs: Programs, options: EngineOptions) -> DecodeWorker:
+def _proposer(programs: Programs, options: EngineOptions, draft: Programs | None) -> DraftModelProposer | None:
+    """The decoding worker's model-based proposer, if its speculative method has one (else the
+    Speculator's n-gram lookup). draft: the draft model already placed for this mesh (else placed here)."""
+    spec = parse_speculative(options.speculative)
+    if spec is None or spec.method != "draft":
+        return None
+    draft = draft or place_draft(spec.path, programs, tp=options.draft_tp)
+    return DraftModelProposer(draft, num_pages=options.kv_pages, page_size=options.page_size,
+                              max_batch=options.max_decode_batch)
+
+
+def decode_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> DecodeWorker:
     return DecodeWorker(
         name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
         steps=options.decode_steps, prefix_cache=options.prefix_cache,
-        speculative=parse_speculative(options.speculative),
+        speculative=parse_speculative(options.speculative), proposer=_proposer(programs, options, draft),
     )
 
 
-def colocated_worker(name: str, programs: Programs, options: EngineOptions) -> ColocatedWorker:
+def colocated_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> ColocatedWorker:
     return ColocatedWorker(
         name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
         steps=options.decode_steps, prefill_chunk=options.prefill_chunk, prefix_cache=options.prefix_cache,
         max_batch_tokens=options.prefill_max_tokens, speculative=parse_speculative(options.speculative),
+        proposer=_proposer(programs, options, draft),
     )
 
 
@@ -113,6 +131,9 @@ class Deployment:
         self.model_dir = pathlib.Path(model_dir)
         self.cfg = load_config(self.model_dir)
         self.options = options
+        spec = parse_speculative(options.speculative)
+        if spec is not None and spec.method == "draft":  # an incompatible draft fails before anything is placed
+            check_draft(self.cfg, load_config(spec.path), self.model_dir, pathlib.Path(spec.path))
         self.prefill_meshes, self.decode_meshes = list(prefill_meshes), list(decode_meshes)
         self._place = dict(rules=rules, dtype=dtype, compute_dtype=compute_dtype, kernels=kernels)
         specs = list(dict.fromkeys(self.prefill_meshes + self.decode_meshes))
@@ -132,9 +153,22 @@ class Deployment:
             self._programs[s] = place_programs(
                 self.model_dir, s, **self._place, decode_steps=options.decode_steps, cfg=self.cfg
             )
+        self._drafts: dict[tuple[str, str, int], Programs] = {}  # (decode mesh, draft dir, tp) -> placed draft
 
     def programs(self, mesh: str) -> Programs:
         return self._programs[mesh]
+
+    def draft(self, mesh: str, options: EngineOptions) -> Programs | None:
+        """The draft model of options.speculative ("draft:DIR:K") placed beside the decoding mesh, once
+        per (mesh, draft, draft_tp); None for other methods."""
+        spec = parse_speculative(options.speculative)
+        if spec is None or spec.method != "draft":
+            return None
+        key = (mesh, spec.path, options.draft_tp)
+        if key not in self._drafts:
+            self._drafts[key] = place_draft(spec.path, self._programs[mesh], tp=options.draft_tp,
+                                            target_dir=self.model_dir, **self._place)
+        return self._drafts[key]
 
     @property
     def colocated(self) -> bool:
@@ -147,10 +181,11 @@ class Deployment:
         options: other serving knobs than the deployment's (decode_steps stays the programs')."""
         o = options or self.options
         if self.prefill_meshes == self.decode_meshes:
-            return Engine([], [colocated_worker(f"colocated{i}:{s}", self._programs[s], o)
+            return Engine([], [colocated_worker(f"colocated{i}:{s}", self._programs[s], o, self.draft(s, o))
                                for i, s in enumerate(self.decode_meshes)])
         prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], o) for i, s in enumerate(self.prefill_meshes)]
-        decode = [decode_worker(f"decode{i}:{s}", self._programs[s], o) for i, s in enumerate(self.decode_meshes)]
+        decode = [decode_worker(f"decode{i}:{s}", self._programs[s], o, self.draft(s, o))
+                  for i, s in enumerate(self.decode_meshes)]
         return Engine(prefill, decode)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 from infire_jax import boot, distributed
 from infire_jax.engine.programs import Programs, bucket
 from infire_jax.engine.sampling import SamplingParams, pack_params
-from infire_jax.engine.speculative import SpecConfig, Speculator
+from infire_jax.engine.speculative import Proposer, SpecConfig, Speculator
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
 from infire_jax.kv.manager import KVManager, Lease, cache_identity
@@ -492,11 +492,11 @@ class _Decoding(_Worker):
     """The decode batch of a worker that decodes (colocated or decode). With a speculative config each
     decode call may instead be one verification step of drafted tokens (engine/speculative.py)."""
 
-    def __init__(self, *args: Any, speculative: SpecConfig | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, speculative: SpecConfig | None = None, proposer: Proposer | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.ready: collections.deque[_Row] = collections.deque()  # prompt KV complete, not running yet
         self.running: list[Request] = []
-        self.speculator = Speculator(speculative, [q.window for q in self.pools]) if speculative else None
+        self.speculator = Speculator(speculative, [q.window for q in self.pools], proposer) if speculative else None
 
     @property
     def overshoot(self) -> int:
@@ -552,12 +552,10 @@ class _Decoding(_Worker):
         b = p.batch_bucket(len(rows))
         t0 = time.perf_counter()
         if self.speculator is not None:
-            drafts = {}
-            for r in rows:
-                seq = np.concatenate([r.prompt, np.asarray(r.output, np.int32)])
-                d = self.speculator.propose(r.id, seq, r.length, r.params.max_new_tokens - len(r.output))
-                if len(d):
-                    drafts[r.id] = d
+            drafts = self.speculator.drafts([
+                (r.id, np.concatenate([r.prompt, np.asarray(r.output, np.int32)]), r.length,
+                 r.params.max_new_tokens - len(r.output)) for r in rows
+            ])
             if drafts:
                 c = bucket(1 + self.speculator.config.k)  # one width per batch bucket: few programs to compile
                 if self.speculator.worth(b, c, drafts, len(rows)):
@@ -668,10 +666,11 @@ class ColocatedWorker(_Decoding):
 
     def __init__(self, name: str, programs: Programs, *, num_pages: int = 256, page_size: int = 16,
                  max_batch: int = 16, steps: int | None = None, prefill_chunk: int | None = None,
-                 prefix_cache: bool = True, max_batch_tokens: int = 8192, speculative: SpecConfig | None = None):
+                 prefix_cache: bool = True, max_batch_tokens: int = 8192, speculative: SpecConfig | None = None,
+                 proposer: Proposer | None = None):
         super().__init__(name, programs, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
                          prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, max_batch_tokens=max_batch_tokens,
-                         steps=steps, speculative=speculative)
+                         steps=steps, speculative=speculative, proposer=proposer)
 
     def step(self) -> list[Request]:
         """Admit, one prefill call, one decode call; returns the requests that finished."""
@@ -765,9 +764,9 @@ class DecodeWorker(_Decoding):
 
     def __init__(self, name: str, programs: Programs, *, num_pages: int = 256, page_size: int = 16,
                  max_batch: int = 16, steps: int | None = None, prefix_cache: bool = True,
-                 speculative: SpecConfig | None = None):
+                 speculative: SpecConfig | None = None, proposer: Proposer | None = None):
         super().__init__(name, programs, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
-                         prefix_cache=prefix_cache, steps=steps, speculative=speculative)
+                         prefix_cache=prefix_cache, steps=steps, speculative=speculative, proposer=proposer)
         self.transfer_stats = transfer.TransferStats()
 
     def receive(self, shipment: Shipment, arrays: tuple[Any, ...]) -> list[Request]:

@@ -20,21 +20,27 @@ decision, and clocks differ between processes. Each row's draft length adapts to
 rate: about the run length alpha / (1 - alpha) it sustains, plus one, at most the configured k (and
 one more than its last draft count when that was kept whole).
 
-Proposers: "ngram" (prompt lookup): the most recent earlier occurrence of the row's last n tokens
-(n = 3, then 2) in its prompt and output proposes the tokens that followed it. No extra weights.
+Proposers (the `Proposer` protocol: drafts for a batch of rows, forget a row): "ngram" (prompt
+lookup): the most recent earlier occurrence of the row's last n tokens (n = 3, then 2) in its prompt
+and output proposes the tokens that followed it. No extra weights. "draft" (engine/draft.py): a
+second, smaller checkpoint with the same vocabulary, greedy, with its own paged KV on the decoding
+worker's devices.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+import pathlib
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 
 from infire_jax import distributed
 
-__all__ = ["SpecConfig", "SpecError", "parse_speculative", "NgramProposer", "Speculator", "SpecCounters"]
+__all__ = [
+    "SpecConfig", "SpecError", "parse_speculative", "DraftRow", "Proposer", "NgramProposer", "Speculator", "SpecCounters",
+]
 
 METHODS = ("ngram", "draft", "eagle3")
 
@@ -69,12 +75,41 @@ def parse_speculative(spec: str | SpecConfig | None) -> SpecConfig | None:
     path, _, k = rest.rpartition(":")
     if method not in METHODS or not k.isdigit() or not 1 <= int(k) <= 16 or (method == "ngram") != (path == ""):
         raise SpecError(f"bad speculative spec {spec!r}: {usage}")
-    if method != "ngram":
+    if method == "eagle3":
         raise SpecError(
-            f"speculative method {method!r} is not implemented yet (only 'ngram:K' is); see WORKSPACE_NOTES.md "
-            "'Known limitations'"
+            "speculative method 'eagle3' is not implemented yet (use 'ngram:K' or 'draft:DIR:K'); see "
+            "WORKSPACE_NOTES.md 'Known limitations'"
         )
+    if method == "draft" and not (pathlib.Path(path) / "config.json").is_file():
+        raise SpecError(f"speculative draft model {path!r} is not a checkpoint directory (no config.json there); "
+                        "give 'draft:DIR:K' with DIR a checkpoint sharing the target's tokenizer")
     return SpecConfig(method, int(k), path or None)
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftRow:
+    """One row asking for drafts: seq = its prompt and output so far (the last token is the one the
+    next call feeds), k = most drafts wanted (>= 1), positions = most KV positions the row can ever
+    reach (its prompt, every token it may generate, and k)."""
+
+    id: Any
+    seq: np.ndarray
+    k: int
+    positions: int
+
+
+class Proposer(Protocol):
+    """Where drafts come from. A proposer with per-row state (a draft model's KV) keeps what it has
+    computed per row and reuses the longest prefix of it that the row's sequence still starts with:
+    verification's rollback (and tokens decoded without drafts) need no separate notice."""
+
+    def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
+        """Up to rows[i].k draft tokens for each row (empty: no drafts for it this step)."""
+        ...
+
+    def forget(self, rid: Any) -> None:
+        """The row is done (finished, failed or cancelled): drop what is held for it."""
+        ...
 
 
 class NgramProposer:
@@ -95,6 +130,12 @@ class NgramProposer:
                 at = int(hits[-1]) + n
                 return seq[at: at + k]
         return seq[:0]
+
+    def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
+        return [self.propose(r.seq, r.k) for r in rows]
+
+    def forget(self, rid: Any) -> None:
+        """Stateless: nothing is held per row."""
 
 
 @dataclasses.dataclass
@@ -125,9 +166,11 @@ class Speculator:
     EXPLORE_ROWS = 4  # batches up to this many rows try an unmeasured verify shape (and take short decode calls)
     PROBE_EVERY = (8, 64)  # decode calls between re-measuring a refused verify (doubling up to the max)
 
-    def __init__(self, config: SpecConfig, windows: Sequence[int | None] = ()):
+    def __init__(self, config: SpecConfig, windows: Sequence[int | None] = (), proposer: Proposer | None = None):
+        if proposer is None and config.method != "ngram":
+            raise SpecError(f"speculative method {config.method!r} needs its proposer (engine/build.py makes it)")
         self.config = config
-        self.proposer = NgramProposer()
+        self.proposer: Proposer = proposer or NgramProposer()
         self.windows = [w for w in windows if w is not None]
         self.rows: dict[Any, _RowState] = {}
         self.alpha0 = 0.5  # prior for a new row: the worker's recent acceptance
@@ -155,10 +198,19 @@ class Speculator:
         return cap
 
     def propose(self, rid: Any, seq: np.ndarray, length: int, left: int) -> np.ndarray:
-        """Drafts for one row: seq = its prompt and output so far, length = KV positions it holds,
-        left = tokens it may still generate."""
-        k = min(self._state(rid).k, self._cap(length, left))
-        return self.proposer.propose(seq, k) if k > 0 else seq[:0]
+        """Drafts for one row (see drafts)."""
+        return self.drafts([(rid, seq, length, left)]).get(rid, seq[:0])
+
+    def drafts(self, rows: Sequence[tuple[Any, np.ndarray, int, int]]) -> dict[Any, np.ndarray]:
+        """Drafts for the rows (id, seq = prompt and output so far, length = KV positions it holds,
+        left = tokens it may still generate) in one proposer call; rows without drafts left out."""
+        asked = []
+        for rid, seq, length, left in rows:
+            k = min(self._state(rid).k, self._cap(length, left))
+            if k > 0:
+                asked.append(DraftRow(rid, seq, k, len(seq) + left + self.config.k))
+        out = self.proposer.draft(asked) if asked else []
+        return {row.id: d[: row.k] for row, d in zip(asked, out) if len(d)}
 
     def decode_steps(self, rids: Sequence[Any], steps: int) -> int:
         """Steps of a decode call taken instead of a verification (no drafts, or not worth it): short
@@ -173,6 +225,7 @@ class Speculator:
 
     def forget(self, rid: Any) -> None:
         self.rows.pop(rid, None)
+        self.proposer.forget(rid)
 
     # -- the decision ---------------------------------------------------------------------------
     def _expected(self, rid: Any, k: int) -> float:

@@ -1,0 +1,186 @@
+"""The draft-model proposer: a second, smaller checkpoint with the target's vocabulary drafts greedily.
+
+Placement: the draft is placed on the first `tp` devices of the decoding worker's mesh as a tp=`tp`
+mesh of its own (its own layout and rules, whatever the target's), with its own compiled programs
+and its own paged KV: a pool of the worker's page count and page size, one lease per row (no prefix
+index), so the draft's KV fits wherever the target's does.
+
+Per propose call (one batch of rows):
+  1. catch-up: one chunk call (Programs.chunk_fn) feeds every row the tokens its draft KV lacks (the
+     whole prompt on a row's first call, then one or two tokens: the target's bonus token, and the
+     last kept draft when every draft was kept) and draws each row's first draft from the last one;
+  2. one multi-step decode call (Programs.decode_fn, k - 1 steps) draws the rest.
+The proposer remembers the tokens whose KV it wrote per row (the sequence plus its drafts but the
+last); a row's next call keeps the longest prefix of those that its sequence still starts with, so a
+rejected draft's KV is simply overwritten (rollback by length, as in the target's verify step), and
+tokens the target decoded without drafts are fed by the next catch-up.
+
+Drafts are greedy (the draft's argmax): with sampling the verify step's rejection sampling keeps the
+target's distribution for any draft token (sampling.verify), so greedy drafts are exact too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from infire_jax import distributed
+from infire_jax.config import ModelConfig, load_config
+from infire_jax.engine.programs import Programs, bucket
+from infire_jax.engine.sampling import SamplingParams, pack_params
+from infire_jax.engine.speculative import DraftRow, SpecError
+from infire_jax.kv import cache as kv_cache
+from infire_jax.kv.manager import KVManager, Lease
+from infire_jax.loader import make_layout, place_model
+
+__all__ = ["check_draft", "draft_mesh", "place_draft", "DraftModelProposer"]
+
+
+def _tokenizer_vocab(model_dir: pathlib.Path) -> dict[str, int] | None:
+    """The token -> id map of a checkpoint's tokenizer.json (model vocabulary and added tokens), or None."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    vocab = dict(data.get("model", {}).get("vocab") or {})
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return vocab
+
+
+def check_draft(target: ModelConfig, draft: ModelConfig, target_dir: pathlib.Path | None, draft_dir: pathlib.Path) -> None:
+    """The draft must speak the target's token ids: its tokenizer (when both checkpoints ship one) maps
+    every token to the same id, and it cannot draw an id the target lacks."""
+    fix = "use a draft checkpoint made with the target's tokenizer (e.g. a smaller model of the same family)"
+    if draft.vocab_size > target.vocab_size:
+        raise SpecError(f"draft model {draft_dir} has vocab_size {draft.vocab_size}, the target {target.vocab_size}: "
+                        f"its drafts could name tokens the target does not have; {fix}")
+    if target_dir is not None:
+        a, b = _tokenizer_vocab(target_dir), _tokenizer_vocab(draft_dir)
+        if a is not None and b is not None and a != b:
+            differ = sorted(set(a.items()) ^ set(b.items()), key=str)[:3]
+            raise SpecError(f"draft model {draft_dir} has a different tokenizer than the target {target_dir} "
+                            f"(e.g. {differ}); {fix}")
+    if draft.vocab_size != target.vocab_size and (target_dir is None or _tokenizer_vocab(target_dir) is None):
+        raise SpecError(f"draft model {draft_dir} has vocab_size {draft.vocab_size}, the target {target.vocab_size}, "
+                        f"and no tokenizer.json shows they share token ids; {fix}")
+
+
+def draft_mesh(decode: Programs, tp: int) -> str:
+    """The draft's mesh spec: tp=`tp` over the first `tp` devices of the decoding worker's mesh."""
+    ids = sorted(d.id for d in decode.layout.mesh.devices.flat)
+    if tp < 1 or tp > len(ids) or ids[:tp] != list(range(ids[0], ids[0] + tp)):
+        raise SpecError(f"draft_tp={tp} does not fit the decoding mesh (devices {ids}); use 1 .. {len(ids)}")
+    return f"tp={tp}@{ids[0]}-{ids[0] + tp - 1}"
+
+
+def place_draft(
+    path: str | pathlib.Path,
+    decode: Programs,
+    *,
+    tp: int = 1,
+    target_dir: str | pathlib.Path | None = None,
+    rules: Mapping[str, Any] | None = None,
+    dtype: str = "float32",
+    compute_dtype: str = "float32",
+    kernels: str = "auto",
+) -> Programs:
+    """The draft checkpoint placed beside a decoding worker's programs (module doc), vocabulary checked."""
+    path = pathlib.Path(path)
+    cfg = load_config(path)
+    check_draft(decode.placed.cfg, cfg, pathlib.Path(target_dir) if target_dir else None, path)
+    layout = make_layout(draft_mesh(decode, tp), rules, kernels)
+    programs = Programs(place_model(path, layout, dtype=dtype, compute_dtype=compute_dtype, cfg=cfg))
+    if programs.cache_groups is not None:
+        raise SpecError(f"draft model {path} has windowed (chunked) attention layers; a draft model must use full "
+                        "attention in every layer (its rolled-back drafts would overwrite ring slots still read)")
+    return programs
+
+
+@dataclasses.dataclass
+class _Held:
+    lease: Lease
+    fed: np.ndarray  # the tokens whose KV the draft wrote, positions 0 ..
+
+
+GREEDY = SamplingParams()
+
+
+class DraftModelProposer:
+    """Greedy drafts from a draft model with its own paged KV (module doc); implements speculative.Proposer."""
+
+    def __init__(self, programs: Programs, *, num_pages: int, page_size: int, max_batch: int):
+        self.programs = programs
+        self.pools = kv_cache.pools(None, num_pages, page_size, max_batch)
+        self.kv = KVManager(self.pools, b"draft", prefix_cache=False)
+        self.k_pages, self.v_pages = programs.allocate_pages(num_pages, page_size)
+        self.held: dict[Any, _Held] = {}
+
+    def forget(self, rid: Any) -> None:
+        held = self.held.pop(rid, None)
+        if held is not None:
+            self.kv.release(held.lease)
+
+    def _table(self, leases: Sequence[Lease], reach: Sequence[int], b: int) -> tuple[int, np.ndarray]:
+        """A page table (b rows) covering positions < reach[i] of each row."""
+        used = [min(len(lease.blocks), kv_cache.pages_needed(n, self.pools[0].page_size)) for lease, n in zip(leases, reach)]
+        width = bucket(max(used))
+        table = np.zeros((b, width), np.int32)
+        for i, (lease, n) in enumerate(zip(leases, used)):
+            table[i, :n] = lease.blocks[:n]
+        return width, table
+
+    def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
+        out = [row.seq[:0] for row in rows]
+        live: list[tuple[int, _Held, int]] = []  # (index in rows, held, tokens its KV keeps)
+        for i, row in enumerate(rows):
+            held = self.held.get(row.id)
+            if held is None:
+                lease = self.kv.reserve(row.id, row.seq, row.positions)
+                if lease is None:  # cannot happen with the worker's page count; no drafts rather than a failure
+                    continue
+                held = self.held[row.id] = _Held(lease, row.seq[:0])
+            n = min(len(held.fed), len(row.seq) - 1)  # keep at least the last token to feed
+            diff = np.flatnonzero(held.fed[:n] != row.seq[:n])
+            live.append((i, held, int(diff[0]) if diff.size else n))
+        if not live:
+            return out
+        p, ps = self.programs, self.pools[0].page_size
+        geometry = (self.pools[0].num_pages, ps)
+        b = p.batch_bucket(len(live))
+        pending = [len(rows[i].seq) - keep for i, _, keep in live]
+        c = bucket(max(pending))
+        tokens = np.zeros((b, c), np.int32)
+        start, n_new = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        for j, (i, _, keep) in enumerate(live):
+            tokens[j, : pending[j]] = rows[i].seq[keep:]
+            start[j], n_new[j] = keep, pending[j]
+        leases = [held.lease for _, held, _ in live]
+        width, table = self._table(leases, [len(rows[i].seq) for i, _, _ in live], b)
+        sp = pack_params([GREEDY] * len(live), b)
+        shape = (b, c, width, *geometry)
+        first, _, self.k_pages, self.v_pages = p._timed(
+            ("chunk",) + shape + (False,), p.chunk_fn(*shape), p.placed.state,
+            self.k_pages, self.v_pages, table, start, n_new, tokens, sp,
+        )
+        steps = max(rows[i].k for i, _, _ in live) - 1
+        if steps:
+            width, table = self._table(leases, [len(rows[i].seq) + steps for i, _, _ in live], b)
+            lengths = np.asarray(start + n_new, np.int32)
+            active = np.arange(b) < len(live)
+            shape = (b, width, *geometry, steps, False)
+            more, self.k_pages, self.v_pages = p._timed(
+                ("decode",) + shape, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, table,
+                lengths, first, active, sp,
+            )
+            drafts = np.concatenate([distributed.fetch(first)[None], distributed.fetch(more)], axis=0).T  # (b, 1 + steps)
+        else:
+            drafts = distributed.fetch(first)[:, None]
+        for j, (i, held, _) in enumerate(live):
+            row = rows[i]
+            held.fed = np.concatenate([row.seq, drafts[j, :steps]]).astype(np.int32)
+            out[i] = drafts[j, : row.k].astype(np.int32)
+        return out
