@@ -2,9 +2,9 @@
 
 A draft equal to the target accepts every proposal; a different draft (the target's first 3 of 4
 layers: it agrees with the target now and then, so verification keeps some drafts and rolls others
-back) gives the greedy tokens of plain decoding, colocated on tp=1, with the target on tp=2 and the
-draft on tp=1, and under in-process P/D with the draft on tp=2 beside the decode mesh. Every decode
-call verifies (`adaptive = False`). Bad specs fail once, before anything is placed.
+back) gives the greedy tokens of plain decoding, colocated on tp=1 and under in-process P/D with the
+target decoding on tp=2 and the draft on tp=1 beside it. Every decode call verifies
+(`adaptive = False`). Bad specs fail once, before anything is placed.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import pytest
 from infire_jax.checkpoint.tiny import write_tiny_checkpoint
 from infire_jax.engine.build import Deployment, EngineOptions
 from infire_jax.engine.disagg import generate
+from infire_jax.engine.draft import DraftModelProposer, draft_mesh
 from infire_jax.engine.sampling import per_request
-from infire_jax.engine.speculative import SpecError, parse_speculative
+from infire_jax.engine.speculative import DraftRow, SpecError, parse_speculative
 
 OPTIONS = EngineOptions(kv_pages=64, page_size=16, max_decode_batch=4, decode_steps=2, prefill_chunk=None)
 NEW = 12
@@ -61,8 +62,8 @@ def plain(deployments):
     return [r.output for r in generate(deployments("tp=1").engine(), _prompts(), per_request(2, NEW))]
 
 
-def _run(deployment, speculative, draft_tp=1, params=None):
-    engine = deployment.engine(dataclasses.replace(OPTIONS, speculative=speculative, draft_tp=draft_tp))
+def _run(deployment, speculative, params=None):
+    engine = deployment.engine(dataclasses.replace(OPTIONS, speculative=speculative))
     for w in engine.decode_workers:
         w.speculator.adaptive = False
     reqs = generate(engine, _prompts(), params or per_request(2, NEW))
@@ -78,14 +79,14 @@ def test_a_draft_equal_to_the_target_accepts_every_proposal(dirs, deployments, p
     assert sum(r.metrics()["accepted_tokens"] for r in reqs) == stats["spec_accepted_tokens"]
 
 
-# (prefill mesh, decode mesh, draft tp): colocated tp=1; target tp=2 with the draft on tp=1; P/D with a
-# tp=1 prefill and a tp=2 decode mesh whose draft is tp=2 too.
-LAYOUTS = [("tp=1", None, 1), ("tp=2", None, 1), ("tp=1@0-0", "tp=2@2-3", 2)]
+# (prefill mesh, decode mesh): colocated tp=1; P/D with a tp=1 prefill and a tp=2 decode mesh whose
+# draft is on tp=1 (the draft's own layout beside a tensor-parallel target).
+LAYOUTS = [("tp=1", None), ("tp=1@0-0", "tp=2@2-3")]
 
 
-@pytest.mark.parametrize("prefill, decode, draft_tp", LAYOUTS)
-def test_a_different_draft_gives_the_tokens_of_plain_decoding(dirs, deployments, plain, prefill, decode, draft_tp):
-    reqs, stats = _run(deployments(prefill, decode), f"draft:{dirs['layers3']}:3", draft_tp)
+@pytest.mark.parametrize("prefill, decode", LAYOUTS)
+def test_a_different_draft_gives_the_tokens_of_plain_decoding(dirs, deployments, plain, prefill, decode):
+    reqs, stats = _run(deployments(prefill, decode), f"draft:{dirs['layers3']}:3")
     assert [r.output for r in reqs] == plain
     # some drafts kept, some rolled back: both paths of the draft's KV bookkeeping ran
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_proposed_tokens"]
@@ -93,8 +94,31 @@ def test_a_different_draft_gives_the_tokens_of_plain_decoding(dirs, deployments,
 
 def test_sampled_draft_speculation_is_reproducible(dirs, deployments):
     params = per_request(2, NEW, temperature=0.8, seed=5)
-    runs = [_run(deployments("tp=1"), f"draft:{dirs['target']}:3", params=params)[0] for _ in range(2)]
+    runs = [_run(deployments("tp=1"), f"draft:{dirs['layers3']}:3", params=params)[0] for _ in range(2)]
     assert [r.output for r in runs[0]] == [r.output for r in runs[1]]
+
+
+def test_draft_catch_up_and_rollback(dirs, deployments):
+    """A long catch-up is fed in bounded chunks; after a rejection the proposer keeps only the KV of the
+    tokens the sequence still starts with: its drafts equal a fresh proposer's fed the whole sequence."""
+    draft = deployments("tp=1").draft("tp=1", dataclasses.replace(OPTIONS, speculative=f"draft:{dirs['layers3']}:3"))
+    make = lambda chunk=512: DraftModelProposer(draft, num_pages=8, page_size=16, max_batch=2, chunk=chunk)  # noqa: E731
+    seq = np.asarray(_prompts()[0] + [7], np.int32)  # 17 tokens
+    bounded, whole = make(chunk=8), make()
+    assert [len(bounded.draft([DraftRow("r", seq, 3, 32)])[0]) for _ in range(2)] == [0, 0]  # 8 + 8 of 17 fed
+    drafts = whole.draft([DraftRow("r", seq, 3, 32)])[0]
+    assert len(drafts) == 3 and bounded.draft([DraftRow("r", seq, 3, 32)])[0].tolist() == drafts.tolist()
+    later = np.concatenate([seq, drafts[:1], [(int(drafts[1]) + 1) % 512]]).astype(np.int32)  # 1 kept, then another token
+    assert whole.draft([DraftRow("r", later, 3, 32)])[0].tolist() == make().draft([DraftRow("r", later, 3, 32)])[0].tolist()
+    whole.forget("r")
+    assert whole.kv.free_blocks == 8
+
+
+def test_the_draft_mesh_is_its_own_tp_on_the_decoding_devices(deployments):
+    decode = deployments("tp=1@0-0", "tp=2@2-3").programs("tp=2@2-3")
+    assert draft_mesh(decode, 1) == "tp=1@2-2" and draft_mesh(decode, 2) == "tp=2@2-3"
+    with pytest.raises(SpecError, match="draft_tp=4 does not fit"):
+        draft_mesh(decode, 4)
 
 
 def test_bad_draft_specs_fail_with_one_clear_error(dirs, tmp_path):

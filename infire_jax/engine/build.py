@@ -90,7 +90,7 @@ def _proposer(programs: Programs, options: EngineOptions, draft: Programs | None
         return None
     draft = draft or place_draft(spec.path, programs, tp=options.draft_tp)
     return DraftModelProposer(draft, num_pages=options.kv_pages, page_size=options.page_size,
-                              max_batch=options.max_decode_batch)
+                              max_batch=options.max_decode_batch, chunk=options.prefill_chunk or 512)
 
 
 def decode_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> DecodeWorker:

@@ -10,6 +10,8 @@ Per propose call (one batch of rows):
      whole prompt on a row's first call, then one or two tokens: the target's bonus token, and the
      last kept draft when every draft was kept) and draws each row's first draft from the last one;
   2. one multi-step decode call (Programs.decode_fn, k - 1 steps) draws the rest.
+A row's catch-up feeds at most `chunk` tokens per call (a long prompt takes several calls, the row
+drafting from the call that completes it), so the chunk program's width stays bounded.
 The proposer remembers the tokens whose KV it wrote per row (the sequence plus its drafts but the
 last); a row's next call keeps the longest prefix of those that its sequence still starts with, so a
 rejected draft's KV is simply overwritten (rollback by length, as in the target's verify step), and
@@ -71,7 +73,11 @@ def check_draft(target: ModelConfig, draft: ModelConfig, target_dir: pathlib.Pat
 
 def draft_mesh(decode: Programs, tp: int) -> str:
     """The draft's mesh spec: tp=`tp` over the first `tp` devices of the decoding worker's mesh."""
-    ids = sorted(d.id for d in decode.layout.mesh.devices.flat)
+    devices = list(decode.layout.mesh.devices.flat)
+    if len({d.process_index for d in devices}) > 1:
+        raise SpecError("a draft model needs its decoding mesh within one process (its proposals are host-side, per "
+                        "worker); this decode mesh spans several processes: use 'ngram:K', or a one-process decode mesh")
+    ids = sorted(d.id for d in devices)
     if tp < 1 or tp > len(ids) or ids[:tp] != list(range(ids[0], ids[0] + tp)):
         raise SpecError(f"draft_tp={tp} does not fit the decoding mesh (devices {ids}); use 1 .. {len(ids)}")
     return f"tp={tp}@{ids[0]}-{ids[0] + tp - 1}"
@@ -112,8 +118,8 @@ GREEDY = SamplingParams()
 class DraftModelProposer:
     """Greedy drafts from a draft model with its own paged KV (module doc); implements speculative.Proposer."""
 
-    def __init__(self, programs: Programs, *, num_pages: int, page_size: int, max_batch: int):
-        self.programs = programs
+    def __init__(self, programs: Programs, *, num_pages: int, page_size: int, max_batch: int, chunk: int = 512):
+        self.programs, self.chunk = programs, chunk
         self.pools = kv_cache.pools(None, num_pages, page_size, max_batch)
         self.kv = KVManager(self.pools, b"draft", prefix_cache=False)
         self.k_pages, self.v_pages = programs.allocate_pages(num_pages, page_size)
@@ -151,26 +157,28 @@ class DraftModelProposer:
         p, ps = self.programs, self.pools[0].page_size
         geometry = (self.pools[0].num_pages, ps)
         b = p.batch_bucket(len(live))
-        pending = [len(rows[i].seq) - keep for i, _, keep in live]
-        c = bucket(max(pending))
+        pending = [min(len(rows[i].seq) - keep, self.chunk) for i, _, keep in live]
+        done = [keep + n == len(rows[i].seq) for (i, _, keep), n in zip(live, pending)]  # else still catching up
+        c = bucket(max(pending), 2)  # one or two tokens after the first call: one program
         tokens = np.zeros((b, c), np.int32)
         start, n_new = np.zeros(b, np.int32), np.zeros(b, np.int32)
         for j, (i, _, keep) in enumerate(live):
-            tokens[j, : pending[j]] = rows[i].seq[keep:]
+            tokens[j, : pending[j]] = rows[i].seq[keep: keep + pending[j]]
             start[j], n_new[j] = keep, pending[j]
         leases = [held.lease for _, held, _ in live]
-        width, table = self._table(leases, [len(rows[i].seq) for i, _, _ in live], b)
+        width, table = self._table(leases, list(start[: len(live)] + n_new[: len(live)]), b)
         sp = pack_params([GREEDY] * len(live), b)
         shape = (b, c, width, *geometry)
         first, _, self.k_pages, self.v_pages = p._timed(
             ("chunk",) + shape + (False,), p.chunk_fn(*shape), p.placed.state,
             self.k_pages, self.v_pages, table, start, n_new, tokens, sp,
         )
-        steps = max(rows[i].k for i, _, _ in live) - 1
+        steps = max([rows[i].k for (i, _, _), d in zip(live, done) if d], default=1) - 1
         if steps:
             width, table = self._table(leases, [len(rows[i].seq) + steps for i, _, _ in live], b)
             lengths = np.asarray(start + n_new, np.int32)
-            active = np.arange(b) < len(live)
+            active = np.zeros(b, bool)
+            active[: len(live)] = done
             shape = (b, width, *geometry, steps, False)
             more, self.k_pages, self.v_pages = p._timed(
                 ("decode",) + shape, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, table,
@@ -179,8 +187,11 @@ class DraftModelProposer:
             drafts = np.concatenate([distributed.fetch(first)[None], distributed.fetch(more)], axis=0).T  # (b, 1 + steps)
         else:
             drafts = distributed.fetch(first)[:, None]
-        for j, (i, held, _) in enumerate(live):
+        for j, (i, held, keep) in enumerate(live):
             row = rows[i]
+            if not done[j]:
+                held.fed = row.seq[: keep + pending[j]].astype(np.int32)
+                continue
             held.fed = np.concatenate([row.seq, drafts[j, :steps]]).astype(np.int32)
             out[i] = drafts[j, : row.k].astype(np.int32)
         return out
