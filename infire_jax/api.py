@@ -146,6 +146,7 @@ def load(
     prefix_cache: bool = True,
     prefill_chunk: int | None = 512,
     speculative: str | None = None,
+    draft_tp: int = 1,
     compilation_cache_dir: str | pathlib.Path | None = "default",
 ) -> Model:
     """Load an HF checkpoint directory onto a mesh ("tp=2", "pp=2,tp=2@0-3", ...).
@@ -163,7 +164,9 @@ def load(
     only the rest (False: every prompt from position 0, pages freed at once). prefill_chunk bounds the
     prompt tokens of one prefill call: a longer prompt is prefilled in chunks between decode steps
     (None: whole prompts in one call). speculative: speculative decoding ("ngram:4": prompt-lookup
-    drafts of up to 4 tokens per step, verified exactly; engine/speculative.py), None = off.
+    drafts of up to 4 tokens per step, verified exactly; "draft:DIR:4": a draft checkpoint with the
+    same tokenizer, placed on the first draft_tp devices of each decoding mesh with its own KV pages;
+    engine/speculative.py, engine/draft.py), None = off.
     compilation_cache_dir: JAX's persistent compilation cache,
     every program cached, so a second start compiles nothing ("default": ~/.cache/infire_jax/xla/<cpu>;
     None: leave JAX's own setting; see infire_jax/boot.py)."""
@@ -176,7 +179,8 @@ def load(
     if (prefill_mesh is None) != (decode_mesh is None):
         raise ValueError("give both prefill_mesh and decode_mesh (disaggregated) or neither (colocated)")
     options = EngineOptions(decode_steps=decode_steps, kv_pages=kv_pages, page_size=page_size, max_decode_batch=max_decode_batch,
-                            prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, speculative=speculative)
+                            prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, speculative=speculative,
+                            draft_tp=draft_tp)
     prefill, decode = (mesh, mesh) if prefill_mesh is None else (prefill_mesh, decode_mesh)
     return Model(Deployment(
         model_dir, [prefill], [decode], rules=rules, dtype=dtype, compute_dtype=compute_dtype, kernels=kernels,

@@ -188,7 +188,7 @@ def test_parse_speculative():
         with pytest.raises(SpecError, match="bad speculative spec"):
             parse_speculative(bad)
     with pytest.raises(SpecError, match="not implemented"):
-        parse_speculative("draft:/some/dir:4")
+        parse_speculative("eagle3:/some/dir:4")  # draft: tests/test_speculative_draft.py
     with pytest.raises(SpecError):
         EngineOptions(speculative="ngram:-1")
 
