@@ -19,7 +19,7 @@ from infire_jax.engine.build import Deployment, EngineOptions
 from infire_jax.engine.disagg import generate
 from infire_jax.engine.draft import DraftModelProposer, draft_mesh
 from infire_jax.engine.sampling import per_request
-from infire_jax.engine.speculative import DraftRow, SpecError, parse_speculative
+from infire_jax.engine.speculative import DraftRow, SpecConfig, SpecError, Speculator, parse_speculative
 
 OPTIONS = EngineOptions(kv_pages=64, page_size=16, max_decode_batch=4, decode_steps=2, prefill_chunk=None)
 NEW = 12
@@ -130,3 +130,32 @@ def test_bad_draft_specs_fail_with_one_clear_error(dirs, tmp_path):
         parse_speculative(f"eagle3:{dirs['target']}:3")
     with pytest.raises(ValueError, match="draft_tp"):
         EngineOptions(speculative=f"draft:{dirs['target']}:3", draft_tp=0)
+
+
+class _CountingProposer:
+    """A costly proposer that drafts k copies of the last token and counts its calls."""
+
+    costly = True
+
+    def __init__(self):
+        self.calls = 0
+
+    def draft(self, rows):
+        self.calls += 1
+        return [np.full(r.k, r.seq[-1], np.int32) for r in rows]
+
+    def forget(self, rid):
+        pass
+
+
+def test_a_declined_verification_costs_no_drafts():
+    prop = _CountingProposer()
+    spec = Speculator(SpecConfig("draft", 3, "unused"), proposer=prop)
+    row = [("a", np.arange(8, dtype=np.int32), 8, 100)]
+    assert spec.drafts(row, batch=1) == {} and prop.calls == 0  # no decode measured yet: decode first
+    spec.observed_decode(1, 4, 0.04)  # 10 ms per decode step
+    assert len(spec.drafts(row, batch=1)["a"]) == 3 and prop.calls == 1  # verify unmeasured: tried
+    assert spec.worth(1, 4, {"a": np.arange(3)}, rows=1)  # the decision drafts() took stands
+    for _ in range(3):
+        spec.observed_verify(1, 4, 0.2, {"a": (3, 0)})  # slow, nothing kept
+    assert spec.drafts(row, batch=1) == {} and prop.calls == 1  # declined before drafting

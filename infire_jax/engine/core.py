@@ -555,7 +555,7 @@ class _Decoding(_Worker):
             drafts = self.speculator.drafts([
                 (r.id, np.concatenate([r.prompt, np.asarray(r.output, np.int32)]), r.length,
                  r.params.max_new_tokens - len(r.output)) for r in rows
-            ])
+            ], b)
             if drafts:
                 c = bucket(1 + self.speculator.config.k)  # one width per batch bucket: few programs to compile
                 if self.speculator.worth(b, c, drafts, len(rows)):

@@ -118,6 +118,8 @@ GREEDY = SamplingParams()
 class DraftModelProposer:
     """Greedy drafts from a draft model with its own paged KV (module doc); implements speculative.Proposer."""
 
+    costly = True
+
     def __init__(self, programs: Programs, *, num_pages: int, page_size: int, max_batch: int, chunk: int = 512):
         self.programs, self.chunk = programs, chunk
         self.pools = kv_cache.pools(None, num_pages, page_size, max_batch)

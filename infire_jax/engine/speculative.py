@@ -101,7 +101,13 @@ class DraftRow:
 class Proposer(Protocol):
     """Where drafts come from. A proposer with per-row state (a draft model's KV) keeps what it has
     computed per row and reuses the longest prefix of it that the row's sequence still starts with:
-    verification's rollback (and tokens decoded without drafts) need no separate notice."""
+    verification's rollback (and tokens decoded without drafts) need no separate notice.
+
+    costly: drafting runs a model (not free like a lookup): the Speculator then decides verify or
+    decode from the draft lengths it would ask for, before drafting, so a declined verification
+    costs no drafts."""
+
+    costly: bool
 
     def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
         """Up to rows[i].k draft tokens for each row (empty: no drafts for it this step)."""
@@ -115,6 +121,8 @@ class Proposer(Protocol):
 class NgramProposer:
     """Prompt lookup: continue the sequence as it continued after the last earlier occurrence of its
     final n tokens (n = max_ngram .. min_ngram, longest match first)."""
+
+    costly = False
 
     def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
@@ -180,6 +188,7 @@ class Speculator:
         self.counters = SpecCounters()
         self.adaptive = True  # False: verify whenever a row has drafts (tests and measurements of the verify path)
         self._refused = 0
+        self._granted = False  # drafts() already decided to verify (a costly proposer's drafts)
         self._probe = self.PROBE_EVERY[0]
 
     # -- drafts -------------------------------------------------------------------------------
@@ -201,14 +210,22 @@ class Speculator:
         """Drafts for one row (see drafts)."""
         return self.drafts([(rid, seq, length, left)]).get(rid, seq[:0])
 
-    def drafts(self, rows: Sequence[tuple[Any, np.ndarray, int, int]]) -> dict[Any, np.ndarray]:
+    def drafts(self, rows: Sequence[tuple[Any, np.ndarray, int, int]], batch: int | None = None) -> dict[Any, np.ndarray]:
         """Drafts for the rows (id, seq = prompt and output so far, length = KV positions it holds,
-        left = tokens it may still generate) in one proposer call; rows without drafts left out."""
+        left = tokens it may still generate) in one proposer call; rows without drafts left out. With
+        a costly proposer and the call's padded `batch`, none unless a verification would be worth it."""
+        self._granted = False
         asked = []
         for rid, seq, length, left in rows:
             k = min(self._state(rid).k, self._cap(length, left))
             if k > 0:
                 asked.append(DraftRow(rid, seq, k, len(seq) + left + self.config.k))
+        if asked and self.proposer.costly and batch is not None:
+            planned = {row.id: np.zeros(row.k, np.int32) for row in asked}
+            width = 1 << max(row.k for row in asked).bit_length()  # the verify call's columns: bucket(1 + k)
+            if not self.worth(batch, width, planned, len(rows)):
+                return {}
+            self._granted = True
         out = self.proposer.draft(asked) if asked else []
         return {row.id: d[: row.k] for row, d in zip(asked, out) if len(d)}
 
@@ -237,7 +254,8 @@ class Speculator:
 
     def worth(self, b: int, c: int, drafts: dict[Any, np.ndarray], rows: int) -> bool:
         """Whether a verify call of b padded rows x c columns with these drafts beats a decode call."""
-        if not self.adaptive:
+        if not self.adaptive or self._granted:
+            self._granted = False
             return True
         step = self.step_seconds.get(b, 1.0) if self.clocked else 1.0
         if self.clocked and b not in self.step_seconds:
