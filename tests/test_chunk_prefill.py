@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from infire_jax.loader import make_layout, place_model
-from infire_jax.checkpoint.tiny import write_tiny_checkpoint
 from infire_jax.engine.programs import Programs, bucket
 from infire_jax.engine.sampling import SamplingParams, pack_params
 from infire_jax.kv import cache as kv_cache
@@ -131,23 +130,6 @@ def check_family(programs: Programs, prompts, prefix, *, decode=True, temperatur
             assert np.abs(got - want).max(initial=0.0) <= 2e-5 * max(1.0, np.abs(want).max(initial=0.0)), name
         if decode:
             assert drv.decode(prompts, first, pages, params).tolist() == want_tokens.tolist(), name
-
-
-def _checkpoint(tmp_path_factory, name: str):
-    out = tmp_path_factory.mktemp(name)
-    if name in ("llama4", "deepseek_v3"):
-        from tests.reference.test_moe_reference import save_moe_reference
-
-        save_moe_reference(name, out)
-    else:
-        write_tiny_checkpoint(out, name, tokenizer=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-    return lambda name: made.get(name) or made.setdefault(name, _checkpoint(tmp_path_factory, name))
 
 
 # 120 tokens: chunks of 64 take two calls; a 69-token prefix (mid-window for Llama 4's 8-position ring

@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import infire_jax
-from infire_jax.checkpoint.tiny import write_tiny_checkpoint
 from infire_jax.engine.build import Deployment, EngineOptions
 from infire_jax.engine.disagg import generate
 from infire_jax.engine.sampling import SamplingParams, per_request, sample, verify
@@ -35,23 +34,6 @@ def _prompts(rows: int = 2, vocab: int = 150) -> list[list[int]]:
     rng = np.random.default_rng(0)
     base = rng.integers(3, vocab, 5).tolist()
     return [base * 3 + base[:1], rng.integers(3, vocab, 4).tolist() * 4][:rows]
-
-
-def _checkpoint(tmp_path_factory, name: str):
-    out = tmp_path_factory.mktemp(name)
-    if name in ("llama4", "deepseek_v3"):
-        from tests.reference.test_moe_reference import save_moe_reference
-
-        save_moe_reference(name, out)
-    else:
-        write_tiny_checkpoint(out, name, tokenizer=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made = {}
-    return lambda name: made.get(name) or made.setdefault(name, _checkpoint(tmp_path_factory, name))
 
 
 @pytest.fixture(scope="module")

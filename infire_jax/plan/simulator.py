@@ -852,12 +852,8 @@ class _Instance:
         self.busy = True
         self.sim.at(self.sim.now + t, self._mixed_done, taken, n_dec, latency_extra)
 
-    def _mixed_done(self, taken, n_dec: int, latency_extra: float) -> None:
-        self.busy = False
-        now = self.sim.now
-        if n_dec:
-            self.ctx[:n_dec] += 1
-            self.rem[:n_dec] -= 1
+    def _advance_prefill(self, taken) -> list:
+        """Credit each (request, tokens) prefilled this call; the requests whose prompt is now done."""
         finished = []
         for r, c in taken:
             r.done_prefill += c
@@ -865,6 +861,15 @@ class _Instance:
                 finished.append(r)
         if finished:
             self.prefilling = [r for r in self.prefilling if r.done_prefill < r.prompt]
+        return finished
+
+    def _mixed_done(self, taken, n_dec: int, latency_extra: float) -> None:
+        self.busy = False
+        now = self.sim.now
+        if n_dec:
+            self.ctx[:n_dec] += 1
+            self.rem[:n_dec] -= 1
+        finished = self._advance_prefill(taken)
         self._retire() if n_dec else None
         for r in finished:
             self.outstanding -= r.prompt - r.cached
@@ -967,13 +972,7 @@ class _Instance:
 
     def _engine_done(self, taken, joining, n_prev: int, steps: int, t_first: float) -> None:
         self.busy = False
-        finished = []
-        for r, c in taken:
-            r.done_prefill += c
-            if r.done_prefill >= r.prompt:
-                finished.append(r)
-        if finished:
-            self.prefilling = [r for r in self.prefilling if r.done_prefill < r.prompt]
+        finished = self._advance_prefill(taken)
         if self.cache is not None:  # the engine indexes a prompt's pages as they are written
             for r, _ in taken:
                 self.cache.put_system(r.done_prefill if r.turn == 0 else r.prompt)
