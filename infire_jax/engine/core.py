@@ -556,6 +556,7 @@ class _Decoding(_Worker):
                 (r.id, np.concatenate([r.prompt, np.asarray(r.output, np.int32)]), r.length,
                  r.params.max_new_tokens - len(r.output)) for r in rows
             ], b)
+            declined = drafts
             if drafts:
                 c = bucket(1 + self.speculator.config.k)  # one width per batch bucket: few programs to compile
                 if self.speculator.worth(b, c, drafts, len(rows)):
@@ -580,6 +581,10 @@ class _Decoding(_Worker):
         logits = distributed.fetch(out[1]) if with_logits else None
         if self.speculator is not None:
             self.speculator.observed_decode(b, steps, None if fresh else time.perf_counter() - t0)
+            self.speculator.observed_declined({  # score the declined drafts against what decode produced
+                r.id: (min(len(d), steps), _lead_matches(d[:steps], toks[: len(d), i]))
+                for i, r in enumerate(rows) if len(d := declined.get(r.id, ()))
+            })
         for i, r in enumerate(rows):
             r.length += steps
             for j in range(steps):
@@ -827,3 +832,10 @@ class Router:
         if not fits:
             return None
         return min(fits, key=lambda w: (len(r.prompt) - w.cached_prefix(r) + w.load_tokens, -w.free_blocks))
+
+
+def _lead_matches(drafts: np.ndarray, produced: np.ndarray) -> int:
+    """How many leading drafts equal the tokens produced in their place."""
+    n = min(len(drafts), len(produced))
+    miss = np.flatnonzero(np.asarray(drafts[:n]) != np.asarray(produced[:n]))
+    return int(miss[0]) if miss.size else n

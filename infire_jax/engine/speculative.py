@@ -296,14 +296,27 @@ class Speculator:
             self.counters.proposed_tokens += k
             self.counters.accepted_tokens += a
             self.counters.verified_rows += 1
-            st = self._state(rid)
-            st.idle = 0 if a else st.idle
-            st.alpha = (1 - self.EMA) * st.alpha + self.EMA * (a / k)
-            self.alpha0 = (1 - self.EMA) * self.alpha0 + self.EMA * (a / k)
-            run = st.alpha / max(1e-6, 1 - st.alpha)
-            st.k = max(1, min(self.config.k, math.ceil(run) + 1))
-            if a == k:  # every draft kept: try one more next time
-                st.k = max(st.k, min(self.config.k, k + 1))
+            self._learn(rid, k, a)
+
+    def observed_declined(self, judged: dict[Any, tuple[int, int]]) -> None:
+        """Drafts that were proposed but not verified (the decode call was judged cheaper), scored
+        against the tokens that decode call produced: per row (drafts compared, how many lead-matched).
+        Without this a row refused once would keep its old acceptance estimate, and the off-switch
+        could not notice that a row started copying."""
+        for rid, (k, a) in judged.items():
+            if k:
+                self._learn(rid, k, a)
+
+    def _learn(self, rid: Any, k: int, a: int) -> None:
+        """Update a row's acceptance estimate and draft length from k drafts of which a were kept."""
+        st = self._state(rid)
+        st.idle = 0 if a else st.idle
+        st.alpha = (1 - self.EMA) * st.alpha + self.EMA * (a / k)
+        self.alpha0 = (1 - self.EMA) * self.alpha0 + self.EMA * (a / k)
+        run = st.alpha / max(1e-6, 1 - st.alpha)
+        st.k = max(1, min(self.config.k, math.ceil(run) + 1))
+        if a == k:  # every draft kept: try one more next time
+            st.k = max(st.k, min(self.config.k, k + 1))
 
 
 def spec_stats(counters: Sequence[SpecCounters]) -> dict[str, Any]:
