@@ -209,6 +209,23 @@ class Programs:
                 out[i].append(jax.jit(lambda shape=shape: jnp.zeros(shape, dtype), out_shardings=sh)())
         return self.pack(out[0]), self.pack(out[1])
 
+    def _paged_step(self, key: tuple, fn, b: int, num_pages: Any, page_size: Any, outs: tuple) -> Any:
+        """One compiled step over the paged KV: fn(state, k_pages, v_pages, page_table, four per-row
+        arrays, sampling) -> (*outs, k_pages, v_pages), the pages donated (updated in place). The
+        decode, chunk and verify programs share this signature and compile options."""
+        k_sh, v_sh = self.page_shardings(num_pages, page_size)
+        rep = self.layout.replicated
+        return self._compiled(
+            key,
+            lambda: jax.jit(
+                fn,
+                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
+                out_shardings=(*outs, k_sh, v_sh),
+                donate_argnums=(1, 2),
+                compiler_options=self.decode_compiler_options(b),
+            ),
+        )
+
     def decode_fn(self, b: int, pages_per_row: Any, num_pages: Any, page_size: Any, steps: int, with_logits: bool = False):
         """(state, k_pages, v_pages, page_table (b, P), lengths, tokens, active, sampling) ->
         (tokens (steps, b)[, logits], k_pages, v_pages); the pages are donated (updated in place)."""
@@ -219,18 +236,10 @@ class Programs:
                 graphdef, state, layout, k_pages, v_pages, page_table, lengths, tokens, active, sp, steps, with_logits
             )
 
-        k_sh, v_sh = self.page_shardings(num_pages, page_size)
         rep = self.layout.replicated
-        out = (rep, rep) if with_logits else rep
-        return self._compiled(
-            ("decode", b, pages_per_row, num_pages, page_size, steps, with_logits),
-            lambda: jax.jit(
-                decode,
-                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
-                out_shardings=(out, k_sh, v_sh),
-                donate_argnums=(1, 2),
-                compiler_options=self.decode_compiler_options(b),
-            ),
+        return self._paged_step(
+            ("decode", b, pages_per_row, num_pages, page_size, steps, with_logits), decode, b, num_pages, page_size,
+            outs=((rep, rep) if with_logits else rep,),
         )
 
     def chunk_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
@@ -255,17 +264,10 @@ class Programs:
                 logits = nnx.merge(graphdef, state).logits(hidden).astype(jnp.float32)
             return sample(logits, start + n_new, sp), logits if with_logits else None, k_pages, v_pages
 
-        k_sh, v_sh = self.page_shardings(num_pages, page_size)
         rep = self.layout.replicated
-        return self._compiled(
-            ("chunk", b, c, pages_per_row, num_pages, page_size, with_logits),
-            lambda: jax.jit(
-                run,
-                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
-                out_shardings=(rep, rep if with_logits else None, k_sh, v_sh),
-                donate_argnums=(1, 2),
-                compiler_options=self.decode_compiler_options(b),
-            ),
+        return self._paged_step(
+            ("chunk", b, c, pages_per_row, num_pages, page_size, with_logits), run, b, num_pages, page_size,
+            outs=(rep, rep if with_logits else None),
         )
 
     def verify_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
@@ -295,17 +297,10 @@ class Programs:
             out, accepted = verify(logits, drafts, jnp.maximum(proposed, 0), start, sp)
             return out, accepted, logits if with_logits else None, k_pages, v_pages
 
-        k_sh, v_sh = self.page_shardings(num_pages, page_size)
         rep = self.layout.replicated
-        return self._compiled(
-            ("verify", b, c, pages_per_row, num_pages, page_size, with_logits),
-            lambda: jax.jit(
-                run,
-                in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
-                out_shardings=(rep, rep, rep if with_logits else None, k_sh, v_sh),
-                donate_argnums=(1, 2),
-                compiler_options=self.decode_compiler_options(b),
-            ),
+        return self._paged_step(
+            ("verify", b, c, pages_per_row, num_pages, page_size, with_logits), run, b, num_pages, page_size,
+            outs=(rep, rep, rep if with_logits else None),
         )
 
     # ---- KV handoff --------------------------------------------------------------------------
