@@ -39,7 +39,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from infire_jax import boot, distributed
-from infire_jax.engine.programs import Programs, bucket
+from infire_jax.engine.programs import Programs, bucket, page_tables
 from infire_jax.engine.sampling import SamplingParams, pack_params
 from infire_jax.engine.speculative import Proposer, SpecConfig, Speculator
 from infire_jax.kv import cache as kv_cache
@@ -422,13 +422,8 @@ class _Worker:
         for i, (row, n) in enumerate(plan):
             tokens[i, :n] = row.request.prompt[row.computed: row.computed + n]
             start[i], n_new[i] = row.computed, n
-        used = [[min(len(pages), pool.pages_for(row.computed + n)) for pages, pool in zip(self._pages(row), self.pools)]
-                for row, n in plan]
-        per_row = [bucket(max(u[g] for u in used)) for g in range(len(self.pools))]
-        tables = [np.zeros((b, n), np.int32) for n in per_row]
-        for i, (row, _) in enumerate(plan):
-            for table, pages, n in zip(tables, self._pages(row), used[i]):
-                table[i, :n] = pages[:n]
+        per_row, tables = page_tables([self._pages(row) for row, _ in plan], self.pools,
+                                      [row.computed + n for row, n in plan], b)
         final = [(row, n) for row, n in plan if row.computed + n == len(row.request.prompt)]
         with_logits = any(row.request.with_logits for row, _ in final)
         sp = pack_params([r.params for r in reqs], b)
@@ -509,17 +504,8 @@ class _Decoding(_Worker):
         return r.total_tokens(self.overshoot)
 
     def _tables(self, rows: Sequence[Request], reach: Sequence[int], b: int) -> tuple[list[int], list[np.ndarray]]:
-        """Page tables (per group, b rows) covering positions < reach[i] of each row: only the pages a
-        call reaches (a request reserves pages for all the tokens it may generate; attending over the
-        not-yet-written ones would gather them every step). Returns (pages per row per group, tables)."""
-        pages = [self._pages(self.rows[r.id]) for r in rows]
-        used = [[min(len(pg), pool.pages_for(n)) for pg, pool in zip(pgs, self.pools)] for n, pgs in zip(reach, pages)]
-        per_row = [bucket(max(u[g] for u in used)) for g in range(len(self.pools))]
-        tables = [np.zeros((b, n), np.int32) for n in per_row]
-        for i in range(len(rows)):
-            for table, pg, n in zip(tables, pages[i], used[i]):
-                table[i, :n] = pg[:n]
-        return per_row, tables
+        """The running rows' page tables up to reach[i] (programs.page_tables)."""
+        return page_tables([self._pages(self.rows[r.id]) for r in rows], self.pools, reach, b)
 
     def _start_decoding(self, row: _Row) -> Request | None:
         """A row whose prompt KV is complete: queue it for the decode batch, or finish it if its first

@@ -32,7 +32,7 @@ import numpy as np
 
 from infire_jax import distributed
 from infire_jax.config import ModelConfig, load_config
-from infire_jax.engine.programs import Programs, bucket
+from infire_jax.engine.programs import Programs, bucket, page_tables
 from infire_jax.engine.sampling import SamplingParams, pack_params
 from infire_jax.engine.speculative import DraftRow, SpecError
 from infire_jax.kv import cache as kv_cache
@@ -133,12 +133,8 @@ class DraftModelProposer:
             self.kv.release(held.lease)
 
     def _table(self, leases: Sequence[Lease], reach: Sequence[int], b: int) -> tuple[int, np.ndarray]:
-        """A page table (b rows) covering positions < reach[i] of each row."""
-        used = [min(len(lease.blocks), kv_cache.pages_needed(n, self.pools[0].page_size)) for lease, n in zip(leases, reach)]
-        width = bucket(max(used))
-        table = np.zeros((b, width), np.int32)
-        for i, (lease, n) in enumerate(zip(leases, used)):
-            table[i, :n] = lease.blocks[:n]
+        """A page table (b rows) covering positions < reach[i] of each row (one full-length group)."""
+        (width,), (table,) = page_tables([[lease.blocks] for lease in leases], self.pools, reach, b)
         return width, table
 
     def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:

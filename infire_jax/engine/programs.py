@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,21 @@ __all__ = ["Programs", "bucket", "PlacedModel"]
 def bucket(n: int, minimum: int = 1) -> int:
     """Smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def page_tables(pages: Sequence[Sequence[Sequence[int]]], pools: Sequence[Any], reach: Sequence[int], b: int
+                ) -> tuple[list[int], list[np.ndarray]]:
+    """Page tables (one per cache group, b rows) for the programs' page_table argument, covering only
+    positions < reach[i] of row i, whose page ids per group are pages[i]: a request reserves pages for
+    every token it may generate, and attending over not-yet-written ones would gather them each step.
+    Returns (pages per row per group, bucketed; tables)."""
+    used = [[min(len(pg), pool.pages_for(n)) for pg, pool in zip(pgs, pools)] for n, pgs in zip(reach, pages)]
+    per_row = [bucket(max(u[g] for u in used)) for g in range(len(pools))]
+    tables = [np.zeros((b, n), np.int32) for n in per_row]
+    for i, (pgs, u) in enumerate(zip(pages, used)):
+        for table, pg, n in zip(tables, pgs, u):
+            table[i, :n] = pg[:n]
+    return per_row, tables
 
 
 _NO_YNN = (("xla_cpu_experimental_ynn_fusion_type", ""),)  # an experimental XLA:CPU option
