@@ -199,21 +199,21 @@ def run_long_prompt(deploy, vocab: int, context: int) -> dict:
             if big.status == "failed":
                 raise RuntimeError(f"the long prompt failed: {big.error}")
             seen = {r.id: len(r.output) for r in reqs}
-            while "first_token" not in big.times:
+
+            def step_and_record() -> None:
+                """One engine step; the time each decoding row's new tokens arrived."""
                 engine.step()
                 now = time.perf_counter()
                 for r in reqs:
                     if len(r.output) != seen[r.id]:
                         arrivals[r.id].append(now)
                         seen[r.id] = len(r.output)
+
+            while "first_token" not in big.times:
+                step_and_record()
             t_first = big.times["first_token"]
             for _ in range(3):  # the rows' next tokens after the prompt's first
-                engine.step()
-                now = time.perf_counter()
-                for r in reqs:
-                    if len(r.output) != seen[r.id]:
-                        arrivals[r.id].append(now)
-                        seen[r.id] = len(r.output)
+                step_and_record()
             gaps = []
             for r in reqs:
                 times = [big.submitted] + arrivals[r.id]
