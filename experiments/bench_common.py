@@ -456,27 +456,16 @@ def machine(bandwidth_mb: int = 512, runs: int = 7) -> dict[str, Any]:
 
 
 def load_ours(model_dir: str | os.PathLike, decode_steps: int = 8, max_batch: int = 1, max_tokens: int = 0,
-              kernels: str | None = None, dtype: str = "float32", speculative: str | None = None):
-    """infire_jax.load with room for `max_batch` rows of `max_tokens` tokens (passes the paged
-    engine's max_decode_batch / kv_pages, and `kernels` when given, if this version of load() has them)."""
-    import inspect
-
+              kernels: str = "auto", dtype: str = "float32", speculative: str | None = None):
+    """infire_jax.load with room for `max_batch` rows of `max_tokens` tokens (the paged engine's
+    max_decode_batch and kv_pages, never below load()'s defaults)."""
     from infire_jax import api
 
-    kw: dict[str, Any] = dict(decode_steps=decode_steps, dtype=dtype)
-    if speculative:  # (a version of load() without speculation fails here: unknown keyword)
-        kw["speculative"] = speculative
-    sig = inspect.signature(api.load).parameters
-    if "max_decode_batch" in sig:
-        kw["max_decode_batch"] = max(max_batch, sig["max_decode_batch"].default or 1)
-    if "kv_pages" in sig and max_tokens:
-        page = sig["page_size"].default if "page_size" in sig else 16
-        need = max_batch * -(-(max_tokens + 16) // page) + 8
-        kw["kv_pages"] = max(need, sig["kv_pages"].default or 0)
-    if kernels is not None:
-        if "kernels" not in sig:
-            raise NotImplementedError("this version of infire_jax.load has no kernels choice")
-        kw["kernels"] = kernels
+    page = 16
+    kw: dict[str, Any] = dict(decode_steps=decode_steps, dtype=dtype, kernels=kernels, page_size=page,
+                              max_decode_batch=max(max_batch, 16), speculative=speculative)
+    if max_tokens:
+        kw["kv_pages"] = max(max_batch * -(-(max_tokens + 16) // page) + 8, 512)
     return api.load(model_dir, **kw)
 
 
