@@ -21,7 +21,7 @@ from infire_jax.engine.speculative import parse_speculative
 from infire_jax.loader import dtype_of, make_layout, place_model
 
 __all__ = [
-    "EngineOptions", "Deployment", "place_programs", "prefill_worker", "decode_worker", "colocated_worker", "build_engine",
+    "EngineOptions", "Deployment", "place_programs", "prefill_draft_tp", "prefill_worker", "decode_worker", "colocated_worker", "build_engine",
 ]
 
 
@@ -74,11 +74,26 @@ def place_programs(
     return Programs(placed, decode_steps=decode_steps)
 
 
-def prefill_worker(name: str, programs: Programs, options: EngineOptions) -> PrefillWorker:
+def prefill_draft_tp(programs: Programs, options: EngineOptions) -> int | None:
+    """The tp of the draft model a prefill worker places beside its mesh for "draft:DIR:K" (so it
+    prefills the draft's KV and ships it with the target's): draft_tp, at most the mesh's device
+    count; None when the method is not "draft" or the mesh spans processes (then the decode worker
+    feeds its draft the prompt itself)."""
+    spec = parse_speculative(options.speculative)
+    devices = list(programs.layout.mesh.devices.flat)
+    if spec is None or spec.method != "draft" or len({d.process_index for d in devices}) > 1:
+        return None
+    return min(options.draft_tp, len(devices))
+
+
+def prefill_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> PrefillWorker:
+    """draft: the draft model placed beside this mesh (prefill_draft_tp), whose KV it prefills and ships."""
     return PrefillWorker(
         name, programs, max_batch=options.max_decode_batch, max_batch_tokens=options.prefill_max_tokens,
         num_pages=options.kv_pages, page_size=options.page_size, prefill_chunk=options.prefill_chunk,
-        prefix_cache=options.prefix_cache,
+        prefix_cache=options.prefix_cache, draft=None if draft is None else DraftModelProposer(
+            draft, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
+            chunk=options.prefill_chunk or 512),
     )
 
 
@@ -158,17 +173,22 @@ class Deployment:
     def programs(self, mesh: str) -> Programs:
         return self._programs[mesh]
 
-    def draft(self, mesh: str, options: EngineOptions) -> Programs | None:
-        """The draft model of options.speculative ("draft:DIR:K") placed beside the decoding mesh, once
-        per (mesh, draft, draft_tp); None for other methods."""
+    def draft(self, mesh: str, options: EngineOptions, tp: int | None = None) -> Programs | None:
+        """The draft model of options.speculative ("draft:DIR:K") placed beside the mesh (decoding, or
+        prefill with tp = prefill_draft_tp), once per (mesh, draft, tp); None for other methods."""
         spec = parse_speculative(options.speculative)
         if spec is None or spec.method != "draft":
             return None
-        key = (mesh, spec.path, options.draft_tp)
+        tp = tp or options.draft_tp
+        key = (mesh, spec.path, tp)
         if key not in self._drafts:
-            self._drafts[key] = place_draft(spec.path, self._programs[mesh], tp=options.draft_tp,
-                                            target_dir=self.model_dir, **self._place)
+            self._drafts[key] = place_draft(spec.path, self._programs[mesh], tp=tp, target_dir=self.model_dir,
+                                            **self._place)
         return self._drafts[key]
+
+    def _prefill_draft(self, mesh: str, options: EngineOptions) -> Programs | None:
+        tp = prefill_draft_tp(self._programs[mesh], options)
+        return None if tp is None else self.draft(mesh, options, tp)
 
     @property
     def colocated(self) -> bool:
@@ -183,7 +203,8 @@ class Deployment:
         if self.prefill_meshes == self.decode_meshes:
             return Engine([], [colocated_worker(f"colocated{i}:{s}", self._programs[s], o, self.draft(s, o))
                                for i, s in enumerate(self.decode_meshes)])
-        prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], o) for i, s in enumerate(self.prefill_meshes)]
+        prefill = [prefill_worker(f"prefill{i}:{s}", self._programs[s], o, self._prefill_draft(s, o))
+                   for i, s in enumerate(self.prefill_meshes)]
         decode = [decode_worker(f"decode{i}:{s}", self._programs[s], o, self.draft(s, o))
                   for i, s in enumerate(self.decode_meshes)]
         return Engine(prefill, decode)

@@ -39,6 +39,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 
 from infire_jax import boot, distributed
+from infire_jax.engine.draft import DraftModelProposer
 from infire_jax.engine.programs import Programs, bucket, page_tables
 from infire_jax.engine.sampling import SamplingParams, pack_params
 from infire_jax.engine.speculative import Proposer, SpecConfig, Speculator
@@ -47,7 +48,7 @@ from infire_jax.kv import transfer
 from infire_jax.kv.manager import KVManager, Lease, cache_identity
 
 __all__ = [
-    "Request", "Shipment", "ShippedRow", "ColocatedWorker", "PrefillWorker", "DecodeWorker", "Router", "WorkerCounters", "finish",
+    "Request", "Shipment", "ShippedRow", "DraftPages", "ColocatedWorker", "PrefillWorker", "DecodeWorker", "Router", "WorkerCounters", "finish",
 ]
 
 
@@ -137,6 +138,9 @@ class WorkerCounters:
     prefix_hit_tokens: int = 0
     kv_pages_transferred: int = 0  # decode: pages received
     kv_bytes_transferred: int = 0
+    draft_tokens_computed: int = 0  # tokens run through a draft model's chunk program (prefill: the prompt)
+    draft_kv_pages_transferred: int = 0  # decode: a draft model's pages received (not in kv_pages_transferred)
+    draft_kv_bytes_transferred: int = 0
 
 
 @dataclasses.dataclass
@@ -149,6 +153,8 @@ class _Row:
     dest: Any = None  # prefill worker: the decode worker (or its name) the pages go to
     skip: int = 0  # prefill worker: leading blocks the destination holds (never sent)
     shipped: int = 0  # prefill worker: blocks sent so far, or held by the destination
+    with_draft: bool = False  # prefill worker: the draft model's KV is prefilled here and shipped too
+    draft_shipped: int = 0  # prefill worker: draft blocks sent so far
 
     @property
     def id(self) -> Any:
@@ -168,6 +174,21 @@ class ShippedRow:
 
 
 @dataclasses.dataclass
+class DraftPages:
+    """A draft model's KV pages riding in a Shipment ("draft:DIR:K" under P/D): per row, blocks
+    [first, first + blocks) of its draft block list (always from block 0: a draft keeps no prefix
+    index); `arrays` in the draft's canonical page form, `count` pages (bucketed), `real` of them data."""
+
+    rows: list[ShippedRow]
+    count: int
+    real: int
+    arrays: tuple[Any, ...]
+
+    def page_bytes(self, spec: transfer.KVSpec, page_size: int) -> int:
+        return _page_bytes(spec, (self.real,), (page_size,))
+
+
+@dataclasses.dataclass
 class Shipment:
     """KV pages one prefill call completed, for one decode worker. `arrays` holds them in canonical
     page form (Programs.export_pages_fn): per group, the rows' pages in row order, then padding."""
@@ -178,6 +199,7 @@ class Shipment:
     real: tuple[int, ...]  # pages per group that carry data
     arrays: tuple[Any, ...]
     final: list[Request]  # requests whose prompt completed in this call (first token set)
+    draft: DraftPages | None = None  # the draft model's pages of the same rows (same transfer)
 
     def page_bytes(self, spec: transfer.KVSpec, page_sizes: Sequence[int]) -> int:
         """Bytes of the pages that carry data (not the padding of the bucket)."""
@@ -494,6 +516,12 @@ class _Decoding(_Worker):
         self.speculator = Speculator(speculative, [q.window for q in self.pools], proposer) if speculative else None
 
     @property
+    def draft_kv(self) -> DraftModelProposer | None:
+        """The draft model's paged KV ("draft:DIR:K"), which a prefill worker may ship prompt pages into."""
+        proposer = self.speculator.proposer if self.speculator is not None else None
+        return proposer if isinstance(proposer, DraftModelProposer) else None
+
+    @property
     def overshoot(self) -> int:
         """Positions past its last token a call may write: a decode call's steps, or a verify call's
         last token and drafts."""
@@ -538,10 +566,13 @@ class _Decoding(_Worker):
         b = p.batch_bucket(len(rows))
         t0 = time.perf_counter()
         if self.speculator is not None:
+            fed = self.draft_kv.fed_tokens if self.draft_kv is not None else 0
             drafts = self.speculator.drafts([
                 (r.id, np.concatenate([r.prompt, np.asarray(r.output, np.int32)]), r.length,
                  r.params.max_new_tokens - len(r.output)) for r in rows
             ], b)
+            if self.draft_kv is not None:
+                self.counters.draft_tokens_computed += self.draft_kv.fed_tokens - fed
             declined = drafts
             if drafts:
                 c = bucket(1 + self.speculator.config.k)  # one width per batch bucket: few programs to compile
@@ -687,9 +718,10 @@ class PrefillWorker(_Worker):
 
     def __init__(self, name: str, programs: Programs, max_batch: int = 8, max_batch_tokens: int = 8192, *,
                  num_pages: int = 512, page_size: int = 16, prefill_chunk: int | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, draft: DraftModelProposer | None = None):
         super().__init__(name, programs, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
                          prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, max_batch_tokens=max_batch_tokens)
+        self.draft = draft  # "draft:DIR:K": the draft model's KV, prefilled here for rows submitted with draft=True
 
     @property
     def pending_tokens(self) -> int:
@@ -699,15 +731,22 @@ class PrefillWorker(_Worker):
     def queue(self) -> list[Request]:
         return [row.request for row in self.rows.values()]
 
-    def submit(self, r: Request, dest: Any = None, skip_tokens: int = 0) -> None:
-        """Queue a request whose pages go to `dest`, which already holds its first skip_tokens."""
+    def submit(self, r: Request, dest: Any = None, skip_tokens: int = 0, draft: bool = False) -> None:
+        """Queue a request whose pages go to `dest`, which already holds its first skip_tokens. draft:
+        `dest` speculates with this worker's draft model, so prefill the draft's KV too and ship it."""
         blocks = skip_tokens // self.page_size
-        super().submit(r, dest=dest, skip=blocks, shipped=blocks)
+        super().submit(r, dest=dest, skip=blocks, shipped=blocks, with_draft=draft and self.draft is not None)
+
+    def drop(self, rid: Any) -> Request | None:
+        if self.draft is not None:
+            self.draft.forget(rid)
+        return super().drop(rid)
 
     def step(self) -> list[Shipment]:
         """Admit, one prefill call; returns the pages it completed, one shipment per destination."""
         self.prefilling.extend(self.admit())
         plan = self._prefill_call()
+        self._draft_prefill([row for row, _ in plan if row.with_draft])
         by_dest: dict[Any, list[_Row]] = {}
         for row, _ in plan:
             by_dest.setdefault(row.dest, []).append(row)
@@ -717,9 +756,20 @@ class PrefillWorker(_Worker):
                 self.drop(row.id)  # its pages stay in the index (the export above was dispatched first)
         return out
 
+    def _draft_prefill(self, rows: list[_Row]) -> None:
+        """The draft model's KV of the rows, brought up to the prompt tokens the target has prefilled:
+        the whole prefix from position 0 (the draft keeps no prefix index, so the target's cached
+        prefix is computed here too), in chunk calls of the draft's own."""
+        if not rows:
+            return
+        self.counters.draft_tokens_computed += self.draft.prefill(
+            [(row.id, row.request.prompt[: row.computed], len(row.request.prompt)) for row in rows])
+        for row in rows:
+            row.with_draft = row.id in self.draft.held  # left out (no room in the draft's pool): decode catches up
+
     def _shipment(self, rows: list[_Row]) -> Shipment | None:
         entries, ids = [], [[] for _ in self.pools]
-        final = []
+        final, drafts = [], []
         for row in rows:
             r, pages = row.request, self._pages(row)
             done = row.computed == len(r.prompt)
@@ -731,6 +781,9 @@ class PrefillWorker(_Worker):
                 continue
             rings = tuple(len(pages[g]) for g, pool in enumerate(self.pools) if pool.window is not None) if done else ()
             entries.append(ShippedRow(r.id, first, n, done, rings))
+            if row.with_draft:  # the draft's blocks up to the same position, from block 0
+                drafts.append(ShippedRow(r.id, row.draft_shipped, upto - row.draft_shipped, done))
+                row.draft_shipped = upto
             for g, pool in enumerate(self.pools):
                 if pool.window is None:
                     ids[g].extend(pages[g][first:first + n])
@@ -745,7 +798,8 @@ class PrefillWorker(_Worker):
         padded = [np.asarray(x + [pool.num_pages] * (c - len(x)), np.int32) for x, c, pool in zip(ids, counts, self.pools)]
         p = self.programs
         arrays = p.export_pages_fn(p.pack(counts), *self._geometry)(self.k_pages, self.v_pages, p.pack(padded))
-        return Shipment(rows[0].dest, entries, counts, real, arrays, final)
+        draft = DraftPages(drafts, *self.draft.export([(d.id, d.first, d.blocks) for d in drafts])) if drafts else None
+        return Shipment(rows[0].dest, entries, counts, real, arrays, final, draft)
 
 
 class DecodeWorker(_Decoding):
@@ -760,10 +814,10 @@ class DecodeWorker(_Decoding):
                          prefix_cache=prefix_cache, steps=steps, speculative=speculative, proposer=proposer)
         self.transfer_stats = transfer.TransferStats()
 
-    def receive(self, shipment: Shipment, arrays: tuple[Any, ...]) -> list[Request]:
-        """Write shipped pages (already on this mesh, canonical page shardings) into the rows' pages;
-        rows whose prompt is complete join the decode queue. Returns requests that finished at their
-        first token."""
+    def receive(self, shipment: Shipment, arrays: tuple[Any, ...], draft_arrays: tuple[Any, ...] | None = None) -> list[Request]:
+        """Write shipped pages (already on this mesh, canonical page shardings) into the rows' pages,
+        and the draft model's (draft_arrays: on the draft's mesh) into its pool; rows whose prompt is
+        complete join the decode queue. Returns requests that finished at their first token."""
         p = self.programs
         ids = [[] for _ in self.pools]
         for s in shipment.rows:
@@ -782,6 +836,8 @@ class DecodeWorker(_Decoding):
             self.k_pages, self.v_pages, arrays, p.pack(padded))
         self.counters.kv_pages_transferred += sum(s.blocks for s in shipment.rows)
         self.counters.kv_bytes_transferred += shipment.page_bytes(self.kv_spec, self.page_sizes)
+        if shipment.draft is not None and draft_arrays is not None and self.draft_kv is not None:
+            self._receive_draft(shipment.draft, draft_arrays)
         finished = []
         for s in shipment.rows:
             row = self.rows.get(s.id)
@@ -792,6 +848,17 @@ class DecodeWorker(_Decoding):
                 if (f := self._start_decoding(row)) is not None:
                     finished.append(f)
         return finished
+
+    def _receive_draft(self, pages: DraftPages, arrays: tuple[Any, ...]) -> None:
+        rows = []
+        for s in pages.rows:
+            row = self.rows.get(s.id)  # None: cancelled meanwhile
+            r = row.request if row is not None else None
+            rows.append((s.id, r.prompt, s.first, s.blocks, s.final, self.total_tokens(r)) if r is not None
+                        else (None, None, s.first, s.blocks, s.final, 0))
+        self.draft_kv.receive(rows, pages.count, arrays)
+        self.counters.draft_kv_pages_transferred += pages.real
+        self.counters.draft_kv_bytes_transferred += pages.page_bytes(self.draft_kv.kv_spec, self.page_size)
 
     def step(self) -> list[Request]:
         return self._decode_call(self.steps)

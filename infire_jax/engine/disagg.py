@@ -131,7 +131,7 @@ class Engine:
                 if p is None:  # checked at submit; a worker cannot shrink, so this is a bug
                     self._fail([r], RuntimeError("no prefill worker holds this request"))
                     continue
-                p.submit(r, dest=d, skip_tokens=row.lease.hit_tokens)
+                p.submit(r, dest=d, skip_tokens=row.lease.hit_tokens, draft=d.draft_kv is not None)
         for p in self.prefill_workers:
             for shipment in self._guarded(p, p.step) or ():
                 self._ship(p, shipment)
@@ -151,10 +151,17 @@ class Engine:
         d: DecodeWorker = s.dest
         try:
             p.kv_spec.check(d.kv_spec)
-            t0 = time.perf_counter()
-            arrays = transfer.move(s.arrays, d.programs.canonical_page_shardings(
-                d.programs.pack(s.counts), d.programs.pack(d.page_sizes)))
+            arrays, shardings = tuple(s.arrays), d.programs.canonical_page_shardings(
+                d.programs.pack(s.counts), d.programs.pack(d.page_sizes))
             nbytes = s.page_bytes(d.kv_spec, d.page_sizes)
+            if s.draft is not None:  # the draft model's pages ride in the same transfer
+                p.draft.kv_spec.check(d.draft_kv.kv_spec)
+                arrays += tuple(s.draft.arrays)
+                shardings += d.draft_kv.programs.canonical_page_shardings(s.draft.count, d.page_size)
+                nbytes += s.draft.page_bytes(d.draft_kv.kv_spec, d.page_size)
+            t0 = time.perf_counter()
+            arrays = transfer.move(arrays, shardings)
+            arrays, draft_arrays = arrays[: len(s.arrays)], arrays[len(s.arrays):] or None
             spent = time.perf_counter() - t0
             self.transfer_stats.transfers += 1
             self.transfer_stats.bytes += nbytes
@@ -165,7 +172,7 @@ class Engine:
                     r.transfer_seconds += spent
                     r.transfer_bytes += s.row_bytes(row, d.kv_spec, d.page_sizes)
             d.in_call = [self.requests[row.id] for row in s.rows if row.id in self.requests]
-            d.receive(s, arrays)
+            d.receive(s, arrays, draft_arrays)
         except Exception as e:  # noqa: BLE001 - these requests fail, the engine goes on
             self._fail([self.requests[row.id] for row in s.rows if row.id in self.requests], e)
 
@@ -204,7 +211,11 @@ class Engine:
         prefix_hit_tokens (prompt tokens a prefilling worker reused from its cache; hit_ratio = these
         over the prompt tokens it admitted), decode_hit_tokens (prompt tokens a decode worker held
         already, so they did not cross), kv_pages_transferred / kv_bytes_transferred (P -> D),
-        evicted_pages (cached pages reused for other requests)."""
+        evicted_pages (cached pages reused for other requests). A draft model ("draft:DIR:K"):
+        draft_prefill_tokens (prompt tokens prefill workers ran through it, P/D), draft_fed_tokens
+        (tokens decoding workers fed it: generated ones, and prompts whose draft KV was not shipped),
+        draft_kv_pages_transferred / draft_kv_bytes_transferred (its pages P -> D, not in kv_*; both
+        in transfer_bytes)."""
         reqs = [r for r in self.requests.values() if r.finished]
         wall = max([r.times.get("end", self.started) for r in reqs] + [self.started]) - self.started
         generated = sum(len(r.output) for r in reqs)
@@ -227,6 +238,10 @@ class Engine:
             kv_pages_transferred=sum(w.counters.kv_pages_transferred for w in self.decode_workers),
             kv_bytes_transferred=sum(w.counters.kv_bytes_transferred for w in self.decode_workers),
             evicted_pages=sum(w.kv.evicted_pages for w in self.workers) - self._evicted0,
+            draft_prefill_tokens=sum(w.counters.draft_tokens_computed for w in self.prefill_workers),
+            draft_fed_tokens=sum(w.counters.draft_tokens_computed for w in self.decode_workers),
+            draft_kv_pages_transferred=sum(w.counters.draft_kv_pages_transferred for w in self.decode_workers),
+            draft_kv_bytes_transferred=sum(w.counters.draft_kv_bytes_transferred for w in self.decode_workers),
             transfers=ts.transfers,
             transfer_bytes=ts.bytes,
             transfer_s=ts.seconds,

@@ -125,7 +125,10 @@ class DraftModelProposer:
         self.pools = kv_cache.pools(None, num_pages, page_size, max_batch)
         self.kv = KVManager(self.pools, b"draft", prefix_cache=False)
         self.k_pages, self.v_pages = programs.allocate_pages(num_pages, page_size)
+        self.kv_spec = programs.kv_spec()  # what its shipped pages must match (P/D)
         self.held: dict[Any, _Held] = {}
+        self.fed_tokens = 0  # tokens fed through the draft's chunk program (catch-up or prefill), ever
+        self.imported_tokens = 0  # prompt tokens whose draft KV arrived from a prefill worker, ever
 
     def forget(self, rid: Any) -> None:
         held = self.held.pop(rid, None)
@@ -137,44 +140,67 @@ class DraftModelProposer:
         (width,), (table,) = page_tables([[lease.blocks] for lease in leases], self.pools, reach, b)
         return width, table
 
-    def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
-        out = [row.seq[:0] for row in rows]
-        live: list[tuple[int, _Held, int]] = []  # (index in rows, held, tokens its KV keeps)
-        for i, row in enumerate(rows):
-            held = self.held.get(row.id)
-            if held is None:
-                lease = self.kv.reserve(row.id, row.seq, row.positions)
-                if lease is None:  # cannot happen with the worker's page count; no drafts rather than a failure
-                    continue
-                held = self.held[row.id] = _Held(lease, row.seq[:0])
-            n = min(len(held.fed), len(row.seq) - 1)  # keep at least the last token to feed
-            diff = np.flatnonzero(held.fed[:n] != row.seq[:n])
-            live.append((i, held, int(diff[0]) if diff.size else n))
-        if not live:
-            return out
+    def _hold(self, rid: Any, tokens: np.ndarray, positions: int) -> _Held | None:
+        """The row's draft KV, its pages reserved on first sight (None: no pages free now)."""
+        held = self.held.get(rid)
+        if held is None:
+            lease = self.kv.reserve(rid, tokens, positions)
+            if lease is None:  # cannot happen with the worker's page count; no draft KV rather than a failure
+                return None
+            held = self.held[rid] = _Held(lease, tokens[:0].astype(np.int32))
+        return held
+
+    @staticmethod
+    def _kept(held: _Held, seq: np.ndarray) -> int:
+        """Tokens of held KV that `seq` still starts with (the last token of seq is always fed)."""
+        n = min(len(held.fed), len(seq) - 1)
+        diff = np.flatnonzero(held.fed[:n] != seq[:n])
+        return int(diff[0]) if diff.size else n
+
+    def _feed(self, live: Sequence[tuple[_Held, int, np.ndarray]]) -> tuple[Any, list[int], int, Any]:
+        """One chunk call: each row (held, kept, seq) is fed seq[kept:] (at most `chunk` tokens of it).
+        Returns (the next token per row, on the device; tokens fed per row; padded batch; sampling)."""
         p, ps = self.programs, self.pools[0].page_size
         geometry = (self.pools[0].num_pages, ps)
         b = p.batch_bucket(len(live))
-        pending = [min(len(rows[i].seq) - keep, self.chunk) for i, _, keep in live]
-        done = [keep + n == len(rows[i].seq) for (i, _, keep), n in zip(live, pending)]  # else still catching up
+        pending = [min(len(seq) - keep, self.chunk) for _, keep, seq in live]
         c = bucket(max(pending), 2)  # one or two tokens after the first call: one program
         tokens = np.zeros((b, c), np.int32)
         start, n_new = np.zeros(b, np.int32), np.zeros(b, np.int32)
-        for j, (i, _, keep) in enumerate(live):
-            tokens[j, : pending[j]] = rows[i].seq[keep: keep + pending[j]]
+        for j, (_, keep, seq) in enumerate(live):
+            tokens[j, : pending[j]] = seq[keep: keep + pending[j]]
             start[j], n_new[j] = keep, pending[j]
-        leases = [held.lease for _, held, _ in live]
-        width, table = self._table(leases, list(start[: len(live)] + n_new[: len(live)]), b)
+        width, table = self._table([held.lease for held, _, _ in live], list(start[: len(live)] + n_new[: len(live)]), b)
         sp = pack_params([GREEDY] * len(live), b)
         shape = (b, c, width, *geometry)
         first, _, self.k_pages, self.v_pages = p._timed(
             ("chunk",) + shape + (False,), p.chunk_fn(*shape), p.placed.state,
             self.k_pages, self.v_pages, table, start, n_new, tokens, sp,
         )
+        for j, (held, keep, seq) in enumerate(live):
+            held.fed = seq[: keep + pending[j]].astype(np.int32)
+        self.fed_tokens += sum(pending)
+        return first, pending, b, sp
+
+    def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
+        out = [row.seq[:0] for row in rows]
+        live: list[tuple[int, _Held, int]] = []  # (index in rows, held, tokens its KV keeps)
+        for i, row in enumerate(rows):
+            held = self._hold(row.id, row.seq, row.positions)
+            if held is not None:
+                live.append((i, held, self._kept(held, row.seq)))
+        if not live:
+            return out
+        p = self.programs
+        geometry = (self.pools[0].num_pages, self.pools[0].page_size)
+        first, pending, b, sp = self._feed([(held, keep, rows[i].seq) for i, held, keep in live])
+        done = [keep + n == len(rows[i].seq) for (i, _, keep), n in zip(live, pending)]  # else still catching up
+        leases = [held.lease for _, held, _ in live]
         steps = max([rows[i].k for (i, _, _), d in zip(live, done) if d], default=1) - 1
         if steps:
             width, table = self._table(leases, [len(rows[i].seq) + steps for i, _, _ in live], b)
-            lengths = np.asarray(start + n_new, np.int32)
+            lengths = np.zeros(b, np.int32)
+            lengths[: len(live)] = [keep + n for (_, _, keep), n in zip(live, pending)]
             active = np.zeros(b, bool)
             active[: len(live)] = done
             shape = (b, width, *geometry, steps, False)
@@ -185,11 +211,55 @@ class DraftModelProposer:
             drafts = np.concatenate([distributed.fetch(first)[None], distributed.fetch(more)], axis=0).T  # (b, 1 + steps)
         else:
             drafts = distributed.fetch(first)[:, None]
-        for j, (i, held, keep) in enumerate(live):
+        for j, (i, held, _) in enumerate(live):
             row = rows[i]
-            if not done[j]:
-                held.fed = row.seq[: keep + pending[j]].astype(np.int32)
-                continue
-            held.fed = np.concatenate([row.seq, drafts[j, :steps]]).astype(np.int32)
-            out[i] = drafts[j, : row.k].astype(np.int32)
+            if done[j]:
+                held.fed = np.concatenate([row.seq, drafts[j, :steps]]).astype(np.int32)
+                out[i] = drafts[j, : row.k].astype(np.int32)
         return out
+
+    # -- the draft's prompt KV under P/D: prefilled by the prefill worker, imported by the decode worker --
+    def prefill(self, rows: Sequence[tuple[Any, np.ndarray, int]]) -> int:
+        """Bring each row's draft KV up to its tokens (id, tokens so far, positions to reserve): chunk
+        calls of at most `chunk` tokens per row until every row is fed. Returns the tokens computed. A
+        row the draft's pool has no room for is left out (not in `held`: its decode worker catches up)."""
+        fed = 0
+        while True:
+            live = []
+            for rid, tokens, positions in rows:
+                held = self._hold(rid, tokens, positions)
+                if held is not None and len(held.fed) < len(tokens):
+                    live.append((held, len(held.fed), np.asarray(tokens, np.int32)))
+            if not live:
+                return fed
+            fed += sum(self._feed(live)[1])
+
+    def export(self, rows: Sequence[tuple[Any, int, int]]) -> tuple[int, int, tuple[Any, ...]]:
+        """Canonical pages (Programs.export_pages_fn) of blocks [first, first + n) of each row (id, first,
+        n), in row order: (bucketed page count, real page count, (k, v))."""
+        ids = [b for rid, first, n in rows for b in self.held[rid].lease.blocks[first: first + n]]
+        pool = self.pools[0]
+        count = bucket(max(len(ids), 1))
+        padded = np.asarray(ids + [pool.num_pages] * (count - len(ids)), np.int32)
+        arrays = self.programs.export_pages_fn(count, pool.num_pages, pool.page_size)(self.k_pages, self.v_pages, padded)
+        return count, len(ids), arrays
+
+    def receive(self, rows: Sequence[tuple[Any, np.ndarray, int, int, bool, int]], count: int,
+                arrays: tuple[Any, ...]) -> None:
+        """Write shipped canonical pages (on this draft's mesh, canonical shardings) into the rows' pages:
+        rows (id, prompt, first block, blocks, final: the prompt is complete, positions to reserve) in
+        the shipment's row order; id None: the row is gone here (its pages are written nowhere). A
+        final row drafts from its prompt's KV without feeding the prompt again."""
+        pool = self.pools[0]
+        ids = []
+        for rid, prompt, first, n, final, positions in rows:
+            fresh = rid is not None and rid not in self.held
+            # a row whose first pages found no room holds no draft KV here (it catches up when drafting)
+            held = self._hold(rid, prompt, positions) if rid is not None and not (fresh and first) else None
+            ids.extend(held.lease.blocks[first: first + n] if held is not None else [pool.num_pages] * n)
+            if held is not None and final:
+                held.fed = np.asarray(prompt, np.int32)
+                self.imported_tokens += len(prompt)
+        padded = np.asarray(ids + [pool.num_pages] * (count - len(ids)), np.int32)
+        self.k_pages, self.v_pages = self.programs.import_pages_fn(count, pool.num_pages, pool.page_size)(
+            self.k_pages, self.v_pages, arrays, padded)
