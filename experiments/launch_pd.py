@@ -114,7 +114,8 @@ def main(argv: list[str]) -> None:
     prefill = [
         WorkerConfig("prefill", f"prefill{i}", mesh=FLAGS.prefill_mesh, dtype=FLAGS.dtype,
                      compute_dtype=FLAGS.compute_dtype, page_size=FLAGS.page_size, num_pages=FLAGS.kv_pages,
-                     prefill_chunk=FLAGS.prefill_chunk or None, prefix_cache=FLAGS.prefix_cache)
+                     prefill_chunk=FLAGS.prefill_chunk or None, prefix_cache=FLAGS.prefix_cache,
+                     speculative=FLAGS.speculative or None)  # "draft:DIR:K": the draft's KV prefilled here
         for i in range(FLAGS.num_prefill)
     ]
     decode = [

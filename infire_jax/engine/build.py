@@ -21,7 +21,7 @@ from infire_jax.engine.speculative import parse_speculative
 from infire_jax.loader import dtype_of, make_layout, place_model
 
 __all__ = [
-    "EngineOptions", "Deployment", "place_programs", "prefill_draft_tp", "prefill_worker", "decode_worker", "colocated_worker", "build_engine",
+    "EngineOptions", "Deployment", "place_programs", "prefill_draft_tp", "prefill_draft", "prefill_worker", "decode_worker", "colocated_worker", "build_engine",
 ]
 
 
@@ -84,6 +84,13 @@ def prefill_draft_tp(programs: Programs, options: EngineOptions) -> int | None:
     if spec is None or spec.method != "draft" or len({d.process_index for d in devices}) > 1:
         return None
     return min(options.draft_tp, len(devices))
+
+
+def prefill_draft(programs: Programs, options: EngineOptions) -> Programs | None:
+    """The draft model placed beside a prefill worker's mesh (prefill_draft_tp; placed as a decoding
+    worker's own is by `_proposer`, so their KV specs agree), or None."""
+    tp = prefill_draft_tp(programs, options)
+    return None if tp is None else place_draft(parse_speculative(options.speculative).path, programs, tp=tp)
 
 
 def prefill_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> PrefillWorker:

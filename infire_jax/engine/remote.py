@@ -115,7 +115,12 @@ def _error_class(name: str | None) -> type[Exception]:
 
 @dataclasses.dataclass
 class WorkerConfig:
-    """One worker process. mesh device ranges refer to the worker's own (simulated) devices."""
+    """One worker process. mesh device ranges refer to the worker's own (simulated) devices.
+
+    speculative: on a decode worker, speculative decoding of its rows; on a prefill worker, a
+    "draft:DIR:K" spec places the draft model there too, so it prefills the draft's KV and ships it
+    with the target's to decode workers that speculate with the same draft (others: the spec is
+    ignored there, and a decode worker with a draft but no shipped draft KV feeds it the prompt)."""
 
     role: str  # "prefill" or "decode"
     name: str
@@ -131,7 +136,8 @@ class WorkerConfig:
     max_batch_tokens: int = 8192  # prefill: padded tokens per prefill batch
     prefill_chunk: int | None = 512  # prefill: prompt tokens per prefill call (None: whole prompts)
     prefix_cache: bool = True
-    speculative: str | None = None  # decode: speculative decoding (engine/speculative.py), None = off
+    speculative: str | None = None  # speculative decoding (engine/speculative.py), None = off; see below
+    draft_tp: int = 1  # "draft:DIR:K": the draft model's tensor-parallel size (engine/draft.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -145,6 +151,7 @@ class WorkerConfig:
             decode_steps=self.decode_steps, kv_pages=self.num_pages, page_size=self.page_size,
             max_decode_batch=self.max_batch, prefill_max_tokens=self.max_batch_tokens,
             prefix_cache=self.prefix_cache, prefill_chunk=self.prefill_chunk, speculative=self.speculative,
+            draft_tp=self.draft_tp,
         )
 
     def mesh_devices(self) -> int:
@@ -241,8 +248,17 @@ class _Server:
             page_size=c.page_size, num_pages=c.num_pages, decode_steps=c.decode_steps, max_batch=c.max_batch,
             identity=w.kv.identity, page_sizes=w.page_sizes, context_tokens=w.context_tokens,
             compilation_cache_dir=self.jax.config.jax_compilation_cache_dir,
-            overshoot=w.overshoot if c.role == "decode" else 0,
+            overshoot=w.overshoot if c.role == "decode" else 0, draft=self.draft_info(),
         )
+
+    def draft_info(self) -> dict[str, Any] | None:
+        """The draft model whose KV this worker prefills (prefill) or drafts from (decode): its KV spec and,
+        decode, its layout (the shape its shipped pages are pulled in); None without one."""
+        draft = self.worker.draft if self.cfg.role == "prefill" else self.worker.draft_kv
+        if draft is None:
+            return None
+        layout = draft.programs.layout
+        return dict(kv_spec=draft.kv_spec, layout=dict(mesh=tuple(layout.mesh.shape.items()), rules=dict(layout.rules)))
 
     def send(self, kind: str, payload: dict[str, Any]) -> None:
         self.conn.send((kind, payload))
@@ -287,12 +303,14 @@ class _Server:
 class _PrefillServer(_Server):
     def __init__(self, cfg, opts, conn):
         super().__init__(cfg, opts, conn)
-        from infire_jax.engine.build import prefill_worker
+        from infire_jax.engine.build import prefill_draft, prefill_worker
 
-        self.worker = prefill_worker(cfg.name, self.programs, cfg.engine_options())
+        options = cfg.engine_options()
+        self.worker = prefill_worker(cfg.name, self.programs, options, prefill_draft(self.programs, options))
         self.worker.kv.track_events()
         self.requests: dict[Any, Any] = {}  # key -> core Request, while it prefills here
         self.targets: dict[str, dict[str, Any]] = {}  # decode worker name -> its announced layout
+        self.warned: set[str] = set()  # decode workers with another draft model (warned once)
         self.uuids = itertools.count(1)
 
     @property
@@ -316,10 +334,26 @@ class _PrefillServer(_Server):
             self.send("failed", _error_payload(keys, e))
             return
         self.targets[target["name"]] = dict(target, mode=p["mode"])
+        draft = self._ships_draft(target)
         for q in p["requests"]:
             r = Request(q["id"], np.asarray(q["prompt"], np.int32), SamplingParams(**q["params"]), time.perf_counter())
             self.requests[r.id] = r
-            self.worker.submit(r, dest=target["name"], skip_tokens=q["skip"])
+            self.worker.submit(r, dest=target["name"], skip_tokens=q["skip"], draft=draft)
+
+    def _ships_draft(self, target: dict[str, Any]) -> bool:
+        """Whether this worker prefills and ships the draft model's KV for `target`: both have the draft
+        (equal KV specs; a different one is warned about once, and that decode worker feeds its own)."""
+        mine, theirs = self.worker.draft, target["draft"]
+        if mine is None or theirs is None:
+            return False
+        if theirs["kv_spec"] != mine.kv_spec:
+            if target["name"] not in self.warned:
+                self.warned.add(target["name"])
+                warnings.warn(f"decode worker {target['name']!r} speculates with another draft model than prefill "
+                              f"worker {self.cfg.name!r} ({theirs['kv_spec']} vs {mine.kv_spec}): its draft KV is not "
+                              "shipped, it feeds the prompt to its draft itself", RuntimeWarning)
+            return False
+        return True
 
     def work(self) -> None:
         """One prefill call; its pages offered to their decode workers, one offer per destination."""
@@ -355,13 +389,24 @@ class _PrefillServer(_Server):
         shardings = rt.sender_shardings(send_mode, shapes, paged_axes(self.kv_spec.logical_axes), target["layout"],
                                         jax.devices())
         t0 = time.perf_counter()
-        kv = jax.block_until_ready(jax.device_put(s.arrays, tuple(shardings)))
+        kv = jax.device_put(s.arrays, tuple(shardings))
+        draft = None
+        if s.draft is not None:  # the draft model's pages ride in the same offer, after the target's
+            dspec = self.worker.draft.kv_spec
+            draft_sh = rt.sender_shardings(send_mode, dspec.page_shapes((s.draft.count,), (self.worker.page_size,)),
+                                           paged_axes(dspec.logical_axes), target["draft"]["layout"], jax.devices())
+            draft_kv = jax.device_put(s.draft.arrays, tuple(draft_sh))
+            draft = dict(rows=[dc.astuple(row) for row in s.draft.rows], count=s.draft.count, real=s.draft.real,
+                         descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in draft_kv])
+            kv = tuple(kv) + tuple(draft_kv)
+        kv = jax.block_until_ready(kv)
         sums = rt.checksum(kv) if self.opts.get("checksum", True) else None
         if self.tamper.get("corrupt"):
             kv = (jax.block_until_ready(kv[0] + 1),) + kv[1:]  # arrives in the right layout but with the wrong bytes
         reshard_s = time.perf_counter() - t0
         uuid = next(self.uuids)
         self.endpoint.offer(uuid, kv, float(self.opts.get("offer_timeout", 60.0)))
+        n_target = len(s.arrays)
         spec = self.kv_spec
         if self.tamper.get("kv_spec"):
             spec = dc.replace(spec, **self.tamper["kv_spec"])
@@ -369,8 +414,8 @@ class _PrefillServer(_Server):
                       cached_tokens=r.cached_tokens) for r in s.final]
         self.send("shipped", dict(
             dest=s.dest, uuid=uuid, address=self.endpoint.address, num_transports=self.endpoint.num_transports,
-            kv_spec=spec, descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in kv], checksums=sums,
-            rows=[dc.astuple(row) for row in s.rows], counts=s.counts, real=s.real, final=final,
+            kv_spec=spec, descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in kv[:n_target]], checksums=sums,
+            rows=[dc.astuple(row) for row in s.rows], counts=s.counts, real=s.real, final=final, draft=draft,
             mode=target["mode"], prefill_s=prefill_s, reshard_s=reshard_s, **self.state(),
         ))
 
@@ -428,7 +473,7 @@ class _DecodeServer(_Server):
     def pull(self, p: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
         import numpy as np
 
-        from infire_jax.engine.core import Shipment, ShippedRow
+        from infire_jax.engine.core import DraftPages, Shipment, ShippedRow
         from infire_jax.kv import remote_transfer as rt
 
         jax, programs = self.jax, self.programs
@@ -449,8 +494,23 @@ class _DecodeServer(_Server):
             shardings = (jax.sharding.SingleDeviceSharding(first),) * len(shapes)
         mine = [rt.describe(sh, shape, self.kv_spec.dtype) for sh, shape in zip(shardings, shapes)]
         rt.check_descriptions(p["descs"], mine, f"decode worker {self.cfg.name!r}")
-        # 2. the transfer
         structs = [jax.ShapeDtypeStruct(s, np.dtype(self.kv_spec.dtype), sharding=sh) for s, sh in zip(shapes, shardings)]
+        draft, dk = p.get("draft"), self.worker.draft_kv
+        if draft is not None:  # the draft model's pages, after the target's in the same offer
+            if dk is None:
+                raise KVLayoutMismatch(f"the prefill side ships draft-model pages but decode worker {self.cfg.name!r} "
+                                       "has no draft model; start both with the same 'draft:DIR:K'")
+            p["draft_kv_spec"].check(dk.kv_spec)
+            ps = self.worker.page_size
+            draft_shapes = dk.kv_spec.page_shapes((draft["count"],), (ps,))
+            draft_sh = (dk.programs.canonical_page_shardings(draft["count"], ps) if p["mode"] == "mesh" else
+                        (jax.sharding.SingleDeviceSharding(next(iter(dk.programs.layout.mesh.devices.flat))),)
+                        * len(draft_shapes))
+            rt.check_descriptions(draft["descs"], [rt.describe(sh, shape, dk.kv_spec.dtype) for sh, shape in
+                                                   zip(draft_sh, draft_shapes)], f"decode worker {self.cfg.name!r} (draft)")
+            structs += [jax.ShapeDtypeStruct(s, np.dtype(dk.kv_spec.dtype), sharding=sh)
+                        for s, sh in zip(draft_shapes, draft_sh)]
+        # 2. the transfer
         res = self.endpoint.pull(p["address"], p["uuid"], structs, float(self.opts.get("pull_timeout", 30.0)))
         kv = tuple(res.arrays)
         if p.get("checksums") is not None and rt.checksum(kv) != list(p["checksums"]):
@@ -460,14 +520,19 @@ class _DecodeServer(_Server):
             )
         # 3. local reshard into the decode layout (one device_put), written into the rows' pages
         t0 = time.perf_counter()
+        kv, draft_kv = kv[: len(shapes)], kv[len(shapes):]
         kv = jax.device_put(kv, programs.canonical_page_shardings(*packed))
+        pages = None
+        if draft is not None:
+            draft_kv = jax.device_put(draft_kv, dk.programs.canonical_page_shardings(draft["count"], self.worker.page_size))
+            pages = DraftPages([ShippedRow(*row) for row in draft["rows"]], draft["count"], draft["real"], draft_kv)
         for f in p["final"]:  # first tokens, sampled by the prefill worker (reported to the client by it)
             r = self.requests.get(f["id"])
             if r is not None:
                 r.output, r.finish_reason, r.cached_tokens = list(f["output"]), f["finish_reason"], f["cached_tokens"]
                 self.sent[r.id] = len(r.output)
-        shipment = Shipment(self.cfg.name, [ShippedRow(*row) for row in p["rows"]], counts, tuple(p["real"]), kv, [])
-        finished = self.worker.receive(shipment, kv)
+        shipment = Shipment(self.cfg.name, [ShippedRow(*row) for row in p["rows"]], counts, tuple(p["real"]), kv, [], pages)
+        finished = self.worker.receive(shipment, kv, draft_kv if pages is not None else None)
         jax.block_until_ready((self.worker.k_pages, self.worker.v_pages))
         reshard_s = time.perf_counter() - t0
         for row in shipment.rows:
@@ -516,6 +581,8 @@ class _DecodeServer(_Server):
             return
         if self.tamper.get("step_delay"):  # test hook: a slow decode worker
             time.sleep(float(self.tamper["step_delay"]))
+        if w.speculator is not None:  # test hook: verify whenever a row has drafts (no cost model)
+            w.speculator.adaptive = not self.tamper.get("verify_always")
         w.in_call = []
         try:
             finished = w.step()
@@ -856,7 +923,8 @@ class RemoteEngine:
     def debug(self, name: str, **tamper: Any) -> None:
         """Test hook: make a worker misbehave (prefill: kv_spec={...} sends a tampered KVSpec,
         send_mode='single' ignores the agreed layout, corrupt=True sends wrong bytes, prefill_delay=seconds
-        sleeps before every job; decode: step_delay=seconds sleeps before every decode call)."""
+        sleeps before every job; decode: step_delay=seconds sleeps before every decode call,
+        verify_always=True verifies whenever a row has drafts)."""
         self.workers[name].conn.send(("debug", tamper))
 
     # ---- requests -------------------------------------------------------------------------------
@@ -970,7 +1038,7 @@ class RemoteEngine:
             r.prefill_worker, r.status = view.w.name, "prefill"
             jobs.setdefault(view.w.name, []).append((r, row["skip"]))
         target = dict(name=w.name, kv_spec=w.info["kv_spec"], layout=w.info["layout"],
-                      page_sizes=w.info["page_sizes"], num_transports=w.info["num_transports"])
+                      page_sizes=w.info["page_sizes"], num_transports=w.info["num_transports"], draft=w.info["draft"])
         for pname, reqs in jobs.items():
             job = next(self._jobs)
             for r, _ in reqs:
@@ -1101,8 +1169,9 @@ class RemoteEngine:
             self._retry_or_fail(live, dw)
             return
         fields = ("uuid", "address", "num_transports", "kv_spec", "descs", "checksums", "rows", "counts", "real",
-                  "final", "mode")
-        self._send(dw, ("accept", {f: p[f] for f in fields}))
+                  "final", "mode", "draft")
+        draft_spec = w.info["draft"]["kv_spec"] if p["draft"] is not None else None
+        self._send(dw, ("accept", dict({f: p[f] for f in fields}, draft_kv_spec=draft_spec)))
 
     def _on_failed(self, w: _Worker, p: dict[str, Any]) -> None:
         for key in p["ids"]:
@@ -1212,6 +1281,10 @@ class RemoteEngine:
             kv_pages_transferred=sum(self._counter(w, "kv_pages_transferred") for w in dec),
             kv_bytes_transferred=sum(self._counter(w, "kv_bytes_transferred") for w in dec),
             evicted_pages=sum(self._counter(w, "evicted_pages") for w in self.workers.values()),
+            draft_prefill_tokens=sum(self._counter(w, "draft_tokens_computed") for w in pre),
+            draft_fed_tokens=sum(self._counter(w, "draft_tokens_computed") for w in dec),
+            draft_kv_pages_transferred=sum(self._counter(w, "draft_kv_pages_transferred") for w in dec),
+            draft_kv_bytes_transferred=sum(self._counter(w, "draft_kv_bytes_transferred") for w in dec),
             transfers=len(self.transfers), transfer_bytes=nbytes, pull_s=pull_s,
             pull_gib_per_s=nbytes / 2**30 / pull_s if pull_s else 0.0,
             local_reshard_s=sum(t["local_reshard_s"] for t in self.transfers),
