@@ -165,7 +165,8 @@ def load(
     prompt tokens of one prefill call: a longer prompt is prefilled in chunks between decode steps
     (None: whole prompts in one call). speculative: speculative decoding ("ngram:4": prompt-lookup
     drafts of up to 4 tokens per step, verified exactly; "draft:DIR:4": a draft checkpoint with the
-    same tokenizer, placed on the first draft_tp devices of each decoding mesh with its own KV pages;
+    same tokenizer, placed on the first draft_tp devices of each decoding mesh with its own KV pages,
+    and under P/D beside each prefill mesh too, whose draft KV of the prompt is shipped to decode;
     engine/speculative.py, engine/draft.py), None = off.
     compilation_cache_dir: JAX's persistent compilation cache,
     every program cached, so a second start compiles nothing ("default": ~/.cache/infire_jax/xla/<cpu>;

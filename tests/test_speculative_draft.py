@@ -90,6 +90,20 @@ def test_a_different_draft_gives_the_tokens_of_plain_decoding(dirs, deployments,
     assert [r.output for r in reqs] == plain
     # some drafts kept, some rolled back: both paths of the draft's KV bookkeeping ran
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_proposed_tokens"]
+    prompt_tokens = sum(len(r.prompt) for r in reqs)
+    if decode is None:  # colocated: the draft is fed the prompt on its first call
+        assert stats["draft_prefill_tokens"] == 0 and stats["draft_fed_tokens"] >= prompt_tokens
+    else:  # P/D: the prefill worker prefilled the draft's KV and shipped it; decode feeds generated tokens only
+        _check_draft_shipped(reqs, stats)
+
+
+def _check_draft_shipped(reqs, stats):
+    """The prefill worker prefilled the draft's KV of every prompt token and shipped its pages; the
+    decode worker fed its draft generated tokens only (each at most once, the last never)."""
+    assert stats["draft_prefill_tokens"] == sum(len(r.prompt) for r in reqs)
+    assert stats["draft_kv_pages_transferred"] == sum(-(-len(r.prompt) // 16) for r in reqs)
+    assert stats["transfer_bytes"] == stats["kv_bytes_transferred"] + stats["draft_kv_bytes_transferred"]
+    assert 0 < stats["draft_fed_tokens"] <= sum(len(r.output) - 1 for r in reqs)
 
 
 def test_sampled_draft_speculation_is_reproducible(dirs, deployments):
@@ -112,6 +126,61 @@ def test_draft_catch_up_and_rollback(dirs, deployments):
     assert whole.draft([DraftRow("r", later, 3, 32)])[0].tolist() == make().draft([DraftRow("r", later, 3, 32)])[0].tolist()
     whole.forget("r")
     assert whole.kv.free_blocks == 8
+
+
+def test_pd_ships_chunked_draft_kv_and_prefills_it_whole_after_a_cached_prefix(dirs, deployments):
+    """P/D, prompts of 20 tokens prefilled in calls of 16: the draft's pages ride in the shipment of each
+    call that completes a page. A second turn reuses the target's cached first page on both workers,
+    yet the draft (no prefix index) is prefilled and shipped whole. Without a draft on the prefill
+    worker, the decode worker's draft is fed the prompt itself: the same tokens either way."""
+    turn1 = [p[:16] + [5, 6, 7, 8] for p in _prompts()]  # 20 + 8 new + 4 overshoot: 2 pages
+    turn2 = [p[:16] + [9, 10, 11, 12] for p in _prompts()]
+    plain = {i: [r.output for r in generate(deployments("tp=1").engine(), t, per_request(2, 8))]
+             for i, t in enumerate((turn1, turn2))}
+    engine = deployments("tp=1@0-0", "tp=2@2-3").engine(
+        dataclasses.replace(OPTIONS, prefill_chunk=16, speculative=f"draft:{dirs['layers3']}:3"))
+    engine.decode_workers[0].speculator.adaptive = False
+    reqs = generate(engine, turn1, per_request(2, 8))
+    assert [r.output for r in reqs] == plain[0]
+    stats = engine.stats()
+    # calls of 16 tokens: row 0's first page, then its second (row 1 begins), then row 1's two pages
+    assert stats["transfers"] == 3 and stats["spec_proposed_tokens"] > 0
+    _check_draft_shipped(reqs, stats)
+    engine.reset_stats()
+    reqs = generate(engine, turn2, per_request(2, 8))
+    assert [r.output for r in reqs] == plain[1]
+    stats = engine.stats()
+    assert stats["prefix_hit_tokens"] == stats["decode_hit_tokens"] == 32 and stats["prefill_tokens_computed"] == 8
+    _check_draft_shipped(reqs, stats)  # the draft: all 40 prompt tokens prefilled, 4 pages shipped
+    engine.prefill_workers[0].draft = None  # the decode worker's draft catches up on the prompt itself
+    engine.reset_stats()
+    reqs = generate(engine, turn1, per_request(2, 8))
+    assert [r.output for r in reqs] == plain[0]
+    stats = engine.stats()
+    assert stats["draft_kv_pages_transferred"] == stats["draft_prefill_tokens"] == 0
+    assert stats["draft_fed_tokens"] >= 40
+
+
+def test_imported_draft_kv_drafts_without_feeding_the_prompt(dirs, deployments):
+    """A prompt's draft KV prefilled by one proposer (the prefill side, in two calls), exported and
+    imported by another (the decode side): its first draft call feeds one token (the target's first
+    token) and drafts what a proposer fed the whole sequence drafts. (The shapes of
+    test_draft_catch_up_and_rollback: nothing new to compile but the page export and import.)"""
+    draft = deployments("tp=1").draft("tp=1", dataclasses.replace(OPTIONS, speculative=f"draft:{dirs['layers3']}:3"))
+    make = lambda chunk=512: DraftModelProposer(draft, num_pages=8, page_size=16, max_batch=2, chunk=chunk)  # noqa: E731
+    prompt = np.asarray(_prompts()[0], np.int32)  # 16 tokens: one page
+    sender, receiver = make(chunk=8), make()
+    assert sender.prefill([("r", prompt[:8], 16)]) == 8 and sender.prefill([("r", prompt, 16)]) == 8
+    count, real, arrays = sender.export([("r", 0, 1)])
+    assert (count, real) == (1, 1)
+    receiver.receive([("r", prompt, 0, 1, True, 32)], count, arrays)
+    seq = np.concatenate([prompt, [7]]).astype(np.int32)
+    drafts = receiver.draft([DraftRow("r", seq, 3, 32)])[0]
+    assert receiver.fed_tokens == 1 and receiver.imported_tokens == 16
+    assert len(drafts) == 3 and drafts.tolist() == make().draft([DraftRow("r", seq, 3, 32)])[0].tolist()
+    receiver.forget("r")
+    sender.forget("r")
+    assert receiver.kv.free_blocks == sender.kv.free_blocks == 8
 
 
 def test_the_draft_mesh_is_its_own_tp_on_the_decoding_devices(deployments):

@@ -12,7 +12,9 @@ multi-process one (engine/remote.py) runs each in its own process and carries th
   PrefillWorker    the same prefill calls on its own cache with its own prefix index. After every
                    call it ships the pages that call completed to each row's decode worker as one
                    `Shipment` per destination, leaving out the leading pages that worker already
-                   holds: decode receives chunk k while prefill computes chunk k + 1.
+                   holds: decode receives chunk k while prefill computes chunk k + 1. With a
+                   draft model ("draft:DIR:K") it also prefills the draft's KV and ships its
+                   pages in the same shipment (engine/draft.py).
   DecodeWorker     reserves a request's pages (reusing the prefix it holds) before its prefill
                    starts, so its prefill worker knows what not to send; receives the pages; decodes.
   Router           places a request where its uncached tokens plus the worker's queued work are

@@ -17,6 +17,15 @@ last); a row's next call keeps the longest prefix of those that its sequence sti
 rejected draft's KV is simply overwritten (rollback by length, as in the target's verify step), and
 tokens the target decoded without drafts are fed by the next catch-up.
 
+Under P/D the prompt's draft KV is computed on the prefill worker (engine/core.py PrefillWorker with
+a `draft`: a proposer of its own beside the prefill mesh). After each target prefill call it `prefill`s
+the draft up to the tokens the target has prefilled, always from position 0: the draft keeps no prefix
+index, so a prefix the target reused from its cache is computed for the draft anyway (the draft is
+small; no index to keep in step on either side). `export` gives the canonical pages of the blocks that
+call completed, which ride in the target's Shipment (the same transfer); the decode worker's proposer
+`receive`s them into its own pool, and when the prompt is complete its first draft call feeds only the
+tokens generated since (`fed_tokens`, `imported_tokens` count both ways).
+
 Drafts are greedy (the draft's argmax): with sampling the verify step's rejection sampling keeps the
 target's distribution for any draft token (sampling.verify), so greedy drafts are exact too.
 """

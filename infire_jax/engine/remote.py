@@ -42,7 +42,9 @@ One request:
      against its own, the array descriptions against the shardings it will pull with and the transport
      count, all BEFORE pulling (mismatch -> KVLayoutMismatch, "failed"); pulls (deadline pull_timeout)
      while the prefill worker computes the next chunk, compares checksums, reshards locally, writes the
-     pages into the request's reserved pages, and decodes once the prompt is complete. "tokens" after
+     pages into the request's reserved pages, and decodes once the prompt is complete. With a draft
+     model on both sides ("draft:DIR:K", equal draft KV specs announced in the handshakes) the
+     draft's pages ride in the same offer after the target's, checked and pulled the same way. "tokens" after
      every decode call (also the heartbeat; "done" entries when requests end).
 
 Timeouts: worker start (start_timeout), every client wait (run's timeout, polled), worker silence
