@@ -4,7 +4,9 @@ A draft equal to the target accepts every proposal; a different draft (the targe
 layers: it agrees with the target now and then, so verification keeps some drafts and rolls others
 back) gives the greedy tokens of plain decoding, colocated on tp=1 and under in-process P/D with the
 target decoding on tp=2 and the draft on tp=1 beside it. Every decode call verifies
-(`adaptive = False`). Bad specs fail once, before anything is placed.
+(`adaptive = False`). Under P/D the prefill worker prefills the draft's KV and ships it with the
+target's pages: the decode worker's draft is never fed a prompt token. Bad specs fail once, before
+anything is placed.
 """
 
 from __future__ import annotations
