@@ -70,6 +70,7 @@ def test_speculation_under_multiprocess_pd_gives_colocated_tokens(dirs):
         assert stats["draft_prefill_tokens"] == sum(len(r.prompt) for r in by["draft"])
         assert stats["draft_kv_pages_transferred"] == sum(-(-len(r.prompt) // 16) for r in by["draft"])
         assert stats["draft_kv_bytes_transferred"] > 0
-        assert stats["transfer_bytes"] == stats["kv_bytes_transferred"] + stats["draft_kv_bytes_transferred"]
+        # pulled in the same offers: the transfers' bytes (pages padded to a power of two) hold both
+        assert stats["transfer_bytes"] >= stats["kv_bytes_transferred"] + stats["draft_kv_bytes_transferred"]
         # its draft was fed only generated tokens (at most one per token, the last never), no prompt token
         assert 0 < stats["draft_fed_tokens"] <= sum(len(r.output) - 1 for r in by["draft"])
