@@ -170,7 +170,10 @@ def main(argv: list[str]) -> None:
     s = result["stats"]
     print(json.dumps(dict(start_s=round(result["start_s"], 2), run_s=round(result["run_s"], 2),
                           **{k: s[k] for k in ("requests", "failed", "generated_tokens", "transfers", "transfer_bytes",
-                                                "pull_gib_per_s")}), default=str))
+                                                "pull_gib_per_s")},
+                          **({k: s[k] for k in ("spec_proposed_tokens", "spec_accepted_tokens", "draft_prefill_tokens",
+                                                "draft_fed_tokens", "draft_kv_bytes_transferred")}
+                             if FLAGS.speculative else {})), default=str))
     if "bench_transfer" in result:
         b = result["bench_transfer"]
         print(f"transfer bench: {b['bytes'] / 2**20:.0f} MiB pull {b['pull_gib_per_s']:.3f} GiB/s vs in-process "
