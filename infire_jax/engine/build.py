@@ -16,6 +16,7 @@ from infire_jax import distributed
 from infire_jax.config import ModelConfig, load_config
 from infire_jax.engine.disagg import ColocatedWorker, DecodeWorker, Engine, PrefillWorker
 from infire_jax.engine.draft import DraftModelProposer, check_draft, place_draft
+from infire_jax.engine.eagle3 import Eagle3Proposer, PlacedHead, check_head, place_head
 from infire_jax.engine.programs import Programs
 from infire_jax.engine.speculative import parse_speculative
 from infire_jax.loader import dtype_of, make_layout, place_model
@@ -104,18 +105,25 @@ def prefill_worker(name: str, programs: Programs, options: EngineOptions, draft:
     )
 
 
-def _proposer(programs: Programs, options: EngineOptions, draft: Programs | None) -> DraftModelProposer | None:
+def _proposer(programs: Programs, options: EngineOptions, draft: Programs | PlacedHead | None
+              ) -> DraftModelProposer | Eagle3Proposer | None:
     """The decoding worker's model-based proposer, if its speculative method has one (else the
-    Speculator's n-gram lookup). draft: the draft model already placed for this mesh (else placed here)."""
+    Speculator's n-gram lookup). draft: the draft model or EAGLE-3 head already placed for this mesh
+    (else placed here)."""
     spec = parse_speculative(options.speculative)
-    if spec is None or spec.method != "draft":
+    if spec is None or spec.method == "ngram":
         return None
+    if spec.method == "eagle3":
+        return Eagle3Proposer(draft or place_head(spec.path, programs), programs, num_pages=options.kv_pages,
+                              page_size=options.page_size, max_batch=options.max_decode_batch,
+                              chunk=options.prefill_chunk or 512)
     draft = draft or place_draft(spec.path, programs, tp=options.draft_tp)
     return DraftModelProposer(draft, num_pages=options.kv_pages, page_size=options.page_size,
                               max_batch=options.max_decode_batch, chunk=options.prefill_chunk or 512)
 
 
-def decode_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> DecodeWorker:
+def decode_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | PlacedHead | None = None
+                  ) -> DecodeWorker:
     return DecodeWorker(
         name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
         steps=options.decode_steps, prefix_cache=options.prefix_cache,
@@ -123,7 +131,8 @@ def decode_worker(name: str, programs: Programs, options: EngineOptions, draft: 
     )
 
 
-def colocated_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> ColocatedWorker:
+def colocated_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | PlacedHead | None = None
+                     ) -> ColocatedWorker:
     return ColocatedWorker(
         name, programs, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
         steps=options.decode_steps, prefill_chunk=options.prefill_chunk, prefix_cache=options.prefix_cache,
@@ -156,6 +165,8 @@ class Deployment:
         spec = parse_speculative(options.speculative)
         if spec is not None and spec.method == "draft":  # an incompatible draft fails before anything is placed
             check_draft(self.cfg, load_config(spec.path), self.model_dir, pathlib.Path(spec.path))
+        if spec is not None and spec.method == "eagle3":  # likewise an incompatible EAGLE-3 head
+            check_head(spec.path, self.cfg)
         self.prefill_meshes, self.decode_meshes = list(prefill_meshes), list(decode_meshes)
         self._place = dict(rules=rules, dtype=dtype, compute_dtype=compute_dtype, kernels=kernels)
         specs = list(dict.fromkeys(self.prefill_meshes + self.decode_meshes))
@@ -175,17 +186,24 @@ class Deployment:
             self._programs[s] = place_programs(
                 self.model_dir, s, **self._place, decode_steps=options.decode_steps, cfg=self.cfg
             )
-        self._drafts: dict[tuple[str, str, int], Programs] = {}  # (decode mesh, draft dir, tp) -> placed draft
+        self._drafts: dict[tuple, Programs | PlacedHead] = {}  # (decode mesh, draft dir[, tp]) -> placed draft / head
 
     def programs(self, mesh: str) -> Programs:
         return self._programs[mesh]
 
-    def draft(self, mesh: str, options: EngineOptions, tp: int | None = None) -> Programs | None:
+    def draft(self, mesh: str, options: EngineOptions, tp: int | None = None) -> Programs | PlacedHead | None:
         """The draft model of options.speculative ("draft:DIR:K") placed beside the mesh (decoding, or
-        prefill with tp = prefill_draft_tp), once per (mesh, draft, tp); None for other methods."""
+        prefill with tp = prefill_draft_tp), once per (mesh, draft, tp), or the EAGLE-3 head
+        ("eagle3:DIR:K") placed on the decoding mesh's layout once per (mesh, head); None for n-gram lookup."""
         spec = parse_speculative(options.speculative)
-        if spec is None or spec.method != "draft":
+        if spec is None or spec.method == "ngram":
             return None
+        if spec.method == "eagle3":
+            key = (mesh, spec.path)
+            if key not in self._drafts:
+                self._drafts[key] = place_head(spec.path, self._programs[mesh], dtype=self._place["dtype"],
+                                               compute_dtype=self._place["compute_dtype"])
+            return self._drafts[key]
         tp = tp or options.draft_tp
         key = (mesh, spec.path, tp)
         if key not in self._drafts:

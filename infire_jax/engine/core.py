@@ -533,6 +533,21 @@ class _Decoding(_Worker):
         """The prompt, every token it may generate, and the overshoot of its last call."""
         return r.total_tokens(self.overshoot)
 
+    @property
+    def capture(self) -> tuple[int, ...]:
+        """Target layers whose inputs the decode and verify calls return for the proposer (EAGLE-3), or ()."""
+        hidden = self.speculator.hidden if self.speculator is not None else None
+        return hidden.captures if hidden is not None else ()
+
+    def _observed(self, rows: Sequence[Request], captured: list, kept: Any) -> None:
+        """Hand the proposer each row's captured hidden states of the positions it kept: captured [(b, c,
+        n x hidden)] (empty: none asked), kept(i, r) -> (first position, its columns)."""
+        if captured:
+            hidden = distributed.fetch(captured[0])
+            for i, r in enumerate(rows):
+                start, cols = kept(i, r)
+                self.speculator.hidden.observe(r.id, start, hidden[i, cols])
+
     def _tables(self, rows: Sequence[Request], reach: Sequence[int], b: int) -> tuple[list[int], list[np.ndarray]]:
         """The running rows' page tables up to reach[i] (programs.page_tables)."""
         return page_tables([self._pages(self.rows[r.id]) for r in rows], self.pools, reach, b)
@@ -590,12 +605,14 @@ class _Decoding(_Worker):
         sp = pack_params([r.params for r in rows], b)
         with_logits = any(r.with_logits for r in rows)
         shape = (b, p.pack(per_row), *self._geometry, steps, with_logits)
-        key = ("decode",) + shape
+        capture = self.capture
+        key = ("decode",) + shape + ((capture,) if capture else ())
         fresh = key not in p.compile_seconds
-        out, self.k_pages, self.v_pages = p._timed(
-            key, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
+        out, *captured, self.k_pages, self.v_pages = p._timed(
+            key, p.decode_fn(*shape, capture=capture), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
             lengths, tokens, active, sp,
         )
+        self._observed(rows, [c.swapaxes(0, 1) for c in captured], lambda i, r: (r.length, slice(0, steps)))
         toks = distributed.fetch(out[0] if with_logits else out, schedule=(*tables, lengths, tokens, active))
         logits = distributed.fetch(out[1]) if with_logits else None
         if self.speculator is not None:
@@ -627,14 +644,16 @@ class _Decoding(_Worker):
         sp = pack_params([r.params for r in rows], b)
         with_logits = any(r.with_logits for r in rows)
         shape = (b, c, p.pack(per_row), *self._geometry, with_logits)
-        key = ("verify",) + shape
+        capture = self.capture
+        key = ("verify",) + shape + ((capture,) if capture else ())
         fresh = key not in p.compile_seconds
-        out, accepted, logits, self.k_pages, self.v_pages = p._timed(
-            key, p.verify_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
+        out, accepted, logits, *captured, self.k_pages, self.v_pages = p._timed(
+            key, p.verify_fn(*shape, capture=capture), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
             start, proposed, tokens, sp,
         )
         toks = distributed.fetch(out, schedule=(*tables, start, proposed, tokens))
         accepted = distributed.fetch(accepted)
+        self._observed(rows, captured, lambda i, r: (r.length, slice(0, int(accepted[i]) + 1)))
         logits = distributed.fetch(logits) if with_logits else None
         judged = {}
         for i, r in enumerate(rows):

@@ -70,17 +70,31 @@ def _rows(x: jax.Array, start: jax.Array, size: int, axis: int = 0) -> jax.Array
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
 
+def _capturing(capture: jax.Array | None) -> dict[str, jax.Array]:
+    """stack()'s keyword for a capture selection (none without one: families that cannot capture)."""
+    return {} if capture is None else {"capture": capture}
+
+
+def _fused(captured: jax.Array) -> jax.Array:
+    """Per-stage captures (stages, n, B, ..., D), each stage's own layers filled and zeros elsewhere,
+    as the layers' hidden states side by side (B, ..., n D)."""
+    cap = captured.sum(0)
+    return jnp.moveaxis(cap, 0, -2).reshape(cap.shape[1:-1] + (cap.shape[0] * cap.shape[-1],))
+
+
 def prefill(
-    graphdef: Any, state: Any, layout: Layout, tokens: jax.Array, start: jax.Array, microbatches: int
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Normed hidden states (B, T, D) and the K/V of all layers (L, B, KV, T, hd)."""
+    graphdef: Any, state: Any, layout: Layout, tokens: jax.Array, start: jax.Array, microbatches: int,
+    capture: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
+    """Normed hidden states (B, T, D) and the K/V of all layers (L, B, KV, T, hd); with capture (a
+    (slots, n) bool selection, Family.captures_hidden) also the captured layer inputs (B, T, n D)."""
     pp = layout.mesh.shape[PP]
     b, t = tokens.shape
     m_count = microbatches if pp > 1 else 1
     mb = b // m_count
     active_all = jnp.asarray(nnx.merge(graphdef, state).active)
 
-    def staged(state, tokens, start, active):
+    def staged(state, tokens, start, active, capture):
         with use_layout(layout):
             model = nnx.merge(graphdef, state)
             s = _stage_index(pp)
@@ -90,32 +104,37 @@ def prefill(
             k_shape, v_shape = (active.shape[0],) + k_shape[1:], (active.shape[0],) + v_shape[1:]
 
             def tick(carry, i):
-                recv, kbuf, vbuf, out = carry
+                recv, kbuf, vbuf, out, cbuf = carry
                 m = i - s
                 valid = (m >= 0) & (m < m_count)
                 r0 = jnp.clip(m, 0, m_count - 1) * mb
                 x_in = jnp.where(s == 0, _rows(x_all, r0, mb), recv)
                 ctx = jax.tree.map(lambda a: _rows(a, r0, mb), ctx_all)
-                y, kn, vn = model.stack(x_in, ctx, active=active)
+                y, kn, vn, *cap = model.stack(x_in, ctx, active=active, **_capturing(capture))
                 keep = lambda new, old: jnp.where(valid, new, old)  # noqa: E731
                 kbuf = jax.lax.dynamic_update_slice_in_dim(kbuf, keep(kn, _rows(kbuf, r0, mb, 1)), r0, 1)
                 vbuf = jax.lax.dynamic_update_slice_in_dim(vbuf, keep(vn, _rows(vbuf, r0, mb, 1)), r0, 1)
+                if cap:
+                    cbuf = jax.lax.dynamic_update_slice_in_dim(cbuf, keep(cap[0], _rows(cbuf, r0, mb, 1)), r0, 1)
                 last = valid & (s == pp - 1)
                 out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(last, y, _rows(out, r0, mb)), r0, 0)
-                return (_ring(y, pp), kbuf, vbuf, out), None
+                return (_ring(y, pp), kbuf, vbuf, out, cbuf), None
 
             init = (
                 jnp.zeros((mb, t, x_all.shape[-1]), x_all.dtype),
                 jnp.zeros(k_shape, x_all.dtype),
                 jnp.zeros(v_shape, x_all.dtype),
                 jnp.zeros(x_all.shape, x_all.dtype),
+                None if capture is None else jnp.zeros((capture.shape[1],) + x_all.shape, x_all.dtype),
             )
-            (_, kbuf, vbuf, out), _ = jax.lax.scan(tick, init, jnp.arange(m_count + pp - 1))
-            return model.norm(out)[None], kbuf, vbuf
+            (_, kbuf, vbuf, out, cbuf), _ = jax.lax.scan(tick, init, jnp.arange(m_count + pp - 1))
+            return model.norm(out)[None], kbuf, vbuf, None if cbuf is None else cbuf[None]
 
-    specs = (stage_specs(state, layout), P(), P(), P(PP))
-    hidden, k, v = _run_staged(layout, staged, (state, tokens, start, active_all), specs, (P(PP), P(PP), P(PP)))
-    return hidden[-1], k, v
+    specs = (stage_specs(state, layout), P(), P(), P(PP), P(PP))
+    hidden, k, v, cap = _run_staged(
+        layout, staged, (state, tokens, start, active_all, capture), specs, (P(PP), P(PP), P(PP), P(PP))
+    )
+    return (hidden[-1], k, v) if cap is None else (hidden[-1], k, v, _fused(cap))
 
 
 def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False, in_place: bool = False) -> Any:
@@ -177,7 +196,8 @@ def decode(
     sampling: dict,
     steps: int,
     with_logits: bool = False,
-) -> tuple[Any, Any, Any]:
+    capture: jax.Array | None = None,
+) -> tuple[Any, ...]:
     """`steps` decode steps for every row of a paged batch, from an empty pipeline.
 
     Row r feeds tokens[r] at position lengths[r] (its KV goes to page page_table[r, pos // page]),
@@ -187,7 +207,8 @@ def decode(
     their logits (steps, B, vocab) as a pair if with_logits) and the updated pages.
 
     A model with KV cache groups (kv/cache.py) takes k_pages, v_pages and page_table as tuples with
-    one entry per group; a windowed group's position p goes to ring slot p mod W."""
+    one entry per group; a windowed group's position p goes to ring slot p mod W. With capture (see
+    prefill) the captured layer inputs of every step come after the tokens, (steps, B, n D)."""
     pp = layout.mesh.shape[PP]
     module = nnx.merge(graphdef, state)
     active_layers = jnp.asarray(module.active)
@@ -200,7 +221,7 @@ def decode(
     write_slots = [jnp.asarray(t) for t in groups.write_slots(len(module.active) // pp)] if groups else None
     as_groups = (lambda x: x) if groups else (lambda x: (x,))  # noqa: E731
 
-    def staged(state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers):
+    def staged(state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers, capture):
         with use_layout(layout):
             model = nnx.merge(graphdef, state)
             s = _stage_index(pp)
@@ -208,7 +229,7 @@ def decode(
             vocab = model.cfg.vocab_size
 
             def tick(carry, i):
-                kp, vp, recv, toks, lens, out_tok, out_logits = carry
+                kp, vp, recv, toks, lens, out_tok, out_logits, cbuf = carry
                 m = jnp.mod(i - s, pp)
                 valid = (i >= s) & (i - s < steps * pp)
                 r0 = m * mb
@@ -220,7 +241,11 @@ def decode(
                 kc = tuple(_gather_pages(k, t, per_layer, in_place) for k, t in zip(kp, tables))
                 vc = tuple(_gather_pages(v, t, per_layer, in_place) for v, t in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
-                y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
+                y, kn, vn, *cap = model.stack(x_in, ctx, kc, vc, active=active_layers, **_capturing(capture))
+                if cap:  # this stage's captures of its microbatch's step, (n, mb, 1, D)
+                    at = (0, jnp.clip((i - s) // pp, 0, steps - 1), r0, 0)
+                    cur = jax.lax.dynamic_slice(cbuf, at, (cbuf.shape[0], 1, mb, d))
+                    cbuf = jax.lax.dynamic_update_slice(cbuf, jnp.where(valid, cap[0].transpose(0, 2, 1, 3), cur), at)
                 ok = valid & _rows(active, r0, mb)
                 one = lambda x: x[:, :, :, 0].transpose(1, 0, 2, 3)  # noqa: E731  (L, mb, KV, 1, hd) -> (mb, L, KV, hd)
                 kp, vp = _write_kv(kp, vp, tables, windows, jnp.arange(mb), pos, ok, _group_kv(kn, vn, write_slots, s), one)
@@ -242,7 +267,7 @@ def decode(
                 if with_logits:
                     cur = jax.lax.dynamic_slice(out_logits, at + (0,), (1, mb, vocab))
                     out_logits = jax.lax.dynamic_update_slice(out_logits, jnp.where(keep, logits[None], cur), at + (0,))
-                return (kp, vp, _ring(y, pp), toks, lens, out_tok, out_logits), None
+                return (kp, vp, _ring(y, pp), toks, lens, out_tok, out_logits, cbuf), None
 
             carry = (
                 as_groups(k_pages),
@@ -252,21 +277,24 @@ def decode(
                 lengths,
                 jnp.zeros((steps, b), jnp.int32),
                 jnp.zeros((steps, b, vocab) if with_logits else (0,), jnp.float32),
+                None if capture is None else jnp.zeros((capture.shape[1], steps, b, d), model.compute_dtype),
             )
-            (kp, vp, _, _, _, out_tok, out_logits), _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
+            (kp, vp, _, _, _, out_tok, out_logits, cbuf), _ = jax.lax.scan(tick, carry, jnp.arange(ticks))
             out = (out_tok[None], out_logits[None]) if with_logits else out_tok[None]
-            return (out, kp, vp) if groups else (out, kp[0], vp[0])
+            cbuf = None if cbuf is None else cbuf[None]
+            return (out, kp, vp, cbuf) if groups else (out, kp[0], vp[0], cbuf)
 
     specs = (
-        stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), {k: P() for k in sampling}, P(PP),
+        stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), {k: P() for k in sampling}, P(PP), P(PP),
     )
     out_spec = (P(PP), P(PP)) if with_logits else P(PP)
-    out, kp, vp = _run_staged(
+    out, kp, vp, cap = _run_staged(
         layout, staged,
-        (state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers),
-        specs, (out_spec, P(PP), P(PP)),
+        (state, k_pages, v_pages, page_table, lengths, tokens, active, sampling, active_layers, capture),
+        specs, (out_spec, P(PP), P(PP), P(PP)),
     )
-    return jax.tree.map(lambda e: e[-1], out), kp, vp
+    out = jax.tree.map(lambda e: e[-1], out)
+    return (out, kp, vp) if cap is None else (out, kp, vp, _fused(cap))
 
 
 def chunk(
@@ -280,7 +308,8 @@ def chunk(
     n_new: jax.Array,
     tokens: jax.Array,
     all_positions: bool = False,
-) -> tuple[jax.Array, Any, Any]:
+    capture: jax.Array | None = None,
+) -> tuple[jax.Array, ...]:
     """A chunk of new tokens per row over the row's cached pages: prefill at an offset.
 
     Row r's tokens[r, :n_new[r]] sit at positions start[r] ..; each attends to the row's cached
@@ -289,7 +318,8 @@ def chunk(
     padding: computed, never stored). Returns the normed hidden state of each row's last new token
     (B, D), or with all_positions of every column (B, T, D) (speculative verification scores them
     all), and the updated pages. With pp stages the B rows form pp microbatches that run through the
-    stages in GPipe order (2 pp - 1 ticks), every stage reading and writing only its own layers' pages."""
+    stages in GPipe order (2 pp - 1 ticks), every stage reading and writing only its own layers' pages.
+    With capture (see prefill) also the captured layer inputs of every column, (B, T, n D)."""
     pp = layout.mesh.shape[PP]
     module = nnx.merge(graphdef, state)
     active_layers = jnp.asarray(module.active)
@@ -300,7 +330,7 @@ def chunk(
     write_slots = [jnp.asarray(w) for w in groups.write_slots(len(module.active) // pp)] if groups else None
     as_groups = (lambda x: x) if groups else (lambda x: (x,))  # noqa: E731
 
-    def staged(state, k_pages, v_pages, page_table, start, n_new, tokens, active_layers):
+    def staged(state, k_pages, v_pages, page_table, start, n_new, tokens, active_layers, capture):
         with use_layout(layout):
             model = nnx.merge(graphdef, state)
             s = _stage_index(pp)
@@ -309,7 +339,7 @@ def chunk(
             per_layer, in_place = model.unrolled, dispatch.pages_in_place()
 
             def tick(carry, i):
-                kp, vp, recv, last = carry
+                kp, vp, recv, last, cbuf = carry
                 m = i - s
                 valid = (m >= 0) & (m < pp)
                 r0 = jnp.clip(m, 0, pp - 1) * mb
@@ -320,7 +350,9 @@ def chunk(
                 kc = tuple(_gather_pages(k, table, per_layer, in_place) for k, table in zip(kp, tables))
                 vc = tuple(_gather_pages(v, table, per_layer, in_place) for v, table in zip(vp, tables))
                 kc, vc = (kc, vc) if groups else (kc[0], vc[0])
-                y, kn, vn = model.stack(x_in, ctx, kc, vc, active=active_layers)
+                y, kn, vn, *cap = model.stack(x_in, ctx, kc, vc, active=active_layers, **_capturing(capture))
+                if cap:
+                    cbuf = jax.lax.dynamic_update_slice_in_dim(cbuf, jnp.where(valid, cap[0], _rows(cbuf, r0, mb, 1)), r0, 1)
                 # entries (row, column) of the chunk, row-major: mb * t of them
                 cols = jnp.arange(t)
                 rows, end = jnp.repeat(jnp.arange(mb), t), jnp.repeat(first + count, t)
@@ -332,25 +364,27 @@ def chunk(
                 y_last = y if all_positions else y[jnp.arange(mb), jnp.maximum(count - 1, 0)]
                 done = valid & (s == pp - 1)
                 last = jax.lax.dynamic_update_slice_in_dim(last, jnp.where(done, y_last, _rows(last, r0, mb)), r0, 0)
-                return (kp, vp, _ring(y, pp), last), None
+                return (kp, vp, _ring(y, pp), last, cbuf), None
 
             carry = (
                 as_groups(k_pages),
                 as_groups(v_pages),
                 jnp.zeros((mb, t, x_all.shape[-1]), x_all.dtype),
                 jnp.zeros((b, t, x_all.shape[-1]) if all_positions else (b, x_all.shape[-1]), x_all.dtype),
+                None if capture is None else jnp.zeros((capture.shape[1],) + x_all.shape, x_all.dtype),
             )
             if pp == 1:
                 carry, _ = tick(carry, jnp.int32(0))
             else:
                 carry, _ = jax.lax.scan(tick, carry, jnp.arange(2 * pp - 1))
-            kp, vp, _, last = carry
+            kp, vp, _, last, cbuf = carry
             hidden = model.norm(last)[None]
-            return (hidden, kp, vp) if groups else (hidden, kp[0], vp[0])
+            cbuf = None if cbuf is None else cbuf[None]
+            return (hidden, kp, vp, cbuf) if groups else (hidden, kp[0], vp[0], cbuf)
 
-    specs = (stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), P(PP))
-    hidden, kp, vp = _run_staged(
-        layout, staged, (state, k_pages, v_pages, page_table, start, n_new, tokens, active_layers), specs,
-        (P(PP), P(PP), P(PP)),
+    specs = (stage_specs(state, layout), P(PP), P(PP), P(), P(), P(), P(), P(PP), P(PP))
+    hidden, kp, vp, cap = _run_staged(
+        layout, staged, (state, k_pages, v_pages, page_table, start, n_new, tokens, active_layers, capture), specs,
+        (P(PP), P(PP), P(PP), P(PP)),
     )
-    return hidden[-1], kp, vp
+    return (hidden[-1], kp, vp) if cap is None else (hidden[-1], kp, vp, _fused(cap))

@@ -22,6 +22,7 @@ from infire_jax.engine import pipeline
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
 from infire_jax.loader import PlacedModel
+from infire_jax.models import family_of
 from infire_jax.engine.sampling import sample, verify
 from infire_jax.sharding import use_layout
 
@@ -241,20 +242,59 @@ class Programs:
             ),
         )
 
-    def decode_fn(self, b: int, pages_per_row: Any, num_pages: Any, page_size: Any, steps: int, with_logits: bool = False):
+    # ---- target hidden states (an EAGLE-3 head's input) -------------------------------------
+    def capture_selection(self, layers: Sequence[int]) -> np.ndarray:
+        """(slots, n) bool: which layer slot's input is captured hidden state j (layers[j] = a layer id:
+        the input of that layer, the output of the one before; 0 = the embedding output). Raises
+        ValueError for a family that cannot capture (models.contract.Family.captures_hidden) or a bad id."""
+        cfg, module = self.placed.cfg, self.placed.module
+        if not family_of(cfg).captures_hidden:
+            raise ValueError(f"the {cfg.family} family cannot return hidden states of chosen layers "
+                             "(Family.captures_hidden); EAGLE-3 heads need a dense Llama/Qwen family target")
+        bad = [i for i in layers if not 0 <= i < cfg.num_layers]
+        if bad:
+            raise ValueError(f"hidden-state layer ids {bad} are outside the target's {cfg.num_layers} layers")
+        sel = np.zeros((len(module.active), len(layers)), bool)
+        for j, i in enumerate(layers):
+            sel[module.layer_slots[i], j] = True
+        return sel
+
+    def hidden_fn(self, b: int, t: int, capture: tuple[int, ...]):
+        """(state, tokens (b, t)) -> the inputs of layers `capture` at every position, side by side
+        (b, t, len(capture) x hidden): the prefill program's forward, no cache written."""
+        graphdef, layout, sel = self.placed.graphdef, self.layout, self.capture_selection(capture)
+
+        def hidden(state, tokens):
+            *_, cap = pipeline.prefill(graphdef, state, layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32),
+                                       self.stages, capture=jnp.asarray(sel))
+            return cap
+
+        return self._compiled(
+            ("hidden", b, t, capture),
+            lambda: jax.jit(hidden, in_shardings=(self._state_shardings, self._sh(("batch", "seq"), (b, t))),
+                            out_shardings=self.layout.replicated),
+        )
+
+    def decode_fn(self, b: int, pages_per_row: Any, num_pages: Any, page_size: Any, steps: int, with_logits: bool = False,
+                  capture: tuple[int, ...] = ()):
         """(state, k_pages, v_pages, page_table (b, P), lengths, tokens, active, sampling) ->
-        (tokens (steps, b)[, logits], k_pages, v_pages); the pages are donated (updated in place)."""
+        (tokens (steps, b)[, logits], k_pages, v_pages); the pages are donated (updated in place). With
+        capture (layer ids, see capture_selection) the inputs of those layers at every step come after
+        the tokens, (steps, b, n x hidden)."""
         graphdef, layout = self.placed.graphdef, self.layout
+        sel = self.capture_selection(capture) if capture else None
 
         def decode(state, k_pages, v_pages, page_table, lengths, tokens, active, sp):
-            return pipeline.decode(
-                graphdef, state, layout, k_pages, v_pages, page_table, lengths, tokens, active, sp, steps, with_logits
+            out = pipeline.decode(
+                graphdef, state, layout, k_pages, v_pages, page_table, lengths, tokens, active, sp, steps, with_logits,
+                capture=None if sel is None else jnp.asarray(sel),
             )
+            return out if sel is None else (out[0], out[3], out[1], out[2])
 
         rep = self.layout.replicated
         return self._paged_step(
-            ("decode", b, pages_per_row, num_pages, page_size, steps, with_logits), decode, b, num_pages, page_size,
-            outs=((rep, rep) if with_logits else rep,),
+            ("decode", b, pages_per_row, num_pages, page_size, steps, with_logits) + ((capture,) if capture else ()),
+            decode, b, num_pages, page_size, outs=((rep, rep) if with_logits else rep,) + ((rep,) if capture else ()),
         )
 
     def chunk_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
@@ -285,7 +325,8 @@ class Programs:
             outs=(rep, rep if with_logits else None),
         )
 
-    def verify_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
+    def verify_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False,
+                  capture: tuple[int, ...] = ()):
         """(state, k_pages, v_pages, page_table (b, P), start (b,), proposed (b,), tokens (b, c), sampling) ->
         (tokens (b, c), accepted (b,), logits (b, c, vocab) or None, k_pages, v_pages): one speculative
         verification step.
@@ -296,26 +337,30 @@ class Programs:
         judges the drafts: the row keeps tokens[r, :accepted[r] + 1], and the K/V of positions
         start .. start + accepted is valid; the K/V written past it is stale and is overwritten by
         the row's next call (attention never reads past a row's length). Rows with proposed = -1 are
-        padding (write nothing). The pages are donated."""
+        padding (write nothing). The pages are donated. With capture (layer ids, see capture_selection)
+        the inputs of those layers at every column come before the pages, (b, c, n x hidden)."""
         if b % self.stages:
             raise ValueError(f"verify_fn: b={b} rows must be a multiple of the {self.stages} pipeline stages (use batch_bucket)")
         graphdef, layout = self.placed.graphdef, self.layout
 
+        sel = self.capture_selection(capture) if capture else None
+
         def run(state, k_pages, v_pages, page_table, start, proposed, tokens, sp):
             n_new = jnp.maximum(proposed + 1, 0)
-            hidden, k_pages, v_pages = pipeline.chunk(
-                graphdef, state, layout, k_pages, v_pages, page_table, start, n_new, tokens, all_positions=True
+            hidden, k_pages, v_pages, *cap = pipeline.chunk(
+                graphdef, state, layout, k_pages, v_pages, page_table, start, n_new, tokens, all_positions=True,
+                capture=None if sel is None else jnp.asarray(sel),
             )
             with use_layout(layout):
                 logits = nnx.merge(graphdef, state).logits(hidden).astype(jnp.float32)
             drafts = jnp.concatenate([tokens[:, 1:], tokens[:, :1]], axis=1)  # column j judges tokens[:, j + 1]
             out, accepted = verify(logits, drafts, jnp.maximum(proposed, 0), start, sp)
-            return out, accepted, logits if with_logits else None, k_pages, v_pages
+            return out, accepted, logits if with_logits else None, *cap, k_pages, v_pages
 
         rep = self.layout.replicated
         return self._paged_step(
-            ("verify", b, c, pages_per_row, num_pages, page_size, with_logits), run, b, num_pages, page_size,
-            outs=(rep, rep, rep if with_logits else None),
+            ("verify", b, c, pages_per_row, num_pages, page_size, with_logits) + ((capture,) if capture else ()),
+            run, b, num_pages, page_size, outs=(rep, rep, rep if with_logits else None) + ((rep,) if capture else ()),
         )
 
     # ---- KV handoff --------------------------------------------------------------------------

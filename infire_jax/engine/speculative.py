@@ -39,7 +39,8 @@ import numpy as np
 from infire_jax import distributed
 
 __all__ = [
-    "SpecConfig", "SpecError", "parse_speculative", "DraftRow", "Proposer", "NgramProposer", "Speculator", "SpecCounters",
+    "SpecConfig", "SpecError", "parse_speculative", "DraftRow", "Proposer", "HiddenStateProposer", "NgramProposer",
+    "Speculator", "SpecCounters",
 ]
 
 METHODS = ("ngram", "draft", "eagle3")
@@ -75,14 +76,12 @@ def parse_speculative(spec: str | SpecConfig | None) -> SpecConfig | None:
     path, _, k = rest.rpartition(":")
     if method not in METHODS or not k.isdigit() or not 1 <= int(k) <= 16 or (method == "ngram") != (path == ""):
         raise SpecError(f"bad speculative spec {spec!r}: {usage}")
-    if method == "eagle3":
-        raise SpecError(
-            "speculative method 'eagle3' is not implemented yet (use 'ngram:K' or 'draft:DIR:K'); see "
-            "WORKSPACE_NOTES.md 'Known limitations'"
-        )
     if method == "draft" and not (pathlib.Path(path) / "config.json").is_file():
         raise SpecError(f"speculative draft model {path!r} is not a checkpoint directory (no config.json there); "
                         "give 'draft:DIR:K' with DIR a checkpoint sharing the target's tokenizer")
+    if method == "eagle3" and not (pathlib.Path(path) / "config.json").is_file():
+        raise SpecError(f"EAGLE-3 head {path!r} is not a checkpoint directory (no config.json there); give "
+                        "'eagle3:DIR:K' with DIR an EAGLE-3 head trained for the target (config.json, safetensors, d2t/t2d)")
     return SpecConfig(method, int(k), path or None)
 
 
@@ -115,6 +114,18 @@ class Proposer(Protocol):
 
     def forget(self, rid: Any) -> None:
         """The row is done (finished, failed or cancelled): drop what is held for it."""
+        ...
+
+
+class HiddenStateProposer(Proposer, Protocol):
+    """A proposer that drafts from the target's hidden states (EAGLE-3, engine/eagle3.py): the decoding
+    worker's decode and verify calls capture the inputs of target layers `captures` and hand each
+    row's kept positions to `observe`."""
+
+    captures: tuple[int, ...]
+
+    def observe(self, rid: Any, start: int, hidden: np.ndarray) -> None:
+        """The target's captured states (n, len(captures) x hidden) of positions start .. start + n - 1."""
         ...
 
 
@@ -179,6 +190,8 @@ class Speculator:
             raise SpecError(f"speculative method {config.method!r} needs its proposer (engine/build.py makes it)")
         self.config = config
         self.proposer: Proposer = proposer or NgramProposer()
+        # the method says whether its proposer reads the target's hidden states
+        self.hidden: HiddenStateProposer | None = proposer if config.method == "eagle3" else None  # type: ignore[assignment]
         self.windows = [w for w in windows if w is not None]
         self.rows: dict[Any, _RowState] = {}
         self.alpha0 = 0.5  # prior for a new row: the worker's recent acceptance

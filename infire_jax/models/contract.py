@@ -95,6 +95,9 @@ class Family:
     ffn_kinds: Callable[[ModelConfig], tuple[str, ...]]  # per layer: "dense" or "moe"
     repeats_kv_heads: bool = False  # can store each KV head several times (BuildOptions.kv_repeat)
     per_layer_weights: bool = False  # can store layers as a list (BuildOptions.layer_list)
+    # stack(..., capture=(slots, n) bool) also returns the inputs of the chosen layer slots (n, B, T, D):
+    # the target hidden states an EAGLE-3 head reads (engine/eagle3.py)
+    captures_hidden: bool = False
 
     def _storage_kwargs(self, options: BuildOptions) -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -144,33 +144,46 @@ class Llama(nnx.Module):
         k_cache: jax.Array | None = None,
         v_cache: jax.Array | None = None,
         active: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x."""
-        b, t, _ = x.shape
+        capture: jax.Array | None = None,
+    ) -> tuple[jax.Array, ...]:
+        """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x.
+
+        capture (slots, n) bool (Family.captures_hidden): capture[s, j] keeps the input of slot s as
+        hidden state j; the captured (n, B, T, D) are returned after the K/V (zeros for a j whose slot
+        is not in this stack, e.g. another pipeline stage's)."""
+        b, t, d = x.shape
+        keep = (lambda cap, on, x: jnp.where(on[:, None, None, None], x[None], cap))  # noqa: E731
+        cap = None if capture is None else jnp.zeros((capture.shape[1], b, t, d), x.dtype)
         if self.unrolled:  # per-layer weights (and k/v caches: arrays or lists), each read in place
             k_new, v_new = [], []
             for i, layer in enumerate(self.layers):
                 w = {name: var[...] for name, var in layer.items()}
                 kc, vc = (None, None) if k_cache is None else (k_cache[i], v_cache[i])
+                cap = None if cap is None else keep(cap, capture[i], x)
                 x, (k, v) = self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc)
                 k_new.append(k)
                 v_new.append(v)
-            return x, jnp.stack(k_new), jnp.stack(v_new)
+            out = x, jnp.stack(k_new), jnp.stack(v_new)
+            return out if cap is None else out + (cap,)
         kv_zeros = jnp.zeros((b, self.kv_heads, t, self.cfg.head_dim), x.dtype)
         k_cache, v_cache, layer_caches = scan_layers(k_cache, v_cache)
 
-        def body(x, xs):
-            w, on, kc, vc = xs
+        def body(carry, xs):
+            x, cap = carry
+            w, on, kc, vc, sel = xs
             kc, vc = layer_caches(kc, vc)
+            cap = None if cap is None else keep(cap, sel, x)
             run = lambda x: self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc)  # noqa: E731
             if all(self.active):  # no padding slots: no cond (a cond copies the layer's weights)
-                return run(x)
-            return jax.lax.cond(on, run, lambda x: (x, (kv_zeros, kv_zeros)), x)
+                x, kv = run(x)
+            else:
+                x, kv = jax.lax.cond(on, run, lambda x: (x, (kv_zeros, kv_zeros)), x)
+            return (x, cap), kv
 
         stacked = {name: var[...] for name, var in self.layers.items()}
         active = jnp.asarray(self.active) if active is None else active
-        x, (k_new, v_new) = jax.lax.scan(body, x, (stacked, active, k_cache, v_cache))
-        return x, k_new, v_new
+        (x, cap), (k_new, v_new) = jax.lax.scan(body, (x, cap), (stacked, active, k_cache, v_cache, capture))
+        return (x, k_new, v_new) if cap is None else (x, k_new, v_new, cap)
 
     def norm(self, x: jax.Array) -> jax.Array:
         return layers.rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)

@@ -1,0 +1,333 @@
+"""The EAGLE-3 proposer: a one-layer head drafts from the target's own hidden states.
+
+Placement: the head (models/eagle3.py, the published checkpoint layout) is placed on the decoding
+worker's own layout (tp-sharded like the target: heads, MLP and vocabulary on tp), with a one-layer
+page pool of the worker's page count and size, one lease per row (no prefix index). A head without
+embed_tokens embeds with the target's table (the target module's embed_tokens).
+
+The target's hidden states: a decoding worker whose Speculator holds this proposer asks its decode
+and verify programs for the inputs of the head's three target layers (Programs.capture_selection,
+models.contract.Family.captures_hidden) and hands each row's kept positions to `observe`. The
+prompt's positions, which the prefill worker (or the colocated worker's prefill call) computed
+without them, are recomputed once per row by the target's hidden-state program (Programs.hidden_fn)
+at the row's first draft; the head's KV of the prompt is then fed in pieces of at most `chunk`.
+
+Per propose call (one batch of rows), one head program: a catch-up chunk feeds each row the
+positions p whose target state it has not consumed yet (token p + 1 with the fused state of p), its
+last output gives the first draft; then k - 1 steps feed each draft with the head's own pre-norm
+output. Drafts are the argmax over the reduced vocabulary mapped to target ids (d2t). Rollback: the
+head's KV of positions fed from its own outputs is overwritten by the next catch-up (by length, as
+in the target's verify step); exactness is the verify step's (greedy tokens equal plain decoding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+
+from infire_jax import distributed
+from infire_jax.checkpoint import hf
+from infire_jax.config import ConfigError, ModelConfig
+from infire_jax.engine.programs import Programs, bucket, page_tables
+from infire_jax.engine.speculative import DraftRow, SpecError
+from infire_jax.kv import cache as kv_cache
+from infire_jax.kv.manager import KVManager, Lease
+from infire_jax.kv.paged import PagedLayerCache
+from infire_jax.loader import dtype_of
+from infire_jax.models import family_of
+from infire_jax.models.eagle3 import Eagle3Config, Eagle3Head, default_aux_layers, eagle3_config, hf_tensor_map
+from infire_jax.sharding import use_layout
+
+__all__ = ["PlacedHead", "HeadCheck", "check_head", "place_head", "Eagle3Proposer"]
+
+
+@dataclasses.dataclass
+class PlacedHead:
+    """A head placed on a decoding worker's layout, and the target layers it reads."""
+
+    graphdef: Any
+    state: Any
+    cfg: Eagle3Config
+    aux_layers: tuple[int, ...]
+
+
+def _read_config(path: pathlib.Path) -> Eagle3Config:
+    where = f"EAGLE-3 head {path}"
+    try:
+        return eagle3_config(json.loads((path / "config.json").read_text()), where)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SpecError(f"{where}: cannot read config.json ({e}); give 'eagle3:DIR:K' with DIR an EAGLE-3 checkpoint") from None
+    except ConfigError as e:
+        raise SpecError(str(e)) from None
+
+
+def _read_maps(path: pathlib.Path, present: dict, cfg: Eagle3Config, vocab: int) -> np.ndarray:
+    """The head's target id per draft id (d2t: i + d2t[i]), checked against t2d and the target's vocabulary."""
+    missing = [n for n in ("d2t", "t2d") if n not in present]
+    if missing:
+        raise SpecError(f"EAGLE-3 head {path} lacks the vocabulary maps {missing} (d2t: draft id -> target id offset, "
+                        "t2d: target ids in the draft vocabulary); it is not an EAGLE-3 checkpoint")
+
+    def read(name: str) -> np.ndarray:
+        with safe_open(present[name][0], framework="numpy") as f:
+            return f.get_tensor(name)
+
+    d2t, t2d = read("d2t").astype(np.int64), read("t2d").astype(bool)
+    if d2t.shape != (cfg.draft_vocab_size,) or t2d.shape != (cfg.vocab_size,):
+        raise SpecError(f"EAGLE-3 head {path}: d2t {d2t.shape} / t2d {t2d.shape} do not match draft_vocab_size "
+                        f"{cfg.draft_vocab_size} / vocab_size {cfg.vocab_size}")
+    ids = np.arange(cfg.draft_vocab_size) + d2t
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise SpecError(f"EAGLE-3 head {path}: d2t maps draft ids to target ids {ids.min()}..{ids.max()}, outside the "
+                        f"target's vocabulary of {vocab}")
+    if len(np.unique(ids)) != len(ids) or not t2d[ids].all() or t2d.sum() != len(ids):
+        raise SpecError(f"EAGLE-3 head {path}: d2t and t2d disagree (t2d must mark exactly the target ids d2t maps to)")
+    return ids.astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadCheck:
+    """What check_head read: the head's config, the target layers it reads, its tensors, its target ids."""
+
+    cfg: Eagle3Config
+    aux_layers: tuple[int, ...]
+    present: dict
+    target_ids: np.ndarray
+
+
+def check_head(path: str | pathlib.Path, tcfg: ModelConfig) -> HeadCheck:
+    """The head checkpoint at `path` (module doc of models/eagle3.py) checked against the target's
+    config, before anything is placed: one SpecError per problem."""
+    path = pathlib.Path(path)
+    if not family_of(tcfg).captures_hidden:
+        raise SpecError(f"EAGLE-3 needs the target's hidden states of chosen layers, which the {tcfg.family} family "
+                        "cannot return yet (models.contract.Family.captures_hidden); use 'ngram:K' or 'draft:DIR:K'")
+    cfg = _read_config(path)
+    if cfg.target_hidden_size != tcfg.hidden_size:
+        raise SpecError(f"EAGLE-3 head {path} reads target hidden states of size {cfg.target_hidden_size}, the target's "
+                        f"are {tcfg.hidden_size}: it was trained for another model")
+    if cfg.vocab_size > tcfg.vocab_size:
+        raise SpecError(f"EAGLE-3 head {path} has vocab_size {cfg.vocab_size}, the target {tcfg.vocab_size}: it was "
+                        "trained for another tokenizer")
+    if cfg.hidden_size != tcfg.hidden_size:
+        # (a head may read target states of another width through fc, but it embeds with the target's table
+        # unless it ships its own, and no published head differs; refused rather than half supported)
+        raise SpecError(f"EAGLE-3 head {path} has hidden_size {cfg.hidden_size}, the target {tcfg.hidden_size}: it was "
+                        "trained for another model")
+    aux = cfg.aux_layers or default_aux_layers(tcfg.num_layers)
+    if not all(0 <= i < tcfg.num_layers for i in aux):
+        raise SpecError(f"EAGLE-3 head {path} reads target layers {list(aux)}, the target has {tcfg.num_layers}: it was "
+                        "trained for another model")
+    try:
+        present = hf.list_tensors(path)
+    except hf.CheckpointError as e:
+        raise SpecError(f"EAGLE-3 head {path}: {e}") from None
+    return HeadCheck(cfg, tuple(aux), present, _read_maps(path, present, cfg, tcfg.vocab_size))
+
+
+def place_head(path: str | pathlib.Path, target: Programs, *, dtype: str = "float32", compute_dtype: str = "float32"
+               ) -> PlacedHead:
+    """The head checkpoint at `path` checked (check_head) and placed on the target's layout."""
+    path, layout = pathlib.Path(path), target.layout
+    if len({d.process_index for d in layout.mesh.devices.flat}) > 1:
+        raise SpecError("an EAGLE-3 head needs its decoding mesh within one process (its drafts are host-side, per "
+                        "worker); use 'ngram:K', or a one-process decode mesh")
+    check = check_head(path, target.placed.cfg)
+    cfg, aux, present, ids = check.cfg, check.aux_layers, check.present, check.target_ids
+    own = "embed_tokens.weight" in present
+    tp = layout.axis_size("kv_heads")
+    repeat = tp // cfg.num_kv_heads if cfg.num_kv_heads < tp and tp % cfg.num_kv_heads == 0 else 1
+    with use_layout(layout):
+        abstract = nnx.eval_shape(lambda: Eagle3Head(cfg, own_embedding=own, kv_repeat=repeat,
+                                                     param_dtype=dtype_of(dtype), compute_dtype=dtype_of(compute_dtype)))
+    graphdef, state = nnx.split(abstract)
+    flat = {tuple(str(p) for p in path_): var for path_, var in nnx.to_flat_state(state)}
+    loaded = {p: v for p, v in flat.items() if p != ("d2t",)}
+    specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in loaded.items()}
+    shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in loaded.items()}
+    try:
+        arrays = hf.load_into(path, specs, shardings, hf_tensor_map(cfg, own_embedding=own, kv_repeat=repeat),
+                              ignore=("d2t", "t2d"))
+    except hf.CheckpointError as e:
+        raise SpecError(f"EAGLE-3 head {path}: {e}") from None
+    for p, var in loaded.items():
+        var.set_value(arrays[p])
+    flat[("d2t",)].set_value(jax.device_put(ids, layout.replicated))
+    return PlacedHead(graphdef, state, cfg, tuple(aux))
+
+
+@dataclasses.dataclass
+class _Row:
+    hidden: np.ndarray  # (positions, 3 T) the target's fused states, position p at row p
+    have: np.ndarray  # (positions,) bool: which rows of `hidden` are the target's
+    lease: Lease | None = None
+    consumed: int = 0  # positions 0 .. consumed - 1 are in the head's KV from the target's states
+
+
+def _store(pages: jax.Array, table: jax.Array, pos: jax.Array, ok: jax.Array, new: jax.Array) -> jax.Array:
+    """Write new (B, KV, T, hd) at positions pos (B, T) where ok, into a one-layer page pool."""
+    num_pages, page = pages.shape[1], pages.shape[3]
+    ok = ok & (pos // page < table.shape[1])
+    at = jnp.where(ok, table[jnp.arange(pos.shape[0])[:, None], jnp.minimum(pos // page, table.shape[1] - 1)], num_pages)
+    return pages.at[0, at, :, pos % page, :].set(new.transpose(0, 2, 1, 3).astype(pages.dtype), mode="drop")
+
+
+class Eagle3Proposer:
+    """Greedy drafts from an EAGLE-3 head fed the target's hidden states (module doc); implements
+    speculative.HiddenStateProposer."""
+
+    costly = True
+
+    def __init__(self, head: PlacedHead, target: Programs, *, num_pages: int, page_size: int, max_batch: int,
+                 chunk: int = 512):
+        self.head, self.target, self.chunk = head, target, chunk
+        self.captures = head.aux_layers
+        self.width = len(head.aux_layers) * head.cfg.target_hidden_size
+        self.pools = kv_cache.pools(None, num_pages, page_size, max_batch)
+        self.kv = KVManager(self.pools, b"eagle3", prefix_cache=False)
+        module = nnx.merge(head.graphdef, head.state)
+        shape = module.kv_shape(num_pages, page_size)
+        self._pages_sh = target.layout.sharding(module.kv_logical_axes, shape)
+        zeros = jax.jit(lambda: jnp.zeros(shape, module.compute_dtype), out_shardings=self._pages_sh)
+        self.k_pages, self.v_pages = zeros(), zeros()
+        self.rows: dict[Any, _Row] = {}
+        self.calls = 0  # head program calls (drafting rounds)
+
+    # -- target states ------------------------------------------------------------------------
+    def _row(self, rid: Any) -> _Row:
+        if rid not in self.rows:
+            self.rows[rid] = _Row(np.zeros((64, self.width), np.float32), np.zeros(64, bool))
+        return self.rows[rid]
+
+    def _put(self, row: _Row, start: int, hidden: np.ndarray) -> None:
+        end = start + len(hidden)
+        if end > len(row.have):
+            grow = max(end, 2 * len(row.have)) - len(row.have)
+            row.hidden = np.concatenate([row.hidden, np.zeros((grow, self.width), np.float32)])
+            row.have = np.concatenate([row.have, np.zeros(grow, bool)])
+        row.hidden[start:end], row.have[start:end] = hidden, True
+        row.consumed = min(row.consumed, start)
+
+    def observe(self, rid: Any, start: int, hidden: np.ndarray) -> None:
+        """The target's fused states (n, 3 T) of a row's positions start .. start + n - 1 (tokens it kept;
+        any later position held is stale)."""
+        row = self._row(rid)
+        self._put(row, start, hidden)
+        row.have[start + len(hidden):] = False
+
+    def _fill_prompts(self, rows: Sequence[DraftRow]) -> None:
+        """Positions a row needs (< len(seq) - 1) that no observed call covered (its prompt): computed by
+        the target's hidden-state program, rows of a call batched."""
+        todo = []
+        for r in rows:
+            row, need = self._row(r.id), len(r.seq) - 1
+            if need > len(row.have) or not row.have[:need].all():
+                missing = np.flatnonzero(~np.concatenate([row.have, np.zeros(max(0, need - len(row.have)), bool)])[:need])
+                todo.append((r, int(missing[-1]) + 1))
+        if not todo:
+            return
+        t = self.target
+        b, width = t.batch_bucket(len(todo)), bucket(max(m for _, m in todo), 16)
+        tokens = np.zeros((b, width), np.int32)
+        for i, (r, m) in enumerate(todo):
+            tokens[i, :m] = r.seq[:m]
+        out = distributed.fetch(t.hidden_fn(b, width, self.captures)(t.placed.state, t.put(tokens, ("batch", "seq"))))
+        for i, (r, m) in enumerate(todo):
+            self._put(self._row(r.id), 0, out[i, :m])  # (observed positions past m stay)
+
+    # -- the head program -----------------------------------------------------------------------
+    @functools.cache
+    def _program(self, b: int, c: int, steps: int, pages_per_row: int):
+        """(head state, target state, k_pages, v_pages, table, start, n_new, tokens (b, c), hidden (b, c, 3 T))
+        -> (drafts (1 + steps, b), k_pages, v_pages): catch-up chunk, first draft, `steps` more."""
+        hg, tg, layout = self.head.graphdef, self.target.placed.graphdef, self.target.layout
+
+        def run(head_state, target_state, k_pages, v_pages, table, start, n_new, tokens, hidden):
+            with use_layout(layout):
+                head = nnx.merge(hg, head_state)
+                embed = head.embed_tokens if head.own_embedding else nnx.merge(tg, target_state).embed_tokens
+                caches = lambda kp, vp: (PagedLayerCache(kp, table, 0), PagedLayerCache(vp, table, 0))  # noqa: E731
+                x, k, v = head(embed(tokens), head.fuse(hidden), start, *caches(k_pages, v_pages))
+                pos = start[:, None] + jnp.arange(c)[None, :]
+                ok = jnp.arange(c)[None, :] < n_new[:, None]
+                k_pages, v_pages = _store(k_pages, table, pos, ok, k), _store(v_pages, table, pos, ok, v)
+                last = x[jnp.arange(b), jnp.maximum(n_new - 1, 0)]
+                first = head.greedy(last)
+
+                def step(carry, _):
+                    kp, vp, tok, h, p = carry
+                    y, k, v = head(embed(tok[:, None]), h[:, None], p, *caches(kp, vp))
+                    live = (n_new > 0)[:, None]
+                    kp, vp = _store(kp, table, p[:, None], live, k), _store(vp, table, p[:, None], live, v)
+                    nxt = head.greedy(y[:, 0])
+                    return (kp, vp, nxt, y[:, 0], p + 1), nxt
+
+                (k_pages, v_pages, *_), more = jax.lax.scan(step, (k_pages, v_pages, first, last, start + n_new), None,
+                                                            length=steps)
+                return jnp.concatenate([first[None], more]), k_pages, v_pages
+
+        rep = layout.replicated
+        state_sh = lambda state: jax.tree.map(lambda x: x.sharding, state)  # noqa: E731
+        return jax.jit(
+            run,
+            in_shardings=(state_sh(self.head.state), state_sh(self.target.placed.state), self._pages_sh, self._pages_sh,
+                          rep, rep, rep, rep, rep),
+            out_shardings=(rep, self._pages_sh, self._pages_sh),
+            donate_argnums=(2, 3),
+        )
+
+    # -- Proposer -------------------------------------------------------------------------------
+    def forget(self, rid: Any) -> None:
+        row = self.rows.pop(rid, None)
+        if row is not None and row.lease is not None:
+            self.kv.release(row.lease)
+
+    def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
+        out = [r.seq[:0] for r in rows]
+        self._fill_prompts(rows)
+        live: list[tuple[int, _Row, int, int]] = []  # (index in rows, row, first position fed, positions fed)
+        for i, r in enumerate(rows):
+            row = self._row(r.id)
+            if row.lease is None:
+                row.lease = self.kv.reserve(r.id, r.seq, r.positions)
+                if row.lease is None:  # cannot happen with the worker's page count; no drafts rather than a failure
+                    continue
+            last = len(r.seq) - 2  # the last position whose target state is known: it predicts the next token
+            first = min(row.consumed, last)
+            live.append((i, row, first, min(last + 1 - first, self.chunk)))
+        if not live:
+            return out
+        p, ps = self.target, self.pools[0].page_size
+        b = p.batch_bucket(len(live))
+        c = bucket(max(n for *_, n in live), 2)
+        done = [first + n == len(rows[i].seq) - 1 for i, _, first, n in live]  # else still catching up
+        steps = max([rows[i].k for (i, *_), d in zip(live, done) if d], default=1) - 1
+        tokens, hidden = np.zeros((b, c), np.int32), np.zeros((b, c, self.width), np.float32)
+        start, n_new = np.zeros(b, np.int32), np.zeros(b, np.int32)
+        for j, (i, row, first, n) in enumerate(live):
+            tokens[j, :n] = rows[i].seq[first + 1: first + 1 + n]
+            hidden[j, :n] = row.hidden[first: first + n]
+            start[j], n_new[j] = first, n
+        reach = [first + n + steps for _, _, first, n in live]
+        (width,), (table,) = page_tables([[row.lease.blocks] for _, row, _, _ in live], self.pools, reach, b)
+        put = lambda x: jax.device_put(x, p.layout.replicated)  # noqa: E731
+        drafts, self.k_pages, self.v_pages = self._program(b, c, steps, width)(
+            self.head.state, p.placed.state, self.k_pages, self.v_pages, put(table), put(start), put(n_new),
+            put(tokens), put(hidden),
+        )
+        self.calls += 1
+        drafts = distributed.fetch(drafts).T  # (b, 1 + steps)
+        for j, (i, row, first, n) in enumerate(live):
+            row.consumed = first + n
+            if done[j]:
+                out[i] = drafts[j, : rows[i].k].astype(np.int32)
+        return out
