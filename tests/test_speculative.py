@@ -169,8 +169,8 @@ def test_parse_speculative():
     for bad in ("ngram", "ngram:0", "ngram:x", "ngram:17", "medusa:4", "ngram:dir:4", "draft:4"):
         with pytest.raises(SpecError, match="bad speculative spec"):
             parse_speculative(bad)
-    with pytest.raises(SpecError, match="not implemented"):
-        parse_speculative("eagle3:/some/dir:4")  # draft: tests/test_speculative_draft.py
+    with pytest.raises(SpecError, match="not a checkpoint directory"):
+        parse_speculative("eagle3:/some/dir:4")  # draft: tests/test_speculative_draft.py, eagle3: test_speculative_eagle3.py
     with pytest.raises(SpecError):
         EngineOptions(speculative="ngram:-1")
 

@@ -197,8 +197,8 @@ def test_bad_draft_specs_fail_with_one_clear_error(dirs, tmp_path):
         EngineOptions(speculative=f"draft:{tmp_path / 'missing'}:3")
     with pytest.raises(SpecError, match="vocab_size 1024, the target 512"):
         Deployment(dirs["target"], ["tp=1"], ["tp=1"], options=EngineOptions(speculative=f"draft:{dirs['vocab']}:3"))
-    with pytest.raises(SpecError, match="'eagle3' is not implemented"):
-        parse_speculative(f"eagle3:{dirs['target']}:3")
+    with pytest.raises(SpecError, match="EAGLE-3 head .* is not a checkpoint directory"):
+        parse_speculative(f"eagle3:{tmp_path / 'missing'}:3")
     with pytest.raises(ValueError, match="draft_tp"):
         EngineOptions(speculative=f"draft:{dirs['target']}:3", draft_tp=0)
 

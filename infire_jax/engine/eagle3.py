@@ -23,7 +23,6 @@ in the target's verify step); exactness is the verify step's (greedy tokens equa
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import pathlib
 from typing import Any, Sequence
@@ -58,6 +57,7 @@ class PlacedHead:
     state: Any
     cfg: Eagle3Config
     aux_layers: tuple[int, ...]
+    compiled: dict = dataclasses.field(default_factory=dict)  # the head programs, shared by its proposers
 
 
 def _read_config(path: pathlib.Path) -> Eagle3Config:
@@ -245,10 +245,15 @@ class Eagle3Proposer:
             self._put(self._row(r.id), 0, out[i, :m])  # (observed positions past m stay)
 
     # -- the head program -----------------------------------------------------------------------
-    @functools.cache
     def _program(self, b: int, c: int, steps: int, pages_per_row: int):
         """(head state, target state, k_pages, v_pages, table, start, n_new, tokens (b, c), hidden (b, c, 3 T))
         -> (drafts (1 + steps, b), k_pages, v_pages): catch-up chunk, first draft, `steps` more."""
+        key = (id(self.target), b, c, steps, pages_per_row, self.k_pages.shape)
+        if key not in self.head.compiled:
+            self.head.compiled[key] = self._build(b, c, steps)
+        return self.head.compiled[key]
+
+    def _build(self, b: int, c: int, steps: int):
         hg, tg, layout = self.head.graphdef, self.target.placed.graphdef, self.target.layout
 
         def run(head_state, target_state, k_pages, v_pages, table, start, n_new, tokens, hidden):

@@ -1,0 +1,247 @@
+"""Speculative decoding with EAGLE-3 heads (models/eagle3.py, engine/eagle3.py, "eagle3:DIR:K").
+
+Tiny random heads in the published layout (config.json, midlayer.* / fc / norm / lm_head, d2t and
+t2d) for the tiny Llama target. A random head proposes tokens the target mostly rejects, so
+verification rolls back nearly every draft: greedy tokens must still equal plain decoding colocated
+(tp=1, tp=2, pp=2) and under in-process P/D with different layouts. The proposer's drafts equal a
+full forward of the head over the whole sequence (catch-up, own-state steps and rollback), the
+hidden states the decode and verify calls captured equal the target's prefill ones, a reduced
+vocabulary never proposes a token it lacks, a head that must propose the target's next token (a
+target whose greedy token is always 0, a head that always drafts 0) has every draft accepted, and
+bad heads fail with one SpecError each. Every decode call verifies (`adaptive = False`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from infire_jax.checkpoint.tiny import write_tiny_checkpoint
+from infire_jax.engine.build import Deployment, EngineOptions
+from infire_jax.engine.disagg import generate
+from infire_jax.engine.eagle3 import Eagle3Proposer
+from infire_jax.engine.sampling import per_request
+from infire_jax.engine.speculative import DraftRow, SpecError
+
+OPTIONS = EngineOptions(kv_pages=64, page_size=16, max_decode_batch=4, decode_steps=2, prefill_chunk=None)
+NEW = 12
+
+
+def write_head(path: pathlib.Path, target: pathlib.Path, *, ids=None, seed: int = 0, zero_lm_head: bool = False,
+               config: dict | None = None, drop: tuple[str, ...] = (), own_embedding: bool = False) -> pathlib.Path:
+    """A random one-layer EAGLE-3 head for `target` in the published layout; ids: the target ids of its
+    draft vocabulary (default: all)."""
+    path.mkdir(parents=True, exist_ok=True)
+    t = json.loads((target / "config.json").read_text())
+    v, d = t["vocab_size"], t["hidden_size"]
+    ids = np.arange(v) if ids is None else np.asarray(ids)
+    heads, kv, hd, f = 4, 2, 16, 96
+    cfg = dict(architectures=["LlamaForCausalLMEagle3"], model_type="llama", hidden_size=d, intermediate_size=f,
+               num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd, rms_norm_eps=1e-5, rope_theta=10000.0,
+               vocab_size=v, draft_vocab_size=len(ids), num_hidden_layers=1, hidden_act="silu") | (config or {})
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: (rng.standard_normal(shape) * 0.1).astype(np.float32)  # noqa: E731
+    one, m = np.ones(d, np.float32), "midlayer."
+    tensors = {
+        "fc.weight": w(d, 3 * d), m + "input_layernorm.weight": one, m + "hidden_norm.weight": one,
+        m + "post_attention_layernorm.weight": one, "norm.weight": one,
+        m + "self_attn.q_proj.weight": w(heads * hd, 2 * d), m + "self_attn.k_proj.weight": w(kv * hd, 2 * d),
+        m + "self_attn.v_proj.weight": w(kv * hd, 2 * d), m + "self_attn.o_proj.weight": w(d, heads * hd),
+        m + "mlp.gate_proj.weight": w(f, d), m + "mlp.up_proj.weight": w(f, d), m + "mlp.down_proj.weight": w(d, f),
+        "lm_head.weight": np.zeros((len(ids), d), np.float32) if zero_lm_head else w(len(ids), d),
+        "d2t": (ids - np.arange(len(ids))).astype(np.int64),
+        "t2d": np.isin(np.arange(v), ids),
+    }
+    if own_embedding:
+        tensors["embed_tokens.weight"] = w(v, d)
+    save_file({k: x for k, x in tensors.items() if k not in drop}, str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+def _prompts() -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    base = rng.integers(3, 150, 5).tolist()
+    return [base * 3 + base[:1], rng.integers(3, 150, 4).tolist() * 4]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eagle3")
+    target = write_tiny_checkpoint(root / "target", "tiny-llama", tokenizer=False)
+    # a target whose LM head is zero: every logit 0, so its greedy token is always 0
+    zero = write_tiny_checkpoint(root / "zero", "tiny-llama", tokenizer=False)
+    weights = load_file(str(zero / "model.safetensors"))
+    weights["lm_head.weight"] = np.zeros_like(weights["lm_head.weight"])
+    save_file(weights, str(zero / "model.safetensors"))
+    return dict(
+        target=target,
+        zero=zero,
+        head=write_head(root / "head", target),
+        odd=write_head(root / "odd", target, ids=np.arange(1, 512, 2), seed=1, own_embedding=True),
+        always0=write_head(root / "always0", zero, ids=np.arange(0, 512, 4), zero_lm_head=True),
+        root=root,
+    )
+
+
+@pytest.fixture(scope="module")
+def deployments(dirs):
+    made = {}
+
+    def get(prefill, decode=None, target="target"):
+        key = (prefill, decode or prefill, target)
+        if key not in made:
+            made[key] = Deployment(dirs[target], [prefill], [decode or prefill], options=OPTIONS)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def plain(deployments):
+    """Greedy tokens without speculation (tp=1)."""
+    return [r.output for r in generate(deployments("tp=1").engine(), _prompts(), per_request(2, NEW))]
+
+
+def _engine(deployment, head):
+    engine = deployment.engine(dataclasses.replace(OPTIONS, speculative=f"eagle3:{head}:3"))
+    for w in engine.decode_workers:
+        w.speculator.adaptive = False
+    return engine
+
+
+def _run(deployment, head):
+    engine = _engine(deployment, head)
+    reqs = generate(engine, _prompts(), per_request(2, NEW))
+    assert all(r.status == "done" for r in reqs), [r.error for r in reqs]
+    return reqs, engine.stats()
+
+
+# (prefill mesh, decode mesh): colocated tp=1, tp=2, pp=2; P/D from tp=1 to a tp=2 decode mesh
+LAYOUTS = [("tp=1", None), ("tp=2", None), ("pp=2", None), ("tp=1@0-0", "tp=2@2-3")]
+
+
+@pytest.mark.parametrize("prefill, decode", LAYOUTS)
+def test_eagle3_gives_the_tokens_of_plain_decoding(dirs, deployments, plain, prefill, decode):
+    reqs, stats = _run(deployments(prefill, decode), dirs["head"])
+    assert [r.output for r in reqs] == plain
+    assert stats["spec_verify_calls"] > 0 and stats["spec_proposed_tokens"] > 0
+    assert sum(r.metrics()["proposed_tokens"] for r in reqs) == stats["spec_proposed_tokens"]
+
+
+def _reference_drafts(deployment, head, seq: np.ndarray, k: int) -> list[int]:
+    """The head run over the whole sequence without a cache: position p reads token p + 1 and the
+    target's state of p, then each draft reads the previous output (recomputed from scratch each step)."""
+    programs = deployment.programs("tp=1")
+    module, target = nnx.merge(head.graphdef, head.state), programs.placed.module
+    n = len(seq)
+    tokens = np.zeros((1, 32), np.int32)
+    tokens[0, : n - 1] = seq[: n - 1]
+    states = programs.hidden_fn(1, 32, head.aux_layers)(programs.placed.state, tokens)[:, : n - 1]
+    hidden, fed, out = module.fuse(states), list(seq[1:]), []
+    for _ in range(k):
+        x, _, _ = module(target.embed_tokens(np.asarray([fed], np.int32)), hidden, np.zeros(1, np.int32))
+        out.append(int(module.greedy(x[:, -1])[0]))
+        fed.append(out[-1])
+        hidden = np.concatenate([np.asarray(hidden), np.asarray(x[:, -1:])], axis=1)
+    return out
+
+
+def test_drafts_equal_a_full_forward_of_the_head(dirs, deployments):
+    """Catch-up, own-state steps and rollback: after a partly kept verification the proposer's drafts
+    equal the head run over the whole new sequence."""
+    deployment = deployments("tp=1")
+    options = dataclasses.replace(OPTIONS, speculative=f"eagle3:{dirs['head']}:3")
+    head, programs = deployment.draft("tp=1", options), deployment.programs("tp=1")
+    proposer = Eagle3Proposer(head, programs, num_pages=8, page_size=16, max_batch=2)
+    seq = np.asarray(_prompts()[0] + [7], np.int32)  # 17 tokens: the prompt's states computed at the first draft
+    drafts = proposer.draft([DraftRow("r", seq, 3, 32)])[0]
+    assert drafts.tolist() == _reference_drafts(deployment, head, seq, 3)
+    # the target fed the last token and kept the first draft, then produced another token
+    later = np.concatenate([seq, drafts[:1], [(int(drafts[1]) + 1) % 512]]).astype(np.int32)
+    tokens = np.zeros((1, 32), np.int32)
+    tokens[0, : len(later)] = later
+    states = np.asarray(programs.hidden_fn(1, 32, head.aux_layers)(programs.placed.state, tokens))[0]
+    proposer.observe("r", len(seq) - 1, states[len(seq) - 1: len(seq) + 1])
+    assert proposer.draft([DraftRow("r", later, 3, 32)])[0].tolist() == _reference_drafts(deployment, head, later, 3)
+    proposer.forget("r")
+    assert proposer.kv.free_blocks == 8 and not proposer.rows
+
+
+def test_decode_and_verify_capture_the_prefill_states(dirs, deployments):
+    """The hidden states the engine's decode and verify calls handed the proposer equal the target's
+    prefill (hidden_fn) states of the same positions."""
+    deployment = deployments("tp=1")
+    engine = _engine(deployment, dirs["head"])
+    engine.decode_workers[0].speculator.adaptive = True  # some plain decode calls too (the first is always one)
+    worker = engine.decode_workers[0]
+    proposer, seen = worker.speculator.hidden, {}
+    forget = proposer.forget
+
+    def keep(rid):
+        if rid in proposer.rows:
+            seen[rid] = (proposer.rows[rid].hidden.copy(), proposer.rows[rid].have.copy())
+        forget(rid)
+
+    proposer.forget = keep
+    reqs = generate(engine, _prompts(), per_request(2, NEW))
+    programs = deployment.programs("tp=1")
+    for r in reqs:
+        hidden, have = seen[r.id]
+        seq = np.concatenate([r.prompt, np.asarray(r.output[:-1], np.int32)])
+        tokens = np.zeros((1, 32), np.int32)
+        tokens[0, : len(seq)] = seq
+        want = np.asarray(programs.hidden_fn(1, 32, proposer.captures)(programs.placed.state, tokens))[0, : len(seq)]
+        observed = np.flatnonzero(have[: len(seq)])
+        assert len(observed) >= len(r.output) - 1  # every generated position (the prompt's only if drafted)
+        np.testing.assert_allclose(hidden[observed], want[observed], rtol=1e-4, atol=1e-4)
+
+
+def test_the_reduced_vocabulary_is_honoured(dirs, deployments, plain):
+    """A head whose draft vocabulary holds only odd ids (and its own embedding) never proposes an even one."""
+    engine = _engine(deployments("tp=1"), dirs["odd"])
+    proposer = engine.decode_workers[0].speculator.proposer
+    proposed, draft = [], proposer.draft
+
+    def record(rows):
+        out = draft(rows)
+        proposed.extend(int(t) for d in out for t in d)
+        return out
+
+    proposer.draft = record
+    reqs = generate(engine, _prompts(), per_request(2, NEW))
+    assert [r.output for r in reqs] == plain
+    assert proposed and all(t % 2 for t in proposed)
+
+
+def test_a_head_proposing_the_targets_next_token_is_always_accepted(dirs, deployments):
+    reqs, stats = _run(deployments("tp=1", target="zero"), dirs["always0"])
+    assert all(r.output == [0] * NEW for r in reqs)
+    assert stats["spec_proposed_tokens"] > 0 and stats["acceptance_rate"] == 1.0
+    assert stats["mean_accepted_length"] > 2.0
+
+
+def test_bad_heads_fail_with_one_clear_error(dirs, tmp_path):
+    target, root = dirs["target"], dirs["root"]
+    cases = [
+        (tmp_path / "missing", "not a checkpoint directory"),
+        (write_head(root / "no_maps", target, drop=("d2t", "t2d")), r"lacks the vocabulary maps \['d2t', 't2d'\]"),
+        (write_head(root / "wide", target, config=dict(target_hidden_size=128)), "hidden states of size 128"),
+        (write_head(root / "vocab", target, config=dict(vocab_size=1024)), "vocab_size 1024, the target 512"),
+        (write_head(root / "layers", target, config=dict(eagle_aux_hidden_state_layer_ids=[1, 2, 9])),
+         r"reads target layers \[1, 2, 9\], the target has 4"),
+        (write_head(root / "no_fc", target, drop=("fc.weight",)), "missing tensors"),
+        (write_head(root / "two", target, config=dict(num_hidden_layers=2)), "only one-layer EAGLE-3 heads"),
+    ]
+    for path, message in cases:
+        with pytest.raises(SpecError, match=message):
+            Deployment(target, ["tp=1"], ["tp=1"], options=EngineOptions(speculative=f"eagle3:{path}:3")).engine()
+    moe = write_tiny_checkpoint(root / "moe", "tiny-qwen3-moe", tokenizer=False)
+    with pytest.raises(SpecError, match="qwen3_moe family cannot return"):
+        Deployment(moe, ["tp=1"], ["tp=1"], options=EngineOptions(speculative=f"eagle3:{dirs['head']}:3"))
