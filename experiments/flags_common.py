@@ -27,7 +27,8 @@ def define_compilation_cache_flag() -> None:
 def define_speculative_flag() -> None:
     """--speculative: speculative decoding on the decode workers (engine/speculative.py)."""
     flags.DEFINE_string("speculative", None, "Speculative decoding: 'ngram:K' (prompt lookup, up to K draft tokens "
-                        "per step, verified exactly; switches itself off where it does not pay). Default: off.")
+                        "per step, verified exactly; switches itself off where it does not pay), 'draft:DIR:K' (a "
+                        "draft checkpoint) or 'eagle3:DIR:K' (an EAGLE-3 head). Default: off.")
 
 
 def define_engine_flags(kv_pages: int = 512) -> None:

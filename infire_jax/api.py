@@ -167,7 +167,8 @@ def load(
     drafts of up to 4 tokens per step, verified exactly; "draft:DIR:4": a draft checkpoint with the
     same tokenizer, placed on the first draft_tp devices of each decoding mesh with its own KV pages,
     and under P/D beside each prefill mesh too, whose draft KV of the prompt is shipped to decode;
-    engine/speculative.py, engine/draft.py), None = off.
+    "eagle3:DIR:4": an EAGLE-3 head in the published layout fed the target's hidden states;
+    engine/speculative.py, engine/draft.py, engine/eagle3.py), None = off.
     compilation_cache_dir: JAX's persistent compilation cache,
     every program cached, so a second start compiles nothing ("default": ~/.cache/infire_jax/xla/<cpu>;
     None: leave JAX's own setting; see infire_jax/boot.py)."""

@@ -14,9 +14,12 @@ bad heads fail with one SpecError each. Every decode call verifies (`adaptive = 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -123,8 +126,8 @@ def _run(deployment, head):
     return reqs, engine.stats()
 
 
-# (prefill mesh, decode mesh): colocated tp=1, tp=2, pp=2; P/D from tp=1 to a tp=2 decode mesh
-LAYOUTS = [("tp=1", None), ("tp=2", None), ("pp=2", None), ("tp=1@0-0", "tp=2@2-3")]
+# (prefill mesh, decode mesh): colocated tp=1 and pp=2; P/D from tp=1 to a tp=2 decode mesh
+LAYOUTS = [("tp=1", None), ("pp=2", None), ("tp=1@0-0", "tp=2@2-3")]
 
 
 @pytest.mark.parametrize("prefill, decode", LAYOUTS)
@@ -135,21 +138,33 @@ def test_eagle3_gives_the_tokens_of_plain_decoding(dirs, deployments, plain, pre
     assert sum(r.metrics()["proposed_tokens"] for r in reqs) == stats["spec_proposed_tokens"]
 
 
+@functools.cache
+def _head_forward(head, programs):
+    """(fed tokens (1, 32), hidden (1, 32, H)) -> the head's pre-norm outputs (1, 32, H), no cache
+    (causal: padding past the fed positions changes nothing before it)."""
+
+    def run(head_state, target_state, tokens, hidden):
+        module, target = nnx.merge(head.graphdef, head_state), nnx.merge(programs.placed.graphdef, target_state)
+        return module(target.embed_tokens(tokens), hidden, jnp.zeros(1, jnp.int32))[0]
+
+    return jax.jit(run)
+
+
 def _reference_drafts(deployment, head, seq: np.ndarray, k: int) -> list[int]:
     """The head run over the whole sequence without a cache: position p reads token p + 1 and the
     target's state of p, then each draft reads the previous output (recomputed from scratch each step)."""
     programs = deployment.programs("tp=1")
-    module, target = nnx.merge(head.graphdef, head.state), programs.placed.module
-    n = len(seq)
+    module, n = nnx.merge(head.graphdef, head.state), len(seq)
     tokens = np.zeros((1, 32), np.int32)
     tokens[0, : n - 1] = seq[: n - 1]
-    states = programs.hidden_fn(1, 32, head.aux_layers)(programs.placed.state, tokens)[:, : n - 1]
-    hidden, fed, out = module.fuse(states), list(seq[1:]), []
-    for _ in range(k):
-        x, _, _ = module(target.embed_tokens(np.asarray([fed], np.int32)), hidden, np.zeros(1, np.int32))
-        out.append(int(module.greedy(x[:, -1])[0]))
-        fed.append(out[-1])
-        hidden = np.concatenate([np.asarray(hidden), np.asarray(x[:, -1:])], axis=1)
+    states = programs.hidden_fn(1, 32, head.aux_layers)(programs.placed.state, tokens)
+    hidden, fed, out = np.array(module.fuse(states)), np.zeros((1, 32), np.int32), []
+    fed[0, : n - 1] = seq[1:]
+    for i in range(k):
+        at = n - 2 + i  # the position whose output is the next draft
+        x = np.asarray(_head_forward(head, programs)(head.state, programs.placed.state, fed, hidden))
+        out.append(int(module.greedy(x[:, at])[0]))
+        fed[0, at + 1], hidden[0, at + 1] = out[-1], x[0, at]
     return out
 
 
@@ -159,7 +174,7 @@ def test_drafts_equal_a_full_forward_of_the_head(dirs, deployments):
     deployment = deployments("tp=1")
     options = dataclasses.replace(OPTIONS, speculative=f"eagle3:{dirs['head']}:3")
     head, programs = deployment.draft("tp=1", options), deployment.programs("tp=1")
-    proposer = Eagle3Proposer(head, programs, num_pages=8, page_size=16, max_batch=2)
+    proposer = Eagle3Proposer(head, programs, num_pages=8, page_size=16, max_batch=2, k=3)
     seq = np.asarray(_prompts()[0] + [7], np.int32)  # 17 tokens: the prompt's states computed at the first draft
     drafts = proposer.draft([DraftRow("r", seq, 3, 32)])[0]
     assert drafts.tolist() == _reference_drafts(deployment, head, seq, 3)

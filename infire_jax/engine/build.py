@@ -37,7 +37,7 @@ class EngineOptions:
     indexed by their tokens for reuse (kv/manager.py); prefill_chunk: prompt tokens per prefill call
     (a longer prompt is prefilled in chunks between decode steps; None: whole prompts). A prefill
     worker's prefix cache gets kv_pages pages too. speculative: speculative decoding on the decode
-    workers ("ngram:K", "draft:DIR:K"; engine/speculative.py parse_speculative), None = off;
+    workers ("ngram:K", "draft:DIR:K", "eagle3:DIR:K"; engine/speculative.py parse_speculative), None = off;
     draft_tp: the tensor-parallel size of a draft model ("draft:DIR:K"), placed on the first draft_tp
     devices of each decoding mesh (engine/draft.py)."""
 
@@ -115,7 +115,7 @@ def _proposer(programs: Programs, options: EngineOptions, draft: Programs | Plac
         return None
     if spec.method == "eagle3":
         return Eagle3Proposer(draft or place_head(spec.path, programs), programs, num_pages=options.kv_pages,
-                              page_size=options.page_size, max_batch=options.max_decode_batch,
+                              page_size=options.page_size, max_batch=options.max_decode_batch, k=spec.k,
                               chunk=options.prefill_chunk or 512)
     draft = draft or place_draft(spec.path, programs, tp=options.draft_tp)
     return DraftModelProposer(draft, num_pages=options.kv_pages, page_size=options.page_size,

@@ -49,7 +49,7 @@ from infire_jax.sharding import use_layout
 __all__ = ["PlacedHead", "HeadCheck", "check_head", "place_head", "Eagle3Proposer"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class PlacedHead:
     """A head placed on a decoding worker's layout, and the target layers it reads."""
 
@@ -188,8 +188,10 @@ class Eagle3Proposer:
     costly = True
 
     def __init__(self, head: PlacedHead, target: Programs, *, num_pages: int, page_size: int, max_batch: int,
-                 chunk: int = 512):
-        self.head, self.target, self.chunk = head, target, chunk
+                 k: int, chunk: int = 512):
+        """k: the most drafts a row asks for; every call runs k - 1 own-state steps (the head is one layer:
+        one program per batch and catch-up width rather than one per draft count)."""
+        self.head, self.target, self.chunk, self.k = head, target, chunk, k
         self.captures = head.aux_layers
         self.width = len(head.aux_layers) * head.cfg.target_hidden_size
         self.pools = kv_cache.pools(None, num_pages, page_size, max_batch)
@@ -315,7 +317,7 @@ class Eagle3Proposer:
         b = p.batch_bucket(len(live))
         c = bucket(max(n for *_, n in live), 2)
         done = [first + n == len(rows[i].seq) - 1 for i, _, first, n in live]  # else still catching up
-        steps = max([rows[i].k for (i, *_), d in zip(live, done) if d], default=1) - 1
+        steps = self.k - 1
         tokens, hidden = np.zeros((b, c), np.int32), np.zeros((b, c, self.width), np.float32)
         start, n_new = np.zeros(b, np.int32), np.zeros(b, np.int32)
         for j, (i, row, first, n) in enumerate(live):

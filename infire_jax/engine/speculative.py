@@ -24,7 +24,8 @@ Proposers (the `Proposer` protocol: drafts for a batch of rows, forget a row): "
 lookup): the most recent earlier occurrence of the row's last n tokens (n = 3, then 2) in its prompt
 and output proposes the tokens that followed it. No extra weights. "draft" (engine/draft.py): a
 second, smaller checkpoint with the same vocabulary, greedy, with its own paged KV on the decoding
-worker's devices.
+worker's devices. "eagle3" (engine/eagle3.py, a `HiddenStateProposer`): an EAGLE-3 head fed the
+target's hidden states, which the worker's decode and verify calls then return.
 """
 
 from __future__ import annotations
