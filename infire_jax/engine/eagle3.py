@@ -167,8 +167,8 @@ def place_head(path: str | pathlib.Path, target: Programs, *, dtype: str = "floa
 
 @dataclasses.dataclass
 class _Row:
-    hidden: np.ndarray  # (positions, 3 T) the target's fused states, position p at row p
-    have: np.ndarray  # (positions,) bool: which rows of `hidden` are the target's
+    # the target's fused states (3 T,) by position, of positions the head has not consumed yet
+    states: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)
     lease: Lease | None = None
     consumed: int = 0  # positions 0 .. consumed - 1 are in the head's KV from the target's states
 
@@ -206,35 +206,26 @@ class Eagle3Proposer:
 
     # -- target states ------------------------------------------------------------------------
     def _row(self, rid: Any) -> _Row:
-        if rid not in self.rows:
-            self.rows[rid] = _Row(np.zeros((64, self.width), np.float32), np.zeros(64, bool))
-        return self.rows[rid]
-
-    def _put(self, row: _Row, start: int, hidden: np.ndarray) -> None:
-        end = start + len(hidden)
-        if end > len(row.have):
-            grow = max(end, 2 * len(row.have)) - len(row.have)
-            row.hidden = np.concatenate([row.hidden, np.zeros((grow, self.width), np.float32)])
-            row.have = np.concatenate([row.have, np.zeros(grow, bool)])
-        row.hidden[start:end], row.have[start:end] = hidden, True
-        row.consumed = min(row.consumed, start)
+        return self.rows.setdefault(rid, _Row())
 
     def observe(self, rid: Any, start: int, hidden: np.ndarray) -> None:
         """The target's fused states (n, 3 T) of a row's positions start .. start + n - 1 (tokens it kept;
         any later position held is stale)."""
-        row = self._row(rid)
-        self._put(row, start, hidden)
-        row.have[start + len(hidden):] = False
+        row, end = self._row(rid), start + len(hidden)
+        for p in [p for p in row.states if p >= end]:
+            del row.states[p]
+        row.states.update(zip(range(start, end), np.asarray(hidden, np.float32)))
+        row.consumed = min(row.consumed, start)
 
     def _fill_prompts(self, rows: Sequence[DraftRow]) -> None:
-        """Positions a row needs (< len(seq) - 1) that no observed call covered (its prompt): computed by
-        the target's hidden-state program, rows of a call batched."""
+        """Positions a row's head has yet to consume (< len(seq) - 1) that no observed call covered (its
+        prompt): computed by the target's hidden-state program, rows of a call batched."""
         todo = []
         for r in rows:
-            row, need = self._row(r.id), len(r.seq) - 1
-            if need > len(row.have) or not row.have[:need].all():
-                missing = np.flatnonzero(~np.concatenate([row.have, np.zeros(max(0, need - len(row.have)), bool)])[:need])
-                todo.append((r, int(missing[-1]) + 1))
+            row = self._row(r.id)
+            missing = [p for p in range(row.consumed, len(r.seq) - 1) if p not in row.states]
+            if missing:
+                todo.append((r, missing[-1] + 1))
         if not todo:
             return
         t = self.target
@@ -244,7 +235,8 @@ class Eagle3Proposer:
             tokens[i, :m] = r.seq[:m]
         out = distributed.fetch(t.hidden_fn(b, width, self.captures)(t.placed.state, t.put(tokens, ("batch", "seq"))))
         for i, (r, m) in enumerate(todo):
-            self._put(self._row(r.id), 0, out[i, :m])  # (observed positions past m stay)
+            row = self._row(r.id)
+            row.states.update((p, out[i, p]) for p in range(row.consumed, m) if p not in row.states)
 
     # -- the head program -----------------------------------------------------------------------
     def _program(self, b: int, c: int, steps: int, pages_per_row: int):
@@ -322,7 +314,7 @@ class Eagle3Proposer:
         start, n_new = np.zeros(b, np.int32), np.zeros(b, np.int32)
         for j, (i, row, first, n) in enumerate(live):
             tokens[j, :n] = rows[i].seq[first + 1: first + 1 + n]
-            hidden[j, :n] = row.hidden[first: first + n]
+            hidden[j, :n] = [row.states[q] for q in range(first, first + n)]
             start[j], n_new[j] = first, n
         reach = [first + n + steps for _, _, first, n in live]
         (width,), (table,) = page_tables([[row.lease.blocks] for _, row, _, _ in live], self.pools, reach, b)
@@ -335,6 +327,8 @@ class Eagle3Proposer:
         drafts = distributed.fetch(drafts).T  # (b, 1 + steps)
         for j, (i, row, first, n) in enumerate(live):
             row.consumed = first + n
+            for q in range(first, first + n - 1):  # (the last is fed again while the row drafts from it)
+                row.states.pop(q, None)
             if done[j]:
                 out[i] = drafts[j, : rows[i].k].astype(np.int32)
         return out
