@@ -39,6 +39,8 @@ flags.DEFINE_integer("batch_new_tokens", 64, "Tokens per row in the batch worklo
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight storage dtype.")
 flags.DEFINE_integer("decode_steps", 8, "Decode steps per plain decode dispatch.")
 flags.DEFINE_string("out", "bench_speculative.json", "JSON output path.")
+flags.DEFINE_bool("adaptive", True, "False: verify whenever a row has drafts (Speculator.adaptive off), to measure a "
+                  "proposer's acceptance rather than the off-switch's choice.")
 
 CODE = '''def merge_intervals(intervals):
     """Merge overlapping [start, end] intervals and return them sorted."""
@@ -169,7 +171,9 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     dep = Deployment(model_dir, ["tp=1"], ["tp=1"], dtype=FLAGS.dtype, options=opts)
     engines = dict(plain=dep.engine(), spec=dep.engine(dataclasses.replace(opts, speculative=FLAGS.speculative)))
-    out = dict(bench="speculative", model_dir=model_dir, speculative=FLAGS.speculative, dtype=FLAGS.dtype,
+    for w in engines["spec"].decode_workers:
+        w.speculator.adaptive = FLAGS.adaptive
+    out = dict(bench="speculative", model_dir=model_dir, speculative=FLAGS.speculative, adaptive=FLAGS.adaptive, dtype=FLAGS.dtype,
                decode_steps=FLAGS.decode_steps, runs=FLAGS.runs, machine=bc.machine_info(),
                load_s=time.perf_counter() - t0, workloads={})
     code, chat = chat_prompts(tokenizer, CODE_TASKS), chat_prompts(tokenizer, CHAT_TASKS)
