@@ -202,7 +202,6 @@ class Eagle3Proposer:
         zeros = jax.jit(lambda: jnp.zeros(shape, module.compute_dtype), out_shardings=self._pages_sh)
         self.k_pages, self.v_pages = zeros(), zeros()
         self.rows: dict[Any, _Row] = {}
-        self.calls = 0  # head program calls (drafting rounds)
 
     # -- target states ------------------------------------------------------------------------
     def _row(self, rid: Any) -> _Row:
@@ -239,10 +238,10 @@ class Eagle3Proposer:
             row.states.update((p, out[i, p]) for p in range(row.consumed, m) if p not in row.states)
 
     # -- the head program -----------------------------------------------------------------------
-    def _program(self, b: int, c: int, steps: int, pages_per_row: int):
+    def _program(self, b: int, c: int, steps: int):
         """(head state, target state, k_pages, v_pages, table, start, n_new, tokens (b, c), hidden (b, c, 3 T))
         -> (drafts (1 + steps, b), k_pages, v_pages): catch-up chunk, first draft, `steps` more."""
-        key = (id(self.target), b, c, steps, pages_per_row, self.k_pages.shape)
+        key = (id(self.target), b, c, steps, self.k_pages.shape)
         if key not in self.head.compiled:
             self.head.compiled[key] = self._build(b, c, steps)
         return self.head.compiled[key]
@@ -305,7 +304,7 @@ class Eagle3Proposer:
             live.append((i, row, first, min(last + 1 - first, self.chunk)))
         if not live:
             return out
-        p, ps = self.target, self.pools[0].page_size
+        p = self.target
         b = p.batch_bucket(len(live))
         c = bucket(max(n for *_, n in live), 2)
         done = [first + n == len(rows[i].seq) - 1 for i, _, first, n in live]  # else still catching up
@@ -317,13 +316,12 @@ class Eagle3Proposer:
             hidden[j, :n] = [row.states[q] for q in range(first, first + n)]
             start[j], n_new[j] = first, n
         reach = [first + n + steps for _, _, first, n in live]
-        (width,), (table,) = page_tables([[row.lease.blocks] for _, row, _, _ in live], self.pools, reach, b)
+        _, (table,) = page_tables([[row.lease.blocks] for _, row, _, _ in live], self.pools, reach, b)
         put = lambda x: jax.device_put(x, p.layout.replicated)  # noqa: E731
-        drafts, self.k_pages, self.v_pages = self._program(b, c, steps, width)(
+        drafts, self.k_pages, self.v_pages = self._program(b, c, steps)(
             self.head.state, p.placed.state, self.k_pages, self.v_pages, put(table), put(start), put(n_new),
             put(tokens), put(hidden),
         )
-        self.calls += 1
         drafts = distributed.fetch(drafts).T  # (b, 1 + steps)
         for j, (i, row, first, n) in enumerate(live):
             row.consumed = first + n
