@@ -30,7 +30,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Target HF checkpoint (default: SmolLM2-135M-Instruct real weights).")
 flags.DEFINE_string("out", None, "Directory to write the head to.", required=True)
 flags.DEFINE_integer("new_tokens", 192, "Tokens the target generates per training prompt.")
-flags.DEFINE_integer("steps", 400, "Optimizer steps.")
+flags.DEFINE_integer("steps", 60, "Optimizer steps (on ~10k generated tokens more overfit: held-out top-1 stays ~0.27).")
 flags.DEFINE_integer("batch", 8, "Sequences per step.")
 flags.DEFINE_float("lr", 2e-3, "Peak AdamW learning rate (cosine decay).")
 flags.DEFINE_integer("draft_vocab", 4096, "Draft vocabulary size (most frequent target predictions).")
