@@ -3,7 +3,7 @@
 Tiny random heads in the published layout (config.json, midlayer.* / fc / norm / lm_head, d2t and
 t2d) for the tiny Llama target. A random head proposes tokens the target mostly rejects, so
 verification rolls back nearly every draft: greedy tokens must still equal plain decoding colocated
-(tp=1, tp=2, pp=2) and under in-process P/D with different layouts. The proposer's drafts equal a
+(tp=1, pp=2) and under in-process P/D with different layouts (tp=1 prefill, tp=2 decode). The proposer's drafts equal a
 full forward of the head over the whole sequence (catch-up, own-state steps and rollback), the
 hidden states the decode and verify calls captured equal the target's prefill ones, a reduced
 vocabulary never proposes a token it lacks, a head that must propose the target's next token (a
