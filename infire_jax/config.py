@@ -82,7 +82,7 @@ def _require(hf: dict, key: str, arch: str) -> Any:
     return hf[key]
 
 
-def _rope_scaling(hf: dict, arch: str) -> tuple | None:
+def rope_scaling_of(hf: dict, arch: str) -> tuple | None:
     """Normalise HF rope scaling (classic `rope_scaling` or transformers-5 `rope_parameters`)."""
     scaling = hf.get("rope_scaling") or None
     if scaling is None:
@@ -112,7 +112,8 @@ def _rope_scaling(hf: dict, arch: str) -> tuple | None:
     return _freeze(scaling)
 
 
-def _rope_theta(hf: dict) -> float:
+def rope_theta_of(hf: dict) -> float:
+    """rope_theta from an HF config (classic key or transformers-5 `rope_parameters`)."""
     if "rope_theta" in hf:
         return float(hf["rope_theta"])
     return float((hf.get("rope_parameters") or {}).get("rope_theta", 10000.0))
@@ -142,8 +143,8 @@ def _dense_common(hf: dict, arch: str, family: str) -> dict[str, Any]:
         num_kv_heads=kv_heads,
         head_dim=int(hf.get("head_dim") or hidden // heads),
         rms_norm_eps=float(_require(hf, "rms_norm_eps", arch)),
-        rope_theta=_rope_theta(hf),
-        rope_scaling=_rope_scaling(hf, arch),
+        rope_theta=rope_theta_of(hf),
+        rope_scaling=rope_scaling_of(hf, arch),
         max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         bos_token_id=hf.get("bos_token_id"),

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infire_jax.config import ConfigError, _rope_scaling, _rope_theta
+from infire_jax.config import ConfigError, rope_scaling_of, rope_theta_of
 from infire_jax.models import layers
 from infire_jax.models.attention import gqa_attention
 from infire_jax.models.llama import gqa_project
@@ -101,8 +101,8 @@ def eagle3_config(hf: dict, where: str = "EAGLE-3 head") -> Eagle3Config:
         num_kv_heads=kv,
         head_dim=int(hf.get("head_dim") or hidden // heads),
         rms_norm_eps=float(need("rms_norm_eps")),
-        rope_theta=_rope_theta(hf),
-        rope_scaling=_rope_scaling(hf, where),
+        rope_theta=rope_theta_of(hf),
+        rope_scaling=rope_scaling_of(hf, where),
         vocab_size=vocab,
         draft_vocab_size=int(hf.get("draft_vocab_size") or vocab),
         target_hidden_size=int(hf.get("target_hidden_size") or hidden),
