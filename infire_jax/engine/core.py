@@ -592,7 +592,7 @@ class _Decoding(_Worker):
                 self.counters.draft_tokens_computed += self.draft_kv.fed_tokens - fed
             declined = drafts
             if drafts:
-                c = bucket(1 + self.speculator.config.k)  # one width per batch bucket: few programs to compile
+                c = self.speculator.width(drafts)
                 if self.speculator.worth(b, c, drafts, len(rows)):
                     return self._verify_call(rows, b, c, drafts, t0)
             steps = self.speculator.decode_steps([r.id for r in rows], steps)

@@ -131,25 +131,42 @@ class HiddenStateProposer(Proposer, Protocol):
 
 
 class NgramProposer:
-    """Prompt lookup: continue the sequence as it continued after the last earlier occurrence of its
-    final n tokens (n = max_ngram .. min_ngram, longest match first)."""
+    """Prompt lookup: among the earlier occurrences of the sequence's last token, the one whose
+    preceding tokens agree with the sequence's own for the longest stretch (at least min_ngram tokens
+    in all, at most max_ngram compared; ties: the most recent) proposes the tokens that followed it.
+    The longest agreement picks the right copy source in code, where short n-grams ("self.", "    ")
+    recur everywhere, and a copy that is under way keeps following its source: the tokens just
+    accepted extend the agreement with it."""
 
     costly = False
 
-    def __init__(self, max_ngram: int = 3, min_ngram: int = 2):
+    def __init__(self, max_ngram: int = 32, min_ngram: int = 2):
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"NgramProposer needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+
+    def match(self, seq: np.ndarray) -> tuple[int, int]:
+        """(where the continuation starts, agreement length) of the best earlier occurrence of seq's
+        ending; (0, 0) if none agrees for min_ngram tokens."""
+        L = len(seq)
+        ends = np.flatnonzero(seq[: L - 1] == seq[L - 1]) if L > 1 else seq[:0]
+        agree = np.ones(len(ends), np.int64)
+        alive = ends
+        for j in range(1, min(self.max_ngram, L - 1)):  # extend every candidate backwards while it agrees
+            alive = alive[alive >= j]
+            alive = alive[seq[alive - j] == seq[L - 1 - j]]
+            if not alive.size:
+                break
+            agree[np.searchsorted(ends, alive)] += 1
+        if not ends.size or agree.max() < self.min_ngram:
+            return 0, 0
+        best = agree.max()
+        return int(ends[np.flatnonzero(agree == best)[-1]]) + 1, int(best)
 
     def propose(self, seq: np.ndarray, k: int) -> np.ndarray:
         """Up to k draft tokens following `seq` (1-d int array); empty if no n-gram recurs."""
-        L = len(seq)
-        for n in range(min(self.max_ngram, L - 1), self.min_ngram - 1, -1):
-            pattern = seq[L - n:]
-            windows = np.lib.stride_tricks.sliding_window_view(seq[: L - 1], n)  # starts 0 .. L - 1 - n
-            hits = np.flatnonzero((windows == pattern).all(axis=1))
-            if hits.size:
-                at = int(hits[-1]) + n
-                return seq[at: at + k]
-        return seq[:0]
+        at, n = self.match(seq)
+        return seq[at: at + k] if n else seq[:0]
 
     def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
         return [self.propose(r.seq, r.k) for r in rows]
@@ -236,12 +253,20 @@ class Speculator:
                 asked.append(DraftRow(rid, seq, k, len(seq) + left + self.config.k))
         if asked and self.proposer.costly and batch is not None:
             planned = {row.id: np.zeros(row.k, np.int32) for row in asked}
-            width = 1 << max(row.k for row in asked).bit_length()  # the verify call's columns: bucket(1 + k)
-            if not self.worth(batch, width, planned, len(rows)):
+            if not self.worth(batch, self.width(planned), planned, len(rows)):
                 return {}
             self._granted = True
         out = self.proposer.draft(asked) if asked else []
         return {row.id: d[: row.k] for row, d in zip(asked, out) if len(d)}
+
+    @staticmethod
+    def width(drafts: dict[Any, np.ndarray]) -> int:
+        """Columns of the verify call for these drafts: each row's last token and its drafts, the most
+        drafts rounded up to a power of two (k = 1, 2, 3-4, 5-8 ... -> 2, 3, 5, 9 columns: few programs,
+        and at most a column or three of padding; a column costs about a tenth of a decode step at one
+        row on CPU)."""
+        most = max(len(d) for d in drafts.values())
+        return 1 + (1 << max(0, most - 1).bit_length())
 
     def decode_steps(self, rids: Sequence[Any], steps: int) -> int:
         """Steps of a decode call taken instead of a verification (no drafts, or not worth it): short
