@@ -6,7 +6,7 @@ programs: plain, and with --speculative. Each round runs the same requests on bo
 goes first) and the figure is the median over rounds of the per-round ratio of decode tokens/s
 (tokens after each row's first / (last end - first first-token)), so machine load cancels as far as it
 can. Workloads:
-  code   batch 1: chat prompts asking to repeat or lightly edit a ~300-token code block
+  code   batch 1: chat prompts asking to repeat or edit a ~300-token code block (the whole answer)
   chat   batch 1: open-ended chat prompts (little for prompt lookup to find)
   batch  batch --batch: the code prompts, many rows at once (the adaptive off-switch's case)
 
@@ -30,10 +30,13 @@ import bench_common as bc  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "HF checkpoint (default: SmolLM2-135M-Instruct real weights, fetched once).")
-flags.DEFINE_string("speculative", "ngram:4", "The speculation measured against none.")
+flags.DEFINE_string("speculative", "ngram:8", "The speculation measured against none.")
 flags.DEFINE_list("workloads", ["code", "chat", "batch"], "Workloads to run: code, chat, batch.")
 flags.DEFINE_integer("runs", 3, "Paired rounds per workload (median of the per-round ratios), after a warm-up.")
-flags.DEFINE_integer("new_tokens", 160, "Tokens generated per row.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens generated per row (chat).")
+flags.DEFINE_integer("code_new_tokens", 400, "Tokens generated per row of the code workload: the whole answer (the "
+                     "~300-token block and what the model adds; the first 128 tokens of a copy hold the model's own "
+                     "rewrite of merge_intervals).")
 flags.DEFINE_integer("batch", 16, "Rows of the batch workload.")
 flags.DEFINE_integer("batch_new_tokens", 64, "Tokens per row in the batch workload.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weight storage dtype.")
@@ -91,8 +94,12 @@ def word_counts(text):
     return sorted(counts.items(), key=lambda item: -item[1])
 '''
 
-CODE_TASKS = [
+CODE_TASKS = [  # the first three are done by copying (edits in place); SmolLM2-135M answers the last two
+    # with prose or new code instead, where the off-switch must keep speculation from costing anything
     "Repeat the following Python code exactly, without any changes or comments:\n\n```python\n{code}```",
+    "Add a docstring to the word_counts function and output the whole code:\n\n```python\n{code}```",
+    "Translate the comments of this Python code into French, keeping the code unchanged. Output the full code:"
+    "\n\n```python\n{code}```",
     "Rename the class LRUCache to RecentCache everywhere in this code and output the complete code:\n\n"
     "```python\n{code}```",
     "Add a type hint `-> list` to merge_intervals and output the whole file:\n\n```python\n{code}```",
@@ -179,7 +186,7 @@ def main(argv: list[str]) -> None:
     code, chat = chat_prompts(tokenizer, CODE_TASKS), chat_prompts(tokenizer, CHAT_TASKS)
     for name in FLAGS.workloads:
         if name == "code":
-            res = [run_pair(engines, [p], FLAGS.new_tokens, FLAGS.runs, eos) for p in code]
+            res = [run_pair(engines, [p], FLAGS.code_new_tokens, FLAGS.runs, eos) for p in code]
         elif name == "chat":
             res = [run_pair(engines, [p], FLAGS.new_tokens, FLAGS.runs, eos) for p in chat]
         elif name == "batch":
@@ -187,6 +194,8 @@ def main(argv: list[str]) -> None:
             res = [run_pair(engines, rows, FLAGS.batch_new_tokens, FLAGS.runs, eos)]
         else:
             raise app.UsageError(f"unknown workload {name!r}")
+        for r, task in zip(res, CODE_TASKS if name == "code" else CHAT_TASKS if name == "chat" else ["mixed"]):
+            r["task"] = task.split("\n")[0][:80]
         out["workloads"][name] = dict(
             prompts=res, speedup_median=float(np.median([r["speedup_median"] for r in res])),
             same_tokens=all(r["same_tokens"] for r in res),

@@ -11,9 +11,10 @@ speculation can only replace a decode call where it is predicted to produce more
   tokens per decode step  the batch's rows
   cost                    the measured wall time of each kind of call for this batch size (verify:
                           per chunk width), an EMA; before a measurement, a prior that charges a
-                          verify of b rows x c columns 1 + b c / 32 decode steps (CPU: a verify
-                          of 1 x 8 costs about one decode step, of 16 x 8 several). Only batches of
-                          at most 4 rows try an unmeasured verify shape; larger ones go by the prior.
+                          verify of b rows x c columns 1 + b c / 16 decode steps (SmolLM2-135M on
+                          CPU: 1 x 5 and 1 x 9 cost 1.1-1.4 and 1.4-2 decode steps, 16 x 2, 16 x 5
+                          and 16 x 9 cost 3, 5.5 and 9). Only batches of at most 4 rows try an
+                          unmeasured verify shape; larger ones go by the prior.
 
 A worker in a multi-process (SPMD) run decides on the prior alone: every process must take the same
 decision, and clocks differ between processes. Each row's draft length adapts to its acceptance
@@ -21,8 +22,8 @@ rate: about the run length alpha / (1 - alpha) it sustains, plus one, at most th
 one more than its last draft count when that was kept whole).
 
 Proposers (the `Proposer` protocol: drafts for a batch of rows, forget a row): "ngram" (prompt
-lookup): the most recent earlier occurrence of the row's last n tokens (n = 3, then 2) in its prompt
-and output proposes the tokens that followed it. No extra weights. "draft" (engine/draft.py): a
+lookup): the earlier occurrence of the row's last token in its prompt and output whose preceding
+tokens agree longest with the row's own (at least 2 in all) proposes the tokens that followed it. No extra weights. "draft" (engine/draft.py): a
 second, smaller checkpoint with the same vocabulary, greedy, with its own paged KV on the decoding
 worker's devices. "eagle3" (engine/eagle3.py, a `HiddenStateProposer`): an EAGLE-3 head fed the
 target's hidden states, which the worker's decode and verify calls then return.
@@ -144,6 +145,7 @@ class NgramProposer:
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"NgramProposer needs 1 <= min_ngram <= max_ngram, got {min_ngram}, {max_ngram}")
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
+        self.agreement: dict[Any, int] = {}  # per row of the last draft() call: its source's agreement length
 
     def match(self, seq: np.ndarray) -> tuple[int, int]:
         """(where the continuation starts, agreement length) of the best earlier occurrence of seq's
@@ -169,10 +171,16 @@ class NgramProposer:
         return seq[at: at + k] if n else seq[:0]
 
     def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
-        return [self.propose(r.seq, r.k) for r in rows]
+        out = []
+        self.agreement = {}
+        for r in rows:
+            at, n = self.match(r.seq)
+            out.append(r.seq[at: at + r.k] if n else r.seq[:0])
+            self.agreement[r.id] = n
+        return out
 
     def forget(self, rid: Any) -> None:
-        """Stateless: nothing is held per row."""
+        """Nothing is held per row (agreement: the last call's rows only)."""
 
 
 @dataclasses.dataclass
@@ -190,6 +198,7 @@ class SpecCounters:
 class _RowState:
     alpha: float  # recent acceptance rate (EMA of accepted / proposed)
     k: int
+    agreement: int = 0  # n-gram drafts: how long their source agreed with the row (0: unknown)
     idle: int = 1 << 30  # decode calls since its last verification that kept a draft
 
 
@@ -202,6 +211,8 @@ class Speculator:
     IDLE_CALLS = 4  # short decode calls after a row's last accepted draft before its calls are full again
     EXPLORE_ROWS = 4  # batches up to this many rows try an unmeasured verify shape (and take short decode calls)
     PROBE_EVERY = (8, 64)  # decode calls between re-measuring a refused verify (doubling up to the max)
+    AGREEMENT = (2, 4, 8, 16)  # n-gram agreement classes: <= 2, 3-4, 5-8, 9-16, longer
+    AGREEMENT_PRIOR = (0.2, 0.4, 0.5, 0.7, 0.85)
 
     def __init__(self, config: SpecConfig, windows: Sequence[int | None] = (), proposer: Proposer | None = None):
         if proposer is None and config.method != "ngram":
@@ -213,6 +224,9 @@ class Speculator:
         self.windows = [w for w in windows if w is not None]
         self.rows: dict[Any, _RowState] = {}
         self.alpha0 = 0.5  # prior for a new row: the worker's recent acceptance
+        # n-gram drafts: acceptance rate per agreement length class (AGREEMENT), learned from every
+        # judged draft, the prior below measured on SmolLM2-135M (code and chat answers)
+        self.by_agreement = list(self.AGREEMENT_PRIOR)
         self.step_seconds: dict[int, float] = {}  # batch -> seconds per decode step
         self.verify_seconds: dict[tuple[int, int], float] = {}  # (batch, chunk width) -> seconds per call
         self.clocked = distributed.process_count() == 1
@@ -247,8 +261,9 @@ class Speculator:
         a costly proposer and the call's padded `batch`, none unless a verification would be worth it."""
         self._granted = False
         asked = []
+        lookup = isinstance(self.proposer, NgramProposer)  # free: ask for the most, cut once its agreement is known
         for rid, seq, length, left in rows:
-            k = min(self._state(rid).k, self._cap(length, left))
+            k = min(self.config.k if lookup else self._state(rid).k, self._cap(length, left))
             if k > 0:
                 asked.append(DraftRow(rid, seq, k, len(seq) + left + self.config.k))
         if asked and self.proposer.costly and batch is not None:
@@ -257,14 +272,18 @@ class Speculator:
                 return {}
             self._granted = True
         out = self.proposer.draft(asked) if asked else []
+        if lookup:
+            for i, row in enumerate(asked):
+                st = self._state(row.id)
+                st.agreement = self.proposer.agreement.get(row.id, 0)
+                out[i] = out[i][: max(st.k, self._run_k(self._alpha(row.id)))]
         return {row.id: d[: row.k] for row, d in zip(asked, out) if len(d)}
 
     @staticmethod
     def width(drafts: dict[Any, np.ndarray]) -> int:
         """Columns of the verify call for these drafts: each row's last token and its drafts, the most
-        drafts rounded up to a power of two (k = 1, 2, 3-4, 5-8 ... -> 2, 3, 5, 9 columns: few programs,
-        and at most a column or three of padding; a column costs about a tenth of a decode step at one
-        row on CPU)."""
+        drafts rounded up to a power of two (k = 1, 2, 3-4, 5-8 ... -> 2, 3, 5, 9 columns): few
+        programs, and little padding (a column of a row costs about 1/16 of a decode step on CPU)."""
         most = max(len(d) for d in drafts.values())
         return 1 + (1 << max(0, most - 1).bit_length())
 
@@ -284,12 +303,26 @@ class Speculator:
         self.proposer.forget(rid)
 
     # -- the decision ---------------------------------------------------------------------------
+    def _run_k(self, alpha: float) -> int:
+        """Draft length for an acceptance rate: the run it sustains (alpha / (1 - alpha)) plus one."""
+        return max(1, min(self.config.k, math.ceil(alpha / max(1e-6, 1 - alpha)) + 1))
+
+    def _agreement_class(self, n: int) -> int:
+        return int(np.searchsorted(self.AGREEMENT, n))
+
+    def _alpha(self, rid: Any) -> float:
+        """The acceptance rate a row's drafts are judged by: its own, or for n-gram drafts whose source
+        agrees with the row for long what such drafts have achieved, if more (a copy that resumes, or
+        a new row that copies, verifies at once rather than after decode calls have re-scored it)."""
+        st = self._state(rid)
+        return max(st.alpha, self.by_agreement[self._agreement_class(st.agreement)]) if st.agreement else st.alpha
+
     def _expected(self, rid: Any, k: int) -> float:
-        a = self._state(rid).alpha
+        a = self._alpha(rid)
         return sum(a ** i for i in range(1, k + 1))
 
     def _prior_verify(self, b: int, c: int, step: float) -> float:
-        return step * (1 + b * c / 32)
+        return step * (1 + b * c / 16)
 
     def worth(self, b: int, c: int, drafts: dict[Any, np.ndarray], rows: int) -> bool:
         """Whether a verify call of b padded rows x c columns with these drafts beats a decode call."""
@@ -349,11 +382,13 @@ class Speculator:
     def _learn(self, rid: Any, k: int, a: int) -> None:
         """Update a row's acceptance estimate and draft length from k drafts of which a were kept."""
         st = self._state(rid)
+        if st.agreement:
+            c = self._agreement_class(st.agreement)
+            self.by_agreement[c] = (1 - self.EMA) * self.by_agreement[c] + self.EMA * (a / k)
         st.idle = 0 if a else st.idle
         st.alpha = (1 - self.EMA) * st.alpha + self.EMA * (a / k)
         self.alpha0 = (1 - self.EMA) * self.alpha0 + self.EMA * (a / k)
-        run = st.alpha / max(1e-6, 1 - st.alpha)
-        st.k = max(1, min(self.config.k, math.ceil(run) + 1))
+        st.k = self._run_k(st.alpha)
         if a == k:  # every draft kept: try one more next time
             st.k = max(st.k, min(self.config.k, k + 1))
 
