@@ -163,6 +163,23 @@ def _target(logits, temperature, top_k, top_p) -> np.ndarray:
     return out / out.sum()
 
 
+def test_warm_up_compiles_the_verify_programs(deployments):
+    """engine/warmup.py compiles a verify program per width (k = 3: 2, 3 and 5 columns) for the decode
+    shapes of its dummy wave, so the real requests after it compile none. (Its own page pool size: the
+    programs of this test alone.)"""
+    from infire_jax.engine.warmup import warm_up
+
+    engine = deployments("tiny-llama", "tp=1").engine(dataclasses.replace(OPTIONS, kv_pages=48, speculative="ngram:3"))
+    p = engine.decode_workers[0].programs
+    verify = lambda: {k for k in p.compile_seconds if k[0] == "verify" and k[4] == 48}  # noqa: E731
+    warm_up(engine, [16, 16], NEW)
+    assert {k[2] for k in verify()} == {2, 3, 5}
+    before = verify()
+    reqs = generate(_forced(engine), _prompts(), per_request(2, NEW))
+    assert engine.stats()["spec_verify_calls"] > 0 and all(len(r.output) == NEW for r in reqs)
+    assert verify() == before
+
+
 def test_parse_speculative():
     assert parse_speculative(None) is None and parse_speculative("") is None
     assert parse_speculative("ngram:4") == SpecConfig("ngram", 4)
@@ -182,6 +199,9 @@ def test_load_rejects_a_bad_spec_before_placing(checkpoints):
 
 def test_ngram_proposer():
     prop = NgramProposer()
+    code = np.array([9, 1, 2, 3, 8, 4, 5, 1, 2, 3, 6, 7, 9, 1, 2, 3], np.int32)
+    assert prop.propose(code, 2).tolist() == [8, 4]  # "9 1 2 3" agrees longer than the more recent "5 1 2 3"
+    assert prop.match(code) == (4, 4)
     seq = np.array([1, 2, 3, 4, 5, 9, 9, 2, 3, 4], np.int32)
     assert prop.propose(seq, 3).tolist() == [5, 9, 9]  # trigram 2 3 4 recurs: what followed it
     assert prop.propose(seq, 1).tolist() == [5]

@@ -629,6 +629,29 @@ class _Decoding(_Worker):
                 r.add_token(toks[j, i], logits[j, i] if logits is not None else None)
         return self._finish_rows(rows)
 
+    def warm_verify(self) -> int:
+        """Compile the verify programs of every decode shape (batch, pages per row) this worker has run,
+        one per verify width the speculator can ask for (Speculator.widths), by running each with
+        padding rows only (they write nothing): engine/warmup.py calls this after its dummy wave, so a
+        first real request does not compile a verification. Returns the programs compiled."""
+        if self.speculator is None:
+            return 0
+        p, done = self.programs, 0
+        shapes = {key[1:3] for key in p.compile_seconds
+                  if key[0] == "decode" and key[3:5] == self._geometry and not key[6]}
+        for b, per_row in sorted(shapes, key=str):
+            for c in self.speculator.widths():
+                shape = (b, c, per_row, *self._geometry, False)
+                if ("verify",) + shape in p.compile_seconds:
+                    continue
+                tables = [np.zeros((b, n), np.int32) for n in p.unpack(per_row)]
+                _, _, _, self.k_pages, self.v_pages = p._timed(
+                    ("verify",) + shape, p.verify_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
+                    np.zeros(b, np.int32), np.full(b, -1, np.int32), np.zeros((b, c), np.int32), pack_params([], b),
+                )
+                done += 1
+        return done
+
     def _verify_call(self, rows: list[Request], b: int, c: int, drafts: dict[Any, np.ndarray], t0: float) -> list[Request]:
         """One speculative verification step (Programs.verify_fn) for the running batch: each row's
         last token and its drafts (rows without drafts just decode one token); returns the requests

@@ -287,6 +287,10 @@ class Speculator:
         most = max(len(d) for d in drafts.values())
         return 1 + (1 << max(0, most - 1).bit_length())
 
+    def widths(self) -> list[int]:
+        """Every verify width `width` can give for this config's k."""
+        return [1 + (1 << i) for i in range(max(0, self.config.k - 1).bit_length() + 1)]
+
     def decode_steps(self, rids: Sequence[Any], steps: int) -> int:
         """Steps of a decode call taken instead of a verification (no drafts, or not worth it): short
         (SHORT_STEPS) while some row was accepting drafts within its last IDLE_CALLS calls (a copying

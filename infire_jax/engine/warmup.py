@@ -2,7 +2,8 @@
 
 A dummy wave of requests with the given prompt lengths and output length runs through the engine's
 own path (submit, run), so exactly the programs real requests of those shapes reach are compiled
-(prefill buckets, KV handoff and insert, decode batch and page buckets), or loaded from the
+(prefill buckets, KV handoff and insert, decode batch and page buckets; with speculation the verify
+programs of those decode shapes at every verify width), or loaded from the
 persistent compilation cache on a later start (infire_jax/boot.py). Its tokens do not count as the
 process's first token.
 
@@ -36,9 +37,11 @@ def warm_up(engine: Engine, prompt_lengths: Sequence[int], max_new_tokens: int) 
     params = [SamplingParams(max_new_tokens=max_new_tokens) for _ in prompt_lengths]
     with clock.warming_up():
         reqs = generate(engine, [[0] * int(n) for n in prompt_lengths], params)
-    failed = [r.error for r in reqs if r.status == "failed"]
-    if failed:
-        raise RuntimeError(f"warm-up request failed: {failed[0]}")
+        failed = [r.error for r in reqs if r.status == "failed"]
+        if failed:
+            raise RuntimeError(f"warm-up request failed: {failed[0]}")
+        for worker in engine.decode_workers:  # speculation: the verify programs of the shapes decode ran
+            worker.warm_verify()
     requested, hits = clock.programs_requested - requested0, clock.cache_hits - hits0
     return dict(seconds=time.perf_counter() - t0, cpu_seconds=time.process_time() - cpu0,
                 programs_compiled=requested - hits, programs_from_cache=hits)
