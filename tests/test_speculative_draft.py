@@ -226,7 +226,8 @@ def test_a_declined_verification_costs_no_drafts():
     assert spec.drafts(row, batch=1) == {} and prop.calls == 0  # no decode measured yet: decode first
     spec.observed_decode(1, 4, 0.04)  # 10 ms per decode step
     assert len(spec.drafts(row, batch=1)["a"]) == 3 and prop.calls == 1  # verify unmeasured: tried
-    assert spec.worth(1, 4, {"a": np.arange(3)}, rows=1)  # the decision drafts() took stands
+    width = spec.width({"a": np.arange(3)})  # the verify call's columns for 3 drafts
+    assert spec.worth(1, width, {"a": np.arange(3)}, rows=1)  # the decision drafts() took stands
     for _ in range(3):
-        spec.observed_verify(1, 4, 0.2, {"a": (3, 0)})  # slow, nothing kept
+        spec.observed_verify(1, width, 0.2, {"a": (3, 0)})  # slow, nothing kept
     assert spec.drafts(row, batch=1) == {} and prop.calls == 1  # declined before drafting

@@ -13,8 +13,9 @@ speculation can only replace a decode call where it is predicted to produce more
                           per chunk width), an EMA; before a measurement, a prior that charges a
                           verify of b rows x c columns 1 + b c / 16 decode steps (SmolLM2-135M on
                           CPU: 1 x 5 and 1 x 9 cost 1.1-1.4 and 1.4-2 decode steps, 16 x 2, 16 x 5
-                          and 16 x 9 cost 3, 5.5 and 9). Only batches of at most 4 rows try an
-                          unmeasured verify shape; larger ones go by the prior.
+                          and 16 x 9 cost 3, 5.5 and 9). An unmeasured width is priced as the
+                          nearest wider one measured for its batch; else batches of at most 4
+                          rows try it once, larger ones go by the prior.
 
 A worker in a multi-process (SPMD) run decides on the prior alone: every process must take the same
 decision, and clocks differ between processes. Each row's draft length adapts to its acceptance
@@ -337,6 +338,9 @@ class Speculator:
         if self.clocked and b not in self.step_seconds:
             return False  # measure a decode call first
         verify = self.verify_seconds.get((b, c)) if self.clocked else None
+        wider = sorted((w, t) for (bb, w), t in self.verify_seconds.items() if bb == b and w > c) if self.clocked else []
+        if verify is None and wider:  # a narrower verify costs no more than the nearest wider one measured
+            verify = wider[0][1]
         if verify is None:
             if self.clocked and b <= self.EXPLORE_ROWS:  # unmeasured: try it once
                 return True
