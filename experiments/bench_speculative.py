@@ -130,6 +130,8 @@ def run_pair(engines: dict, prompts: list[list[int]], new_tokens: int, rounds: i
     params = [SamplingParams(new_tokens, stop_token_ids=eos)] * len(prompts)
     for eng in engines.values():  # warm-up: compiles, and calibrates the speculator's timings
         generate(eng, prompts, params)
+        for w in eng.decode_workers:  # every verify width of the shapes decode ran (as Model.warm_up does)
+            w.warm_verify()
     rates = {name: [] for name in engines}
     foreign, outputs, spec_stats = [], {}, []
     for i in range(rounds):
