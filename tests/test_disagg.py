@@ -150,7 +150,7 @@ def test_decode_reads_only_the_pages_it_reaches(colocated):
     req = engine.submit([5, 6, 7], SamplingParams(40))
     tables = []
     fn = colocated.programs.decode_fn
-    colocated.programs.decode_fn = lambda b, per_row, *rest: (tables.append(per_row), fn(b, per_row, *rest))[1]
+    colocated.programs.decode_fn = lambda b, per_row, *rest, **kw: (tables.append(per_row), fn(b, per_row, *rest, **kw))[1]
     try:
         engine.run()
     finally:
