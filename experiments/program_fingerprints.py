@@ -45,8 +45,10 @@ def main(argv) -> None:
         row = lambda dtype: jax.ShapeDtypeStruct((b,), dtype)  # noqa: E731
         sp = {k: row(np.float32 if k in ("temperature", "top_p") else np.int32) for k in ("temperature", "top_k", "top_p", "seed")}
         prefill = p.prefill_fn(b, t).lower(p.placed.state, jax.ShapeDtypeStruct((b, t), np.int32), row(np.int32), sp)
-        decode = p.decode_fn(b, FLAGS.pages_per_row, *worker._geometry, p.decode_steps, False).lower(
-            p.placed.state, worker.k_pages, worker.v_pages, jax.ShapeDtypeStruct((b, FLAGS.pages_per_row), np.int32),
+        groups = len(p.unpack(worker.k_pages))  # one page table per KV cache group (Llama 4: ring and full)
+        pages, table = FLAGS.pages_per_row, jax.ShapeDtypeStruct((b, FLAGS.pages_per_row), np.int32)
+        decode = p.decode_fn(b, p.pack([pages] * groups), *worker._geometry, p.decode_steps, False).lower(
+            p.placed.state, worker.k_pages, worker.v_pages, p.pack([table] * groups),
             row(np.int32), row(np.int32), row(bool), sp,
         )
         out[mesh] = dict(prefill=digest(prefill), decode=digest(decode))

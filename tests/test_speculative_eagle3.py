@@ -1,11 +1,13 @@
 """Speculative decoding with EAGLE-3 heads (models/eagle3.py, engine/eagle3.py, "eagle3:DIR:K").
 
 Tiny random heads in the published layout (config.json, midlayer.* / fc / norm / lm_head, d2t and
-t2d) for the tiny Llama target. A random head proposes tokens the target mostly rejects, so
-verification rolls back nearly every draft: greedy tokens must still equal plain decoding colocated
-(tp=1, pp=2) and under in-process P/D with different layouts (tp=1 prefill, tp=2 decode). The proposer's drafts equal a
+t2d) for the tiny Llama target and the MoE reference models (DeepSeek MLA, Llama 4). A random head
+proposes tokens the target mostly rejects, so verification rolls back nearly every draft: greedy
+tokens must still equal plain decoding colocated (tp=1, pp=2; tp=1 for the MoE targets) and under
+in-process P/D with different layouts (tp=1 prefill, tp=2 decode). The proposer's drafts equal a
 full forward of the head over the whole sequence (catch-up, own-state steps and rollback), the
-hidden states the decode and verify calls captured equal the target's prefill ones, a reduced
+hidden states the decode and verify calls captured equal the target's prefill ones (Llama and
+DeepSeek targets), a reduced
 vocabulary never proposes a token it lacks, a head that must propose the target's next token (a
 target whose greedy token is always 0, a head that always drafts 0) has every draft accepted, and
 bad heads fail with one SpecError each. Every decode call verifies (`adaptive = False`).
@@ -31,6 +33,7 @@ from infire_jax.engine.disagg import generate
 from infire_jax.engine.eagle3 import Eagle3Proposer
 from infire_jax.engine.sampling import per_request
 from infire_jax.engine.speculative import DraftRow, SpecError
+from infire_jax.models import FAMILIES
 
 OPTIONS = EngineOptions(kv_pages=64, page_size=16, max_decode_batch=4, decode_steps=2, prefill_chunk=None)
 NEW = 12
@@ -74,8 +77,14 @@ def _prompts() -> list[list[int]]:
     return [base * 3 + base[:1], rng.integers(3, 150, 4).tolist() * 4]
 
 
+# MoE targets (tests/conftest.py checkpoints: transformers' reference models, random weights) and the
+# target layers their heads read: DeepSeek's dense first layer and MoE layers; Llama 4's ring
+# (chunked) and full attention layers, dense and MoE
+MOE_TARGETS = {"deepseek_v3": [0, 1, 2], "llama4": [1, 2, 3]}
+
+
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory):
+def dirs(tmp_path_factory, checkpoints):
     root = tmp_path_factory.mktemp("eagle3")
     target = write_tiny_checkpoint(root / "target", "tiny-llama", tokenizer=False)
     # a target whose LM head is zero: every logit 0, so its greedy token is always 0
@@ -83,7 +92,11 @@ def dirs(tmp_path_factory):
     weights = load_file(str(zero / "model.safetensors"))
     weights["lm_head.weight"] = np.zeros_like(weights["lm_head.weight"])
     save_file(weights, str(zero / "model.safetensors"))
-    return dict(
+    moe = {name: checkpoints(name) for name in MOE_TARGETS}
+    moe_heads = {f"{name}:head": write_head(root / f"{name}_head", path, seed=2,
+                                            config=dict(eagle_aux_hidden_state_layer_ids=MOE_TARGETS[name]))
+                 for name, path in moe.items()}
+    return moe | moe_heads | dict(
         target=target,
         zero=zero,
         head=write_head(root / "head", target),
@@ -138,6 +151,15 @@ def test_eagle3_gives_the_tokens_of_plain_decoding(dirs, deployments, plain, pre
     assert sum(r.metrics()["proposed_tokens"] for r in reqs) == stats["spec_proposed_tokens"]
 
 
+@pytest.mark.parametrize("target", sorted(MOE_TARGETS))
+def test_eagle3_on_moe_targets_gives_the_tokens_of_plain_decoding(dirs, deployments, target):
+    deployment = deployments("tp=1", target=target)
+    plain = [r.output for r in generate(deployment.engine(), _prompts(), per_request(2, NEW))]
+    reqs, stats = _run(deployment, dirs[f"{target}:head"])
+    assert [r.output for r in reqs] == plain
+    assert stats["spec_verify_calls"] > 0 and stats["spec_proposed_tokens"] > 0
+
+
 @functools.cache
 def _head_forward(head, programs):
     """(fed tokens (1, 32), hidden (1, 32, H)) -> the head's pre-norm outputs (1, 32, H), no cache
@@ -189,11 +211,12 @@ def test_drafts_equal_a_full_forward_of_the_head(dirs, deployments):
     assert proposer.kv.free_blocks == 8 and not proposer.rows
 
 
-def test_decode_and_verify_capture_the_prefill_states(dirs, deployments):
+@pytest.mark.parametrize("target, head", [("target", "head"), ("deepseek_v3", "deepseek_v3:head")])
+def test_decode_and_verify_capture_the_prefill_states(dirs, deployments, target, head):
     """The hidden states the engine's decode and verify calls handed the proposer equal the target's
     prefill (hidden_fn) states of the same positions."""
-    deployment = deployments("tp=1")
-    engine = _engine(deployment, dirs["head"])
+    deployment = deployments("tp=1", target=target)
+    engine = _engine(deployment, dirs[head])
     engine.decode_workers[0].speculator.adaptive = True  # some plain decode calls too (the first is always one)
     proposer, seen = engine.decode_workers[0].speculator.hidden, {}
     observe = proposer.observe
@@ -239,7 +262,7 @@ def test_a_head_proposing_the_targets_next_token_is_always_accepted(dirs, deploy
     assert stats["mean_accepted_length"] > 2.0
 
 
-def test_bad_heads_fail_with_one_clear_error(dirs, tmp_path):
+def test_bad_heads_fail_with_one_clear_error(dirs, tmp_path, monkeypatch):
     target, root = dirs["target"], dirs["root"]
     cases = [
         (tmp_path / "missing", "not a checkpoint directory"),
@@ -254,6 +277,7 @@ def test_bad_heads_fail_with_one_clear_error(dirs, tmp_path):
     for path, message in cases:
         with pytest.raises(SpecError, match=message):
             Deployment(target, ["tp=1"], ["tp=1"], options=EngineOptions(speculative=f"eagle3:{path}:3")).engine()
-    moe = write_tiny_checkpoint(root / "moe", "tiny-qwen3-moe", tokenizer=False)
-    with pytest.raises(SpecError, match="qwen3_moe family cannot return"):
-        Deployment(moe, ["tp=1"], ["tp=1"], options=EngineOptions(speculative=f"eagle3:{dirs['head']}:3"))
+    # a family that cannot return hidden states (every registered one can: declare one that cannot)
+    monkeypatch.setitem(FAMILIES, "llama", dataclasses.replace(FAMILIES["llama"], captures_hidden=False))
+    with pytest.raises(SpecError, match="llama family cannot return"):
+        Deployment(target, ["tp=1"], ["tp=1"], options=EngineOptions(speculative=f"eagle3:{dirs['head']}:3"))

@@ -250,7 +250,7 @@ class Programs:
         cfg, module = self.placed.cfg, self.placed.module
         if not family_of(cfg).captures_hidden:
             raise ValueError(f"the {cfg.family} family cannot return hidden states of chosen layers "
-                             "(Family.captures_hidden); EAGLE-3 heads need a dense Llama/Qwen family target")
+                             "(Family.captures_hidden); EAGLE-3 heads need a target family that can")
         bad = [i for i in layers if not 0 <= i < cfg.num_layers]
         if bad:
             raise ValueError(f"hidden-state layer ids {bad} are outside the target's {cfg.num_layers} layers")

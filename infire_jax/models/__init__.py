@@ -7,9 +7,11 @@ from infire_jax.models.contract import BuildOptions, Family, ServingModel, build
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", llama.Llama, llama.hf_tensor_map, llama.Llama.ffn_kinds,
                     repeats_kv_heads=True, per_layer_weights=True, captures_hidden=True),
-    "qwen3_moe": Family("qwen3_moe", qwen3_moe.Qwen3Moe, qwen3_moe.hf_tensor_map, qwen3_moe.Qwen3Moe.ffn_kinds),
-    "deepseek_v3": Family("deepseek_v3", deepseek.DeepseekV3, deepseek.hf_tensor_map, deepseek.DeepseekV3.ffn_kinds),
-    "llama4": Family("llama4", llama4.Llama4, llama4.hf_tensor_map, llama4.Llama4.ffn_kinds),
+    "qwen3_moe": Family("qwen3_moe", qwen3_moe.Qwen3Moe, qwen3_moe.hf_tensor_map, qwen3_moe.Qwen3Moe.ffn_kinds,
+                        captures_hidden=True),
+    "deepseek_v3": Family("deepseek_v3", deepseek.DeepseekV3, deepseek.hf_tensor_map, deepseek.DeepseekV3.ffn_kinds,
+                          captures_hidden=True),
+    "llama4": Family("llama4", llama4.Llama4, llama4.hf_tensor_map, llama4.Llama4.ffn_kinds, captures_hidden=True),
 }
 
 

@@ -1,4 +1,5 @@
-"""Building blocks shared by the model families: norms, rotary embeddings, linear maps, gated MLP.
+"""Building blocks shared by the model families: norms, rotary embeddings, linear maps, gated MLP,
+capture of chosen layers' inputs.
 
 Weights are stored as HF stores them, (out_features..., in_features): that is the layout the CPU's
 dot kernels like best for small batches (../shared/CPU_NOTES.md) and it needs no transpose at load.
@@ -169,6 +170,18 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[..., None, :half], sin[..., None, :half]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def capture_buffer(n: int, x: jax.Array) -> jax.Array:
+    """Zeros for n captured layer inputs shaped like x (n, B, T, D): what a stack returns for a capture
+    selection (models.contract.Family.captures_hidden) at every j whose slot it does not run."""
+    return jnp.zeros((n,) + x.shape, x.dtype)
+
+
+def capture_input(captured: jax.Array, selected: jax.Array, x: jax.Array) -> jax.Array:
+    """captured (n, B, T, D) with x, the input of one layer slot, written at every j where selected[j]
+    (that slot's row of the (slots, n) capture selection)."""
+    return jnp.where(selected[:, None, None, None], x[None], captured)
 
 
 def gated_mlp(x: jax.Array, w_gate_up: Any, w_down: Any) -> jax.Array:

@@ -152,14 +152,13 @@ class Llama(nnx.Module):
         hidden state j; the captured (n, B, T, D) are returned after the K/V (zeros for a j whose slot
         is not in this stack, e.g. another pipeline stage's)."""
         b, t, d = x.shape
-        keep = (lambda cap, on, x: jnp.where(on[:, None, None, None], x[None], cap))  # noqa: E731
-        cap = None if capture is None else jnp.zeros((capture.shape[1], b, t, d), x.dtype)
+        cap = None if capture is None else layers.capture_buffer(capture.shape[1], x)
         if self.unrolled:  # per-layer weights (and k/v caches: arrays or lists), each read in place
             k_new, v_new = [], []
             for i, layer in enumerate(self.layers):
                 w = {name: var[...] for name, var in layer.items()}
                 kc, vc = (None, None) if k_cache is None else (k_cache[i], v_cache[i])
-                cap = None if cap is None else keep(cap, capture[i], x)
+                cap = None if cap is None else layers.capture_input(cap, capture[i], x)
                 x, (k, v) = self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc)
                 k_new.append(k)
                 v_new.append(v)
@@ -172,7 +171,7 @@ class Llama(nnx.Module):
             x, cap = carry
             w, on, kc, vc, sel = xs
             kc, vc = layer_caches(kc, vc)
-            cap = None if cap is None else keep(cap, sel, x)
+            cap = None if cap is None else layers.capture_input(cap, sel, x)
             run = lambda x: self._layer(w, x, ctx["start"], ctx["cos"], ctx["sin"], kc, vc)  # noqa: E731
             if all(self.active):  # no padding slots: no cond (a cond copies the layer's weights)
                 x, kv = run(x)

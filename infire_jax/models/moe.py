@@ -689,10 +689,15 @@ class MoEDecoder(nnx.Module):
         k_cache: jax.Array | tuple[jax.Array, ...] | None = None,
         v_cache: jax.Array | tuple[jax.Array, ...] | None = None,
         active: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        capture: jax.Array | None = None,
+    ) -> tuple[jax.Array, ...]:
         """Run this module's stacked layers (all of them, or one pipeline stage's slice) over x.
         Caches: per slot (slots, B, KV, S, hd) or a kv.paged.PagedPool, or a tuple with one per cache
-        group (see cache_groups)."""
+        group (see cache_groups).
+
+        capture (slots, n) bool (Family.captures_hidden): capture[s, j] keeps the input of slot s as
+        hidden state j, whatever the slot runs (attention kind, dense or MoE FFN); the captured
+        (n, B, T, D) are returned after the K/V (zeros for a j whose slot is not in this stack)."""
         b, t, _ = x.shape
         num_slots = len(self.active)
         active = jnp.asarray(self.active) if active is None else active
@@ -712,6 +717,7 @@ class MoEDecoder(nnx.Module):
         k_shape, v_shape = self.kv_shapes(b, t)
         zeros = (jnp.zeros(k_shape[1:], x.dtype), jnp.zeros(v_shape[1:], x.dtype))
         k_cache, v_cache, layer_caches = scan_layers(k_cache, v_cache)
+        cap = None if capture is None else layers.capture_buffer(capture.shape[1], x)
 
         def layer(w, s, kc, vc, x):
             flags = s["flags"]
@@ -724,13 +730,16 @@ class MoEDecoder(nnx.Module):
             y = self._ffn_switch(s["kind"], s["index"], h)
             return x + constrain(y, ("batch", "seq", "embed")), kv
 
-        def body(x, xs):
-            w, on, s, kc, vc = xs
-            return jax.lax.cond(on, lambda x: layer(w, s, kc, vc, x), lambda x: (x, zeros), x)
+        def body(carry, xs):
+            x, cap = carry
+            w, on, s, kc, vc, sel = xs
+            cap = None if cap is None else layers.capture_input(cap, sel, x)
+            x, kv = jax.lax.cond(on, lambda x: layer(w, s, kc, vc, x), lambda x: (x, zeros), x)
+            return (x, cap), kv
 
         stacked = {name: var[...] for name, var in self.layers.items()}
-        x, (k_new, v_new) = jax.lax.scan(body, x, (stacked, active, xs_static, k_cache, v_cache))
-        return x, k_new, v_new
+        (x, cap), (k_new, v_new) = jax.lax.scan(body, (x, cap), (stacked, active, xs_static, k_cache, v_cache, capture))
+        return (x, k_new, v_new) if cap is None else (x, k_new, v_new, cap)
 
     def __call__(
         self,
