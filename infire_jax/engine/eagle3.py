@@ -36,6 +36,7 @@ from safetensors import safe_open
 from infire_jax import distributed
 from infire_jax.checkpoint import hf
 from infire_jax.config import ConfigError, ModelConfig
+from infire_jax.engine import pipeline
 from infire_jax.engine.programs import Programs, bucket, page_tables
 from infire_jax.engine.speculative import DraftRow, SpecError
 from infire_jax.kv import cache as kv_cache
@@ -173,12 +174,16 @@ class _Row:
     consumed: int = 0  # positions 0 .. consumed - 1 are in the head's KV from the target's states
 
 
-def _store(pages: jax.Array, table: jax.Array, pos: jax.Array, ok: jax.Array, new: jax.Array) -> jax.Array:
-    """Write new (B, KV, T, hd) at positions pos (B, T) where ok, into a one-layer page pool."""
-    num_pages, page = pages.shape[1], pages.shape[3]
-    ok = ok & (pos // page < table.shape[1])
-    at = jnp.where(ok, table[jnp.arange(pos.shape[0])[:, None], jnp.minimum(pos // page, table.shape[1] - 1)], num_pages)
-    return pages.at[0, at, :, pos % page, :].set(new.transpose(0, 2, 1, 3).astype(pages.dtype), mode="drop")
+def _store(k_pages: jax.Array, v_pages: jax.Array, table: jax.Array, pos: jax.Array, ok: jax.Array, k: jax.Array,
+           v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Write new K/V (B, KV, T, hd) at positions pos (B, T) where ok into the head's one-layer page pool
+    (the target's own KV write, pipeline.write_kv: positions the table does not cover are dropped)."""
+    b, t = pos.shape
+    arrange = lambda x: x.transpose(0, 2, 1, 3).reshape(b * t, 1, x.shape[1], x.shape[3]).astype(k_pages.dtype)  # noqa: E731
+    flat = pos.reshape(-1)
+    (k_pages,), (v_pages,) = pipeline.write_kv((k_pages,), (v_pages,), [table], (None,), jnp.repeat(jnp.arange(b), t),
+                                               flat, ok.reshape(-1), [(k, v)], arrange, end=flat + 1)
+    return k_pages, v_pages
 
 
 class Eagle3Proposer:
@@ -257,7 +262,7 @@ class Eagle3Proposer:
                 x, k, v = head(embed(tokens), head.fuse(hidden), start, *caches(k_pages, v_pages))
                 pos = start[:, None] + jnp.arange(c)[None, :]
                 ok = jnp.arange(c)[None, :] < n_new[:, None]
-                k_pages, v_pages = _store(k_pages, table, pos, ok, k), _store(v_pages, table, pos, ok, v)
+                k_pages, v_pages = _store(k_pages, v_pages, table, pos, ok, k, v)
                 last = x[jnp.arange(b), jnp.maximum(n_new - 1, 0)]
                 first = head.greedy(last)
 
@@ -265,7 +270,7 @@ class Eagle3Proposer:
                     kp, vp, tok, h, p = carry
                     y, k, v = head(embed(tok[:, None]), h[:, None], p, *caches(kp, vp))
                     live = (n_new > 0)[:, None]
-                    kp, vp = _store(kp, table, p[:, None], live, k), _store(vp, table, p[:, None], live, v)
+                    kp, vp = _store(kp, vp, table, p[:, None], live, k, v)
                     nxt = head.greedy(y[:, 0])
                     return (kp, vp, nxt, y[:, 0], p + 1), nxt
 

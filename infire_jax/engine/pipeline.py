@@ -150,7 +150,7 @@ def _gather_pages(pages: jax.Array, table: jax.Array, per_layer: bool = False, i
     return rows_of_pages(pages[:, table])
 
 
-def _write_kv(
+def write_kv(
     k_pages: tuple, v_pages: tuple, tables: list, windows: tuple, rows: jax.Array, pos: jax.Array, ok: jax.Array,
     new_kv: list, arrange, end: jax.Array | None = None,
 ) -> tuple[tuple, tuple]:
@@ -248,7 +248,7 @@ def decode(
                     cbuf = jax.lax.dynamic_update_slice(cbuf, jnp.where(valid, cap[0].transpose(0, 2, 1, 3), cur), at)
                 ok = valid & _rows(active, r0, mb)
                 one = lambda x: x[:, :, :, 0].transpose(1, 0, 2, 3)  # noqa: E731  (L, mb, KV, 1, hd) -> (mb, L, KV, hd)
-                kp, vp = _write_kv(kp, vp, tables, windows, jnp.arange(mb), pos, ok, _group_kv(kn, vn, write_slots, s), one)
+                kp, vp = write_kv(kp, vp, tables, windows, jnp.arange(mb), pos, ok, _group_kv(kn, vn, write_slots, s), one)
                 lens = jax.lax.dynamic_update_slice_in_dim(lens, pos + valid.astype(pos.dtype), r0, 0)
                 logits = model.logits(model.norm(y)[:, 0]).astype(jnp.float32)
                 nxt = sample(logits, pos + 1, jax.tree.map(lambda a: _rows(a, r0, mb), sampling))
@@ -360,7 +360,7 @@ def chunk(
                 ok = (valid & (cols[None, :] < count[:, None])).reshape(-1)
                 # (L, mb, KV, t, hd) -> (mb * t, L, KV, hd)
                 many = lambda x: x.transpose(1, 3, 0, 2, 4).reshape((mb * t, x.shape[0], x.shape[2], x.shape[4]))  # noqa: E731
-                kp, vp = _write_kv(kp, vp, tables, windows, rows, pos, ok, _group_kv(kn, vn, write_slots, s), many, end)
+                kp, vp = write_kv(kp, vp, tables, windows, rows, pos, ok, _group_kv(kn, vn, write_slots, s), many, end)
                 y_last = y if all_positions else y[jnp.arange(mb), jnp.maximum(count - 1, 0)]
                 done = valid & (s == pp - 1)
                 last = jax.lax.dynamic_update_slice_in_dim(last, jnp.where(done, y_last, _rows(last, r0, mb)), r0, 0)
