@@ -79,12 +79,12 @@ def parse_speculative(spec: str | SpecConfig | None) -> SpecConfig | None:
     path, _, k = rest.rpartition(":")
     if method not in METHODS or not k.isdigit() or not 1 <= int(k) <= 16 or (method == "ngram") != (path == ""):
         raise SpecError(f"bad speculative spec {spec!r}: {usage}")
-    if method == "draft" and not (pathlib.Path(path) / "config.json").is_file():
-        raise SpecError(f"speculative draft model {path!r} is not a checkpoint directory (no config.json there); "
-                        "give 'draft:DIR:K' with DIR a checkpoint sharing the target's tokenizer")
-    if method == "eagle3" and not (pathlib.Path(path) / "config.json").is_file():
-        raise SpecError(f"EAGLE-3 head {path!r} is not a checkpoint directory (no config.json there); give "
-                        "'eagle3:DIR:K' with DIR an EAGLE-3 head trained for the target (config.json, safetensors, d2t/t2d)")
+    wanted = {"draft": ("speculative draft model", "a checkpoint sharing the target's tokenizer"),
+              "eagle3": ("EAGLE-3 head", "an EAGLE-3 head trained for the target (config.json, safetensors, d2t/t2d)")}
+    if method in wanted and not (pathlib.Path(path) / "config.json").is_file():
+        what, fix = wanted[method]
+        raise SpecError(f"{what} {path!r} is not a checkpoint directory (no config.json there); give "
+                        f"'{method}:DIR:K' with DIR {fix}")
     return SpecConfig(method, int(k), path or None)
 
 
@@ -251,10 +251,6 @@ class Speculator:
         for w in self.windows:
             cap = min(cap, w - (length + 1) % w)
         return cap
-
-    def propose(self, rid: Any, seq: np.ndarray, length: int, left: int) -> np.ndarray:
-        """Drafts for one row (see drafts)."""
-        return self.drafts([(rid, seq, length, left)]).get(rid, seq[:0])
 
     def drafts(self, rows: Sequence[tuple[Any, np.ndarray, int, int]], batch: int | None = None) -> dict[Any, np.ndarray]:
         """Drafts for the rows (id, seq = prompt and output so far, length = KV positions it holds,
