@@ -47,11 +47,15 @@ def make_layout(mesh_spec: str, rules: Mapping[str, Any] | None = None, kernels:
 
 @dataclasses.dataclass
 class PlacedModel:
-    """An NNX model's graph and its parameters placed on a layout."""
+    """An NNX model's graph and its parameters placed on a layout, and how: the checkpoint it came
+    from and its dtypes (what a draft model or an EAGLE-3 head placed beside it follows)."""
 
     graphdef: Any
     state: Any  # nnx.State of jax.Arrays with NamedShardings
     layout: Layout
+    source: pathlib.Path | None = None
+    dtype: str = "float32"
+    compute_dtype: str = "float32"
 
     @functools.cached_property
     def module(self) -> ServingModel:
@@ -103,7 +107,7 @@ def place_model(
     graphdef, state, flat = _flat(abstract)
     if store.is_saved_model(model_dir):  # per-layer saved arrays, read onto the devices that hold them
         store.restore(model_dir, state, layout, abstract.stack_index(), options.kv_repeat)
-        return PlacedModel(graphdef, state, layout)
+        return PlacedModel(graphdef, state, layout, pathlib.Path(model_dir), dtype, compute_dtype)
     tmap = family.tensor_map(cfg, options)
     specs = {p: jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for p, v in flat.items()}
     shardings = {p: layout.sharding(v.get_metadata()["logical_axes"], specs[p].shape) for p, v in flat.items()}
@@ -116,4 +120,4 @@ def place_model(
         arrays = hf.load_into(model_dir, specs, shardings, tmap, **common)
     for p, var in flat.items():
         var.set_value(arrays[p])
-    return PlacedModel(graphdef, state, layout)
+    return PlacedModel(graphdef, state, layout, pathlib.Path(model_dir), dtype, compute_dtype)

@@ -215,7 +215,13 @@ class _CountingProposer:
         self.calls += 1
         return [np.full(r.k, r.seq[-1], np.int32) for r in rows]
 
+    def support(self, rid):
+        return 0
+
     def forget(self, rid):
+        pass
+
+    def warm(self, shapes, k):
         pass
 
 

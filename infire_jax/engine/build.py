@@ -201,14 +201,12 @@ class Deployment:
         if spec.method == "eagle3":
             key = (mesh, spec.path)
             if key not in self._drafts:
-                self._drafts[key] = place_head(spec.path, self._programs[mesh], dtype=self._place["dtype"],
-                                               compute_dtype=self._place["compute_dtype"])
+                self._drafts[key] = place_head(spec.path, self._programs[mesh])
             return self._drafts[key]
         tp = tp or options.draft_tp
         key = (mesh, spec.path, tp)
         if key not in self._drafts:
-            self._drafts[key] = place_draft(spec.path, self._programs[mesh], tp=tp, target_dir=self.model_dir,
-                                            **self._place)
+            self._drafts[key] = place_draft(spec.path, self._programs[mesh], tp=tp)
         return self._drafts[key]
 
     def _prefill_draft(self, mesh: str, options: EngineOptions) -> Programs | None:

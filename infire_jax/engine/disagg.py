@@ -24,7 +24,6 @@ import itertools
 import time
 from typing import Any, Sequence
 
-import jax
 import numpy as np
 
 from infire_jax.engine.core import (

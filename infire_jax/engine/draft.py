@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -92,23 +92,16 @@ def draft_mesh(decode: Programs, tp: int) -> str:
     return f"tp={tp}@{ids[0]}-{ids[0] + tp - 1}"
 
 
-def place_draft(
-    path: str | pathlib.Path,
-    decode: Programs,
-    *,
-    tp: int = 1,
-    target_dir: str | pathlib.Path | None = None,
-    rules: Mapping[str, Any] | None = None,
-    dtype: str = "float32",
-    compute_dtype: str = "float32",
-    kernels: str = "auto",
-) -> Programs:
-    """The draft checkpoint placed beside a decoding worker's programs (module doc), vocabulary checked."""
-    path = pathlib.Path(path)
+def place_draft(path: str | pathlib.Path, decode: Programs, *, tp: int = 1) -> Programs:
+    """The draft checkpoint placed beside a decoding (or prefill) worker's programs (module doc), its
+    vocabulary checked against the target's checkpoint: on a tp=`tp` mesh of the worker's first
+    devices, with the target's rules, kernels and dtypes, so every worker of a deployment, in this
+    process or another, places the same draft the same way."""
+    path, target = pathlib.Path(path), decode.placed
     cfg = load_config(path)
-    check_draft(decode.placed.cfg, cfg, pathlib.Path(target_dir) if target_dir else None, path)
-    layout = make_layout(draft_mesh(decode, tp), rules, kernels)
-    programs = Programs(place_model(path, layout, dtype=dtype, compute_dtype=compute_dtype, cfg=cfg))
+    check_draft(target.cfg, cfg, target.source, path)
+    layout = make_layout(draft_mesh(decode, tp), decode.layout.rules, decode.layout.kernels)
+    programs = Programs(place_model(path, layout, dtype=target.dtype, compute_dtype=target.compute_dtype, cfg=cfg))
     if programs.cache_groups is not None:
         raise SpecError(f"draft model {path} has windowed (chunked) attention layers; a draft model must use full "
                         "attention in every layer (its rolled-back drafts would overwrite ring slots still read)")
@@ -143,6 +136,32 @@ class DraftModelProposer:
         held = self.held.pop(rid, None)
         if held is not None:
             self.kv.release(held.lease)
+
+    def support(self, rid: Any) -> int:
+        """A model's drafts carry no per-draft evidence beyond the row's acceptance."""
+        return 0
+
+    WARM_CATCH_UP = (2, 4, 8, 16)  # catch-up widths after a verification or a decode call of up to 8 steps
+
+    def warm(self, shapes: Sequence[tuple[int, int]], k: int) -> None:
+        """The catch-up chunk programs (WARM_CATCH_UP widths) and the decode programs of 1 .. k - 1
+        steps for each (batch, pages per row), with padding rows only (n_new 0, inactive: nothing
+        written). (A prompt fed here, colocated, meets its own chunk width once.)"""
+        p, pool = self.programs, self.pools[0]
+        geometry = (pool.num_pages, pool.page_size)
+        for b, width in shapes:
+            table, zeros = np.zeros((b, width), np.int32), np.zeros(b, np.int32)
+            sp = pack_params([], b)
+            for c in self.WARM_CATCH_UP:
+                shape = (b, c, width, *geometry)
+                _, _, self.k_pages, self.v_pages = p._timed(
+                    ("chunk",) + shape + (False,), p.chunk_fn(*shape), p.placed.state, self.k_pages, self.v_pages,
+                    table, zeros, zeros, np.zeros((b, c), np.int32), sp)
+            for steps in range(1, k):
+                shape = (b, width, *geometry, steps, False)
+                _, self.k_pages, self.v_pages = p._timed(
+                    ("decode",) + shape, p.decode_fn(*shape), p.placed.state, self.k_pages, self.v_pages, table,
+                    zeros, zeros, np.zeros(b, bool), sp)
 
     def _table(self, leases: Sequence[Lease], reach: Sequence[int], b: int) -> tuple[int, np.ndarray]:
         """A page table (b rows) covering positions < reach[i] of each row (one full-length group)."""

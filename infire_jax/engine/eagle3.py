@@ -135,9 +135,9 @@ def check_head(path: str | pathlib.Path, tcfg: ModelConfig) -> HeadCheck:
     return HeadCheck(cfg, tuple(aux), present, _read_maps(path, present, cfg, tcfg.vocab_size))
 
 
-def place_head(path: str | pathlib.Path, target: Programs, *, dtype: str = "float32", compute_dtype: str = "float32"
-               ) -> PlacedHead:
-    """The head checkpoint at `path` checked (check_head) and placed on the target's layout."""
+def place_head(path: str | pathlib.Path, target: Programs) -> PlacedHead:
+    """The head checkpoint at `path` checked (check_head) and placed on the target's layout in the
+    target's dtypes."""
     path, layout = pathlib.Path(path), target.layout
     if len({d.process_index for d in layout.mesh.devices.flat}) > 1:
         raise SpecError("an EAGLE-3 head needs its decoding mesh within one process (its drafts are host-side, per "
@@ -149,7 +149,8 @@ def place_head(path: str | pathlib.Path, target: Programs, *, dtype: str = "floa
     repeat = tp // cfg.num_kv_heads if cfg.num_kv_heads < tp and tp % cfg.num_kv_heads == 0 else 1
     with use_layout(layout):
         abstract = nnx.eval_shape(lambda: Eagle3Head(cfg, own_embedding=own, kv_repeat=repeat,
-                                                     param_dtype=dtype_of(dtype), compute_dtype=dtype_of(compute_dtype)))
+                                                     param_dtype=dtype_of(target.placed.dtype),
+                                                     compute_dtype=dtype_of(target.placed.compute_dtype)))
     graphdef, state = nnx.split(abstract)
     flat = {tuple(str(p) for p in path_): var for path_, var in nnx.to_flat_state(state)}
     loaded = {p: v for p, v in flat.items() if p != ("d2t",)}
@@ -289,6 +290,24 @@ class Eagle3Proposer:
         )
 
     # -- Proposer -------------------------------------------------------------------------------
+    WARM_CATCH_UP = (2, 4, 8, 16)  # catch-up widths after a verification or a decode call of up to 8 steps
+
+    def warm(self, shapes: Sequence[tuple[int, int]], k: int) -> None:
+        """The head programs of the WARM_CATCH_UP widths for each (batch, pages per row), run with
+        padding rows only (n_new 0: nothing written). A prompt's first catch-up meets its own width."""
+        p = self.target
+        put = lambda x: jax.device_put(x, p.layout.replicated)  # noqa: E731
+        for b, width in shapes:
+            zeros = put(np.zeros(b, np.int32))
+            for c in self.WARM_CATCH_UP:
+                _, self.k_pages, self.v_pages = self._program(b, c, self.k - 1)(
+                    self.head.state, p.placed.state, self.k_pages, self.v_pages, put(np.zeros((b, width), np.int32)),
+                    zeros, zeros, put(np.zeros((b, c), np.int32)), put(np.zeros((b, c, self.width), np.float32)))
+
+    def support(self, rid: Any) -> int:
+        """A head's drafts carry no per-draft evidence beyond the row's acceptance."""
+        return 0
+
     def forget(self, rid: Any) -> None:
         row = self.rows.pop(rid, None)
         if row is not None and row.lease is not None:
