@@ -515,7 +515,10 @@ class _Decoding(_Worker):
         super().__init__(*args, **kwargs)
         self.ready: collections.deque[_Row] = collections.deque()  # prompt KV complete, not running yet
         self.running: list[Request] = []
-        self.speculator = Speculator(speculative, [q.window for q in self.pools], proposer) if speculative else None
+        one_process = len({d.process_index for d in self.programs.layout.mesh.devices.flat}) == 1
+        self.speculator = Speculator(speculative, [q.window for q in self.pools], proposer,
+                                     clocked=one_process) if speculative else None
+        self.decode_shapes: set[tuple[int, Any]] = set()  # (padded batch, packed pages per row) of decode calls run
 
     @property
     def draft_kv(self) -> DraftModelProposer | None:
@@ -581,7 +584,7 @@ class _Decoding(_Worker):
         p, rows = self.programs, self.running
         self.in_call = list(rows)
         b = p.batch_bucket(len(rows))
-        t0 = time.perf_counter()
+        t0, compiled0 = time.perf_counter(), boot.clock.programs_requested
         if self.speculator is not None:
             fed = self.draft_kv.fed_tokens if self.draft_kv is not None else 0
             drafts = self.speculator.drafts([
@@ -594,7 +597,7 @@ class _Decoding(_Worker):
             if drafts:
                 c = self.speculator.width(drafts)
                 if self.speculator.worth(b, c, drafts, len(rows)):
-                    return self._verify_call(rows, b, c, drafts, t0)
+                    return self._verify_call(rows, b, c, drafts, t0, compiled0)
             steps = self.speculator.decode_steps([r.id for r in rows], steps)
         per_row, tables = self._tables(rows, [r.length + steps for r in rows], b)
         lengths = np.zeros(b, np.int32)
@@ -605,9 +608,9 @@ class _Decoding(_Worker):
         sp = pack_params([r.params for r in rows], b)
         with_logits = any(r.with_logits for r in rows)
         shape = (b, p.pack(per_row), *self._geometry, steps, with_logits)
+        self.decode_shapes.add((b, p.pack(per_row)))
         capture = self.capture
         key = ("decode",) + shape + ((capture,) if capture else ())
-        fresh = key not in p.compile_seconds
         out, *captured, self.k_pages, self.v_pages = p._timed(
             key, p.decode_fn(*shape, capture=capture), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
             lengths, tokens, active, sp,
@@ -616,7 +619,7 @@ class _Decoding(_Worker):
         toks = distributed.fetch(out[0] if with_logits else out, schedule=(*tables, lengths, tokens, active))
         logits = distributed.fetch(out[1]) if with_logits else None
         if self.speculator is not None:
-            self.speculator.observed_decode(b, steps, None if fresh else time.perf_counter() - t0)
+            self.speculator.observed_decode(b, steps, self._seconds(t0, compiled0))
             self.speculator.observed_declined({  # score the declined drafts against what decode produced
                 r.id: (min(len(d), steps), _lead_matches(d[:steps], toks[: len(d), i]))
                 for i, r in enumerate(rows) if len(d := declined.get(r.id, ()))
@@ -629,30 +632,39 @@ class _Decoding(_Worker):
                 r.add_token(toks[j, i], logits[j, i] if logits is not None else None)
         return self._finish_rows(rows)
 
+    def _seconds(self, t0: float, compiled0: int) -> float | None:
+        """Wall time since t0, or None if any program (the target's, a draft model's, a head's)
+        compiled or loaded meanwhile: that call's time is not what the call costs."""
+        return None if boot.clock.programs_requested != compiled0 else time.perf_counter() - t0
+
     def warm_verify(self) -> int:
-        """Compile the verify programs of every decode shape (batch, pages per row) this worker has run,
-        one per verify width the speculator can ask for (Speculator.widths), by running each with
-        padding rows only (they write nothing): engine/warmup.py calls this after its dummy wave, so a
-        first real request does not compile a verification. Returns the programs compiled."""
+        """Compile what speculation will run for every decode shape (batch, pages per row) this worker
+        has run: the verify program at each width the speculator can ask for (Speculator.widths), run
+        with padding rows only (they write nothing), and the proposer's own programs
+        (Proposer.warm). engine/warmup.py calls this after its dummy wave, so a first real request
+        compiles nothing. Returns the programs compiled or loaded."""
         if self.speculator is None:
             return 0
-        p, done = self.programs, 0
-        shapes = {key[1:3] for key in p.compile_seconds
-                  if key[0] == "decode" and key[3:5] == self._geometry and not key[6]}
-        for b, per_row in sorted(shapes, key=str):
+        p, compiled0 = self.programs, boot.clock.programs_requested
+        capture = self.capture
+        for b, per_row in sorted(self.decode_shapes, key=str):
             for c in self.speculator.widths():
                 shape = (b, c, per_row, *self._geometry, False)
-                if ("verify",) + shape in p.compile_seconds:
+                key = ("verify",) + shape + ((capture,) if capture else ())
+                if key in p.compile_seconds:
                     continue
                 tables = [np.zeros((b, n), np.int32) for n in p.unpack(per_row)]
-                _, _, _, self.k_pages, self.v_pages = p._timed(
-                    ("verify",) + shape, p.verify_fn(*shape), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
-                    np.zeros(b, np.int32), np.full(b, -1, np.int32), np.zeros((b, c), np.int32), pack_params([], b),
+                _, _, _, *_, self.k_pages, self.v_pages = p._timed(
+                    key, p.verify_fn(*shape, capture=capture), p.placed.state, self.k_pages, self.v_pages,
+                    p.pack(tables), np.zeros(b, np.int32), np.full(b, -1, np.int32), np.zeros((b, c), np.int32),
+                    pack_params([], b),
                 )
-                done += 1
-        return done
+        self.speculator.proposer.warm(sorted({(b, max(p.unpack(per_row))) for b, per_row in self.decode_shapes}),
+                                      self.speculator.config.k)
+        return boot.clock.programs_requested - compiled0
 
-    def _verify_call(self, rows: list[Request], b: int, c: int, drafts: dict[Any, np.ndarray], t0: float) -> list[Request]:
+    def _verify_call(self, rows: list[Request], b: int, c: int, drafts: dict[Any, np.ndarray], t0: float,
+                     compiled0: int) -> list[Request]:
         """One speculative verification step (Programs.verify_fn) for the running batch: each row's
         last token and its drafts (rows without drafts just decode one token); returns the requests
         that finished."""
@@ -669,7 +681,6 @@ class _Decoding(_Worker):
         shape = (b, c, p.pack(per_row), *self._geometry, with_logits)
         capture = self.capture
         key = ("verify",) + shape + ((capture,) if capture else ())
-        fresh = key not in p.compile_seconds
         out, accepted, logits, *captured, self.k_pages, self.v_pages = p._timed(
             key, p.verify_fn(*shape, capture=capture), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
             start, proposed, tokens, sp,
@@ -689,7 +700,7 @@ class _Decoding(_Worker):
                 if r.finish_reason:
                     break
                 r.add_token(toks[i, j], logits[i, j] if logits is not None else None)
-        self.speculator.observed_verify(b, c, None if fresh else time.perf_counter() - t0, judged)
+        self.speculator.observed_verify(b, c, self._seconds(t0, compiled0), judged)
         return self._finish_rows(rows)
 
     def _finish_rows(self, rows: list[Request]) -> list[Request]:

@@ -10,24 +10,28 @@ speculation can only replace a decode call where it is predicted to produce more
                           (alpha_r + alpha_r^2 + ... + alpha_r^k_r from its recent acceptance rate)
   tokens per decode step  the batch's rows
   cost                    the measured wall time of each kind of call for this batch size (verify:
-                          per chunk width), an EMA; before a measurement, a prior that charges a
-                          verify of b rows x c columns 1 + b c / 16 decode steps (SmolLM2-135M on
-                          CPU: 1 x 5 and 1 x 9 cost 1.1-1.4 and 1.4-2 decode steps, 16 x 2, 16 x 5
-                          and 16 x 9 cost 3, 5.5 and 9). An unmeasured width is priced as the
-                          nearest wider one measured for its batch; else batches of at most 4
-                          rows try it once, larger ones go by the prior.
+                          per chunk width, timed from before drafting, so a model proposer's drafts
+                          are part of it; a call that compiled anything is no measurement), an EMA;
+                          before a measurement, a prior that charges a verify of b rows x c columns
+                          1 + b c / 16 decode steps (SmolLM2-135M on CPU: 1 x 5 and 1 x 9 cost
+                          1.1-1.4 and 1.4-2 decode steps, 16 x 2, 16 x 5 and 16 x 9 cost 3, 5.5 and
+                          9). An unmeasured width is priced as the nearest wider one measured for
+                          its batch; else batches of at most 4 rows try it once, larger ones go by
+                          the prior.
 
-A worker in a multi-process (SPMD) run decides on the prior alone: every process must take the same
-decision, and clocks differ between processes. Each row's draft length adapts to its acceptance
-rate: about the run length alpha / (1 - alpha) it sustains, plus one, at most the configured k (and
-one more than its last draft count when that was kept whole).
+A worker whose mesh spans processes (SPMD) decides on the prior alone: every process must take the
+same decision, and clocks differ between processes. A worker on a mesh of its own process (a decode
+worker of a multi-process P/D run) measures, as a lone process does. Each row's draft length adapts
+to its acceptance rate: about the run length alpha / (1 - alpha) it sustains, plus one, at most the
+configured k (and one more than its last draft count when that was kept whole).
 
-Proposers (the `Proposer` protocol: drafts for a batch of rows, forget a row): "ngram" (prompt
-lookup): the earlier occurrence of the row's last token in its prompt and output whose preceding
-tokens agree longest with the row's own (at least 2 in all) proposes the tokens that followed it. No extra weights. "draft" (engine/draft.py): a
-second, smaller checkpoint with the same vocabulary, greedy, with its own paged KV on the decoding
-worker's devices. "eagle3" (engine/eagle3.py, a `HiddenStateProposer`): an EAGLE-3 head fed the
-target's hidden states, which the worker's decode and verify calls then return.
+Proposers (the `Proposer` protocol: drafts for a batch of rows, their support, forget a row, warm
+up): "ngram" (prompt lookup): the earlier occurrence of the row's last token in its prompt and
+output whose preceding tokens agree longest with the row's own (at least 2 in all) proposes the
+tokens that followed it; no extra weights. "draft" (engine/draft.py): a second, smaller checkpoint
+with the same vocabulary, greedy, with its own paged KV on the decoding worker's devices. "eagle3"
+(engine/eagle3.py, a `HiddenStateProposer`): an EAGLE-3 head fed the target's hidden states, which
+the worker's decode and verify calls then return.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ class Proposer(Protocol):
 
     costly: drafting runs a model (not free like a lookup): the Speculator then decides verify or
     decode from the draft lengths it would ask for, before drafting, so a declined verification
-    costs no drafts."""
+    costs no drafts. A free proposer is asked for the most drafts every call, and the Speculator
+    cuts them to each row's draft length once it knows their `support`."""
 
     costly: bool
 
@@ -115,8 +120,19 @@ class Proposer(Protocol):
         """Up to rows[i].k draft tokens for each row (empty: no drafts for it this step)."""
         ...
 
+    def support(self, rid: Any) -> int:
+        """How strongly the row's drafts of the last draft() call are backed, for the acceptance
+        prior (Speculator.SUPPORT classes): for prompt lookup, how many tokens its source agrees
+        with the row; 0: nothing known beyond the row's own acceptance."""
+        ...
+
     def forget(self, rid: Any) -> None:
         """The row is done (finished, failed or cancelled): drop what is held for it."""
+        ...
+
+    def warm(self, shapes: Sequence[tuple[int, int]], k: int) -> None:
+        """Compile the programs drafting will run for these (padded batch, pages per row) decode shapes
+        and up to k drafts (warm-up, before the first request), writing nothing."""
         ...
 
 
@@ -180,8 +196,14 @@ class NgramProposer:
             self.agreement[r.id] = n
         return out
 
+    def support(self, rid: Any) -> int:
+        return self.agreement.get(rid, 0)
+
     def forget(self, rid: Any) -> None:
         """Nothing is held per row (agreement: the last call's rows only)."""
+
+    def warm(self, shapes: Sequence[tuple[int, int]], k: int) -> None:
+        """A lookup compiles nothing."""
 
 
 @dataclasses.dataclass
@@ -199,7 +221,7 @@ class SpecCounters:
 class _RowState:
     alpha: float  # recent acceptance rate (EMA of accepted / proposed)
     k: int
-    agreement: int = 0  # n-gram drafts: how long their source agreed with the row (0: unknown)
+    support: int = 0  # Proposer.support of its last drafts (n-gram: how long their source agreed; 0: unknown)
     idle: int = 1 << 30  # decode calls since its last verification that kept a draft
 
 
@@ -212,10 +234,13 @@ class Speculator:
     IDLE_CALLS = 4  # short decode calls after a row's last accepted draft before its calls are full again
     EXPLORE_ROWS = 4  # batches up to this many rows try an unmeasured verify shape (and take short decode calls)
     PROBE_EVERY = (8, 64)  # decode calls between re-measuring a refused verify (doubling up to the max)
-    AGREEMENT = (2, 4, 8, 16)  # n-gram agreement classes: <= 2, 3-4, 5-8, 9-16, longer
-    AGREEMENT_PRIOR = (0.2, 0.4, 0.5, 0.7, 0.85)
+    SUPPORT = (2, 4, 8, 16)  # Proposer.support classes: <= 2, 3-4, 5-8, 9-16, longer
+    SUPPORT_PRIOR = (0.2, 0.4, 0.5, 0.7, 0.85)  # acceptance per class, measured for n-gram agreement on SmolLM2
 
-    def __init__(self, config: SpecConfig, windows: Sequence[int | None] = (), proposer: Proposer | None = None):
+    def __init__(self, config: SpecConfig, windows: Sequence[int | None] = (), proposer: Proposer | None = None,
+                 clocked: bool | None = None):
+        """clocked: decide on measured call times (the worker's mesh lies in one process, so its
+        decisions need not agree with another's); default: when this is the only process."""
         if proposer is None and config.method != "ngram":
             raise SpecError(f"speculative method {config.method!r} needs its proposer (engine/build.py makes it)")
         self.config = config
@@ -225,12 +250,12 @@ class Speculator:
         self.windows = [w for w in windows if w is not None]
         self.rows: dict[Any, _RowState] = {}
         self.alpha0 = 0.5  # prior for a new row: the worker's recent acceptance
-        # n-gram drafts: acceptance rate per agreement length class (AGREEMENT), learned from every
-        # judged draft, the prior below measured on SmolLM2-135M (code and chat answers)
-        self.by_agreement = list(self.AGREEMENT_PRIOR)
+        # acceptance rate per support class (SUPPORT: n-gram agreement lengths), learned from every
+        # judged draft that had support, the prior measured on SmolLM2-135M (code and chat answers)
+        self.by_support = list(self.SUPPORT_PRIOR)
         self.step_seconds: dict[int, float] = {}  # batch -> seconds per decode step
         self.verify_seconds: dict[tuple[int, int], float] = {}  # (batch, chunk width) -> seconds per call
-        self.clocked = distributed.process_count() == 1
+        self.clocked = distributed.process_count() == 1 if clocked is None else clocked
         self.counters = SpecCounters()
         self.adaptive = True  # False: verify whenever a row has drafts (tests and measurements of the verify path)
         self._refused = 0
@@ -258,9 +283,9 @@ class Speculator:
         a costly proposer and the call's padded `batch`, none unless a verification would be worth it."""
         self._granted = False
         asked = []
-        lookup = isinstance(self.proposer, NgramProposer)  # free: ask for the most, cut once its agreement is known
+        free = not self.proposer.costly  # ask for the most, cut once the drafts' support is known
         for rid, seq, length, left in rows:
-            k = min(self.config.k if lookup else self._state(rid).k, self._cap(length, left))
+            k = min(self.config.k if free else self._state(rid).k, self._cap(length, left))
             if k > 0:
                 asked.append(DraftRow(rid, seq, k, len(seq) + left + self.config.k))
         if asked and self.proposer.costly and batch is not None:
@@ -269,10 +294,10 @@ class Speculator:
                 return {}
             self._granted = True
         out = self.proposer.draft(asked) if asked else []
-        if lookup:
-            for i, row in enumerate(asked):
-                st = self._state(row.id)
-                st.agreement = self.proposer.agreement.get(row.id, 0)
+        for i, row in enumerate(asked):
+            st = self._state(row.id)
+            st.support = self.proposer.support(row.id)
+            if free:
                 out[i] = out[i][: max(st.k, self._run_k(self._alpha(row.id)))]
         return {row.id: d[: row.k] for row, d in zip(asked, out) if len(d)}
 
@@ -308,15 +333,16 @@ class Speculator:
         """Draft length for an acceptance rate: the run it sustains (alpha / (1 - alpha)) plus one."""
         return max(1, min(self.config.k, math.ceil(alpha / max(1e-6, 1 - alpha)) + 1))
 
-    def _agreement_class(self, n: int) -> int:
-        return int(np.searchsorted(self.AGREEMENT, n))
+    def _support_class(self, n: int) -> int:
+        return int(np.searchsorted(self.SUPPORT, n))
 
     def _alpha(self, rid: Any) -> float:
-        """The acceptance rate a row's drafts are judged by: its own, or for n-gram drafts whose source
-        agrees with the row for long what such drafts have achieved, if more (a copy that resumes, or
-        a new row that copies, verifies at once rather than after decode calls have re-scored it)."""
+        """The acceptance rate a row's drafts are judged by: its own, or for drafts with support (n-gram
+        drafts whose source agrees with the row for long) what such drafts have achieved, if more (a
+        copy that resumes, or a new row that copies, verifies at once rather than after decode calls
+        have re-scored it)."""
         st = self._state(rid)
-        return max(st.alpha, self.by_agreement[self._agreement_class(st.agreement)]) if st.agreement else st.alpha
+        return max(st.alpha, self.by_support[self._support_class(st.support)]) if st.support else st.alpha
 
     def _expected(self, rid: Any, k: int) -> float:
         a = self._alpha(rid)
@@ -386,9 +412,9 @@ class Speculator:
     def _learn(self, rid: Any, k: int, a: int) -> None:
         """Update a row's acceptance estimate and draft length from k drafts of which a were kept."""
         st = self._state(rid)
-        if st.agreement:
-            c = self._agreement_class(st.agreement)
-            self.by_agreement[c] = (1 - self.EMA) * self.by_agreement[c] + self.EMA * (a / k)
+        if st.support:
+            c = self._support_class(st.support)
+            self.by_support[c] = (1 - self.EMA) * self.by_support[c] + self.EMA * (a / k)
         st.idle = 0 if a else st.idle
         st.alpha = (1 - self.EMA) * st.alpha + self.EMA * (a / k)
         self.alpha0 = (1 - self.EMA) * self.alpha0 + self.EMA * (a / k)
