@@ -7,7 +7,7 @@ tokens must still equal plain decoding colocated (tp=1, pp=2; tp=1 for the MoE t
 in-process P/D with different layouts (tp=1 prefill, tp=2 decode). The proposer's drafts equal a
 full forward of the head over the whole sequence (catch-up, own-state steps and rollback), the
 hidden states the decode and verify calls captured equal the target's prefill ones (Llama and
-DeepSeek targets), a reduced
+DeepSeek targets; the prompt's from the prefill call, shipped under P/D, never recomputed), a reduced
 vocabulary never proposes a token it lacks, a head that must propose the target's next token (a
 target whose greedy token is always 0, a head that always drafts 0) has every draft accepted, and
 bad heads fail with one SpecError each. Every decode call verifies (`adaptive = False`).
@@ -136,6 +136,8 @@ def _run(deployment, head, k: int = 3):
     engine = _engine(deployment, head, k)
     reqs = generate(engine, _prompts(), per_request(2, NEW))
     assert all(r.status == "done" for r in reqs), [r.error for r in reqs]
+    # the prompts' states came from the prefill calls (shipped under P/D), none recomputed
+    assert sum(w.speculator.hidden.recomputed_positions for w in engine.decode_workers) == 0
     return reqs, engine.stats()
 
 
@@ -148,6 +150,7 @@ def test_eagle3_gives_the_tokens_of_plain_decoding(dirs, deployments, plain, pre
     reqs, stats = _run(deployments(prefill, decode), dirs["head"])
     assert [r.output for r in reqs] == plain
     assert stats["spec_verify_calls"] > 0 and stats["spec_proposed_tokens"] > 0
+    assert stats["hidden_states_received"] == (0 if decode is None else sum(len(r.prompt) for r in reqs))
     assert sum(r.metrics()["proposed_tokens"] for r in reqs) == stats["spec_proposed_tokens"]
 
 
@@ -230,8 +233,8 @@ def test_drafts_equal_a_full_forward_of_the_head(dirs, deployments):
 
 @pytest.mark.parametrize("target, head, k", [("target", "head", 3), ("deepseek_v3", "deepseek_v3:head", 1)])
 def test_decode_and_verify_capture_the_prefill_states(dirs, deployments, target, head, k):
-    """The hidden states the engine's decode and verify calls handed the proposer equal the target's
-    prefill (hidden_fn) states of the same positions."""
+    """The hidden states the engine's prefill, decode and verify calls handed the proposer equal the
+    target's prefill (hidden_fn) states of the same positions."""
     deployment = deployments("tp=1", target=target)
     engine = _engine(deployment, dirs[head], k)
     engine.decode_workers[0].speculator.adaptive = True  # some plain decode calls too (the first is always one)
@@ -251,7 +254,7 @@ def test_decode_and_verify_capture_the_prefill_states(dirs, deployments, target,
         tokens[0, : len(seq)] = seq
         want = np.asarray(programs.hidden_fn(1, 32, proposer.captures)(programs.placed.state, tokens))[0]
         kept = {p: h for p, h in seen[r.id].items() if p < len(seq)}  # (a finished row's last call may overshoot)
-        assert sorted(kept) == list(range(len(r.prompt), len(seq)))  # every generated position, once the prompt's
+        assert sorted(kept) == list(range(len(seq)))  # the prompt's from the prefill call, then every generated one
         np.testing.assert_allclose(np.stack([kept[p] for p in sorted(kept)]), want[sorted(kept)], rtol=1e-4, atol=1e-4)
 
 

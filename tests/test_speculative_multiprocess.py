@@ -74,3 +74,28 @@ def test_speculation_under_multiprocess_pd_gives_colocated_tokens(dirs):
         assert stats["transfer_bytes"] >= stats["kv_bytes_transferred"] + stats["draft_kv_bytes_transferred"]
         # its draft was fed only generated tokens (at most one per token, the last never), no prompt token
         assert 0 < stats["draft_fed_tokens"] <= sum(len(r.output) - 1 for r in by["draft"])
+
+
+def test_eagle3_prompt_states_ride_with_the_pages_across_processes(dirs, tmp_path):
+    """"eagle3:DIR:K" on both sides: the prefill process captures the head's target layers while it
+    prefills and ships the prompt's states with the pages, so the decode process recomputes no
+    prompt (hidden_states_received = every prompt position); the tokens are colocated plain ones."""
+    from tests.test_speculative_eagle3 import write_head
+
+    prompts = _prompts()
+    want = infire_jax.load(dirs["target"]).generate(prompts, max_new_tokens=NEW)
+    spec = f"eagle3:{write_head(tmp_path / 'head', dirs['target'])}:3"
+    with RemoteEngine(
+        dirs["target"],
+        [WorkerConfig("prefill", "prefill0", mesh="tp=1", num_pages=32, speculative=spec)],
+        [WorkerConfig("decode", "eagle3", speculative=spec, decode_steps=2, num_pages=32, max_batch=4)],
+        **TIMEOUTS,
+    ) as engine:
+        engine.debug("eagle3", verify_always=True)
+        reqs = engine.run_requests(prompts, [SamplingParams(NEW)] * len(prompts), timeout=RUN_S)
+        for r in reqs:
+            r.raise_error()
+        assert [r.output for r in reqs] == want
+        stats = engine.stats()
+        assert stats["spec_proposed_tokens"] > 0 and stats["spec_verify_calls"] > 0
+        assert stats["hidden_states_received"] == sum(len(p) for p in prompts)

@@ -95,13 +95,16 @@ def prefill_draft(programs: Programs, options: EngineOptions) -> Programs | None
 
 
 def prefill_worker(name: str, programs: Programs, options: EngineOptions, draft: Programs | None = None) -> PrefillWorker:
-    """draft: the draft model placed beside this mesh (prefill_draft_tp), whose KV it prefills and ships."""
+    """draft: the draft model placed beside this mesh (prefill_draft_tp), whose KV it prefills and ships.
+    With "eagle3:DIR:K" the prefill calls capture the head's target layers and ship the prompt's states."""
+    spec = parse_speculative(options.speculative)
+    capture = check_head(spec.path, programs.placed.cfg).aux_layers if spec is not None and spec.method == "eagle3" else ()
     return PrefillWorker(
         name, programs, max_batch=options.max_decode_batch, max_batch_tokens=options.prefill_max_tokens,
         num_pages=options.kv_pages, page_size=options.page_size, prefill_chunk=options.prefill_chunk,
         prefix_cache=options.prefix_cache, draft=None if draft is None else DraftModelProposer(
             draft, num_pages=options.kv_pages, page_size=options.page_size, max_batch=options.max_decode_batch,
-            chunk=options.prefill_chunk or 512),
+            chunk=options.prefill_chunk or 512), capture=capture,
     )
 
 

@@ -143,6 +143,7 @@ class WorkerCounters:
     draft_tokens_computed: int = 0  # tokens run through a draft model's chunk program (prefill: the prompt)
     draft_kv_pages_transferred: int = 0  # decode: a draft model's pages received (not in kv_pages_transferred)
     draft_kv_bytes_transferred: int = 0
+    hidden_states_received: int = 0  # decode: prompt positions whose EAGLE-3 head states came with the pages
 
 
 @dataclasses.dataclass
@@ -157,6 +158,7 @@ class _Row:
     shipped: int = 0  # prefill worker: blocks sent so far, or held by the destination
     with_draft: bool = False  # prefill worker: the draft model's KV is prefilled here and shipped too
     draft_shipped: int = 0  # prefill worker: draft blocks sent so far
+    states: list[tuple[int, np.ndarray]] = dataclasses.field(default_factory=list)  # prefill worker: captured, unsent
 
     @property
     def id(self) -> Any:
@@ -202,6 +204,10 @@ class Shipment:
     arrays: tuple[Any, ...]
     final: list[Request]  # requests whose prompt completed in this call (first token set)
     draft: DraftPages | None = None  # the draft model's pages of the same rows (same transfer)
+    # "eagle3:DIR:K": the prompt states the prefill calls captured, per row (id, first position, (n, width)),
+    # of target layers `hidden_layers` (a decoding worker whose head reads other layers ignores them)
+    hidden: list[tuple[Any, int, np.ndarray]] = dataclasses.field(default_factory=list)
+    hidden_layers: tuple[int, ...] = ()
 
     def page_bytes(self, spec: transfer.KVSpec, page_sizes: Sequence[int]) -> int:
         """Bytes of the pages that carry data (not the padding of the bucket)."""
@@ -405,9 +411,12 @@ class _Worker:
             tokens[i, : len(r.prompt)] = r.prompt
         sp = p.put_sampling(pack_params([r.params for r in reqs], b))
         lens = p.put(lengths, ("batch",))
-        first, first_logits, k, v = p._timed(
-            ("prefill", b, t), p.prefill_fn(b, t), p.placed.state, p.put(tokens, ("batch", "seq")), lens, sp
+        capture = self.capture
+        first, first_logits, *captured, k, v = p._timed(
+            ("prefill", b, t) + ((capture,) if capture else ()), p.prefill_fn(b, t, capture), p.placed.state,
+            p.put(tokens, ("batch", "seq")), lens, sp,
         )
+        self._prompt_states(captured, [(row, 0, len(row.request.prompt)) for row in rows])
         kv = p.canonical_kv_fn(b, t)(k, v, lens)
         ids = []
         for g, pool in enumerate(self.pools):
@@ -452,10 +461,13 @@ class _Worker:
         with_logits = any(row.request.with_logits for row, _ in final)
         sp = pack_params([r.params for r in reqs], b)
         shape = (b, c, p.pack(per_row), *self._geometry)
-        nxt, logits, self.k_pages, self.v_pages = p._timed(
-            ("chunk",) + shape + (with_logits,), p.chunk_fn(*shape, with_logits=with_logits), p.placed.state,
+        capture = self.capture
+        nxt, logits, *captured, self.k_pages, self.v_pages = p._timed(
+            ("chunk",) + shape + (with_logits,) + ((capture,) if capture else ()),
+            p.chunk_fn(*shape, with_logits=with_logits, capture=capture), p.placed.state,
             self.k_pages, self.v_pages, p.pack(tables), start, n_new, tokens, sp,
         )
+        self._prompt_states(captured, [(row, row.computed, n) for row, n in plan])
         if final:
             idx = [i for i, (row, _) in enumerate(plan) if row.computed + n_new[i] == len(row.request.prompt)]
             toks = distributed.fetch(nxt, schedule=(tokens, start, n_new, *tables))
@@ -464,6 +476,24 @@ class _Worker:
         for row, n in plan:
             row.computed += n
         return self._advanced(plan)
+
+    @property
+    def capture(self) -> tuple[int, ...]:
+        """Target layers whose inputs this worker's calls return (an EAGLE-3 head's states), or ()."""
+        return ()
+
+    def _prompt_states(self, captured: list, pieces: Sequence[tuple[_Row, int, int]]) -> None:
+        """Captured states of a prefill call ([(b, t, width)], empty: none asked): row i's positions
+        start .. start + n - 1 are its columns 0 .. n - 1 (pieces[i] = (row, start, n))."""
+        if not captured:
+            return
+        hidden = distributed.fetch(captured[0])
+        for i, (row, start, n) in enumerate(pieces):
+            self._keep_states(row, start, hidden[i, :n])
+
+    def _keep_states(self, row: _Row, start: int, states: np.ndarray) -> None:
+        """Held on the row until its pages ship (a prefill worker); a decoding worker hands them on."""
+        row.states.append((start, states))
 
     def _started(self, reqs: Sequence[Request]) -> None:
         self.in_call = list(reqs)
@@ -541,6 +571,10 @@ class _Decoding(_Worker):
         """Target layers whose inputs the decode and verify calls return for the proposer (EAGLE-3), or ()."""
         hidden = self.speculator.hidden if self.speculator is not None else None
         return hidden.captures if hidden is not None else ()
+
+    def _keep_states(self, row: _Row, start: int, states: np.ndarray) -> None:
+        """A colocated prefill call's prompt states go to the proposer (no recompute at the first draft)."""
+        self.speculator.hidden.observe(row.id, start, states)
 
     def _observed(self, rows: Sequence[Request], captured: list, kept: Any) -> None:
         """Hand the proposer each row's captured hidden states of the positions it kept: captured [(b, c,
@@ -773,10 +807,20 @@ class PrefillWorker(_Worker):
 
     def __init__(self, name: str, programs: Programs, max_batch: int = 8, max_batch_tokens: int = 8192, *,
                  num_pages: int = 512, page_size: int = 16, prefill_chunk: int | None = None,
-                 prefix_cache: bool = True, draft: DraftModelProposer | None = None):
+                 prefix_cache: bool = True, draft: DraftModelProposer | None = None, capture: tuple[int, ...] = ()):
+        """capture: the target layers an EAGLE-3 head on the decoding side reads ("eagle3:DIR:K"): the
+        prefill calls return their inputs and the shipments carry them, so the decode worker does not
+        recompute the prompt (Programs.capture_selection checks them here)."""
         super().__init__(name, programs, num_pages=num_pages, page_size=page_size, max_batch=max_batch,
                          prefix_cache=prefix_cache, prefill_chunk=prefill_chunk, max_batch_tokens=max_batch_tokens)
         self.draft = draft  # "draft:DIR:K": the draft model's KV, prefilled here for rows submitted with draft=True
+        if capture:
+            programs.capture_selection(capture)
+        self._capture = tuple(capture)
+
+    @property
+    def capture(self) -> tuple[int, ...]:
+        return self._capture
 
     @property
     def pending_tokens(self) -> int:
@@ -824,7 +868,7 @@ class PrefillWorker(_Worker):
 
     def _shipment(self, rows: list[_Row]) -> Shipment | None:
         entries, ids = [], [[] for _ in self.pools]
-        final, drafts = [], []
+        final, drafts, hidden = [], [], []
         for row in rows:
             r, pages = row.request, self._pages(row)
             done = row.computed == len(r.prompt)
@@ -836,6 +880,9 @@ class PrefillWorker(_Worker):
                 continue
             rings = tuple(len(pages[g]) for g, pool in enumerate(self.pools) if pool.window is not None) if done else ()
             entries.append(ShippedRow(r.id, first, n, done, rings))
+            if row.states:  # contiguous pieces of the prompt, in order
+                hidden.append((r.id, row.states[0][0], np.concatenate([x for _, x in row.states])))
+                row.states = []
             if row.with_draft:  # the draft's blocks up to the same position, from block 0
                 drafts.append(ShippedRow(r.id, row.draft_shipped, upto - row.draft_shipped, done))
                 row.draft_shipped = upto
@@ -854,7 +901,7 @@ class PrefillWorker(_Worker):
         p = self.programs
         arrays = p.export_pages_fn(p.pack(counts), *self._geometry)(self.k_pages, self.v_pages, p.pack(padded))
         draft = DraftPages(drafts, *self.draft.export([(d.id, d.first, d.blocks) for d in drafts])) if drafts else None
-        return Shipment(rows[0].dest, entries, counts, real, arrays, final, draft)
+        return Shipment(rows[0].dest, entries, counts, real, arrays, final, draft, hidden, self.capture if hidden else ())
 
 
 class DecodeWorker(_Decoding):
@@ -893,6 +940,11 @@ class DecodeWorker(_Decoding):
         self.counters.kv_bytes_transferred += shipment.page_bytes(self.kv_spec, self.page_sizes)
         if shipment.draft is not None and draft_arrays is not None and self.draft_kv is not None:
             self._receive_draft(shipment.draft, draft_arrays)
+        if shipment.hidden and shipment.hidden_layers == self.capture:  # the prompt states for an EAGLE-3 head
+            for rid, start, states in shipment.hidden:
+                if rid in self.rows:
+                    self.speculator.hidden.observe(rid, start, states)
+                    self.counters.hidden_states_received += len(states)
         finished = []
         for s in shipment.rows:
             row = self.rows.get(s.id)

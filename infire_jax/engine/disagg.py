@@ -214,7 +214,8 @@ class Engine:
         draft_prefill_tokens (prompt tokens prefill workers ran through it, P/D), draft_fed_tokens
         (tokens decoding workers fed it: generated ones, and prompts whose draft KV was not shipped),
         draft_kv_pages_transferred / draft_kv_bytes_transferred (its pages P -> D, not in kv_*; both
-        in transfer_bytes)."""
+        in transfer_bytes). An EAGLE-3 head ("eagle3:DIR:K"): hidden_states_received (prompt positions
+        whose captured states came with the pages, P/D)."""
         reqs = [r for r in self.requests.values() if r.finished]
         wall = max([r.times.get("end", self.started) for r in reqs] + [self.started]) - self.started
         generated = sum(len(r.output) for r in reqs)
@@ -241,6 +242,7 @@ class Engine:
             draft_fed_tokens=sum(w.counters.draft_tokens_computed for w in self.decode_workers),
             draft_kv_pages_transferred=sum(w.counters.draft_kv_pages_transferred for w in self.decode_workers),
             draft_kv_bytes_transferred=sum(w.counters.draft_kv_bytes_transferred for w in self.decode_workers),
+            hidden_states_received=sum(w.counters.hidden_states_received for w in self.decode_workers),
             transfers=ts.transfers,
             transfer_bytes=ts.bytes,
             transfer_s=ts.seconds,

@@ -8,9 +8,11 @@ embed_tokens embeds with the target's table (the target module's embed_tokens).
 The target's hidden states: a decoding worker whose Speculator holds this proposer asks its decode
 and verify programs for the inputs of the head's three target layers (Programs.capture_selection,
 models.contract.Family.captures_hidden) and hands each row's kept positions to `observe`. The
-prompt's positions, which the prefill worker (or the colocated worker's prefill call) computed
-without them, are recomputed once per row by the target's hidden-state program (Programs.hidden_fn)
-at the row's first draft; the head's KV of the prompt is then fed in pieces of at most `chunk`.
+prompt's states come from the prefill calls that compute it (a colocated worker's own; a prefill
+worker's ride in the Shipment). Positions no call computed here (a prefix reused from the prefix
+cache, a prefill worker with another head) are recomputed by the target's hidden-state program
+(Programs.hidden_fn) at the row's first draft; the head's KV of the prompt is then fed in pieces of
+at most `chunk`.
 
 Per propose call (one batch of rows), one head program: a catch-up chunk feeds each row the
 positions p whose target state it has not consumed yet (token p + 1 with the fused state of p), its
@@ -208,6 +210,7 @@ class Eagle3Proposer:
         zeros = jax.jit(lambda: jnp.zeros(shape, module.compute_dtype), out_shardings=self._pages_sh)
         self.k_pages, self.v_pages = zeros(), zeros()
         self.rows: dict[Any, _Row] = {}
+        self.recomputed_positions = 0  # prompt positions whose states hidden_fn computed (none were captured)
 
     # -- target states ------------------------------------------------------------------------
     def _row(self, rid: Any) -> _Row:
@@ -241,6 +244,7 @@ class Eagle3Proposer:
         out = distributed.fetch(t.hidden_fn(b, width, self.captures)(t.placed.state, t.put(tokens, ("batch", "seq"))))
         for i, (r, m) in enumerate(todo):
             row = self._row(r.id)
+            self.recomputed_positions += m
             row.states.update((p, out[i, p]) for p in range(row.consumed, m) if p not in row.states)
 
     # -- the head program -----------------------------------------------------------------------

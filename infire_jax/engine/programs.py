@@ -161,27 +161,32 @@ class Programs:
             ),
         )
 
-    def prefill_fn(self, b: int, t: int):
+    def prefill_fn(self, b: int, t: int, capture: tuple[int, ...] = ()):
         """(state, tokens (b, t) right-padded, lengths (b,), sampling) ->
-        (first sampled token (b,), its logits (b, vocab), k, v (L, b, KV, t, hd))."""
+        (first sampled token (b,), its logits (b, vocab), k, v (L, b, KV, t, hd)). With capture (layer
+        ids, see capture_selection) the inputs of those layers at every position come before k and v,
+        (b, t, n x hidden): an EAGLE-3 head's prompt states, computed by the prefill itself."""
         graphdef, layout = self.placed.graphdef, self.layout
+        sel = self.capture_selection(capture) if capture else None
 
         def prefill(state, tokens, lengths, sp):
-            h, k, v = self._run_prefill(state, tokens)
+            h, k, v, *cap = pipeline.prefill(graphdef, state, layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32),
+                                             self.stages, capture=None if sel is None else jnp.asarray(sel))
             with use_layout(layout):
                 last = h[jnp.arange(tokens.shape[0]), lengths - 1]
                 logits = nnx.merge(graphdef, state).logits(last).astype(jnp.float32)
-                return sample(logits, lengths, sp), logits, k, v
+                return sample(logits, lengths, sp), logits, *cap, k, v
 
         vocab = self.placed.cfg.vocab_size
         k_sh, v_sh = self.kv_shardings(b, t)
         row = self._sh(("batch",), (b,))
         return self._compiled(
-            ("prefill", b, t),
+            ("prefill", b, t) + ((capture,) if capture else ()),
             lambda: jax.jit(
                 prefill,
                 in_shardings=(self._state_shardings, self._sh(("batch", "seq"), (b, t)), row, self._sampling_shardings(b)),
-                out_shardings=(row, self._sh(("batch", "vocab"), (b, vocab)), k_sh, v_sh),
+                out_shardings=(row, self._sh(("batch", "vocab"), (b, vocab)))
+                + ((self.layout.replicated,) if capture else ()) + (k_sh, v_sh),
             ),
         )
 
@@ -297,7 +302,8 @@ class Programs:
             decode, b, num_pages, page_size, outs=((rep, rep) if with_logits else rep,) + ((rep,) if capture else ()),
         )
 
-    def chunk_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False):
+    def chunk_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False,
+                 capture: tuple[int, ...] = ()):
         """(state, k_pages, v_pages, page_table (b, P), start (b,), n_new (b,), tokens (b, c), sampling) ->
         (next token (b,), its logits (b, vocab) or None, k_pages, v_pages): prefill over a cached prefix.
 
@@ -308,21 +314,25 @@ class Programs:
         the last one's logits, keyed by its position start + n_new exactly as prefill_fn keys a
         prompt's first token: a prompt run as chunks draws what the whole-prompt prefill draws. Serves
         prefix reuse (start = cached tokens) and chunked prefill (successive chunks of one prompt).
-        The pages are donated; one program per (b, c, pages_per_row, pool) bucket."""
+        The pages are donated; one program per (b, c, pages_per_row, pool) bucket. With capture (layer
+        ids, see capture_selection) the inputs of those layers at every column come before the pages,
+        (b, c, n x hidden)."""
         if b % self.stages:
             raise ValueError(f"chunk_fn: b={b} rows must be a multiple of the {self.stages} pipeline stages (use batch_bucket)")
         graphdef, layout = self.placed.graphdef, self.layout
+        sel = self.capture_selection(capture) if capture else None
 
         def run(state, k_pages, v_pages, page_table, start, n_new, tokens, sp):
-            hidden, k_pages, v_pages = pipeline.chunk(graphdef, state, layout, k_pages, v_pages, page_table, start, n_new, tokens)
+            hidden, k_pages, v_pages, *cap = pipeline.chunk(graphdef, state, layout, k_pages, v_pages, page_table, start,
+                                                            n_new, tokens, capture=None if sel is None else jnp.asarray(sel))
             with use_layout(layout):
                 logits = nnx.merge(graphdef, state).logits(hidden).astype(jnp.float32)
-            return sample(logits, start + n_new, sp), logits if with_logits else None, k_pages, v_pages
+            return sample(logits, start + n_new, sp), logits if with_logits else None, *cap, k_pages, v_pages
 
         rep = self.layout.replicated
         return self._paged_step(
-            ("chunk", b, c, pages_per_row, num_pages, page_size, with_logits), run, b, num_pages, page_size,
-            outs=(rep, rep if with_logits else None),
+            ("chunk", b, c, pages_per_row, num_pages, page_size, with_logits) + ((capture,) if capture else ()),
+            run, b, num_pages, page_size, outs=(rep, rep if with_logits else None) + ((rep,) if capture else ()),
         )
 
     def verify_fn(self, b: int, c: int, pages_per_row: Any, num_pages: Any, page_size: Any, with_logits: bool = False,

@@ -418,7 +418,7 @@ class _PrefillServer(_Server):
             dest=s.dest, uuid=uuid, address=self.endpoint.address, num_transports=self.endpoint.num_transports,
             kv_spec=spec, descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in kv[:n_target]], checksums=sums,
             rows=[dc.astuple(row) for row in s.rows], counts=s.counts, real=s.real, final=final, draft=draft,
-            mode=target["mode"], prefill_s=prefill_s, reshard_s=reshard_s, **self.state(),
+            hidden=s.hidden, hidden_layers=s.hidden_layers, mode=target["mode"], prefill_s=prefill_s, reshard_s=reshard_s, **self.state(),
         ))
 
     def on_bench_offer(self, p: dict[str, Any]) -> None:
@@ -533,7 +533,8 @@ class _DecodeServer(_Server):
             if r is not None:
                 r.output, r.finish_reason, r.cached_tokens = list(f["output"]), f["finish_reason"], f["cached_tokens"]
                 self.sent[r.id] = len(r.output)
-        shipment = Shipment(self.cfg.name, [ShippedRow(*row) for row in p["rows"]], counts, tuple(p["real"]), kv, [], pages)
+        shipment = Shipment(self.cfg.name, [ShippedRow(*row) for row in p["rows"]], counts, tuple(p["real"]), kv, [], pages,
+                            p["hidden"], tuple(p["hidden_layers"]))
         finished = self.worker.receive(shipment, kv, draft_kv if pages is not None else None)
         jax.block_until_ready((self.worker.k_pages, self.worker.v_pages))
         reshard_s = time.perf_counter() - t0
@@ -1171,7 +1172,7 @@ class RemoteEngine:
             self._retry_or_fail(live, dw)
             return
         fields = ("uuid", "address", "num_transports", "kv_spec", "descs", "checksums", "rows", "counts", "real",
-                  "final", "mode", "draft")
+                  "final", "mode", "draft", "hidden", "hidden_layers")
         draft_spec = w.info["draft"]["kv_spec"] if p["draft"] is not None else None
         self._send(dw, ("accept", dict({f: p[f] for f in fields}, draft_kv_spec=draft_spec)))
 
@@ -1287,6 +1288,7 @@ class RemoteEngine:
             draft_fed_tokens=sum(self._counter(w, "draft_tokens_computed") for w in dec),
             draft_kv_pages_transferred=sum(self._counter(w, "draft_kv_pages_transferred") for w in dec),
             draft_kv_bytes_transferred=sum(self._counter(w, "draft_kv_bytes_transferred") for w in dec),
+            hidden_states_received=sum(self._counter(w, "hidden_states_received") for w in dec),
             transfers=len(self.transfers), transfer_bytes=nbytes, pull_s=pull_s,
             pull_gib_per_s=nbytes / 2**30 / pull_s if pull_s else 0.0,
             local_reshard_s=sum(t["local_reshard_s"] for t in self.transfers),
