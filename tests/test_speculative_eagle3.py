@@ -211,13 +211,14 @@ def _reference_drafts(deployment, head, seq: np.ndarray, k: int) -> list[int]:
 
 
 def test_drafts_equal_a_full_forward_of_the_head(dirs, deployments):
-    """Catch-up, own-state steps and rollback: after a partly kept verification the proposer's drafts
-    equal the head run over the whole new sequence."""
+    """Catch-up (in pieces), own-state steps and rollback: after a partly kept verification the
+    proposer's drafts equal the head run over the whole new sequence."""
     deployment = deployments("tp=1")
     options = dataclasses.replace(OPTIONS, speculative=f"eagle3:{dirs['head']}:3")
     head, programs = deployment.draft("tp=1", options), deployment.programs("tp=1")
-    proposer = Eagle3Proposer(head, programs, num_pages=8, page_size=16, max_batch=2, k=3)
-    seq = np.asarray(_prompts()[0] + [7], np.int32)  # 17 tokens: the prompt's states computed at the first draft
+    proposer = Eagle3Proposer(head, programs, num_pages=8, page_size=16, max_batch=2, k=3, chunk=4)
+    # 17 tokens: the prompt's states computed at the first draft, fed to the head in catch-up pieces of 4
+    seq = np.asarray(_prompts()[0] + [7], np.int32)
     drafts = proposer.draft([DraftRow("r", seq, 3, 32)])[0]
     assert drafts.tolist() == _reference_drafts(deployment, head, seq, 3)
     # the target fed the last token and kept the first draft, then produced another token

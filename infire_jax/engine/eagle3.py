@@ -11,8 +11,8 @@ models.contract.Family.captures_hidden) and hands each row's kept positions to `
 prompt's states come from the prefill calls that compute it (a colocated worker's own; a prefill
 worker's ride in the Shipment). Positions no call computed here (a prefix reused from the prefix
 cache, a prefill worker with another head) are recomputed by the target's hidden-state program
-(Programs.hidden_fn) at the row's first draft; the head's KV of the prompt is then fed in pieces of
-at most `chunk`.
+(Programs.hidden_fn) at the row's first draft. The head's KV of the prompt is fed in catch-up calls of at most
+CATCH_UP_MAX positions (so the head compiles a few widths, all at warm-up, not one per prompt length).
 
 Per propose call (one batch of rows), one head program: a catch-up chunk feeds each row the
 positions p whose target state it has not consumed yet (token p + 1 with the fused state of p), its
@@ -194,12 +194,15 @@ class Eagle3Proposer:
     speculative.HiddenStateProposer."""
 
     costly = True
+    CATCH_UP_MAX = 64  # positions per catch-up call: a prompt is fed in pieces, so the widths are few (all warmed)
 
     def __init__(self, head: PlacedHead, target: Programs, *, num_pages: int, page_size: int, max_batch: int,
                  k: int, chunk: int = 512):
         """k: the most drafts a row asks for; every call runs k - 1 own-state steps (the head is one layer:
-        one program per batch and catch-up width rather than one per draft count)."""
-        self.head, self.target, self.chunk, self.k = head, target, chunk, k
+        one program per batch and catch-up width rather than one per draft count). chunk: the most
+        positions one catch-up call feeds (at most CATCH_UP_MAX)."""
+        self.head, self.target, self.k = head, target, k
+        self.catch_up = min(chunk, self.CATCH_UP_MAX)
         self.captures = head.aux_layers
         self.width = len(head.aux_layers) * head.cfg.target_hidden_size
         self.pools = kv_cache.pools(None, num_pages, page_size, max_batch)
@@ -294,16 +297,15 @@ class Eagle3Proposer:
         )
 
     # -- Proposer -------------------------------------------------------------------------------
-    WARM_CATCH_UP = (2, 4, 8, 16)  # catch-up widths after a verification or a decode call of up to 8 steps
 
     def warm(self, shapes: Sequence[tuple[int, int]], k: int) -> None:
-        """The head programs of the WARM_CATCH_UP widths for each (batch, pages per row), run with
-        padding rows only (n_new 0: nothing written). A prompt's first catch-up meets its own width."""
+        """The head programs of every catch-up width (2 .. catch_up, powers of two) for each (batch, pages
+        per row), run with padding rows only (n_new 0: nothing written)."""
         p = self.target
         put = lambda x: jax.device_put(x, p.layout.replicated)  # noqa: E731
         for b, width in shapes:
             zeros = put(np.zeros(b, np.int32))
-            for c in self.WARM_CATCH_UP:
+            for c in sorted({bucket(n, 2) for n in range(1, self.catch_up + 1)}):
                 _, self.k_pages, self.v_pages = self._program(b, c, self.k - 1)(
                     self.head.state, p.placed.state, self.k_pages, self.v_pages, put(np.zeros((b, width), np.int32)),
                     zeros, zeros, put(np.zeros((b, c), np.int32)), put(np.zeros((b, c, self.width), np.float32)))
@@ -320,23 +322,33 @@ class Eagle3Proposer:
     def draft(self, rows: Sequence[DraftRow]) -> list[np.ndarray]:
         out = [r.seq[:0] for r in rows]
         self._fill_prompts(rows)
-        live: list[tuple[int, _Row, int, int]] = []  # (index in rows, row, first position fed, positions fed)
+        pending: list[tuple[int, _Row]] = []
         for i, r in enumerate(rows):
             row = self._row(r.id)
             if row.lease is None:
                 row.lease = self.kv.reserve(r.id, r.seq, r.positions)
                 if row.lease is None:  # cannot happen with the worker's page count; no drafts rather than a failure
                     continue
-            last = len(r.seq) - 2  # the last position whose target state is known: it predicts the next token
-            first = min(row.consumed, last)
-            live.append((i, row, first, min(last + 1 - first, self.chunk)))
-        if not live:
+            pending.append((i, row))
+        if not pending:
             return out
-        p = self.target
-        b = p.batch_bucket(len(live))
+        b = self.target.batch_bucket(len(pending))
+        while pending:  # a long catch-up (a prompt) in pieces of at most `catch_up` positions, then the drafts
+            pending = self._head_call(rows, pending, b, out)
+        return out
+
+    def _head_call(self, rows: Sequence[DraftRow], pending: list[tuple[int, _Row]], b: int, out: list[np.ndarray]
+                   ) -> list[tuple[int, _Row]]:
+        """One head program call over the pending rows (b rows padded): each row's next catch-up piece;
+        rows caught up get their drafts in `out`. Returns the rows still catching up."""
+        live = []  # (index in rows, row, first position fed, positions fed)
+        for i, row in pending:
+            last = len(rows[i].seq) - 2  # the last position whose target state is known: it predicts the next token
+            first = min(row.consumed, last)
+            live.append((i, row, first, min(last + 1 - first, self.catch_up)))
+        p, steps = self.target, self.k - 1
         c = bucket(max(n for *_, n in live), 2)
-        done = [first + n == len(rows[i].seq) - 1 for i, _, first, n in live]  # else still catching up
-        steps = self.k - 1
+        done = [first + n == len(rows[i].seq) - 1 for i, _, first, n in live]
         tokens, hidden = np.zeros((b, c), np.int32), np.zeros((b, c, self.width), np.float32)
         start, n_new = np.zeros(b, np.int32), np.zeros(b, np.int32)
         for j, (i, row, first, n) in enumerate(live):
@@ -357,4 +369,4 @@ class Eagle3Proposer:
                 row.states.pop(q, None)
             if done[j]:
                 out[i] = drafts[j, : rows[i].k].astype(np.int32)
-        return out
+        return [(i, row) for (i, row, _, _), d in zip(live, done) if not d]
