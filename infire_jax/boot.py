@@ -277,10 +277,12 @@ def _environment() -> str:
     import numpy as np
     from importlib import metadata
 
-    try:
-        flax_version = metadata.version("flax")
-    except metadata.PackageNotFoundError:
-        flax_version = "-"
+    versions = []
+    for name in ("flax", "ml_dtypes"):
+        try:
+            versions.append(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            versions.append("-")
     client = jax.devices()[0].client
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     source = hashlib.sha256()
@@ -288,7 +290,7 @@ def _environment() -> str:
     for f in sorted(p for pattern in ("*.py", "*.cc", "*.h") for p in package.rglob(pattern)):
         source.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes() + b"\0")
     return repr((
-        _FORMAT, jax.__version__, jaxlib.__version__, flax_version, np.__version__, client.platform,
+        _FORMAT, jax.__version__, jaxlib.__version__, *versions, np.__version__, client.platform,
         client.platform_version, cpu_signature(), platform.machine(), os.environ.get("XLA_FLAGS", ""),
         [(name, str(getattr(jax.config, name, None))) for name in _JAX_SETTINGS], cpus, source.hexdigest(),
     ))
