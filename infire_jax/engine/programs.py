@@ -9,6 +9,7 @@ several decode steps (with on-device sampling) per dispatch.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from typing import Any, Sequence
 
@@ -99,12 +100,15 @@ class Programs:
     @functools.cached_property
     def _description(self) -> str:
         """What decides this model's programs besides their key and arguments (the executable cache's
-        key, boot.CachedProgram): the module graph with its static settings, the layout and its device
-        order, the dtypes and the kernels a trace picks."""
+        key, boot.CachedProgram): the module graph with every static attribute (config, dtypes, tables;
+        GraphDef's own repr leaves the values out), the layout and its device order, and the kernels a
+        trace picks."""
+        graph = self.placed.graphdef
         with use_layout(self.layout):
             kernels = dispatch.backend()  # also registers the CPU kernels, which a loaded program calls
-        return repr((repr(self.placed.graphdef), repr(self.layout), self.layout.mesh.device_ids.tolist(),
-                     self.placed.dtype, self.placed.compute_dtype, self.decode_steps, kernels))
+        with np.printoptions(threshold=sys.maxsize):  # static numpy arrays in full
+            return repr((graph.nodes, graph.attributes, graph.num_leaves, self.layout, self.layout.mesh.device_ids.tolist(),
+                         self.placed.dtype, self.placed.compute_dtype, self.decode_steps, kernels))
 
     def _compiled(self, key: tuple, build) -> Any:
         """The program of `key`: build() makes its jax.jit, needed only when the executable cache does not
