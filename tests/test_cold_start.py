@@ -130,3 +130,19 @@ def test_native_huffman_decode_rejects_a_corrupt_stream():
     for ops in (cpu, None):
         with pytest.raises(ValueError, match="corrupt huffman payload"):
             codec._decode_huffman_exp(bad, ops)
+
+
+def test_executable_cache_key_names_the_static_config(tmp_path):
+    """Two models of the same shapes whose configs differ (a rope base: a static attribute, in no
+    array) describe their programs differently, so one never runs the other's executable."""
+    import infire_jax
+    from infire_jax.checkpoint import tiny
+
+    def description(name, **overrides):
+        path = tiny.write_tiny_checkpoint(tmp_path / name, overrides=dict(num_hidden_layers=1, **overrides),
+                                          tokenizer=False)
+        return infire_jax.load(path, compilation_cache_dir=None).programs._description
+
+    base = description("a")
+    assert description("b") == base
+    assert description("c", rope_theta=5e5) != base
