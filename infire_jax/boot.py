@@ -262,7 +262,7 @@ def executable_cache_dir() -> pathlib.Path | None:
     import jax
 
     path = jax.config.jax_compilation_cache_dir
-    if not path or jax.process_count() > 1:
+    if not path or not jax.config.jax_enable_compilation_cache or jax.process_count() > 1:
         return None
     return pathlib.Path(path) / EXECUTABLES
 
@@ -307,8 +307,8 @@ def _argument_signature(args: tuple) -> tuple[Any, list[str]]:
     for x in leaves:
         if isinstance(x, jax.Array):
             sh = x.sharding
-            devices = (sh.mesh.device_ids.ravel().tolist() if hasattr(sh, "mesh")
-                       else sorted(d.id for d in sh.device_set))
+            devices = [f"{d.platform}:{d.id}" for d in (sh.mesh.devices.flat if hasattr(sh, "mesh")
+                                                         else sorted(sh.device_set, key=lambda d: d.id))]
             lines.append(f"{x.aval!r} {sh!r} {devices}")
         else:  # numpy arrays and Python scalars: traced by type, placed by the program's in_shardings
             lines.append(f"{type(x).__name__} {np.shape(x)} {np.result_type(x)}")

@@ -107,8 +107,9 @@ class Programs:
         with use_layout(self.layout):
             kernels = dispatch.backend()  # also registers the CPU kernels, which a loaded program calls
         with np.printoptions(threshold=sys.maxsize):  # static numpy arrays in full
-            return repr((graph.nodes, graph.attributes, graph.num_leaves, self.layout, self.layout.mesh.device_ids.tolist(),
-                         self.placed.dtype, self.placed.compute_dtype, self.decode_steps, kernels))
+            return repr((graph.nodes, graph.attributes, graph.num_leaves, self.layout, self.layout.platform,
+                         self.layout.mesh.device_ids.tolist(), self.placed.dtype, self.placed.compute_dtype,
+                         self.decode_steps, kernels))
 
     def _compiled(self, key: tuple, build) -> Any:
         """The program of `key`: build() makes its jax.jit, needed only when the executable cache does not
