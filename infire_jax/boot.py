@@ -327,10 +327,11 @@ class CachedProgram:
     ``build()`` returns the ``jax.jit`` object; ``description`` must name everything besides the
     arguments that decides what it traces to (the model graph, layout, program key, ...). The first
     call looks the executable up in :func:`executable_cache_dir`; on a miss it lowers and compiles
-    (through JAX's persistent cache, as a plain call would) and stores the executable. Later calls run
-    the executable. Without a cache directory it is the jitted function. A key mismatch is a miss; an
-    unreadable entry is a miss with one warning (and is replaced); the loaded executable still checks
-    its arguments' types and shardings on every call."""
+    (through JAX's persistent cache, as a plain call would) and stores the executable if it was
+    compiled afresh. Later calls run the executable. Without a cache directory it is the jitted
+    function. A key mismatch is a miss; an unreadable entry is a miss with one warning (the entry is
+    removed); the loaded executable still checks its arguments' types and shardings on every call.
+    Entries are trusted as JAX trusts its own cache: loading one runs code from the cache directory."""
 
     def __init__(self, build: Callable[[], Any], description: Any):
         self._build = build
@@ -421,6 +422,7 @@ def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> None:
         return
     if in_tree != tree:
         return
+    tmp = None
     try:
         devices = [d.id for d in compiled.runtime_executable().local_devices()]
         blob = pickle.dumps((dict(format=_FORMAT, key=key, sha256=hashlib.sha256(payload).hexdigest(),
@@ -430,11 +432,13 @@ def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
         os.replace(tmp, path)
+        tmp = None
         _evict(path.parent, EXECUTABLES_MAX_BYTES)
     except Exception as e:  # noqa: BLE001 - an unwritable cache must not fail the program
         _warn_once("store", f"cannot store executables in {path.parent} ({type(e).__name__}: {e})")
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def _evict(directory: pathlib.Path, max_bytes: int) -> None:
