@@ -146,3 +146,13 @@ def test_executable_cache_key_names_the_static_config(tmp_path):
     base = description("a")
     assert description("b") == base
     assert description("c", rope_theta=5e5) != base
+
+
+def test_executable_cache_evicts_the_least_recently_used(tmp_path):
+    for i, name in enumerate("abcd"):
+        f = tmp_path / f"{name}.exe"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (1000 + i, 1000 + i))  # a oldest, d newest
+    os.utime(tmp_path / "a.exe")  # just used (a loaded entry is touched): newest now
+    boot._evict(tmp_path, 250)
+    assert sorted(f.name for f in tmp_path.glob("*.exe")) == ["a.exe", "d.exe"]
