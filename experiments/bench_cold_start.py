@@ -7,8 +7,9 @@
    of infire_jax.load to the first token, `load_to_first_token_s`) and process start to first token.
 2. second start: generate.py on one deployment twice with a fresh compilation cache directory for
    the first start; boot.first_token_s of the second over the first, and the second's
-   programs_compiled (0 = everything came from the cache). Repeated --start_rounds times, each
-   with a new directory.
+   programs_compiled (0 = everything came from the cache) and programs_lowered (0 = the engine's
+   programs came from the executable cache, neither traced nor lowered). Repeated --start_rounds
+   times, each with a new directory.
 
   python experiments/bench_cold_start.py --out /tmp/bench_cold_start.json
   python experiments/bench_cold_start.py --skip_compressed --start_model_dir /path/to/hf_model
@@ -138,6 +139,7 @@ def second_start() -> dict:
         first_token_s_second=round(statistics.median(r["second"]["first_token_s"] for r in rounds), 3),
         ratio=round(statistics.median(r["ratio"] for r in rounds), 3),
         second_programs_compiled=max(r["second"]["programs_compiled"] for r in rounds),
+        second_programs_lowered=max(r["second"].get("programs_lowered", 0) for r in rounds),  # 0: executable cache
         rounds=rounds,
     )
 

@@ -263,10 +263,10 @@ def measure_setting(deploy, trace, vocab: int, clean_passes: int = 2, max_passes
     kept, hits, load0, walls, compiled = [], [], _load(), [], []
     for k in range(max_passes):
         engine.reset_stats()
-        t0, programs0 = time.perf_counter(), boot.clock.programs_requested
+        t0, programs0 = time.perf_counter(), boot.clock.programs_prepared
         records = replay(engine, bench._shifted(trace, vocab, k))
         walls.append(time.perf_counter() - t0)
-        compiled.append(boot.clock.programs_requested - programs0)
+        compiled.append(boot.clock.programs_prepared - programs0)
         if not compiled[-1]:
             kept += records
             hits.append(engine.stats().get("hit_ratio"))

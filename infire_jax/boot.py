@@ -6,6 +6,12 @@ built for the host's instruction set and JAX's cache key does not name it) and c
 program, however small or quick to compile (JAX by default skips programs that compiled in under a
 second). Call it before the first compilation; ``infire_jax.load`` and the scripts do.
 
+JAX's persistent cache is keyed on the lowered program, so a hit still traces and lowers it (most of a
+second start's warm-up). :class:`CachedProgram` skips both: the engine's programs keep their compiled
+executables in ``<cache dir>/executables``, keyed on everything that decides the program (the caller's
+description of it, the arguments' structure, types and shardings, the devices, jax / jaxlib / flax,
+XLA flags, the CPU and the source of this package), and a later process loads them directly.
+
 :data:`clock` (one per process) collects the boot breakdown the scripts report as ``"boot"``:
 
   read_s           checkpoint bytes read from disk (safetensors / containers / orbax)
@@ -15,6 +21,9 @@ second). Call it before the first compilation; ``infire_jax.load`` and the scrip
   first_token_s    process start (as the OS recorded it) to the first generated token
   programs_compiled  XLA programs this process compiled: programs it needed minus those the
                    persistent cache supplied (counted from jax.monitoring events)
+  programs_from_cache  programs the persistent cache or the executable cache supplied
+  programs_loaded  of those, executables loaded from the executable cache (neither traced nor lowered)
+  programs_lowered programs traced and lowered to StableHLO (compiled or persistent-cache hits)
 
 Loaders report into it with ``with boot.clock.phase("read"): ...``; phases are exclusive (a phase
 nested in another is not counted twice, nor is a compilation that happens inside one).
@@ -24,20 +33,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import pathlib
 import platform
+import tempfile
 import threading
 import time
-from typing import Any, Iterator
+import warnings
+from typing import Any, Callable, Iterator
 
-__all__ = ["BootClock", "clock", "cpu_signature", "default_cache_dir", "use_compilation_cache", "process_start"]
+__all__ = ["BootClock", "CachedProgram", "clock", "cpu_signature", "default_cache_dir", "executable_cache_dir",
+           "use_compilation_cache", "process_start"]
 
 PHASES = ("read", "convert", "place")
 # jax.monitoring event names (public strings; recorded by jax for every program it compiles or loads
 # from the persistent cache, and for every persistent-cache hit).
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
@@ -121,6 +135,8 @@ class BootClock:
         self.compile_s = 0.0
         self.programs_requested = 0
         self.cache_hits = 0
+        self.programs_lowered = 0  # traced and lowered to StableHLO (a persistent-cache hit needs this too)
+        self.programs_loaded = 0  # executables loaded from the executable cache: neither lowered nor compiled
         self.first_token: float | None = None  # time.perf_counter() of the first generated token
         self._warming_up = 0
         self._listening = False
@@ -141,11 +157,16 @@ class BootClock:
         jax.monitoring.register_event_listener(self._on_event)
 
     def _on_duration(self, event: str, duration: float, **_: Any) -> None:
+        if event == _LOWER_EVENT:
+            with self._lock:
+                self.programs_lowered += 1
+            return
         if event != _COMPILE_EVENT:
             return
         with self._lock:
             self.compile_s += duration
             self.programs_requested += 1
+        self._local.compiles = getattr(self._local, "compiles", 0) + 1  # (jax reports in the compiling thread)
         stack = getattr(self._local, "stack", None)
         if stack:  # a compilation inside a loading phase counts as compilation only
             stack[-1].excluded += duration
@@ -154,6 +175,11 @@ class BootClock:
         if event == _CACHE_HIT_EVENT:
             with self._lock:
                 self.cache_hits += 1
+            self._local.hits = getattr(self._local, "hits", 0) + 1
+
+    def thread_compiles(self) -> tuple[int, int]:
+        """(backend compiles, persistent-cache hits among them) this thread has seen."""
+        return getattr(self._local, "compiles", 0), getattr(self._local, "hits", 0)
 
     # -- phases ----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -194,6 +220,12 @@ class BootClock:
     def programs_compiled(self) -> int:
         return self.programs_requested - self.cache_hits
 
+    @property
+    def programs_prepared(self) -> int:
+        """Programs made ready to run: compiled, taken from the persistent cache or loaded from the
+        executable cache (a call during which this changed measured that, not the call)."""
+        return self.programs_requested + self.programs_loaded
+
     def since_start(self, when: float | None = None) -> float:
         """Seconds from process start to `when` (perf_counter; default now)."""
         return (time.perf_counter() if when is None else when) - self._start_perf
@@ -208,9 +240,224 @@ class BootClock:
             compile_s=round(self.compile_s, 4),
             first_token_s=None if first is None else round(first, 4),
             programs_compiled=self.programs_compiled,
-            programs_from_cache=self.cache_hits,
+            programs_from_cache=self.cache_hits + self.programs_loaded,
+            programs_loaded=self.programs_loaded,
+            programs_lowered=self.programs_lowered,
         )
 
 
 clock = BootClock()
 clock.start()
+
+
+# -- executable cache -------------------------------------------------------------------------
+EXECUTABLES = "executables"  # subdirectory of the compilation cache directory (JAX's LRU ignores it)
+EXECUTABLES_MAX_BYTES = 2 << 30  # least recently used entries go past this
+_FORMAT = "infire_jax-executable-1"
+# jax settings that change what a traced program means (the rest is in the arguments and the caller's
+# description); read for the cache key only.
+_JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
+                 "jax_numpy_rank_promotion", "jax_default_prng_impl", "jax_threefry_partitionable",
+                 "jax_use_shardy_partitioner", "jax_platforms")
+_warned: set[str] = set()
+
+
+def executable_cache_dir() -> pathlib.Path | None:
+    """Where this process keeps compiled executables: ``executables`` inside JAX's persistent cache
+    directory (None when that is off, or in a multi-process run, whose programs span processes)."""
+    import jax
+
+    path = jax.config.jax_compilation_cache_dir
+    if not path or not jax.config.jax_enable_compilation_cache or jax.process_count() > 1:
+        return None
+    return pathlib.Path(path) / EXECUTABLES
+
+
+@functools.cache
+def _environment() -> str:
+    """Everything outside the arguments and the caller's description that decides a compiled
+    program: versions, backend, CPU, XLA flags, jax settings, usable CPUs (the CPU kernels' thread
+    count) and this package's source (its programs are traced from it)."""
+    import jax
+    import jaxlib
+    import numpy as np
+    from importlib import metadata
+
+    versions = []
+    for name in ("flax", "ml_dtypes"):
+        try:
+            versions.append(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            versions.append("-")
+    client = jax.devices()[0].client
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    source = hashlib.sha256()
+    package = pathlib.Path(__file__).resolve().parent
+    for f in sorted(p for pattern in ("*.py", "*.cc", "*.h") for p in package.rglob(pattern)):
+        source.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return repr((
+        _FORMAT, jax.__version__, jaxlib.__version__, *versions, np.__version__, client.platform,
+        client.platform_version, cpu_signature(), platform.machine(), os.environ.get("XLA_FLAGS", ""),
+        [(name, str(getattr(jax.config, name, None))) for name in _JAX_SETTINGS], cpus, source.hexdigest(),
+    ))
+
+
+def _argument_signature(args: tuple) -> tuple[Any, list[str]]:
+    """(tree structure of (args, {}) as a compiled program takes them, one line per leaf: type,
+    weak type, sharding and its device order)."""
+    import jax
+    import numpy as np
+
+    leaves, tree = jax.tree.flatten((tuple(args), {}))
+    lines = []
+    for x in leaves:
+        if isinstance(x, jax.Array):
+            sh = x.sharding
+            devices = [f"{d.platform}:{d.id}" for d in (sh.mesh.devices.flat if hasattr(sh, "mesh")
+                                                         else sorted(sh.device_set, key=lambda d: d.id))]
+            lines.append(f"{x.aval!r} {sh!r} {devices}")
+        else:  # numpy arrays and Python scalars: traced by type, placed by the program's in_shardings
+            lines.append(f"{type(x).__name__} {np.shape(x)} {np.result_type(x)}")
+    return tree, lines
+
+
+def _warn_once(what: str, message: str) -> None:
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(f"infire_jax executable cache: {message}", RuntimeWarning, stacklevel=4)
+
+
+class CachedProgram:
+    """A jitted program whose compiled executable outlives the process.
+
+    ``build()`` returns the ``jax.jit`` object; ``description`` must name everything besides the
+    arguments that decides what it traces to (the model graph, layout, program key, ...). The first
+    call looks the executable up in :func:`executable_cache_dir`; on a miss it lowers and compiles
+    (through JAX's persistent cache, as a plain call would) and stores the executable if it was
+    compiled afresh. Later calls run the executable. Without a cache directory it is the jitted
+    function. A key mismatch is a miss; an unreadable entry is a miss with one warning (the entry is
+    removed); the loaded executable still checks its arguments' types and shardings on every call.
+    Entries are trusted as JAX trusts its own cache: loading one runs code from the cache directory."""
+
+    def __init__(self, build: Callable[[], Any], description: Any):
+        self._build = build
+        self._description = description
+        self._jitted: Any = None
+        self._call: Callable[..., Any] | None = None
+
+    @property
+    def jitted(self) -> Any:
+        """The jax.jit object (built on first use: a program loaded from the cache never needs it)."""
+        if self._jitted is None:
+            self._jitted = self._build()
+        return self._jitted
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self.jitted.lower(*args, **kwargs)
+
+    def __call__(self, *args: Any) -> Any:
+        if self._call is None:
+            self._call = self._resolve(args)
+        return self._call(*args)
+
+    def _resolve(self, args: tuple) -> Callable[..., Any]:
+        directory = executable_cache_dir()
+        if directory is None:
+            return self.jitted
+        tree, leaves = _argument_signature(args)
+        text = "\n".join([_environment(), repr(self._description), str(tree), *leaves])
+        key = hashlib.sha256(text.encode()).hexdigest()
+        path = directory / f"{key}.exe"
+        loaded = _load(path, key, tree)
+        if loaded is not None:
+            with clock._lock:
+                clock.programs_loaded += 1
+            return loaded
+        lowered = self.jitted.lower(*args)
+        compiles, hits = clock.thread_compiles()
+        compiled = lowered.compile()
+        after = clock.thread_compiles()
+        # Stored only if freshly compiled here: jaxlib serializes an executable that JAX's persistent cache
+        # (or an earlier compile in this process) supplied without its machine code (XLA:CPU: "Function ...
+        # not found" when run). A persistent-cache hit stays a hit on later starts, as without this cache.
+        if after[0] > compiles and after[1] == hits:
+            _store(path, key, compiled, tree)
+        return compiled
+
+
+def _load(path: pathlib.Path, key: str, tree: Any) -> Any:
+    """The executable stored at path, or None (missing, or unreadable: one warning, entry removed)."""
+    import pickle
+
+    import jax
+    from jax.experimental import serialize_executable
+
+    try:
+        blob = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        header, payload = pickle.loads(blob)
+        if header["format"] != _FORMAT or header["key"] != key:
+            raise ValueError("its key does not match its name")
+        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+            raise ValueError("checksum mismatch")
+        devices = {d.id: d for d in jax.devices()}
+        devices = [devices[i] for i in header["devices"]]  # the program's device assignment, in order
+        compiled = serialize_executable.deserialize_and_load(payload, tree, header["out_tree"], backend=devices[0].client,
+                                                             execution_devices=devices)
+    except Exception as e:  # noqa: BLE001 - whatever is wrong with an entry, compiling again is correct
+        _warn_once("corrupt", f"ignoring unreadable entry {path} ({type(e).__name__}: {e}); compiling it again")
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # recently used: evicted last
+    return compiled
+
+
+def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> None:
+    """Write the executable (atomically; best effort: a failure costs only the next start's lowering)."""
+    import pickle
+
+    from jax.experimental import serialize_executable
+
+    try:
+        payload, in_tree, out_tree = serialize_executable.serialize(compiled)
+    except (NotImplementedError, ValueError):  # programs jax cannot serialize (closed-over constants, ...)
+        return
+    if in_tree != tree:
+        return
+    tmp = None
+    try:
+        devices = [d.id for d in compiled.runtime_executable().local_devices()]
+        blob = pickle.dumps((dict(format=_FORMAT, key=key, sha256=hashlib.sha256(payload).hexdigest(),
+                                  out_tree=out_tree, devices=devices), payload))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+        tmp = None
+        _evict(path.parent, EXECUTABLES_MAX_BYTES)
+    except Exception as e:  # noqa: BLE001 - an unwritable cache must not fail the program
+        _warn_once("store", f"cannot store executables in {path.parent} ({type(e).__name__}: {e})")
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _evict(directory: pathlib.Path, max_bytes: int) -> None:
+    """Remove the least recently used entries until the directory holds at most max_bytes."""
+    entries = []
+    for f in directory.glob("*.exe"):
+        with contextlib.suppress(OSError):
+            st = f.stat()
+            entries.append((st.st_mtime, st.st_size, f))
+    total = sum(size for _, size, _ in entries)
+    for _, size, f in sorted(entries):
+        if total <= max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            f.unlink()
+        total -= size

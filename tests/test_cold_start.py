@@ -22,51 +22,88 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOOT_KEYS = {"read_s", "convert_s", "place_s", "compile_s", "first_token_s", "programs_compiled"}
 
 
-def _generate(model_dir, cache_dir) -> dict:
+def _generate(model_dir, cache_dir) -> tuple[dict, str]:
+    """One generate.py process: its JSON line and the text it printed."""
     cmd = [sys.executable, os.path.join(REPO, "experiments", "generate.py"), f"--model_dir={model_dir}",
            f"--compilation_cache_dir={cache_dir}", "--max_new_tokens=2", "--prompt=Hello"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    return json.loads(lines[-1]), "\n".join(lines[:-1])
 
 
 def test_second_start_compiles_nothing(tmp_path):
+    """The second start takes every program from the executable cache: nothing compiled, traced or
+    lowered, and the same tokens."""
     from infire_jax.checkpoint import tiny
 
     model = tiny.write_tiny_checkpoint(tmp_path / "model", overrides={"num_hidden_layers": 2})
     cache = tmp_path / "xla"
-    first = _generate(model, cache)
-    second = _generate(model, cache)
+    first, first_text = _generate(model, cache)
+    second, second_text = _generate(model, cache)
     assert BOOT_KEYS <= set(first["boot"]) and BOOT_KEYS <= set(second["boot"])
-    assert first["boot"]["programs_compiled"] > 0, first["boot"]
-    assert second["boot"]["programs_compiled"] == 0, second["boot"]
-    assert second["boot"]["programs_from_cache"] >= first["boot"]["programs_compiled"]
+    assert first["boot"]["programs_compiled"] > 0 and first["boot"]["programs_loaded"] == 0, first["boot"]
+    assert second["boot"]["programs_compiled"] == 0 and second["boot"]["programs_lowered"] == 0, second["boot"]
+    assert second["warmup"]["programs_loaded"] > 0 and second["warmup"]["programs_lowered"] == 0, second["warmup"]
+    assert second["boot"]["programs_from_cache"] == second["boot"]["programs_loaded"]
     assert 0 < second["boot"]["first_token_s"] and 0 < first["boot"]["first_token_s"]
-    assert first["warmup"]["programs_compiled"] > 0 and second["warmup"]["programs_compiled"] == 0
+    assert second_text == first_text and "Hello" in first_text
 
 
-def test_boot_phases_are_exclusive():
-    clock = boot.BootClock()
-    with clock.phase("place"):
-        time.sleep(0.05)
-        with clock.phase("read"):
-            time.sleep(0.1)
-        clock._on_duration("/jax/core/compile/backend_compile_duration", 0.03)  # as jax.monitoring calls it
-    assert 0.095 < clock.seconds["read"] < 0.5
-    assert 0.015 < clock.seconds["place"] < 0.3  # 0.05 + ~0 minus the 0.03 s compilation
-    assert clock.compile_s == 0.03 and clock.programs_compiled == 1
-    clock._on_event("/jax/compilation_cache/cache_hits")
-    assert clock.programs_compiled == 0 and clock.cache_hits == 1
-    with clock.warming_up():
-        clock.mark_first_token()
-    assert clock.first_token is None
-    clock.mark_first_token()
-    first = clock.first_token
-    clock.mark_first_token()
-    assert clock.first_token == first and 0 < clock.report()["first_token_s"] < 1e5
-    with pytest.raises(ValueError, match="unknown boot phase"):
-        with clock.phase("lunch"):
-            pass
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """This process's compilation cache at a new directory (restored afterwards), warnings re-armed."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setattr(boot, "_warned", set())
+    yield boot.use_compilation_cache(tmp_path / "xla")
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_executable_cache_hits_misses_and_corrupt_entries(fresh_cache):
+    import jax
+    import jax.numpy as jnp
+
+    def program(description, build=lambda: jax.jit(lambda x, y: (x * 2 + y, None))):
+        return boot.CachedProgram(build, description)
+
+    def entries():
+        return sorted((fresh_cache / boot.EXECUTABLES).glob("*.exe"))
+
+    x, y, y3 = jax.device_put(np.arange(4.0, dtype=np.float32)), jnp.float32(1), jnp.float32(3)
+    x5, x_int = jax.device_put(np.arange(5.0, dtype=np.float32)), jax.device_put(np.arange(4, dtype=np.int32))
+    expected = np.arange(4.0) * 2 + 1
+    compiled, loaded, lowered = boot.clock.programs_compiled, boot.clock.programs_loaded, boot.clock.programs_lowered
+    np.testing.assert_array_equal(program("p")(x, y)[0], expected)
+    assert len(entries()) == 1 and boot.clock.programs_compiled == compiled + 1
+    hit = program("p", build=lambda: pytest.fail("a cached program was traced"))
+    out, none = hit(x, y)
+    np.testing.assert_array_equal(out, expected)
+    assert none is None and boot.clock.programs_loaded == loaded + 1
+    assert boot.clock.programs_compiled == compiled + 1 and boot.clock.programs_lowered == lowered + 1
+    np.testing.assert_array_equal(hit(x, y3)[0], expected + 2)  # later calls run the loaded executable,
+    with pytest.raises(TypeError, match="Argument types differ"):  # which checks its arguments
+        hit(x, x)
+    # another description: a miss; the same program text, so JAX's persistent cache supplies it, and that
+    # is not stored (jaxlib serializes what that cache supplied without its machine code)
+    hits, loaded = boot.clock.cache_hits, boot.clock.programs_loaded
+    np.testing.assert_array_equal(program("q")(x, y)[0], expected)
+    assert boot.clock.cache_hits == hits + 1 and boot.clock.programs_loaded == loaded and len(entries()) == 1
+    # another argument shape or type: a miss, compiled and stored
+    program("p")(x5, y)
+    program("p")(x_int, 1)
+    assert len(entries()) == 3 and boot.clock.programs_compiled == compiled + 3
+    # an unreadable entry: one warning, the program compiled again (here: a persistent-cache hit), the right result
+    for f in entries():
+        f.write_bytes(f.read_bytes()[:-7] + b"garbage")
+    with pytest.warns(RuntimeWarning, match="ignoring unreadable entry"):
+        np.testing.assert_array_equal(program("p")(x, y)[0], expected)
+    assert len(entries()) == 2
+    np.testing.assert_array_equal(program("p")(x5, y)[0], np.arange(5.0) * 2 + 1)  # no second warning
+    assert len(entries()) == 1 and boot.clock.programs_loaded == loaded
 
 
 @pytest.mark.parametrize("shape,chunk", [((577, 130), 4096), ((3, 5), 4096), ((64, 96), 7), ((4096,), 4096)])
@@ -93,3 +130,29 @@ def test_native_huffman_decode_rejects_a_corrupt_stream():
     for ops in (cpu, None):
         with pytest.raises(ValueError, match="corrupt huffman payload"):
             codec._decode_huffman_exp(bad, ops)
+
+
+def test_executable_cache_key_names_the_static_config(tmp_path):
+    """Two models of the same shapes whose configs differ (a rope base: a static attribute, in no
+    array) describe their programs differently, so one never runs the other's executable."""
+    import infire_jax
+    from infire_jax.checkpoint import tiny
+
+    def description(name, **overrides):
+        path = tiny.write_tiny_checkpoint(tmp_path / name, overrides=dict(num_hidden_layers=1, **overrides),
+                                          tokenizer=False)
+        return infire_jax.load(path, compilation_cache_dir=None).programs._description
+
+    base = description("a")
+    assert description("b") == base
+    assert description("c", rope_theta=5e5) != base
+
+
+def test_executable_cache_evicts_the_least_recently_used(tmp_path):
+    for i, name in enumerate("abcd"):
+        f = tmp_path / f"{name}.exe"
+        f.write_bytes(b"x" * 100)
+        os.utime(f, (1000 + i, 1000 + i))  # a oldest, d newest
+    os.utime(tmp_path / "a.exe")  # just used (a loaded entry is touched): newest now
+    boot._evict(tmp_path, 250)
+    assert sorted(f.name for f in tmp_path.glob("*.exe")) == ["a.exe", "d.exe"]

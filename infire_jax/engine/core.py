@@ -618,7 +618,7 @@ class _Decoding(_Worker):
         p, rows = self.programs, self.running
         self.in_call = list(rows)
         b = p.batch_bucket(len(rows))
-        t0, compiled0 = time.perf_counter(), boot.clock.programs_requested
+        t0, compiled0 = time.perf_counter(), boot.clock.programs_prepared
         if self.speculator is not None:
             fed = self.draft_kv.fed_tokens if self.draft_kv is not None else 0
             drafts = self.speculator.drafts([
@@ -669,7 +669,7 @@ class _Decoding(_Worker):
     def _seconds(self, t0: float, compiled0: int) -> float | None:
         """Wall time since t0, or None if any program (the target's, a draft model's, a head's)
         compiled or loaded meanwhile: that call's time is not what the call costs."""
-        return None if boot.clock.programs_requested != compiled0 else time.perf_counter() - t0
+        return None if boot.clock.programs_prepared != compiled0 else time.perf_counter() - t0
 
     def warm_verify(self) -> int:
         """Compile what speculation will run for every decode shape (batch, pages per row) this worker
@@ -679,7 +679,7 @@ class _Decoding(_Worker):
         compiles nothing. Returns the programs compiled or loaded."""
         if self.speculator is None:
             return 0
-        p, compiled0 = self.programs, boot.clock.programs_requested
+        p, compiled0 = self.programs, boot.clock.programs_prepared
         capture = self.capture
         for b, per_row in sorted(self.decode_shapes, key=str):
             for c in self.speculator.widths():
@@ -695,7 +695,7 @@ class _Decoding(_Worker):
                 )
         self.speculator.proposer.warm(sorted({(b, max(p.unpack(per_row))) for b, per_row in self.decode_shapes}),
                                       self.speculator.config.k)
-        return boot.clock.programs_requested - compiled0
+        return boot.clock.programs_prepared - compiled0
 
     def _verify_call(self, rows: list[Request], b: int, c: int, drafts: dict[Any, np.ndarray], t0: float,
                      compiled0: int) -> list[Request]:

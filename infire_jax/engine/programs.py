@@ -9,6 +9,7 @@ several decode steps (with on-device sampling) per dispatch.
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from typing import Any, Sequence
 
@@ -17,13 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from infire_jax import distributed
+from infire_jax import boot, distributed
 from infire_jax.engine import pipeline
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
 from infire_jax.loader import PlacedModel
 from infire_jax.models import family_of
 from infire_jax.engine.sampling import sample, verify
+from infire_jax.kernels import dispatch
 from infire_jax.sharding import use_layout
 
 __all__ = ["Programs", "bucket", "PlacedModel"]
@@ -95,9 +97,25 @@ class Programs:
     def put_sampling(self, packed: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: self.put(packed[k], ("batch",)) for k in SAMPLING_KEYS}
 
+    @functools.cached_property
+    def _description(self) -> str:
+        """What decides this model's programs besides their key and arguments (the executable cache's
+        key, boot.CachedProgram): the module graph with every static attribute (config, dtypes, tables;
+        GraphDef's own repr leaves the values out), the layout and its device order, and the kernels a
+        trace picks."""
+        graph = self.placed.graphdef
+        with use_layout(self.layout):
+            kernels = dispatch.backend()  # also registers the CPU kernels, which a loaded program calls
+        with np.printoptions(threshold=sys.maxsize):  # static numpy arrays in full
+            return repr((graph.nodes, graph.attributes, graph.num_leaves, self.layout, self.layout.platform,
+                         self.layout.mesh.device_ids.tolist(), self.placed.dtype, self.placed.compute_dtype,
+                         self.decode_steps, kernels))
+
     def _compiled(self, key: tuple, build) -> Any:
+        """The program of `key`: build() makes its jax.jit, needed only when the executable cache does not
+        have it (boot.CachedProgram)."""
         if key not in self._cache:
-            self._cache[key] = build()
+            self._cache[key] = boot.CachedProgram(build, (self._description, key))
         return self._cache[key]
 
     def _timed(self, key: tuple, fn, *args):
@@ -227,7 +245,8 @@ class Programs:
         out = [[], []]
         for pair, shs in zip(self.pool_shapes(num_pages, page_size), zip(self.unpack(k_sh), self.unpack(v_sh))):
             for i, (shape, sh) in enumerate(zip(pair, shs)):
-                out[i].append(jax.jit(lambda shape=shape: jnp.zeros(shape, dtype), out_shardings=sh)())
+                build = lambda shape=shape, sh=sh: jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh)  # noqa: E731
+                out[i].append(self._compiled(("zeros", shape, str(sh.spec)), build)())  # k and v alike: one program
         return self.pack(out[0]), self.pack(out[1])
 
     def _paged_step(self, key: tuple, fn, b: int, num_pages: Any, page_size: Any, outs: tuple) -> Any:
