@@ -6,15 +6,17 @@ no compilation."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 
 from infire_jax.checkpoint.tiny import make_config
 from infire_jax.engine.trace import make_trace
 from infire_jax.plan import Deployment, plan_capacity
-from infire_jax.plan.calibrate import fit_engine_steps, replay_sessions
+from infire_jax.plan.calibrate import call_time_spread, fit_engine_steps, replay_sessions
 from infire_jax.plan.hardware import cpu_hardware
-from infire_jax.plan.simulator import AgentWorkload, ClusterPlan, CostModel, InstanceSpec, simulate
+from infire_jax.plan.simulator import AgentWorkload, ClusterPlan, CostModel, InstanceSpec, Turn, simulate
 
 CFG = make_config("smollm-135m", dict(num_hidden_layers=2)) | {"_name": "smollm-L2"}
 
@@ -44,7 +46,8 @@ def test_fit_recovers_the_rates_behind_the_step_times(truth):
     ship = {64: 2e-3 + 64 * cost.plan.kv_bytes_per_token_total / 5e9,
             960: 2e-3 + 960 * cost.plan.kv_bytes_per_token_total / 5e9}
     hw = fit_engine_steps(cost, decode, chunk, bandwidth=1e15, link_bw=1e9, whole_s=whole, transfer_s=ship,
-                          kv_bytes_per_token=cost.plan.kv_bytes_per_token_total)
+                          kv_bytes_per_token=cost.plan.kv_bytes_per_token_total, spread=0.25)
+    assert hw.call_time_spread == 0.25
     got = dict(hw.matmul_rates)
     for m, rate in ((1, 5e9), (4, 14e9), (8, 20e9), (16, 25e9), (64, 35e9), (256, 45e9)):
         assert got[m] == pytest.approx(rate, rel=1e-6)
@@ -94,3 +97,34 @@ def test_replayed_trace_sessions_and_engine_loop(truth):
     assert faster.ttft["p50"] < slower.ttft["p50"]
     with pytest.raises(ValueError, match="one start time per session"):
         simulate(ClusterPlan([spec("colocated")]), workload, 1.0, sessions=sessions, starts=starts[:2])
+
+
+def test_call_time_spread_pools_log_deviations_from_each_shapes_median():
+    e = math.exp
+    # two shapes at different costs, deviations of +-0.2 and +-0.4 in log around their medians
+    got = call_time_spread([[1.0, e(0.2), e(-0.2)], [0.05 * e(-0.4), 0.05, 0.05 * e(0.4)], [3.0]])
+    assert got == pytest.approx(math.sqrt((2 * 0.2 ** 2 + 2 * 0.4 ** 2) / 4), rel=1e-9)
+    assert call_time_spread([[2.0], []]) == 0.0  # single times say nothing about the spread
+    assert call_time_spread([[1.0, 1.0, 1.0]]) == 0.0
+
+
+def test_jittered_call_times_keep_the_price_as_median(truth):
+    """Hardware.call_time_spread: each engine-loop call's time is drawn around its price (median =
+    price, log-sd = spread), reproducibly per seed; without it every run is the same."""
+    sessions, starts = [[Turn(300, 2, 0.0)]], [0.0]
+    workload = AgentWorkload(turns=1, system_tokens=0)
+
+    def plan(hw):
+        cost = _cost(hw)
+        return ClusterPlan([InstanceSpec("colocated", "tp=1", 1, 512, 16, cost, cost.plan, call_steps=8, page_size=16)])
+
+    def ttft(p, seed):
+        return simulate(p, workload, 1.0, sessions=sessions, starts=starts, seed=seed).ttft["p50"]
+
+    exact_plan, noisy = plan(truth), plan(dataclasses.replace(truth, call_time_spread=0.3))
+    exact = ttft(exact_plan, 0)
+    assert ttft(exact_plan, 1) == exact
+    draws = np.array([ttft(noisy, k) for k in range(300)])
+    assert ttft(noisy, 5) == draws[5]  # reproducible per seed
+    logs = np.log(draws / exact)
+    assert abs(np.median(logs)) < 0.06 and np.std(logs) == pytest.approx(0.3, rel=0.15)

@@ -76,6 +76,12 @@ class Hardware:
     # (None: 10 collective latencies)
     whole_prompt_factor: float = 1.0
     transfer_latency_s: float | None = None
+    # spread of one program call's time around its price (the standard deviation of log(time /
+    # median time) of repeated identical calls; 0 on a quiet accelerator). The simulator's engine loop
+    # draws each call's time with it: on a shared CPU the calls jitter, and jitter lets sessions fall
+    # into lockstep (turns that end in one step are prefilled together, padded, and stay together),
+    # which a loop of exact step times never does.
+    call_time_spread: float = 0.0
 
     def matmul_rate(self, m: float) -> float:
         """Achieved FLOP/s of a linear layer applied to m rows (flops_efficiency applies to both the

@@ -649,6 +649,7 @@ class _Instance:
         self.busy_prefill = self.busy_decode = 0.0  # seconds of work, for the cost split
         self.proc: _Processor | None = None  # the processor this instance shares with others (one engine loop)
         self.step_end = 0.0  # engine loop: when the step under way ends
+        self.jitter: np.random.Generator | None = None  # engine loop: draws call times (Hardware.call_time_spread)
 
     # -- KV accounting ------------------------------------------------------------------------
     def kv_need(self, r: Request) -> float:
@@ -923,6 +924,10 @@ class _Instance:
             per_step = cost.stage_time(b, b, ctx + n * (steps - 1) / 2.0, capped + n * (steps - 1) / 2.0)
             call = cost.hw.step_overhead_s  # the engine's overhead is per program call, not per token
             t_dec = self.pp * (steps * (per_step - call) + call)
+        if self.jitter is not None:  # each call's time drawn around its price (median = the price)
+            spread = cost.hw.call_time_spread
+            f_pf, f_dec = np.exp(spread * self.jitter.standard_normal(2))
+            t_pf, t_dec = t_pf * f_pf, t_dec * f_dec
         t = t_pf + t_dec
         if t <= 0.0:
             return
@@ -1106,7 +1111,11 @@ def simulate(
     the front picks the instance with the least uncached work (queued tokens minus this turn's
     cached prefix there; the prefix-overlap + load score of issue 20's router) and P -> D goes to the
     decode instance holding the conversation; without it, the least loaded instance and the decode
-    instance with the most free KV, blind to caches (a hit only where a turn lands by chance)."""
+    instance with the most free KV, blind to caches (a hit only where a turn lands by chance).
+
+    The engine loop (InstanceSpec.call_steps) with Hardware.call_time_spread > 0 draws every call's
+    time around its price (seeded by `seed`): one run is one sample of a jittering machine; pool
+    several seeds for its distribution."""
     if ttft_slo is not None or tpot_slo is not None:
         workload = dataclasses.replace(workload, ttft_slo=ttft_slo or workload.ttft_slo,
                                        tpot_slo=tpot_slo or workload.tpot_slo)
@@ -1180,6 +1189,10 @@ def simulate(
         proc = _Processor()
         for x in pre + dec + col:
             x.proc = proc
+    jitter = np.random.default_rng(seed + 2)
+    for x in pre + dec + col:
+        if x.spec.call_steps and x.cost.hw.call_time_spread > 0:
+            x.jitter = jitter
 
     def load(x: _Instance) -> float:
         return x.outstanding + (len(x.rows) * 8 if x.spec.role == "colocated" else 0)
