@@ -981,12 +981,13 @@ class _Instance:
         if self.cache is not None:  # the engine indexes a prompt's pages as they are written
             for r, _ in taken:
                 self.cache.put_system(r.done_prefill if r.turn == 0 else r.prompt)
+        shipping = 0.0
         for r in finished:
             self.outstanding -= r.prompt - r.cached
             if self.spec.role == "prefill":
                 if r.kv_prefill:  # the prompt's KV stays cached here for the session's next turn
                     self._finish_kv(r, r.kv_prefill, r.prompt)
-                self._prefilled(r)
+                shipping = max(shipping, self._prefilled(r))
             else:
                 r.t_first = t_first
                 if r.output <= 1:
@@ -1002,8 +1003,10 @@ class _Instance:
             self.rem[:k] -= steps
             self._retire()
         # the next step starts after what happens at this instant (the next turns of sessions that
-        # just finished arrive now; the engine's replay submits them before its next step)
-        self.sim.at(self.sim.now, self._next_step)
+        # just finished arrive now; the engine's replay submits them before its next step). On a
+        # shared processor the engine ships a prefill call's pages inside its step, before the decode
+        # worker's turn: the shipment holds the processor, and the rows it completes decode next.
+        self.sim.at(self.sim.now + (shipping if self.proc is not None else 0.0), self._next_step)
 
     def _next_step(self) -> None:
         proc = self.proc
@@ -1016,9 +1019,10 @@ class _Instance:
         for x in queue:  # the others' turn first (the engine loop steps its workers in turn)
             x._start()
 
-    def _prefilled(self, r: Request) -> None:
+    def _prefilled(self, r: Request) -> float:
+        """r's prompt is done here: first token now; returns the seconds its KV takes to reach decode."""
         r.t_first = self.sim.now
-        self.on_prefilled(r)
+        return self.on_prefilled(r) or 0.0
 
 
 @dataclasses.dataclass
@@ -1159,11 +1163,12 @@ def simulate(
         latency = hw.collective_latency_s * 10 if hw.transfer_latency_s is None else hw.transfer_latency_s
         xfer = (per_token, streams * link * hw.bw_efficiency, latency)
 
-        def prefilled(r: Request) -> None:
+        def prefilled(r: Request) -> float:
+            """Send r's KV to a decode instance; returns the seconds the transfer takes."""
             if r.output <= 1:
                 r.t_done = sim.now
                 finished(r)
-                return
+                return 0.0
             room = {d: d.free_kv() - sum(d.kv_need(w) for w in d.waiting) for d in dec}
             holders = [d for d in dec if d.cache is not None and r.session in d.cache.entries
                        and room[d] >= d.kv_need(r)]  # the conversation's instance, if it can take r now
@@ -1172,6 +1177,7 @@ def simulate(
             r.xfer_tokens = r.prompt - held  # only the pages the decode instance lacks cross
             t = r.xfer_tokens * xfer[0] / xfer[1] + xfer[2]
             sim.at(sim.now + t, target.submit, r)
+            return t
 
         for spec in plan.instances:
             for _ in range(spec.count):
