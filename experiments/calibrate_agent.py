@@ -222,7 +222,8 @@ class Calibration:
         info = dict(rounds=self.rounds, seconds=self.seconds, load_rounds=self.loads, bandwidth_gbs=bw / 1e9,
                     copy_link_gbs=link / 1e9, shipment_link_gbs=hw.link_bw / 1e9,
                     transfer_latency_ms=None if hw.transfer_latency_s is None else hw.transfer_latency_s * 1e3,
-                    whole_prompt_factor=hw.whole_prompt_factor, call_overhead_ms=call * 1e3,
+                    whole_prompt_factor=hw.whole_prompt_factor, whole_prompt_factors=hw.whole_prompt_factors,
+                    call_overhead_ms=call * 1e3,
                     call_time_spread=hw.call_time_spread,
                     one_step_decode_ms={m: med(v) * 1e3 for m, v in self.dec1.items()},
                     matmul_rates_gflops={m: r / 1e9 for m, r in hw.matmul_rates},
@@ -249,7 +250,7 @@ def check_points(cost_cal, info: dict) -> dict:
     for n, ms in info["whole_prefill_ms"].items():
         t = _pow2(n, 16)
         out[f"whole prefill {n}"] = (cost_cal.stage_time(t, 1, **cost_cal.chunk_terms(0, t)) * 1e3
-                                     * cost_cal.hw.whole_prompt_factor, ms)
+                                     * cost_cal.hw.whole_factor(t), ms)
     return {k: dict(predicted_ms=round(p, 2), measured_ms=round(m, 2), error=round(p / m - 1, 3))
             for k, (p, m) in out.items()}
 

@@ -152,7 +152,7 @@ def _price(cost, ev, whole_factor: float) -> float:
         if ev["kind"] == "whole":
             for k, v in cost.chunk_terms(0, width).items():
                 terms[k] += b * v
-            return cost.stage_time(b * width, b, **terms) * whole_factor
+            return cost.stage_time(b * width, b, **terms) * cost.hw.whole_factor(b * width)
         for _, _, done in ev["rows"]:
             for k, v in cost.chunk_terms(done, width).items():
                 terms[k] += v

@@ -42,7 +42,7 @@ def _points(cost):
 def test_fit_recovers_the_rates_behind_the_step_times(truth):
     cost = _cost(truth)
     decode, chunk = _points(cost)
-    whole = {n: 0.8 * cost.stage_time(w, 1, **cost.chunk_terms(0, w)) for n, w in ((40, 64), (200, 256))}
+    whole = {n: f * cost.stage_time(w, 1, **cost.chunk_terms(0, w)) for n, w, f in ((40, 64, 0.6), (200, 256, 0.9))}
     ship = {64: 2e-3 + 64 * cost.plan.kv_bytes_per_token_total / 5e9,
             960: 2e-3 + 960 * cost.plan.kv_bytes_per_token_total / 5e9}
     hw = fit_engine_steps(cost, decode, chunk, bandwidth=1e15, link_bw=1e9, whole_s=whole, transfer_s=ship,
@@ -53,7 +53,11 @@ def test_fit_recovers_the_rates_behind_the_step_times(truth):
         assert got[m] == pytest.approx(rate, rel=1e-6)
     assert hw.attention_rate(4) == pytest.approx(3e9, rel=1e-6)
     assert hw.attention_rate(64) == pytest.approx(60e9, rel=1e-6)
-    assert hw.whole_prompt_factor == pytest.approx(0.8, rel=1e-6)
+    assert hw.whole_prompt_factor == pytest.approx(0.75, rel=1e-6)  # the median
+    assert [w for w, _ in hw.whole_prompt_factors] == [64, 256]
+    assert [f for _, f in hw.whole_prompt_factors] == pytest.approx([0.6, 0.9], rel=1e-6)
+    # by the call's padded tokens: linear in log between the measured widths, flat outside
+    assert [hw.whole_factor(n) for n in (16, 64, 128, 256, 2048)] == pytest.approx([0.6, 0.6, 0.75, 0.9, 0.9], rel=1e-6)
     assert hw.link_bw == pytest.approx(5e9, rel=1e-6) and hw.transfer_latency_s == pytest.approx(2e-3, rel=1e-6)
     fitted = _cost(hw)  # the fitted model predicts its own points back
     for (m, c), t in decode.items():

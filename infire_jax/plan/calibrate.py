@@ -378,8 +378,8 @@ def fit_engine_steps(
     engine loop charges it per call: Hardware.step_overhead_s). bandwidth: the copy rate (the memory term); link_bw:
     bytes/s of a KV page move between two devices of this process.
       whole_s[n]       seconds of a whole-prompt prefill call of n tokens (nothing cached): the
-                       median ratio to the fitted chunk time at the same padded width is
-                       Hardware.whole_prompt_factor
+                       ratio to the fitted chunk time at the same padded width, per width, is
+                       Hardware.whole_prompt_factors (their median whole_prompt_factor)
       transfer_s[n]    seconds one P -> D shipment of an n-token prompt adds (two or more n): a line
                        in bytes (kv_bytes_per_token each) gives link_bw and transfer_latency_s
     spread: Hardware.call_time_spread (call_time_spread() of the repeated calls behind the medians)."""
@@ -439,11 +439,12 @@ def fit_engine_steps(
     )
     if whole_s:
         chunked = CostModel(cost.plan, hw)
-        ratios = []
+        ratios: dict[int, list[float]] = {}
         for n, t in whole_s.items():
             width = 1 << max(4, int(n - 1).bit_length())  # the engine pads to a power of two >= 16
-            ratios.append(t / chunked.stage_time(width, 1, **chunked.chunk_terms(0, width)))
-        hw = dataclasses.replace(hw, whole_prompt_factor=float(np.median(ratios)))
+            ratios.setdefault(width, []).append(t / chunked.stage_time(width, 1, **chunked.chunk_terms(0, width)))
+        hw = dataclasses.replace(hw, whole_prompt_factor=float(np.median([x for v in ratios.values() for x in v])),
+                                 whole_prompt_factors=tuple((w, float(np.median(v))) for w, v in sorted(ratios.items())))
     return hw
 
 

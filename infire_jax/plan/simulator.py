@@ -961,7 +961,7 @@ class _Instance:
             b, width = _pow2(len(taken)), _pow2(max(n for _, n in taken), 16)
             for k, v in cost.chunk_terms(0, width).items():
                 terms[k] += b * v
-            return cost.stage_time(b * width, b, **terms) * self.pp * cost.hw.whole_prompt_factor, taken
+            return cost.stage_time(b * width, b, **terms) * self.pp * cost.hw.whole_factor(b * width), taken
         else:
             for r in self.prefilling:
                 if budget <= 0 or len(taken) >= spec.max_batch:
