@@ -144,7 +144,7 @@ def _sim_recorded(hw, model_cfg, kind, params, trace):
     return pred, events, reqs
 
 
-def _price(cost, ev, whole_factor: float) -> float:
+def _price(cost, ev) -> float:
     """The cost model's seconds for one recorded engine call (the simulator's engine-loop formulas)."""
     if ev["kind"] in ("whole", "chunk"):
         terms = dict(pf_pairs_full=0.0, pf_pairs_capped=0.0, pf_prefix_full=0.0, pf_prefix_capped=0.0)
@@ -224,8 +224,11 @@ def main(argv) -> None:
     cal.round()
     hw, info = cal.fit(cost_raw, cap.kv_bytes_per_token_total)
     cost = CostModel(plan_capacity(model_cfg, Deployment(hw, 1, mesh="tp=1", weights="fp32")), hw)
-    pred, sim_events, sim_reqs = _sim_recorded(hw, model_cfg, kind, params, trace)
-    print(f"calibration: call overhead {info['call_overhead_ms']:.2f} ms, whole factor {hw.whole_prompt_factor:.2f}")
+    # one run with exact call times: its steps line up with the engine's one to one
+    pred, sim_events, sim_reqs = _sim_recorded(dataclasses.replace(hw, call_time_spread=0.0), model_cfg, kind, params,
+                                               trace)
+    print(f"calibration: call overhead {info['call_overhead_ms']:.2f} ms, whole factors {hw.whole_prompt_factors}, "
+          f"call-time spread {hw.call_time_spread:.2f}")
     # per call kind: measured vs priced
     for i, p in enumerate(passes):
         by = collections.defaultdict(lambda: [0, 0.0, 0.0])
@@ -235,8 +238,8 @@ def main(argv) -> None:
                 x = by[e["kind"]]
                 x[0] += 1
                 x[1] += e["t1"] - e["t0"]
-                x[2] += _price(cost, e, hw.whole_prompt_factor)
-                e["priced"] = _price(cost, e, hw.whole_prompt_factor)
+                x[2] += _price(cost, e)
+                e["priced"] = _price(cost, e)
         busy = sum(e["t1"] - e["t0"] for e in steps)
         ttft = sorted(r["first_token"] - r["submitted"] for r in p["requests"].values())
         print(f"pass {i}: TTFT p50 {1e3 * statistics.median(ttft):.0f} ms (simulated {1e3 * pred['ttft_s']['p50']:.0f}), "
