@@ -275,10 +275,17 @@ def main(argv) -> None:
         ttft_e, ttft_s = e["first_token"] - e["submitted"], r.t_first - r.arrival
         rows.append(dict(req=key, engine=e, sim=dict(submitted=r.arrival, first=r.t_first, step0=st.get("t0"),
                                                       cached=r.cached, prompt=r.prompt)))
+        # the decode window (first token to the last): calls in it, engine and simulator
+        win_e = [x for x in passes[show]["events"] if x["kind"] in ("whole", "chunk", "decode")
+                 and e["first_token"] < x["t1"] <= e["end"] + 1e-6]
+        win_s = [x for x in sim_events if r.t_first < x["t1"] <= r.t_done + 1e-9]
         print(f"{key:6s} {e['prompt']:6d} {e['cached']:6d} | {e['submitted']:7.3f} {e['prefill_start']:8.3f} "
               f"{e['first_token']:6.3f} {ttft_e * 1e3:5.0f} | {r.arrival:7.3f} {st.get('t0', float('nan')):6.3f} "
               f"{r.t_first:6.3f} {ttft_s * 1e3:5.0f} | {1e3 * (r.arrival - e['submitted']):+6.0f} "
-              f"{1e3 * (ttft_s - ttft_e):+6.0f}  sim cached {r.cached}")
+              f"{1e3 * (ttft_s - ttft_e):+6.0f}  sim cached {r.cached} | decode window: engine "
+              f"{1e3 * (e['end'] - e['first_token']):5.0f} ms ({sum(x['kind'] == 'decode' for x in win_e)} decode, "
+              f"{sum(x['kind'] != 'decode' for x in win_e)} prefill calls), sim {1e3 * (r.t_done - r.t_first):5.0f} ms "
+              f"({len(win_s)} steps, {sum(1 for x in win_s if x['taken'])} with prefill)")
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(dict(setting=name, calibration=info, passes=passes, requests=rows,

@@ -444,8 +444,8 @@ class InstanceSpec:
     # 0: continuous batching with fused iterations (vLLM's scheduler, module doc). k > 0: this
     # project's engine loop (engine/core.py): a step is one prefill call (whole prompts batched up to
     # `chunk` tokens and padded to powers of two, or the next chunk of each prompt in progress), then
-    # one decode call of k tokens for every running row (1 while a prompt is mid-chunk), batch padded
-    # to a power of two; a request arriving meanwhile waits for the step to end.
+    # one decode call of k tokens for every running row (1 while an admitted prompt is incomplete),
+    # batch padded to a power of two; a request arriving meanwhile waits for the step to end.
     call_steps: int = 0
     max_batch_tokens: int = 8192  # engine loop: padded tokens of one whole-prompt prefill call
     page_size: int = 1  # prefix caches reuse whole pages of this many tokens
@@ -907,15 +907,8 @@ class _Instance:
         steps, t_dec = 0, 0.0
         n = len(self.rows) + len(joining)
         if role != "prefill" and n:
-            left, budget = 0, self.spec.chunk
-            for r in self.prefilling:  # engine/core.py `chunking`: a prompt needs more than this call
-                if r in done_pf:
-                    continue
-                rest = r.prompt - r.done_prefill - dict(taken).get(r, 0)
-                if rest > budget:
-                    left = 1
-                    break
-                budget -= rest
+            # engine/core.py `chunking`: an admitted prompt still incomplete after this call
+            left = any(r not in done_pf for r in self.prefilling)
             steps = 1 if left and role == "colocated" else self.spec.call_steps
             ctx = float(self.ctx.sum()) + sum(r.prompt for r in joining)
             b = _pow2(n)
