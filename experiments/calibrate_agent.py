@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import sys
@@ -170,21 +169,6 @@ class Calibration:
         self.dec, self.dec_ctx = collections.defaultdict(list), {}
         self.chunk, self.whole, self.ship = (collections.defaultdict(list) for _ in range(3))
         self.rounds, self.seconds, self.loads = 0, 0.0, []
-        self.marks: list[dict] = []  # per round: how many times each point had when the round ended
-
-    def _points(self) -> dict:
-        return ({("decode",) + k: v for k, v in self.dec.items()} | {("one-step", k): v for k, v in self.dec1.items()}
-                | {("chunk",) + k: v for k, v in self.chunk.items()} | {("whole", k): v for k, v in self.whole.items()})
-
-    def slowdown(self, k: int) -> float:
-        """How much slower the machine ran in round k than over the whole run: the median over the
-        points of (the round's median time / the point's median over all rounds)."""
-        prev, ratios = self.marks[k - 1] if k else {}, []
-        for key, times in self._points().items():
-            mine = times[prev.get(key, 0): self.marks[k].get(key, 0)]
-            if mine:
-                ratios.append(statistics.median(mine) / statistics.median(times))
-        return statistics.median(ratios) if ratios else 1.0
 
     def round(self) -> None:
         engine, vocab, rng, calls, first = self.engine, self.vocab, self.rng, FLAGS.calls, self.rounds == 0
@@ -214,7 +198,6 @@ class Calibration:
                     if i >= first and st["transfers"]:
                         self.ship[n].append(st["transfer_s"] / st["transfers"])
         self.rounds += 1
-        self.marks.append({k: len(v) for k, v in self._points().items()})
         self.seconds += time.perf_counter() - t0
         self.loads.append(_load())
         print(f"calibration round {self.rounds}: {time.perf_counter() - t0:.0f} s, load {self.loads[-1]}", flush=True)
@@ -355,7 +338,6 @@ def main(argv) -> None:
     from infire_jax.engine import trace as trace_lib
     from infire_jax.engine.build import Deployment as EngineDeployment
     from infire_jax.plan.capacity import Deployment, plan_capacity
-    from infire_jax.plan.calibrate import slowed
     from infire_jax.plan.hardware import cpu_hardware
     from infire_jax.plan.simulator import CostModel
 
@@ -402,18 +384,9 @@ def main(argv) -> None:
         # the same Hardware with exact call times (no jitter): what the simulator predicted before
         exact = predict_setting(dataclasses.replace(hw, call_time_spread=0.0), model_cfg, kind, params, traces[name])
         err_exact = _errors(exact, got)
-        # the machine's speed around this setting (the calibration rounds before and after it, against
-        # the whole run): a measurement of the load of the moment, nothing fitted to the setting
-        i = names.index(name)
-        slow = math.sqrt(cal.slowdown(i) * cal.slowdown(i + 1))
-        local = predict_setting(slowed(hw, slow), model_cfg, kind, params, traces[name])
-        err_local = _errors(local, got)
         rows[name] = dict(deployment=kind, trace=params, turns=len(traces[name]), measured=got, predicted=predicted,
                           error=err, within_tolerance=ok, predicted_exact_times=exact, error_exact_times=err_exact,
                           within_tolerance_exact_times=all(abs(err_exact.get(k, 9.9)) <= tol
-                                                           for k in ("ttft_p50", "tpot_p50")),
-                          slowdown=slow, predicted_local_speed=local, error_local_speed=err_local,
-                          within_tolerance_local_speed=all(abs(err_local.get(k, 9.9)) <= tol
                                                            for k in ("ttft_p50", "tpot_p50")))
         p_, m_ = predicted, got
         print(f"{name:22s} TTFT p50 {p_['ttft_s']['p50'] * 1e3:6.0f} / {m_['ttft_s']['p50'] * 1e3:6.0f} ms "
@@ -427,20 +400,14 @@ def main(argv) -> None:
         print(f"{'':22s} exact call times: TTFT p50 {exact['ttft_s']['p50'] * 1e3:6.0f} "
               f"({100 * err_exact.get('ttft_p50', float('nan')):+4.0f}%)  TPOT p50 {exact['tpot_s']['p50'] * 1e3:5.1f} "
               f"({100 * err_exact.get('tpot_p50', float('nan')):+4.0f}%)", flush=True)
-        print(f"{'':22s} machine {slow:.2f}x slower than the run's median: TTFT p50 {local['ttft_s']['p50'] * 1e3:6.0f} "
-              f"({100 * err_local.get('ttft_p50', float('nan')):+4.0f}%)  TPOT p50 {local['tpot_s']['p50'] * 1e3:5.1f} "
-              f"({100 * err_local.get('tpot_p50', float('nan')):+4.0f}%)", flush=True)
     result = dict(model=f"smollm-135m shape, {FLAGS.layers} layers, float32", model_dir=model_dir,
                   engine=dataclasses.asdict(options), calibration=info, settings=rows,
                   within_tolerance=sum(r["within_tolerance"] for r in rows.values()), settings_count=len(rows),
                   tolerance=tol)
     result["within_tolerance_exact_times"] = sum(r["within_tolerance_exact_times"] for r in rows.values())
-    result["within_tolerance_local_speed"] = sum(r["within_tolerance_local_speed"] for r in rows.values())
-    result["slowdown_by_round"] = [cal.slowdown(k) for k in range(cal.rounds)]
     print(f"within +-{100 * tol:.0f}% on TTFT p50 and TPOT p50: {result['within_tolerance']} of {len(rows)} settings "
           f"(call-time spread {hw.call_time_spread:.2f}; with exact call times: "
-          f"{result['within_tolerance_exact_times']} of {len(rows)}; at each setting's measured machine speed: "
-          f"{result['within_tolerance_local_speed']} of {len(rows)})")
+          f"{result['within_tolerance_exact_times']} of {len(rows)})")
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
             json.dump(result, f, indent=1, default=str)

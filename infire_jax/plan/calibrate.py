@@ -41,7 +41,7 @@ from infire_jax.plan.simulator import CostModel
 
 __all__ = [
     "Case", "DEFAULT_CASES", "pin_one_core", "measure_rates", "measure_overheads", "measure_case", "predict_case", "calibrate",
-    "fit_engine_steps", "call_time_spread", "slowed", "replay_sessions",
+    "fit_engine_steps", "call_time_spread", "replay_sessions",
 ]
 
 MATMUL_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -463,21 +463,6 @@ def call_time_spread(samples: Sequence[Sequence[float]]) -> float:
         sq += float(np.sum(d * d))
         dof += len(t) - 1
     return math.sqrt(sq / dof) if dof else 0.0
-
-
-def slowed(hw: Hardware, factor: float) -> Hardware:
-    """hw running every call `factor` times slower (a shared machine's load of the moment): rates and
-    bandwidths divided, fixed costs multiplied; ratios (whole-prompt factors, the call-time spread) kept."""
-    def div(table):
-        return None if table is None else tuple((m, r / factor) for m, r in table)
-
-    return dataclasses.replace(
-        hw, flops=hw.flops / factor, hbm_bw=hw.hbm_bw / factor, link_bw=hw.link_bw / factor,
-        network_bw=hw.network_bw / factor, matmul_rates=div(hw.matmul_rates), attention_rates=div(hw.attention_rates),
-        step_overhead_s=hw.step_overhead_s * factor, layer_overhead_s=hw.layer_overhead_s * factor,
-        collective_latency_s=hw.collective_latency_s * factor,
-        transfer_latency_s=None if hw.transfer_latency_s is None else hw.transfer_latency_s * factor,
-    )
 
 
 def replay_sessions(turns: Sequence[Any]) -> tuple[list[list[Any]], list[float]]:
