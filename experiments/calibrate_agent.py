@@ -17,10 +17,7 @@ One run, one calibration for every setting (nothing is fitted per setting):
      (InstanceSpec.call_steps; 1P:1D on one shared processor) and the trace's sessions.
 The calibrated Hardware carries the spread of the engine's call times (plan.calibrate.call_time_spread
 of the repeated calibration calls); the simulator draws every call's time with it (16 seeded runs
-pooled, as the measurement pools its passes) and, for comparison, also predicts with exact call times,
-and at the machine speed measured around each setting (the calibration rounds just before and after
-it against the run's medians, plan.calibrate.slowed: a measurement of the load of the moment, nothing
-fitted to the setting's own latencies).
+pooled, as the measurement pools its passes) and, for comparison, also predicts with exact call times.
 Printed and written (--out): predicted vs measured TTFT and TPOT p50 / p90 per setting, the errors,
 how many settings are within +-25% on both p50s, and the load average at every phase.
 
