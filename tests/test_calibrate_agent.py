@@ -146,3 +146,15 @@ def test_one_processor_pd_decodes_a_prompt_right_after_its_prefill(truth):
                     one_loop=True)
     assert both.samples["tpot"][0] == pytest.approx(alone.samples["tpot"][0], rel=1e-9)
     assert both.samples["tpot"][1] > both.samples["tpot"][0]  # B decodes after A's call
+
+
+def test_engine_loop_steps_once_every_request_of_the_instant_is_in(truth):
+    """Two sessions that start together, and whose answers end in one step, have their turns prefilled
+    in one call each time (equal TTFTs), as the replay submits every due turn before the engine
+    steps: the loop stays in lockstep instead of starting a step on the first arrival."""
+    cost = _cost(truth)
+    plan = ClusterPlan([InstanceSpec("colocated", "tp=1", 1, 512, 16, cost, cost.plan, call_steps=8, page_size=16)])
+    sessions = [[Turn(300, 16, 0.0), Turn(400, 16, 0.0)], [Turn(200, 16, 0.0), Turn(350, 16, 0.0)]]
+    res = simulate(plan, AgentWorkload(turns=2, system_tokens=0), 1.0, sessions=sessions, starts=[0.0, 0.0])
+    ttft = res.samples["ttft"]
+    assert len(ttft) == 4 and ttft[0] == ttft[1] and ttft[2] == ttft[3]

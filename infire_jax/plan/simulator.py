@@ -650,6 +650,7 @@ class _Instance:
         self.proc: _Processor | None = None  # the processor this instance shares with others (one engine loop)
         self.step_end = 0.0  # engine loop: when the step under way ends
         self.jitter: np.random.Generator | None = None  # engine loop: draws call times (Hardware.call_time_spread)
+        self.between_steps = False  # engine loop: a step ended, the next one starts once this instant's events ran
 
     # -- KV accounting ------------------------------------------------------------------------
     def kv_need(self, r: Request) -> float:
@@ -690,8 +691,14 @@ class _Instance:
             return
         self.waiting.append(r)
         self.outstanding += (r.prompt - r.done_prefill) if self.spec.role != "decode" else r.output
-        if not self.busy:
-            self._start()
+        if not self.busy and not self.between_steps:
+            if self.spec.call_steps and (self.proc is None or self.proc.owner is None):
+                # the engine loop's step takes every request of this instant (the replay submits all
+                # that are due before it steps); on a processor another instance holds, queue for it
+                self.between_steps = True
+                self.sim.at(self.sim.now, self._next_step)
+            else:
+                self._start()
         elif self.ff is not None:
             self._cut_short()
 
@@ -999,9 +1006,11 @@ class _Instance:
         # just finished arrive now; the engine's replay submits them before its next step). On a
         # shared processor the engine ships a prefill call's pages inside its step, before the decode
         # worker's turn: the shipment holds the processor, and the rows it completes decode next.
+        self.between_steps = True
         self.sim.at(self.sim.now + (shipping if self.proc is not None else 0.0), self._next_step)
 
     def _next_step(self) -> None:
+        self.between_steps = False
         proc = self.proc
         if proc is None:
             self._start()
