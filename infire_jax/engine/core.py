@@ -8,7 +8,7 @@ multi-process one (engine/remote.py) runs each in its own process and carries th
                    of at most `prefill_chunk` prompt tokens (whole prompts, or the next chunk of a
                    long one) and one decode call for the running rows, so running decodes keep
                    producing tokens while a long prompt is prefilled (one token per row per step
-                   while a prompt is being chunked; `steps` tokens otherwise).
+                   while an admitted prompt is incomplete; `steps` tokens otherwise).
   PrefillWorker    the same prefill calls on its own cache with its own prefix index. After every
                    call it ships the pages that call completed to each row's decode worker as one
                    `Shipment` per destination, leaving out the leading pages that worker already
@@ -527,14 +527,10 @@ class _Worker:
 
     @property
     def chunking(self) -> bool:
-        """Whether a prompt is in progress that needs more than this step's prefill call."""
-        budget = self.prefill_budget
-        for row in self.prefilling:
-            left = len(row.request.prompt) - row.computed
-            if left > budget:
-                return True
-            budget -= left
-        return False
+        """Whether an admitted prompt is still incomplete after this step's prefill call (a long one,
+        or one the call's token budget cut or left out): the next step's prefill call continues it,
+        so this step's decode call makes one step instead of holding it back for `steps` steps."""
+        return bool(self.prefilling)
 
 
 class _Decoding(_Worker):

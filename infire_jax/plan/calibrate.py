@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -40,7 +41,7 @@ from infire_jax.plan.simulator import CostModel
 
 __all__ = [
     "Case", "DEFAULT_CASES", "pin_one_core", "measure_rates", "measure_overheads", "measure_case", "predict_case", "calibrate",
-    "fit_engine_steps", "replay_sessions",
+    "fit_engine_steps", "call_time_spread", "replay_sessions",
 ]
 
 MATMUL_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -363,6 +364,7 @@ def fit_engine_steps(
     kv_bytes_per_token: float = 0.0,
     call_overhead_s: float = 0.0,
     decode_steps: int = 8,
+    spread: float = 0.0,
 ) -> Hardware:
     """This CPU as the simulator's Hardware, from the engine's step times measured in isolation:
       decode_s[(rows, context)]   seconds per decode step of `rows` rows (a power of two) at that context
@@ -376,10 +378,11 @@ def fit_engine_steps(
     engine loop charges it per call: Hardware.step_overhead_s). bandwidth: the copy rate (the memory term); link_bw:
     bytes/s of a KV page move between two devices of this process.
       whole_s[n]       seconds of a whole-prompt prefill call of n tokens (nothing cached): the
-                       median ratio to the fitted chunk time at the same padded width is
-                       Hardware.whole_prompt_factor
+                       ratio to the fitted chunk time at the same padded width, per width, is
+                       Hardware.whole_prompt_factors (their median whole_prompt_factor)
       transfer_s[n]    seconds one P -> D shipment of an n-token prompt adds (two or more n): a line
-                       in bytes (kv_bytes_per_token each) gives link_bw and transfer_latency_s"""
+                       in bytes (kv_bytes_per_token each) gives link_bw and transfer_latency_s
+    spread: Hardware.call_time_spread (call_time_spread() of the repeated calls behind the medians)."""
     n_layers = cost.n_layers
 
     def shared_slope(points: dict[int, list[tuple[float, float]]]) -> tuple[float, dict[int, float]]:
@@ -429,18 +432,37 @@ def fit_engine_steps(
         extra["transfer_latency_s"] = max(0.0, float(intercept))
     hw = cpu_hardware(
         bandwidth=bandwidth, flops=max(rates.values()), matmul_rates=tuple(sorted(rates.items())),
-        attention_rates=tuple(sorted(attn.items())), link_bw=link_bw, step_overhead_s=call_overhead_s, **extra,
+        attention_rates=tuple(sorted(attn.items())), link_bw=link_bw, step_overhead_s=call_overhead_s,
+        call_time_spread=spread, **extra,
         measured=dict(decode_s={f"{k[0]}x{k[1]}": v for k, v in decode_s.items()},
                       chunk_s={f"{k[0]}@{k[1]}": v for k, v in chunk_s.items()}),
     )
     if whole_s:
         chunked = CostModel(cost.plan, hw)
-        ratios = []
+        ratios: dict[int, list[float]] = {}
         for n, t in whole_s.items():
             width = 1 << max(4, int(n - 1).bit_length())  # the engine pads to a power of two >= 16
-            ratios.append(t / chunked.stage_time(width, 1, **chunked.chunk_terms(0, width)))
-        hw = dataclasses.replace(hw, whole_prompt_factor=float(np.median(ratios)))
+            ratios.setdefault(width, []).append(t / chunked.stage_time(width, 1, **chunked.chunk_terms(0, width)))
+        hw = dataclasses.replace(hw, whole_prompt_factor=float(np.median([x for v in ratios.values() for x in v])),
+                                 whole_prompt_factors=tuple((w, float(np.median(v))) for w, v in sorted(ratios.items())))
     return hw
+
+
+def call_time_spread(samples: Sequence[Sequence[float]]) -> float:
+    """How much one program call's time varies on this machine: the standard deviation of log(time /
+    median) over repeated identical calls (each sequence: the times of one call shape; shapes with
+    fewer than two times are skipped), pooled over the shapes with one degree of freedom per shape
+    spent on its median. A shared machine's load moves each call, and the engine loop's batching
+    follows those moves (Hardware.call_time_spread)."""
+    sq, dof = 0.0, 0
+    for times in samples:
+        t = np.asarray([x for x in times if x > 0], np.float64)
+        if len(t) < 2:
+            continue
+        d = np.log(t / np.median(t))
+        sq += float(np.sum(d * d))
+        dof += len(t) - 1
+    return math.sqrt(sq / dof) if dof else 0.0
 
 
 def replay_sessions(turns: Sequence[Any]) -> tuple[list[list[Any]], list[float]]:

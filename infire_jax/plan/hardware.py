@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import time
@@ -76,6 +77,16 @@ class Hardware:
     # (None: 10 collective latencies)
     whole_prompt_factor: float = 1.0
     transfer_latency_s: float | None = None
+    # the same factor by padded tokens of the call ((tokens, factor), ...) ascending, where measured:
+    # on this CPU it grows with the width (the prefill program gains less over the chunk program on
+    # long prompts), so one median under-prices wide calls
+    whole_prompt_factors: tuple[tuple[int, float], ...] | None = None
+    # spread of one program call's time around its price (the standard deviation of log(time /
+    # median time) of repeated identical calls; 0 on a quiet accelerator). The simulator's engine loop
+    # draws each call's time with it: on a shared CPU the calls jitter, and jitter lets sessions fall
+    # into lockstep (turns that end in one step are prefilled together, padded, and stay together),
+    # which a loop of exact step times never does.
+    call_time_spread: float = 0.0
 
     def matmul_rate(self, m: float) -> float:
         """Achieved FLOP/s of a linear layer applied to m rows (flops_efficiency applies to both the
@@ -83,6 +94,19 @@ class Hardware:
         if not self.matmul_rates:
             return self.flops * self.flops_efficiency
         return self.flops_efficiency * _rate_at(self.matmul_rates, m)
+
+    def whole_factor(self, tokens: float) -> float:
+        """Hardware.whole_prompt_factor for a whole-prompt call of `tokens` padded tokens: linear in
+        log(tokens) between measured sizes, flat outside them (whole_prompt_factor if none measured)."""
+        table = self.whole_prompt_factors
+        if not table:
+            return self.whole_prompt_factor
+        if tokens <= table[0][0]:
+            return table[0][1]
+        for (n0, f0), (n1, f1) in zip(table, table[1:]):
+            if tokens <= n1:
+                return f0 + (f1 - f0) * math.log(tokens / n0) / math.log(n1 / n0)
+        return table[-1][1]
 
     def attention_rate(self, m: float) -> float:
         """Achieved FLOP/s of attention for m query rows (the matmul rate unless measured)."""
@@ -257,8 +281,6 @@ def measure_cpu(mbytes: int = 256, runs: int = 7, save: bool = True) -> dict[str
 def _rate_at(table: tuple[tuple[int, float], ...], m: float) -> float:
     """A rate table ((m, rate), ...) at m rows: log-linear between entries, flat past the last, and
     proportional to m below the first (fewer rows than measured do proportionally less work per call)."""
-    import math
-
     ms = [r[0] for r in table]
     rs = [r[1] for r in table]
     if m <= ms[0]:

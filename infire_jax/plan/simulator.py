@@ -444,8 +444,8 @@ class InstanceSpec:
     # 0: continuous batching with fused iterations (vLLM's scheduler, module doc). k > 0: this
     # project's engine loop (engine/core.py): a step is one prefill call (whole prompts batched up to
     # `chunk` tokens and padded to powers of two, or the next chunk of each prompt in progress), then
-    # one decode call of k tokens for every running row (1 while a prompt is mid-chunk), batch padded
-    # to a power of two; a request arriving meanwhile waits for the step to end.
+    # one decode call of k tokens for every running row (1 while an admitted prompt is incomplete),
+    # batch padded to a power of two; a request arriving meanwhile waits for the step to end.
     call_steps: int = 0
     max_batch_tokens: int = 8192  # engine loop: padded tokens of one whole-prompt prefill call
     page_size: int = 1  # prefix caches reuse whole pages of this many tokens
@@ -649,6 +649,8 @@ class _Instance:
         self.busy_prefill = self.busy_decode = 0.0  # seconds of work, for the cost split
         self.proc: _Processor | None = None  # the processor this instance shares with others (one engine loop)
         self.step_end = 0.0  # engine loop: when the step under way ends
+        self.jitter: np.random.Generator | None = None  # engine loop: draws call times (Hardware.call_time_spread)
+        self.between_steps = False  # engine loop: a step ended, the next one starts once this instant's events ran
 
     # -- KV accounting ------------------------------------------------------------------------
     def kv_need(self, r: Request) -> float:
@@ -689,8 +691,14 @@ class _Instance:
             return
         self.waiting.append(r)
         self.outstanding += (r.prompt - r.done_prefill) if self.spec.role != "decode" else r.output
-        if not self.busy:
-            self._start()
+        if not self.busy and not self.between_steps:
+            if self.spec.call_steps and (self.proc is None or self.proc.owner is None):
+                # the engine loop's step takes every request of this instant (the replay submits all
+                # that are due before it steps); on a processor another instance holds, queue for it
+                self.between_steps = True
+                self.sim.at(self.sim.now, self._next_step)
+            else:
+                self._start()
         elif self.ff is not None:
             self._cut_short()
 
@@ -906,15 +914,8 @@ class _Instance:
         steps, t_dec = 0, 0.0
         n = len(self.rows) + len(joining)
         if role != "prefill" and n:
-            left, budget = 0, self.spec.chunk
-            for r in self.prefilling:  # engine/core.py `chunking`: a prompt needs more than this call
-                if r in done_pf:
-                    continue
-                rest = r.prompt - r.done_prefill - dict(taken).get(r, 0)
-                if rest > budget:
-                    left = 1
-                    break
-                budget -= rest
+            # engine/core.py `chunking`: an admitted prompt still incomplete after this call
+            left = any(r not in done_pf for r in self.prefilling)
             steps = 1 if left and role == "colocated" else self.spec.call_steps
             ctx = float(self.ctx.sum()) + sum(r.prompt for r in joining)
             b = _pow2(n)
@@ -923,6 +924,10 @@ class _Instance:
             per_step = cost.stage_time(b, b, ctx + n * (steps - 1) / 2.0, capped + n * (steps - 1) / 2.0)
             call = cost.hw.step_overhead_s  # the engine's overhead is per program call, not per token
             t_dec = self.pp * (steps * (per_step - call) + call)
+        if self.jitter is not None:  # each call's time drawn around its price (median = the price)
+            spread = cost.hw.call_time_spread
+            f_pf, f_dec = np.exp(spread * self.jitter.standard_normal(2))
+            t_pf, t_dec = t_pf * f_pf, t_dec * f_dec
         t = t_pf + t_dec
         if t <= 0.0:
             return
@@ -956,7 +961,7 @@ class _Instance:
             b, width = _pow2(len(taken)), _pow2(max(n for _, n in taken), 16)
             for k, v in cost.chunk_terms(0, width).items():
                 terms[k] += b * v
-            return cost.stage_time(b * width, b, **terms) * self.pp * cost.hw.whole_prompt_factor, taken
+            return cost.stage_time(b * width, b, **terms) * self.pp * cost.hw.whole_factor(b * width), taken
         else:
             for r in self.prefilling:
                 if budget <= 0 or len(taken) >= spec.max_batch:
@@ -976,12 +981,13 @@ class _Instance:
         if self.cache is not None:  # the engine indexes a prompt's pages as they are written
             for r, _ in taken:
                 self.cache.put_system(r.done_prefill if r.turn == 0 else r.prompt)
+        shipping = 0.0
         for r in finished:
             self.outstanding -= r.prompt - r.cached
             if self.spec.role == "prefill":
                 if r.kv_prefill:  # the prompt's KV stays cached here for the session's next turn
                     self._finish_kv(r, r.kv_prefill, r.prompt)
-                self._prefilled(r)
+                shipping = max(shipping, self._prefilled(r))
             else:
                 r.t_first = t_first
                 if r.output <= 1:
@@ -997,10 +1003,14 @@ class _Instance:
             self.rem[:k] -= steps
             self._retire()
         # the next step starts after what happens at this instant (the next turns of sessions that
-        # just finished arrive now; the engine's replay submits them before its next step)
-        self.sim.at(self.sim.now, self._next_step)
+        # just finished arrive now; the engine's replay submits them before its next step). On a
+        # shared processor the engine ships a prefill call's pages inside its step, before the decode
+        # worker's turn: the shipment holds the processor, and the rows it completes decode next.
+        self.between_steps = True
+        self.sim.at(self.sim.now + (shipping if self.proc is not None else 0.0), self._next_step)
 
     def _next_step(self) -> None:
+        self.between_steps = False
         proc = self.proc
         if proc is None:
             self._start()
@@ -1011,9 +1021,10 @@ class _Instance:
         for x in queue:  # the others' turn first (the engine loop steps its workers in turn)
             x._start()
 
-    def _prefilled(self, r: Request) -> None:
+    def _prefilled(self, r: Request) -> float:
+        """r's prompt is done here: first token now; returns the seconds its KV takes to reach decode."""
         r.t_first = self.sim.now
-        self.on_prefilled(r)
+        return self.on_prefilled(r) or 0.0
 
 
 @dataclasses.dataclass
@@ -1106,7 +1117,11 @@ def simulate(
     the front picks the instance with the least uncached work (queued tokens minus this turn's
     cached prefix there; the prefix-overlap + load score of issue 20's router) and P -> D goes to the
     decode instance holding the conversation; without it, the least loaded instance and the decode
-    instance with the most free KV, blind to caches (a hit only where a turn lands by chance)."""
+    instance with the most free KV, blind to caches (a hit only where a turn lands by chance).
+
+    The engine loop (InstanceSpec.call_steps) with Hardware.call_time_spread > 0 draws every call's
+    time around its price (seeded by `seed`): one run is one sample of a jittering machine; pool
+    several seeds for its distribution."""
     if ttft_slo is not None or tpot_slo is not None:
         workload = dataclasses.replace(workload, ttft_slo=ttft_slo or workload.ttft_slo,
                                        tpot_slo=tpot_slo or workload.tpot_slo)
@@ -1150,11 +1165,12 @@ def simulate(
         latency = hw.collective_latency_s * 10 if hw.transfer_latency_s is None else hw.transfer_latency_s
         xfer = (per_token, streams * link * hw.bw_efficiency, latency)
 
-        def prefilled(r: Request) -> None:
+        def prefilled(r: Request) -> float:
+            """Send r's KV to a decode instance; returns the seconds the transfer takes."""
             if r.output <= 1:
                 r.t_done = sim.now
                 finished(r)
-                return
+                return 0.0
             room = {d: d.free_kv() - sum(d.kv_need(w) for w in d.waiting) for d in dec}
             holders = [d for d in dec if d.cache is not None and r.session in d.cache.entries
                        and room[d] >= d.kv_need(r)]  # the conversation's instance, if it can take r now
@@ -1163,6 +1179,7 @@ def simulate(
             r.xfer_tokens = r.prompt - held  # only the pages the decode instance lacks cross
             t = r.xfer_tokens * xfer[0] / xfer[1] + xfer[2]
             sim.at(sim.now + t, target.submit, r)
+            return t
 
         for spec in plan.instances:
             for _ in range(spec.count):
@@ -1180,6 +1197,10 @@ def simulate(
         proc = _Processor()
         for x in pre + dec + col:
             x.proc = proc
+    jitter = np.random.default_rng(seed + 2)
+    for x in pre + dec + col:
+        if x.spec.call_steps and x.cost.hw.call_time_spread > 0:
+            x.jitter = jitter
 
     def load(x: _Instance) -> float:
         return x.outstanding + (len(x.rows) * 8 if x.spec.role == "colocated" else 0)
