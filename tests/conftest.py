@@ -7,6 +7,12 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_platforms", "cpu")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--spec-matrix", choices=("ci", "full"), default="ci",
+                     help="tests/test_speculative_matrix.py: 'ci' runs the covering subset (every pair of proposer, "
+                          "family and layout once), 'full' every proposer x family x layout cell")
+
+
 def _write_checkpoint(tmp_path_factory, name: str):
     from infire_jax.checkpoint.tiny import write_tiny_checkpoint
 
