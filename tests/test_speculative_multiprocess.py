@@ -13,6 +13,7 @@ import infire_jax
 from infire_jax.checkpoint import tiny
 from infire_jax.engine.remote import RemoteEngine, WorkerConfig
 from infire_jax.engine.sampling import SamplingParams
+from tests.helpers import write_head
 from tests.test_multiprocess import HARD_LIMIT_S, RUN_S, TIMEOUTS, hard_limit  # noqa: F401 - the alarm fixture
 
 NEW = 12
@@ -80,8 +81,6 @@ def test_eagle3_prompt_states_ride_with_the_pages_across_processes(dirs, tmp_pat
     """"eagle3:DIR:K" on both sides: the prefill process captures the head's target layers while it
     prefills and ships the prompt's states with the pages, so the decode process recomputes no
     prompt (hidden_states_received = every prompt position); the tokens are colocated plain ones."""
-    from tests.test_speculative_eagle3 import write_head
-
     prompts = _prompts()
     want = infire_jax.load(dirs["target"]).generate(prompts, max_new_tokens=NEW)
     spec = f"eagle3:{write_head(tmp_path / 'head', dirs['target'])}:3"
