@@ -4,7 +4,8 @@ n-gram lookup ("ngram:4"), one with a draft model ("draft:DIR:4": the target's f
 The router alternates requests between the two. Greedy tokens equal colocated tokens without
 speculation; proposed/accepted counts arrive in request metrics and RemoteEngine.stats(); the draft
 decoder's draft KV of the prompt comes from the prefill process in the same offer as the target's
-pages (its draft is never fed a prompt token), the n-gram decoder gets no draft pages."""
+pages (its draft is never fed a prompt token), the n-gram decoder gets no draft pages. With
+"eagle3:DIR:K" on both sides the prompt's captured hidden states ride with the pages."""
 
 import numpy as np
 import pytest
