@@ -321,6 +321,21 @@ def _errors(predicted: dict, got: dict) -> dict:
             for m in ("ttft", "tpot") for q in ("p50", "p90") if got[f"{m}_s"][q] and predicted[f"{m}_s"][q]}
 
 
+def calibration_model() -> tuple[str, int, dict]:
+    """The calibration's checkpoint (smollm-135m shape with --layers layers, random weights, written once
+    under --checkpoint_root): its directory, vocabulary size and config (named for the planner)."""
+    from infire_jax.checkpoint.tiny import write_tiny_checkpoint
+    from infire_jax.config import load_config
+
+    root = FLAGS.checkpoint_root or os.path.join(tempfile.gettempdir(), "infire_jax_calibrate_agent")
+    model_dir = os.path.join(root, f"smollm135m-L{FLAGS.layers}")
+    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        write_tiny_checkpoint(model_dir, "smollm-135m", overrides=dict(num_hidden_layers=FLAGS.layers), tokenizer=False)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        model_cfg = json.load(f) | {"_name": f"smollm135m-L{FLAGS.layers}"}
+    return model_dir, load_config(model_dir).vocab_size, model_cfg
+
+
 def main(argv) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -330,21 +345,13 @@ def main(argv) -> None:
     from infire_jax import boot
 
     boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)  # before anything compiles
-    from infire_jax.checkpoint.tiny import write_tiny_checkpoint
-    from infire_jax.config import load_config
     from infire_jax.engine import trace as trace_lib
     from infire_jax.engine.build import Deployment as EngineDeployment
     from infire_jax.plan.capacity import Deployment, plan_capacity
     from infire_jax.plan.hardware import cpu_hardware
     from infire_jax.plan.simulator import CostModel
 
-    root = FLAGS.checkpoint_root or os.path.join(tempfile.gettempdir(), "infire_jax_calibrate_agent")
-    model_dir = os.path.join(root, f"smollm135m-L{FLAGS.layers}")
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        write_tiny_checkpoint(model_dir, "smollm-135m", overrides=dict(num_hidden_layers=FLAGS.layers), tokenizer=False)
-    vocab = load_config(model_dir).vocab_size
-    with open(os.path.join(model_dir, "config.json")) as f:
-        model_cfg = json.load(f) | {"_name": f"smollm135m-L{FLAGS.layers}"}
+    model_dir, vocab, model_cfg = calibration_model()
     names = FLAGS.settings.split(",") if FLAGS.settings else list(SETTINGS)
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:

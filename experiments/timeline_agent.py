@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 from absl import app, flags, logging
@@ -175,8 +174,6 @@ def main(argv) -> None:
     from infire_jax import boot
 
     boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)
-    from infire_jax.checkpoint.tiny import write_tiny_checkpoint
-    from infire_jax.config import load_config
     from infire_jax.engine import trace as trace_lib
     from infire_jax.engine.build import Deployment as EngineDeployment
     from infire_jax.engine.trace import replay
@@ -184,13 +181,7 @@ def main(argv) -> None:
     from infire_jax.plan.hardware import cpu_hardware
     from infire_jax.plan.simulator import CostModel
 
-    root = FLAGS.checkpoint_root or os.path.join(tempfile.gettempdir(), "infire_jax_calibrate_agent")
-    model_dir = os.path.join(root, f"smollm135m-L{FLAGS.layers}")
-    if not os.path.isfile(os.path.join(model_dir, "model.safetensors")):
-        write_tiny_checkpoint(model_dir, "smollm-135m", overrides=dict(num_hidden_layers=FLAGS.layers), tokenizer=False)
-    vocab = load_config(model_dir).vocab_size
-    with open(os.path.join(model_dir, "config.json")) as f:
-        model_cfg = json.load(f) | {"_name": f"smollm135m-L{FLAGS.layers}"}
+    model_dir, vocab, model_cfg = cal_lib.calibration_model()
     name = (FLAGS.settings or "colocated_short_reuse").split(",")[0]
     kind, params = cal_lib.SETTINGS[name]
     options = flags_common.engine_options()
