@@ -124,6 +124,9 @@ def decode_tok_s(reqs) -> float:
 
 
 def run_pair(engines: dict, prompts: list[list[int]], new_tokens: int, rounds: int, eos: tuple[int, ...]) -> dict:
+    """Paired rounds of plain and speculative engines; spec rounds also count the programs they compiled or
+    loaded (programs_prepared: > 0 means a round paid a compile the warm-up missed)."""
+    from infire_jax import boot
     from infire_jax.engine.disagg import generate
     from infire_jax.engine.sampling import SamplingParams
 
@@ -140,6 +143,7 @@ def run_pair(engines: dict, prompts: list[list[int]], new_tokens: int, rounds: i
             for name in order:
                 eng = engines[name]
                 before = eng.stats() if name == "spec" else None
+                prepared = boot.clock.programs_prepared
                 reqs = generate(eng, prompts, params)
                 rates[name].append(decode_tok_s(reqs))
                 outputs[name] = [r.output for r in reqs]
@@ -148,7 +152,8 @@ def run_pair(engines: dict, prompts: list[list[int]], new_tokens: int, rounds: i
                     p = after["spec_proposed_tokens"] - before["spec_proposed_tokens"]
                     a = after["spec_accepted_tokens"] - before["spec_accepted_tokens"]
                     spec_stats.append(dict(proposed=p, accepted=a, verify_calls=after["spec_verify_calls"] - before["spec_verify_calls"],
-                                           decode_calls=after["spec_decode_calls"] - before["spec_decode_calls"]))
+                                           decode_calls=after["spec_decode_calls"] - before["spec_decode_calls"],
+                                           programs_prepared=boot.clock.programs_prepared - prepared))
         foreign.append(c.get("foreign_cpu_fraction"))
     ratios = [s / p for s, p in zip(rates["spec"], rates["plain"])]
     verified = sum(s["verify_calls"] for s in spec_stats)
