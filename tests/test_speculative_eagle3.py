@@ -227,6 +227,22 @@ def test_decode_and_verify_capture_the_prefill_states(dirs, deployments, target,
         np.testing.assert_allclose(np.stack([kept[p] for p in sorted(kept)]), want[sorted(kept)], rtol=1e-4, atol=1e-4)
 
 
+def test_a_cached_prefix_brings_its_states(dirs, deployments):
+    """The second run of the same prompts (24 tokens) finds their first block in the prefix cache: its
+    states come from the worker's state cache (no recompute), and the tokens are plain decoding's."""
+    deployment = deployments("tp=1")
+    prompts = [p + p[:8] for p in _prompts()]
+    want = [r.output for r in generate(deployment.engine(), prompts, per_request(2, NEW))]
+    engine = _engine(deployment, dirs["head"])
+    worker = engine.decode_workers[0]
+    for _ in range(2):
+        reqs = generate(engine, prompts, per_request(2, NEW))
+        assert [r.output for r in reqs] == want
+    assert sum(r.cached_tokens for r in reqs) == 32  # one block of each prompt
+    assert worker.speculator.counters.verify_calls > 0
+    assert worker.speculator.hidden.recomputed_positions == 0
+
+
 def test_the_reduced_vocabulary_is_honoured(dirs, deployments, plain):
     """A head whose draft vocabulary holds only odd ids (and its own embedding) never proposes an even one."""
     engine = _engine(deployments("tp=1"), dirs["odd"])

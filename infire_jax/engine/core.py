@@ -261,6 +261,9 @@ class _Worker:
         self.prefilling: list[_Row] = []  # pages reserved, prompt not complete (colocated, prefill)
         self.in_call: list[Request] = []  # the requests of the program call under way (they fail if it does)
         self.counters = WorkerCounters()
+        # captured states (capture) of prompt blocks the prefix index holds, by block hash, least recent first:
+        # a prefix the cache serves brings its states along instead of a recompute (at most num_pages blocks)
+        self.state_cache: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()
 
     @property
     def _geometry(self) -> tuple[Any, Any]:
@@ -338,6 +341,8 @@ class _Worker:
                 break
             self.waiting.popleft()
             row.lease, row.computed = lease, lease.hit_tokens
+            if lease.hit_tokens and self.capture:
+                self._cached_states(row)
             self.counters.prompt_tokens += len(r.prompt)
             self.counters.prefix_hit_tokens += lease.hit_tokens
             out.append(row)
@@ -490,6 +495,27 @@ class _Worker:
         hidden = distributed.fetch(captured[0])
         for i, (row, start, n) in enumerate(pieces):
             self._keep_states(row, start, hidden[i, :n])
+            self._remember_states(row, start, hidden[i, :n])
+
+    def _remember_states(self, row: _Row, start: int, states: np.ndarray) -> None:
+        """Keep the states of the prompt's full blocks these positions cover, by block hash (state_cache)."""
+        ps, hashes = self.page_size, self.hashes(row.request)
+        for b in range(-(-start // ps), min(len(hashes), (start + len(states)) // ps)):
+            self.state_cache[hashes[b]] = states[b * ps - start: (b + 1) * ps - start]
+            self.state_cache.move_to_end(hashes[b])
+        while len(self.state_cache) > self.num_pages:
+            self.state_cache.popitem(last=False)
+
+    def _cached_states(self, row: _Row) -> None:
+        """A prefix the prefix cache served was not computed here: its states come from state_cache if it
+        holds every block (else the proposer recomputes them at the row's first draft)."""
+        n, ps = row.computed, self.page_size
+        hashes = self.hashes(row.request)[: n // ps]
+        blocks = [self.state_cache.get(h) for h in hashes]
+        if n % ps == 0 and blocks and all(x is not None for x in blocks):
+            for h in hashes:
+                self.state_cache.move_to_end(h)
+            self._keep_states(row, 0, np.concatenate(blocks))
 
     def _keep_states(self, row: _Row, start: int, states: np.ndarray) -> None:
         """Held on the row until its pages ship (a prefill worker); a decoding worker hands them on."""

@@ -9,8 +9,9 @@ The target's hidden states: a decoding worker whose Speculator holds this propos
 and verify programs for the inputs of the head's three target layers (Programs.capture_selection,
 models.contract.Family.captures_hidden) and hands each row's kept positions to `observe`. The
 prompt's states come from the prefill calls that compute it (a colocated worker's own; a prefill
-worker's ride in the Shipment). Positions no call computed here (a prefix reused from the prefix
-cache, a prefill worker with another head) are recomputed by the target's hidden-state program
+worker's ride in the Shipment), and a prefix the prefix cache serves brings the states its blocks
+had when computed (the worker's state cache, by block hash). Positions none of these cover (states
+evicted, a prefill worker with another head) are recomputed by the target's hidden-state program
 (Programs.hidden_fn) at the row's first draft. The head's KV of the prompt is fed in catch-up calls of at most
 CATCH_UP_MAX positions (so the head compiles a few widths, all at warm-up, not one per prompt length).
 
