@@ -567,7 +567,7 @@ class _Decoding(_Worker):
         super().__init__(*args, **kwargs)
         self.ready: collections.deque[_Row] = collections.deque()  # prompt KV complete, not running yet
         self.running: list[Request] = []
-        one_process = len({d.process_index for d in self.programs.layout.mesh.devices.flat}) == 1
+        one_process = len(distributed.owner_processes(self.programs.layout.replicated)) == 1
         self.speculator = Speculator(speculative, [q.window for q in self.pools], proposer,
                                      clocked=one_process) if speculative else None
         self.decode_shapes: set[tuple[int, Any]] = set()  # (padded batch, packed pages per row) of decode calls run
@@ -710,7 +710,7 @@ class _Decoding(_Worker):
                 if key in p.compile_seconds:
                     continue
                 tables = [np.zeros((b, n), np.int32) for n in p.unpack(per_row)]
-                _, _, _, *_, self.k_pages, self.v_pages = p._timed(
+                *_, self.k_pages, self.v_pages = p._timed(
                     key, p.verify_fn(*shape, capture=capture), p.placed.state, self.k_pages, self.v_pages,
                     p.pack(tables), np.zeros(b, np.int32), np.full(b, -1, np.int32), np.zeros((b, c), np.int32),
                     pack_params([], b),
@@ -965,7 +965,7 @@ class DecodeWorker(_Decoding):
         if shipment.hidden and shipment.hidden_layers == self.capture:  # the prompt states for an EAGLE-3 head
             for rid, start, states in shipment.hidden:
                 if rid in self.rows:
-                    self.speculator.hidden.observe(rid, start, states)
+                    self._keep_states(self.rows[rid], start, states)
                     self.counters.hidden_states_received += len(states)
         finished = []
         for s in shipment.rows:

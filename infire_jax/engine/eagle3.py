@@ -142,7 +142,7 @@ def place_head(path: str | pathlib.Path, target: Programs) -> PlacedHead:
     """The head checkpoint at `path` checked (check_head) and placed on the target's layout in the
     target's dtypes."""
     path, layout = pathlib.Path(path), target.layout
-    if len({d.process_index for d in layout.mesh.devices.flat}) > 1:
+    if len(distributed.owner_processes(layout.replicated)) > 1:
         raise SpecError("an EAGLE-3 head needs its decoding mesh within one process (its drafts are host-side, per "
                         "worker); use 'ngram:K', or a one-process decode mesh")
     check = check_head(path, target.placed.cfg)

@@ -155,10 +155,11 @@ class Programs:
         """Padded batch size: a power of two, and a multiple of the pipeline depth."""
         return -(-bucket(n) // self.stages) * self.stages
 
-    def _run_prefill(self, state, tokens):
-        return pipeline.prefill(
-            self.placed.graphdef, state, self.layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32), self.stages
-        )
+    def _run_prefill(self, state, tokens, sel: np.ndarray | None = None):
+        """pipeline.prefill of whole sequences from position 0 (sel: a capture_selection, whose captured
+        states come last)."""
+        return pipeline.prefill(self.placed.graphdef, state, self.layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32),
+                                self.stages, capture=None if sel is None else jnp.asarray(sel))
 
     def forward_fn(self, b: int, t: int):
         """(state, tokens (b, t)) -> logits (b, t, vocab): the whole sequence, no cache."""
@@ -188,8 +189,7 @@ class Programs:
         sel = self.capture_selection(capture) if capture else None
 
         def prefill(state, tokens, lengths, sp):
-            h, k, v, *cap = pipeline.prefill(graphdef, state, layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32),
-                                             self.stages, capture=None if sel is None else jnp.asarray(sel))
+            h, k, v, *cap = self._run_prefill(state, tokens, sel)
             with use_layout(layout):
                 last = h[jnp.arange(tokens.shape[0]), lengths - 1]
                 logits = nnx.merge(graphdef, state).logits(last).astype(jnp.float32)
@@ -286,11 +286,10 @@ class Programs:
     def hidden_fn(self, b: int, t: int, capture: tuple[int, ...]):
         """(state, tokens (b, t)) -> the inputs of layers `capture` at every position, side by side
         (b, t, len(capture) x hidden): the prefill program's forward, no cache written."""
-        graphdef, layout, sel = self.placed.graphdef, self.layout, self.capture_selection(capture)
+        sel = self.capture_selection(capture)
 
         def hidden(state, tokens):
-            *_, cap = pipeline.prefill(graphdef, state, layout, tokens, jnp.zeros((tokens.shape[0],), jnp.int32),
-                                       self.stages, capture=jnp.asarray(sel))
+            *_, cap = self._run_prefill(state, tokens, sel)
             return cap
 
         return self._compiled(
