@@ -137,13 +137,13 @@ def main(argv: list[str]) -> None:
     pending = [it for it in items if it.key not in writer.done]
     with writer:
         if pending:
-            import jax
-
-            jax.config.update("jax_num_cpu_devices", _devices_needed(prefill_specs + decode_specs))
             from infire_jax import boot
 
-            boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)  # before anything compiles
-            from infire_jax.checkpoint import tiny
+            with boot.gc_paused():  # imports: long-lived objects only
+                flags_common.start_boot("batch_generate.py", _devices_needed(prefill_specs + decode_specs),
+                                        ("model_dir", "dtype", *flags_common.ENGINE_FLAGS), prefill=prefill_specs,
+                                        decode=decode_specs, rules=FLAGS.deployment)
+                from infire_jax.checkpoint import tiny
 
             model_dir = FLAGS.model_dir or str(tiny.ensure_default_model())
             summary["model_dir"] = model_dir

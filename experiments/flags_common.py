@@ -64,6 +64,26 @@ def worker_specs(mesh: str | None = None) -> tuple[list[str], list[str]]:
     return [mesh], [mesh]
 
 
+ENGINE_FLAGS = ("decode_steps", "kv_pages", "page_size", "max_decode_batch", "prefix_cache", "prefill_chunk", "speculative")
+
+
+def start_boot(script: str, devices: int, flag_names: tuple[str, ...] | list[str], **more: object):
+    """A deployment script's boot: `devices` simulated CPU devices (only the CPU backend reads this), JAX's
+    persistent compilation cache (--compilation_cache_dir), and the compiled programs the last run of
+    this deployment used loading on background threads (infire_jax.boot.prefetch_executables) while the
+    script imports the rest. The deployment is named by the script, the values of `flag_names` (the flags
+    that decide its programs) and `more`. Returns the compilation cache directory (None: off)."""
+    import jax
+
+    from infire_jax import boot
+
+    jax.config.update("jax_num_cpu_devices", max(devices, 1))
+    cache_dir = boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)  # before anything compiles
+    values = [f"--{name}={FLAGS[name].value}" for name in flag_names] + [f"{k}={v}" for k, v in sorted(more.items())]
+    boot.prefetch_executables(" ".join([script, *values]))
+    return cache_dir
+
+
 def engine_options():
     """EngineOptions from the engine flags."""
     from infire_jax.engine.build import EngineOptions

@@ -42,20 +42,17 @@ flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 def main(argv: list[str]) -> None:
     del argv
     logging.set_verbosity(logging.WARNING)
-    import jax
-
-    from infire_jax.mesh import parse_mesh
-
-    specs = [parse_mesh(m) for m in (FLAGS.mesh, FLAGS.prefill_mesh, FLAGS.decode_mesh) if m]
-    # Only the CPU backend reads this (simulated devices); on GPUs the real devices are used.
-    needed = FLAGS.devices or max(s.last_device + 1 if s.last_device is not None else s.num_devices for s in specs)
-    jax.config.update("jax_num_cpu_devices", max(needed, 1))
     from infire_jax import boot
 
-    cache_dir = boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)  # before anything compiles
+    with boot.gc_paused():  # imports: long-lived objects only
+        from infire_jax.mesh import parse_mesh
 
-    import infire_jax
-    from infire_jax.checkpoint import tiny
+        specs = [parse_mesh(m) for m in (FLAGS.mesh, FLAGS.prefill_mesh, FLAGS.decode_mesh) if m]
+        needed = FLAGS.devices or max(s.last_device + 1 if s.last_device is not None else s.num_devices for s in specs)
+        cache_dir = flags_common.start_boot("generate.py", needed, ("model_dir", "dtype", "mesh", "prefill_mesh",
+                                                                    "decode_mesh", "devices", "speculative"))
+        from infire_jax import load  # imports flax, the models and the engine (the programs load meanwhile)
+        from infire_jax.checkpoint import tiny
 
     model_dir = FLAGS.model_dir or tiny.ensure_default_model()
     t0 = time.perf_counter()
@@ -65,8 +62,8 @@ def main(argv: list[str]) -> None:
         if FLAGS.prefill_mesh or FLAGS.decode_mesh
         else dict(mesh=FLAGS.mesh)
     )
-    model = infire_jax.load(model_dir, dtype=FLAGS.dtype, compilation_cache_dir=cache_dir,
-                            speculative=FLAGS.speculative or None, **placement)
+    model = load(model_dir, dtype=FLAGS.dtype, compilation_cache_dir=cache_dir,
+                 speculative=FLAGS.speculative or None, **placement)
     load_s = time.perf_counter() - t0
     sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, seed=FLAGS.seed)
     warmup = model.warm_up([len(model.encode(p)) for p in FLAGS.prompt], FLAGS.max_new_tokens) if FLAGS.warmup else None

@@ -140,13 +140,14 @@ def main(argv: list[str]) -> None:
         metrics, stats = run_multiprocess(model_dir, prefill_specs, decode_specs, load_config(model_dir).vocab_size, tokenize)
         _report(metrics, stats, prefill_specs, decode_specs)
         return
-    import jax
-
-    jax.config.update("jax_num_cpu_devices", _devices_needed(prefill_specs + decode_specs))
     from infire_jax import boot
 
-    boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)  # before anything compiles
-    from infire_jax.checkpoint import tiny
+    with boot.gc_paused():  # imports: long-lived objects only
+        flags_common.start_boot("serve_offline.py", _devices_needed(prefill_specs + decode_specs),
+                                ("model_dir", "dtype", *flags_common.ENGINE_FLAGS), prefill=prefill_specs,
+                                decode=decode_specs)
+        from infire_jax.checkpoint import tiny
+        from infire_jax.engine import build  # noqa: F401  (the engine's modules, imported while programs load)
 
     model_dir = FLAGS.model_dir or tiny.ensure_default_model()
     engine = build_engine(model_dir, prefill_specs, decode_specs)

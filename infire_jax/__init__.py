@@ -1,19 +1,26 @@
 """infire_jax: a JAX/XLA research inference stack (prefill/decode disaggregation, PP+TP(+EP), lossless
-weight compression). Public surface: `load`, `Model.logits`, `Model.generate`."""
+weight compression). Public surface: `load`, `Model.logits`, `Model.generate`.
 
-import sys
+The public names import the stack (flax, the models, the engine) on first use, so ``infire_jax.boot``
+and ``infire_jax.mesh`` are cheap to import: a script can configure the compilation cache and start
+loading compiled programs (boot.prefetch_executables) while the rest is still being imported."""
 
-if "IPython" not in sys.modules:
-    # flax.nnx asks IPython, at import, whether it runs inside it (to colour reprs): importing IPython for that
-    # costs 0.15-1.7 s of every start. Outside IPython the answer is no without asking (inside, IPython is
-    # already imported and flax asks it as usual), so flax is imported with IPython marked unavailable.
-    sys.modules["IPython"] = None  # type: ignore[assignment]  # `import IPython` raises ImportError
-    try:
-        import flax.nnx  # noqa: F401
-    finally:
-        del sys.modules["IPython"]
+from typing import TYPE_CHECKING, Any
 
-from infire_jax import distributed  # noqa: E402
-from infire_jax.api import Model, load  # noqa: E402
+if TYPE_CHECKING:
+    from infire_jax import distributed
+    from infire_jax.api import Model, load
 
 __all__ = ["load", "Model", "distributed"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("load", "Model"):
+        from infire_jax import api
+
+        return getattr(api, name)
+    if name == "distributed":
+        import importlib
+
+        return importlib.import_module("infire_jax.distributed")
+    raise AttributeError(f"module 'infire_jax' has no attribute {name!r}")

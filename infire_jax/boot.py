@@ -11,6 +11,10 @@ second start's warm-up). :class:`CachedProgram` skips both: the engine's program
 executables in ``<cache dir>/executables``, keyed on everything that decides the program (the caller's
 description of it, the arguments' structure, types and shardings, the devices, jax / jaxlib / flax,
 XLA flags, the CPU and the source of this package), and a later process loads them directly.
+What is left of a second start is mostly importing jax and flax; two things shorten it further.
+:func:`prefetch_executables` loads the executables the last start of the same deployment used on
+background threads (XLA's deserialization runs outside the GIL) while flax and the engine are still
+being imported, and :func:`gc_paused` keeps Python's cyclic collector out of those imports.
 
 :data:`clock` (one per process) collects the boot breakdown the scripts report as ``"boot"``:
 
@@ -23,6 +27,7 @@ XLA flags, the CPU and the source of this package), and a later process loads th
                    persistent cache supplied (counted from jax.monitoring events)
   programs_from_cache  programs the persistent cache or the executable cache supplied
   programs_loaded  of those, executables loaded from the executable cache (neither traced nor lowered)
+  programs_prefetched  of those, loaded ahead on background threads (:func:`prefetch_executables`)
   programs_lowered programs traced and lowered to StableHLO (compiled or persistent-cache hits)
 
 Loaders report into it with ``with boot.clock.phase("read"): ...``; phases are exclusive (a phase
@@ -44,8 +49,10 @@ import time
 import warnings
 from typing import Any, Callable, Iterator
 
+from infire_jax.machine import cpu_signature
+
 __all__ = ["BootClock", "CachedProgram", "clock", "cpu_signature", "default_cache_dir", "executable_cache_dir",
-           "use_compilation_cache", "process_start"]
+           "gc_paused", "prefetch_executables", "use_compilation_cache", "process_start"]
 
 PHASES = ("read", "convert", "place")
 # jax.monitoring event names (public strings; recorded by jax for every program it compiles or loads
@@ -53,16 +60,6 @@ PHASES = ("read", "convert", "place")
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 _LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 _CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-
-
-def cpu_signature() -> str:
-    """The host CPU's feature flags (what -march=native code and XLA:CPU executables depend on)."""
-    try:
-        lines = pathlib.Path("/proc/cpuinfo").read_text().splitlines()
-        flags = [ln for ln in lines if ln.startswith(("flags", "Features"))]
-        return flags[0] if flags else platform.processor()
-    except OSError:
-        return platform.processor() or platform.machine()
 
 
 def _user_cache() -> pathlib.Path:
@@ -103,6 +100,25 @@ def use_compilation_cache(path: str | os.PathLike | None = "default") -> pathlib
     return path
 
 
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused inside: for a process's imports and set-up. Importing jax,
+    flax and infire_jax allocates about a million long-lived objects and next to no cyclic garbage, yet
+    sets off hundreds of collections that walk them (measured here: 0.07 s of a 0.7 s second start). On
+    the way out the survivors are frozen (gc.freeze: later collections skip them) and collection resumes
+    as it was. Keep compilation outside: tracing does make cyclic garbage."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def process_start() -> float:
     """This process's start as a time.time() value: the kernel's record (Linux), else the import of
     this module."""
@@ -137,6 +153,7 @@ class BootClock:
         self.cache_hits = 0
         self.programs_lowered = 0  # traced and lowered to StableHLO (a persistent-cache hit needs this too)
         self.programs_loaded = 0  # executables loaded from the executable cache: neither lowered nor compiled
+        self.programs_prefetched = 0  # of those, loaded ahead on prefetch_executables' threads
         self.first_token: float | None = None  # time.perf_counter() of the first generated token
         self._warming_up = 0
         self._listening = False
@@ -242,6 +259,7 @@ class BootClock:
             programs_compiled=self.programs_compiled,
             programs_from_cache=self.cache_hits + self.programs_loaded,
             programs_loaded=self.programs_loaded,
+            programs_prefetched=self.programs_prefetched,
             programs_lowered=self.programs_lowered,
         )
 
@@ -253,7 +271,7 @@ clock.start()
 # -- executable cache -------------------------------------------------------------------------
 EXECUTABLES = "executables"  # subdirectory of the compilation cache directory (JAX's LRU ignores it)
 EXECUTABLES_MAX_BYTES = 2 << 30  # least recently used entries go past this
-_FORMAT = "infire_jax-executable-1"
+_FORMAT = "infire_jax-executable-3"
 # jax settings that change what a traced program means (the rest is in the arguments and the caller's
 # description); read for the cache key only.
 _JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
@@ -332,12 +350,13 @@ class CachedProgram:
 
     ``build()`` returns the ``jax.jit`` object; ``description`` must name everything besides the
     arguments that decides what it traces to (the model graph, layout, program key, ...). The first
-    call looks the executable up in :func:`executable_cache_dir`; on a miss it lowers and compiles
-    (through JAX's persistent cache, as a plain call would) and stores the executable if it was
-    compiled afresh. Later calls run the executable. Without a cache directory it is the jitted
-    function. A key mismatch is a miss; an unreadable entry is a miss with one warning (the entry is
-    removed); the loaded executable still checks its arguments' types and shardings on every call.
-    Entries are trusted as JAX trusts its own cache: loading one runs code from the cache directory."""
+    call looks the executable up in :func:`executable_cache_dir` (or takes it from a running
+    :func:`prefetch_executables`); on a miss it lowers and compiles (through JAX's persistent cache, as
+    a plain call would) and stores the executable if it was compiled afresh. Later calls run the
+    executable. Without a cache directory it is the jitted function. A key mismatch is a miss; an
+    unreadable entry is a miss with one warning (the entry is removed); the loaded executable still
+    checks its arguments' types and shardings on every call. Entries are trusted as JAX trusts its own
+    cache: loading one runs code from the cache directory."""
 
     def __init__(self, build: Callable[[], Any], description: Any):
         self._build = build
@@ -368,10 +387,11 @@ class CachedProgram:
         text = "\n".join([_environment(), repr(self._description), str(tree), *leaves])
         key = hashlib.sha256(text.encode()).hexdigest()
         path = directory / f"{key}.exe"
-        loaded = _load(path, key, tree)
+        loaded = _load(path, key)
         if loaded is not None:
             with clock._lock:
                 clock.programs_loaded += 1
+            _record(key)
             return loaded
         lowered = self.jitted.lower(*args)
         compiles, hits = clock.thread_compiles()
@@ -380,13 +400,34 @@ class CachedProgram:
         # Stored only if freshly compiled here: jaxlib serializes an executable that JAX's persistent cache
         # (or an earlier compile in this process) supplied without its machine code (XLA:CPU: "Function ...
         # not found" when run). A persistent-cache hit stays a hit on later starts, as without this cache.
-        if after[0] > compiles and after[1] == hits:
-            _store(path, key, compiled, tree)
+        if after[0] > compiles and after[1] == hits and _store(path, key, compiled, tree):
+            _record(key)
         return compiled
 
 
-def _load(path: pathlib.Path, key: str, tree: Any) -> Any:
-    """The executable stored at path, or None (missing, or unreadable: one warning, entry removed)."""
+class _LoadedProgram:
+    """A loaded executable, called with the program's own argument pytrees.
+
+    Entries are deserialized against flat argument and result lists (one leaf each), so loading needs
+    none of the pytree node classes (flax's State, ...) and can run on a prefetch thread while flax is
+    still being imported; each call flattens its arguments (the cache key fixed their structure) and
+    rebuilds the result tree."""
+
+    __slots__ = ("_flat", "_out_tree")
+
+    def __init__(self, flat: Any, out_tree: Any):
+        self._flat = flat
+        self._out_tree = out_tree
+
+    def __call__(self, *args: Any) -> Any:
+        import jax
+
+        return jax.tree.unflatten(self._out_tree, self._flat(*jax.tree.leaves(args)))
+
+
+def _deserialize(path: pathlib.Path, key: str) -> tuple[Any, bytes] | None:
+    """(flat executable, pickled (in_tree, out_tree)) of the entry at path; None if there is none.
+    Raises on an unreadable entry. Needs jax and, for programs that call them, the CPU kernels only."""
     import pickle
 
     import jax
@@ -396,16 +437,42 @@ def _load(path: pathlib.Path, key: str, tree: Any) -> Any:
         blob = path.read_bytes()
     except OSError:
         return None
+    header, payload = pickle.loads(blob)
+    if header["format"] != _FORMAT or header["key"] != key:
+        raise ValueError("its key does not match its name")
+    if hashlib.sha256(payload).hexdigest() != header["sha256"]:
+        raise ValueError("checksum mismatch")
+    if header["cpu_kernels"]:
+        from infire_jax.kernels import cpu
+
+        if not cpu.available():
+            raise ValueError("it calls infire_jax's CPU kernels, which are unavailable")
+    devices = {d.id: d for d in jax.devices()}
+    devices = [devices[i] for i in header["devices"]]  # the program's device assignment, in order
+    flat_in = jax.tree.structure((tuple(range(header["in_leaves"])), {}))
+    flat_out = jax.tree.structure(list(range(header["out_leaves"])))
+    flat = serialize_executable.deserialize_and_load(payload, flat_in, flat_out, backend=devices[0].client,
+                                                     execution_devices=devices)
+    return flat, header["trees"]
+
+
+def _load(path: pathlib.Path, key: str) -> Any:
+    """The executable stored at path (prefetched, or read now), or None (missing, or unreadable: one
+    warning, entry removed)."""
+    import pickle
+
     try:
-        header, payload = pickle.loads(blob)
-        if header["format"] != _FORMAT or header["key"] != key:
-            raise ValueError("its key does not match its name")
-        if hashlib.sha256(payload).hexdigest() != header["sha256"]:
-            raise ValueError("checksum mismatch")
-        devices = {d.id: d for d in jax.devices()}
-        devices = [devices[i] for i in header["devices"]]  # the program's device assignment, in order
-        compiled = serialize_executable.deserialize_and_load(payload, tree, header["out_tree"], backend=devices[0].client,
-                                                             execution_devices=devices)
+        entry = _prefetch.take(key) if _prefetch is not None else _Prefetch.MISSING
+        prefetched = entry is not _Prefetch.MISSING
+        if not prefetched:
+            entry = _deserialize(path, key)
+        if entry is None:
+            return None
+        flat, trees = entry
+        _, out_tree = pickle.loads(trees)
+        if prefetched:
+            with clock._lock:
+                clock.programs_prefetched += 1
     except Exception as e:  # noqa: BLE001 - whatever is wrong with an entry, compiling again is correct
         _warn_once("corrupt", f"ignoring unreadable entry {path} ({type(e).__name__}: {e}); compiling it again")
         with contextlib.suppress(OSError):
@@ -413,26 +480,31 @@ def _load(path: pathlib.Path, key: str, tree: Any) -> Any:
         return None
     with contextlib.suppress(OSError):
         os.utime(path)  # recently used: evicted last
-    return compiled
+    return _LoadedProgram(flat, out_tree)
 
 
-def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> None:
-    """Write the executable (atomically; best effort: a failure costs only the next start's lowering)."""
+def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> bool:
+    """Write the executable (atomically; best effort: a failure costs only the next start's lowering).
+    Whether it was stored."""
     import pickle
 
     from jax.experimental import serialize_executable
 
+    from infire_jax.kernels import cpu
+
     try:
         payload, in_tree, out_tree = serialize_executable.serialize(compiled)
     except (NotImplementedError, ValueError):  # programs jax cannot serialize (closed-over constants, ...)
-        return
+        return False
     if in_tree != tree:
-        return
+        return False
     tmp = None
     try:
         devices = [d.id for d in compiled.runtime_executable().local_devices()]
-        blob = pickle.dumps((dict(format=_FORMAT, key=key, sha256=hashlib.sha256(payload).hexdigest(),
-                                  out_tree=out_tree, devices=devices), payload))
+        header = dict(format=_FORMAT, key=key, sha256=hashlib.sha256(payload).hexdigest(), devices=devices,
+                      in_leaves=in_tree.num_leaves, out_leaves=out_tree.num_leaves,
+                      trees=pickle.dumps((in_tree, out_tree)), cpu_kernels=cpu.registered())
+        blob = pickle.dumps((header, payload))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
@@ -440,11 +512,127 @@ def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> None:
         os.replace(tmp, path)
         tmp = None
         _evict(path.parent, EXECUTABLES_MAX_BYTES)
+        return True
     except Exception as e:  # noqa: BLE001 - an unwritable cache must not fail the program
         _warn_once("store", f"cannot store executables in {path.parent} ({type(e).__name__}: {e})")
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        return False
+
+
+# -- prefetch: a start loads the executables the last start of its deployment used ---------------
+BOOT_SETS = "boot"  # subdirectory of the executables directory: one key list per deployment
+
+
+class _Prefetch:
+    """Background loading of one deployment's executables (see :func:`prefetch_executables`)."""
+
+    MISSING = object()  # take(): this key is not being prefetched
+
+    def __init__(self, deployment: str, workers: int):
+        self.deployment = deployment
+        self.path: pathlib.Path | None = None  # the deployment's key list (known once the backend is up)
+        self._ready = threading.Event()  # set once the key list is read and every load is queued
+        self._futures: dict[str, Any] = {}
+        self._environment = ""
+        self._keys: list[str] = []  # this environment's keys, in first-use order
+        self._lock = threading.Lock()
+        self._workers = workers
+        self.error: BaseException | None = None
+        threading.Thread(target=self._start, name="infire_jax-prefetch", daemon=True).start()
+
+    def _start(self) -> None:
+        import concurrent.futures
+        import json
+
+        try:
+            directory = executable_cache_dir()  # initializes the backend (here, not on the caller's thread)
+            if directory is None:  # a multi-process run
+                return
+            self.path = directory / BOOT_SETS / f"{hashlib.sha256(self.deployment.encode()).hexdigest()[:32]}.json"
+            self._environment = hashlib.sha256(_environment().encode()).hexdigest()
+            try:
+                saved = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                saved = {}
+            if saved.get("environment") == self._environment:
+                self._keys = [k for k in saved.get("keys", []) if isinstance(k, str)]
+            if self._keys:
+                # Not a `with` block: the pool must outlive this thread; idle workers exit at shutdown.
+                pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="infire_jax-load")
+                for key in self._keys:  # first used, first loaded
+                    self._futures[key] = pool.submit(_deserialize, directory / f"{key}.exe", key)
+                pool.shutdown(wait=False)
+        except BaseException as e:  # noqa: BLE001 - prefetching is an optimisation: the calls load themselves
+            self.error = e
+        finally:
+            self._ready.set()
+
+    def take(self, key: str) -> Any:
+        """The prefetched entry for key (as _deserialize returns it, or raising what it raised), or MISSING."""
+        self._ready.wait()
+        future = self._futures.pop(key, None)
+        return self.MISSING if future is None else future.result()
+
+    def record(self, key: str) -> None:
+        """Note that this start used key (saved at once: a start that dies later still taught the next one)."""
+        import json
+
+        self._ready.wait()
+        with self._lock:
+            if key in self._keys or not self._environment or self.path is None:
+                return
+            self._keys.append(key)
+            text = json.dumps(dict(deployment=self.deployment, environment=self._environment, keys=self._keys))
+        tmp = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.path)
+            tmp = None
+        except OSError as e:
+            _warn_once("store", f"cannot store the boot set {self.path} ({e})")
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+
+_prefetch: _Prefetch | None = None
+
+
+def prefetch_executables(deployment: str, workers: int = 1) -> bool:
+    """Start loading, on background threads, the executables that the last start of ``deployment``
+    took from (or put into) the executable cache, in the order it used them; this start's programs then
+    find them loaded. Any string naming what decides the programs serves as ``deployment`` (model,
+    meshes, dtype, engine options). Call it after :func:`use_compilation_cache` and after any setting
+    that must precede the backend (it initializes the backend), ideally before importing the rest of
+    infire_jax and flax: loading runs in native code and overlaps those imports. Every program this
+    process then resolves through the cache is recorded for the next start. An entry the keys name that
+    is gone or stale is skipped; a failed prefetch only means the programs load themselves. One
+    deployment per process (a second call is refused). Returns whether prefetching started (False
+    without an executable cache)."""
+    global _prefetch
+
+    if _prefetch is not None:
+        if _prefetch.deployment == deployment:
+            return True
+        raise ValueError(f"prefetch_executables: this process already prefetches {_prefetch.deployment!r}; "
+                         "one deployment per process (start another process for another deployment)")
+    import jax
+    from jax.experimental import serialize_executable  # noqa: F401  (imported here, not on the threads)
+
+    if not jax.config.jax_compilation_cache_dir or not jax.config.jax_enable_compilation_cache:
+        return False
+    _prefetch = _Prefetch(deployment, workers)
+    return True
+
+
+def _record(key: str) -> None:
+    if _prefetch is not None:
+        _prefetch.record(key)
 
 
 def _evict(directory: pathlib.Path, max_bytes: int) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from infire_jax.flax_nnx import nnx
 
 from infire_jax import mesh as mesh_lib
 from infire_jax.checkpoint import compressed, hf, store

@@ -166,7 +166,7 @@ def measured_layout(
     `report` to reuse one; otherwise the programs are compiled for batch / prompt_len / cache_len /
     steps). With `hardware` ("h100", ...) each bar shows that device's memory, its runtime reserve
     and what is left free."""
-    from flax import nnx
+    from infire_jax.flax_nnx import nnx
 
     placed = programs.placed
     if report is None:

@@ -46,6 +46,8 @@ def test_second_start_compiles_nothing(tmp_path):
     assert second["boot"]["programs_compiled"] == 0 and second["boot"]["programs_lowered"] == 0, second["boot"]
     assert second["warmup"]["programs_loaded"] > 0 and second["warmup"]["programs_lowered"] == 0, second["warmup"]
     assert second["boot"]["programs_from_cache"] == second["boot"]["programs_loaded"]
+    # generate.py names its deployment, so the second start found every program loaded on the prefetch threads
+    assert second["boot"]["programs_prefetched"] == second["boot"]["programs_loaded"], second["boot"]
     assert 0 < second["boot"]["first_token_s"] and 0 < first["boot"]["first_token_s"]
     assert second_text == first_text and "Hello" in first_text
 
@@ -104,6 +106,99 @@ def test_executable_cache_hits_misses_and_corrupt_entries(fresh_cache):
     assert len(entries()) == 2
     np.testing.assert_array_equal(program("p")(x5, y)[0], np.arange(5.0) * 2 + 1)  # no second warning
     assert len(entries()) == 1 and boot.clock.programs_loaded == loaded
+
+
+@pytest.fixture
+def no_prefetch(monkeypatch):
+    """This process's prefetch state cleared (one deployment per process) and restored afterwards."""
+    monkeypatch.setattr(boot, "_prefetch", None)
+    yield
+    monkeypatch.setattr(boot, "_prefetch", None)
+
+
+def test_prefetch_loads_what_the_last_start_of_the_deployment_used(fresh_cache, no_prefetch, monkeypatch):
+    """A start records the programs it resolved under its deployment's name; the next start with that
+    name loads them on background threads in that order and its programs take them from there. A key list
+    from another environment is ignored; a corrupt prefetched entry is one warning and a recompile."""
+    import json
+
+    import jax
+
+    def program(build=lambda: jax.jit(lambda x: x * 3 + 1)):
+        return boot.CachedProgram(build, "prefetch-test")
+
+    x = jax.device_put(np.arange(6.0, dtype=np.float32))
+    expected = np.arange(6.0) * 3 + 1
+    assert boot.prefetch_executables("deployment A")
+    with pytest.raises(ValueError, match="one deployment per process"):
+        boot.prefetch_executables("deployment B")
+    np.testing.assert_array_equal(program()(x), expected)  # compiled, stored and recorded
+    (keys_file,) = (fresh_cache / boot.EXECUTABLES / boot.BOOT_SETS).glob("*.json")
+    saved = json.loads(keys_file.read_text())
+    assert saved["deployment"] == "deployment A" and len(saved["keys"]) == 1
+
+    def restart(deployment="deployment A"):  # a new process, as far as the prefetch goes
+        monkeypatch.setattr(boot, "_prefetch", None)
+        assert boot.prefetch_executables(deployment)
+
+    restart()
+    prefetched = boot.clock.programs_prefetched
+    np.testing.assert_array_equal(program(build=lambda: pytest.fail("traced"))(x), expected)
+    assert boot.clock.programs_prefetched == prefetched + 1
+    restart("deployment B")  # another deployment: nothing to prefetch, the program loads itself
+    np.testing.assert_array_equal(program(build=lambda: pytest.fail("traced"))(x), expected)
+    assert boot.clock.programs_prefetched == prefetched + 1
+    keys_file.write_text(json.dumps(dict(saved, environment="another jax or source")))
+    restart()  # a stale list: ignored, and replaced by what this start uses
+    np.testing.assert_array_equal(program(build=lambda: pytest.fail("traced"))(x), expected)
+    assert boot.clock.programs_prefetched == prefetched + 1
+    assert json.loads(keys_file.read_text())["environment"] == saved["environment"]
+    (entry,) = (fresh_cache / boot.EXECUTABLES).glob("*.exe")
+    entry.write_bytes(entry.read_bytes()[:-7] + b"garbage")
+    restart()
+    with pytest.warns(RuntimeWarning, match="ignoring unreadable entry"):
+        np.testing.assert_array_equal(program()(x), expected)
+
+
+def test_prefetch_without_a_cache_directory_is_off(no_prefetch):
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        pytest.skip("this process has a compilation cache")
+    assert boot.prefetch_executables("anything") is False
+
+
+def test_gc_paused_restores_the_collector():
+    import gc
+
+    assert gc.isenabled()
+    with boot.gc_paused():
+        assert not gc.isenabled()
+        with boot.gc_paused():
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with boot.gc_paused():
+            pass
+        assert not gc.isenabled()  # left as it was
+    finally:
+        gc.enable()
+
+
+def test_importing_boot_leaves_flax_and_the_engine_for_later():
+    """A script can configure the cache and start the prefetch before flax is imported."""
+    code = ("import sys, infire_jax, infire_jax.boot, infire_jax.mesh; "
+            "print(sorted(m for m in ('flax', 'infire_jax.api', 'infire_jax.engine') if m in sys.modules)); "
+            "from infire_jax import load, Model; print(callable(load), 'flax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]", "True", "True"]
+    import infire_jax
+
+    with pytest.raises(AttributeError, match="no attribute 'lod'"):
+        infire_jax.lod
 
 
 @pytest.mark.parametrize("shape,chunk", [((577, 130), 4096), ((3, 5), 4096), ((64, 96), 7), ((4096,), 4096)])

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from infire_jax.flax_nnx import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from infire_jax import boot

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from infire_jax.flax_nnx import nnx
 from safetensors import safe_open
 
 from infire_jax import distributed

@@ -204,7 +204,7 @@ def expert_bytes(placed: Any) -> dict[str, Any]:
     """Routed-expert parameters (logical axes with "experts") per device: the bytes held, and for
     the float and compressed ones what bf16 storage of the same shards would take (None when int4
     or other packed forms are present), with their ratio per device."""
-    from flax import nnx
+    from infire_jax.flax_nnx import nnx
 
     held, bf16, plain = [], [], True
     for _, var in nnx.to_flat_state(placed.state):

@@ -21,7 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+from infire_jax.flax_nnx import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from infire_jax.flax_nnx import nnx
 
 from infire_jax import boot, distributed
 from infire_jax.engine import pipeline

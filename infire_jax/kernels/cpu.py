@@ -44,10 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infire_jax.boot import cpu_signature  # what -march=native depends on: one library per CPU
+from infire_jax.machine import cpu_signature  # what -march=native depends on: one library per CPU
 
 __all__ = [
-    "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
+    "MATMUL_MAX_ROWS", "MATMUL_MAX_ROWS_BF16", "available", "registered", "embed_rows_bf16", "ensure_built", "library_path", "matmul_nt",
     "matmul_nt_palette12", "paged_decode_attention", "causal_prefill_attention", "paged_prefill_attention",
     "huffman_decode", "histogram_u8",
 ]
@@ -117,6 +117,14 @@ def ensure_built() -> pathlib.Path:
     return path
 
 
+_registered = False
+
+
+def registered() -> bool:
+    """Whether this process has registered the kernels (programs it compiled may call them)."""
+    return _registered
+
+
 def _library() -> ctypes.CDLL:
     return ctypes.cdll.LoadLibrary(str(ensure_built()))
 
@@ -124,10 +132,12 @@ def _library() -> ctypes.CDLL:
 @functools.cache
 def available() -> bool:
     """Build (once per machine), load and register the kernels; False (with one warning) if they cannot be."""
+    global _registered
     try:
         lib = _library()
         for target, symbol in _TARGETS.items():
             jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        _registered = True
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: keep XLA's dot, and say why once
         warnings.warn(

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from infire_jax.flax_nnx import nnx
 
 from infire_jax.config import ModelConfig
 from infire_jax.kv.paged import scan_layers

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from infire_jax.flax_nnx import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.compression.jax_decode import Palette12Weight

@@ -280,7 +280,7 @@ def build_abstract(
 ) -> AbstractModel:
     """Build the family abstractly for `mesh` + `rules` exactly as the loader does (loader.abstract_model:
     its layer slots and kv_repeat rule; layers stacked) and shard every parameter."""
-    from flax import nnx
+    from infire_jax.flax_nnx import nnx
 
     from infire_jax import mesh as mesh_lib
     from infire_jax.loader import abstract_model
