@@ -70,17 +70,17 @@ ENGINE_FLAGS = ("decode_steps", "kv_pages", "page_size", "max_decode_batch", "pr
 def start_boot(script: str, devices: int, flag_names: tuple[str, ...] | list[str], **more: object):
     """A deployment script's boot: `devices` simulated CPU devices (only the CPU backend reads this), JAX's
     persistent compilation cache (--compilation_cache_dir), and the compiled programs the last run of
-    this deployment used loading on background threads (infire_jax.boot.prefetch_executables) while the
+    this deployment used loading on background threads (infire_jax.executables.prefetch) while the
     script imports the rest. The deployment is named by the script, the values of `flag_names` (the flags
     that decide its programs) and `more`. Returns the compilation cache directory (None: off)."""
     import jax
 
-    from infire_jax import boot
+    from infire_jax import boot, executables
 
     jax.config.update("jax_num_cpu_devices", max(devices, 1))
     cache_dir = boot.use_compilation_cache(FLAGS.compilation_cache_dir or None)  # before anything compiles
     values = [f"--{name}={FLAGS[name].value}" for name in flag_names] + [f"{k}={v}" for k, v in sorted(more.items())]
-    boot.prefetch_executables(" ".join([script, *values]))
+    executables.prefetch(" ".join([script, *values]))
     return cache_dir
 
 

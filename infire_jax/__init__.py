@@ -1,9 +1,9 @@
 """infire_jax: a JAX/XLA research inference stack (prefill/decode disaggregation, PP+TP(+EP), lossless
 weight compression). Public surface: `load`, `Model.logits`, `Model.generate`.
 
-The public names import the stack (flax, the models, the engine) on first use, so ``infire_jax.boot``
-and ``infire_jax.mesh`` are cheap to import: a script can configure the compilation cache and start
-loading compiled programs (boot.prefetch_executables) while the rest is still being imported."""
+The public names import the stack (flax, the models, the engine) on first use, so ``infire_jax.boot``,
+``infire_jax.executables`` and ``infire_jax.mesh`` are cheap to import: a script can configure the compilation cache and start
+loading compiled programs (executables.prefetch) while the rest is still being imported."""
 
 from typing import TYPE_CHECKING, Any
 

@@ -4,7 +4,7 @@ flax.nnx asks IPython, at import, whether it runs inside it (to colour reprs); w
 but not running, importing it for that question costs 0.15-1.7 s of every process start. Outside IPython
 the answer is no without asking (inside, IPython is already imported and flax asks it as usual), so the
 first import of flax runs with IPython marked unavailable. Keeping this out of the package's __init__
-lets ``infire_jax.boot`` start before flax is imported (boot.prefetch_executables overlaps the two).
+lets a script start loading its programs before flax is imported (executables.prefetch overlaps the two).
 """
 
 import sys

@@ -181,7 +181,7 @@ def test_cpu_kernels_decode_the_same_tokens_as_xla(tiny_dir, monkeypatch):
     """The default layout (one CPU device) decodes through infire_jax's CPU kernels (few-row matmul,
     paged attention); kernels="xla" through XLA's code: the same greedy tokens, rows of different
     lengths crossing page boundaries."""
-    from infire_jax import boot
+    from infire_jax import executables
     from infire_jax.kernels import cpu
 
     if not cpu.available():
@@ -195,7 +195,7 @@ def test_cpu_kernels_decode_the_same_tokens_as_xla(tiny_dir, monkeypatch):
     for name in ("matmul_nt", "paged_decode_attention"):
         monkeypatch.setattr(cpu, name, counting(name))
     prompts = [[5, 17, 99, 3, 8, 21, 40], [42, 8], list(range(5, 30))]
-    monkeypatch.setattr(boot, "executable_cache_dir", lambda: None)  # counting traces: trace every program
+    monkeypatch.setattr(executables, "executable_cache_dir", lambda: None)  # counting traces: trace every program
     got = infire_jax.load(tiny_dir, page_size=4).generate(prompts, max_new_tokens=12)  # traced after the patch
     assert {"matmul_nt", "paged_decode_attention"} <= set(traced)
     assert got == infire_jax.load(tiny_dir, page_size=4, kernels="xla").generate(prompts, max_new_tokens=12)

@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from infire_jax import boot
+from infire_jax import boot, executables
 from infire_jax.compression import codec
 from infire_jax.kernels import cpu
 
@@ -59,7 +59,7 @@ def fresh_cache(tmp_path, monkeypatch):
     from jax.experimental.compilation_cache import compilation_cache
 
     before = jax.config.jax_compilation_cache_dir
-    monkeypatch.setattr(boot, "_warned", set())
+    monkeypatch.setattr(executables, "_warned", set())
     yield boot.use_compilation_cache(tmp_path / "xla")
     compilation_cache.reset_cache()
     jax.config.update("jax_compilation_cache_dir", before)
@@ -70,10 +70,10 @@ def test_executable_cache_hits_misses_and_corrupt_entries(fresh_cache):
     import jax.numpy as jnp
 
     def program(description, build=lambda: jax.jit(lambda x, y: (x * 2 + y, None))):
-        return boot.CachedProgram(build, description)
+        return executables.CachedProgram(build, description)
 
     def entries():
-        return sorted((fresh_cache / boot.EXECUTABLES).glob("*.exe"))
+        return sorted((fresh_cache / executables.EXECUTABLES).glob("*.exe"))
 
     x, y, y3 = jax.device_put(np.arange(4.0, dtype=np.float32)), jnp.float32(1), jnp.float32(3)
     x5, x_int = jax.device_put(np.arange(5.0, dtype=np.float32)), jax.device_put(np.arange(4, dtype=np.int32))
@@ -111,9 +111,9 @@ def test_executable_cache_hits_misses_and_corrupt_entries(fresh_cache):
 @pytest.fixture
 def no_prefetch(monkeypatch):
     """This process's prefetch state cleared (one deployment per process) and restored afterwards."""
-    monkeypatch.setattr(boot, "_prefetch", None)
+    monkeypatch.setattr(executables, "_prefetch", None)
     yield
-    monkeypatch.setattr(boot, "_prefetch", None)
+    monkeypatch.setattr(executables, "_prefetch", None)
 
 
 def test_prefetch_loads_what_the_last_start_of_the_deployment_used(fresh_cache, no_prefetch, monkeypatch):
@@ -125,21 +125,21 @@ def test_prefetch_loads_what_the_last_start_of_the_deployment_used(fresh_cache, 
     import jax
 
     def program(build=lambda: jax.jit(lambda x: x * 3 + 1)):
-        return boot.CachedProgram(build, "prefetch-test")
+        return executables.CachedProgram(build, "prefetch-test")
 
     x = jax.device_put(np.arange(6.0, dtype=np.float32))
     expected = np.arange(6.0) * 3 + 1
-    assert boot.prefetch_executables("deployment A")
+    assert executables.prefetch("deployment A")
     with pytest.raises(ValueError, match="one deployment per process"):
-        boot.prefetch_executables("deployment B")
+        executables.prefetch("deployment B")
     np.testing.assert_array_equal(program()(x), expected)  # compiled, stored and recorded
-    (keys_file,) = (fresh_cache / boot.EXECUTABLES / boot.BOOT_SETS).glob("*.json")
+    (keys_file,) = (fresh_cache / executables.EXECUTABLES / executables.BOOT_SETS).glob("*.json")
     saved = json.loads(keys_file.read_text())
     assert saved["deployment"] == "deployment A" and len(saved["keys"]) == 1
 
     def restart(deployment="deployment A"):  # a new process, as far as the prefetch goes
-        monkeypatch.setattr(boot, "_prefetch", None)
-        assert boot.prefetch_executables(deployment)
+        monkeypatch.setattr(executables, "_prefetch", None)
+        assert executables.prefetch(deployment)
 
     restart()
     prefetched = boot.clock.programs_prefetched
@@ -153,7 +153,7 @@ def test_prefetch_loads_what_the_last_start_of_the_deployment_used(fresh_cache, 
     np.testing.assert_array_equal(program(build=lambda: pytest.fail("traced"))(x), expected)
     assert boot.clock.programs_prefetched == prefetched + 1
     assert json.loads(keys_file.read_text())["environment"] == saved["environment"]
-    (entry,) = (fresh_cache / boot.EXECUTABLES).glob("*.exe")
+    (entry,) = (fresh_cache / executables.EXECUTABLES).glob("*.exe")
     entry.write_bytes(entry.read_bytes()[:-7] + b"garbage")
     restart()
     with pytest.warns(RuntimeWarning, match="ignoring unreadable entry"):
@@ -165,7 +165,7 @@ def test_prefetch_without_a_cache_directory_is_off(no_prefetch):
 
     if jax.config.jax_compilation_cache_dir:
         pytest.skip("this process has a compilation cache")
-    assert boot.prefetch_executables("anything") is False
+    assert executables.prefetch("anything") is False
 
 
 def test_gc_paused_restores_the_collector():
@@ -249,5 +249,5 @@ def test_executable_cache_evicts_the_least_recently_used(tmp_path):
         f.write_bytes(b"x" * 100)
         os.utime(f, (1000 + i, 1000 + i))  # a oldest, d newest
     os.utime(tmp_path / "a.exe")  # just used (a loaded entry is touched): newest now
-    boot._evict(tmp_path, 250)
+    executables._evict(tmp_path, 250)
     assert sorted(f.name for f in tmp_path.glob("*.exe")) == ["a.exe", "d.exe"]

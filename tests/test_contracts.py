@@ -20,13 +20,16 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "infire_jax"
 # the same floor never import each other (engine and plan are both above the loader; neither knows the
 # other). Calibration measures the engine for the planner, so it sits above both.
 FLOORS = {
-    "infire_jax.boot": 0,  # the process's compilation cache and boot clock: imports no infire_jax module
+    "infire_jax.machine": 0,  # the host CPU's identity
+    "infire_jax.boot": 1,  # the process's compilation cache, boot clock and start-up GC pause
+    "infire_jax.flax_nnx": 0,  # flax.nnx, imported without asking IPython
     "infire_jax.config": 0,
     "infire_jax.mesh": 0,
     "infire_jax.compression": 0,
     "infire_jax.sharding": 1,
     "infire_jax.distributed": 1,  # jax.distributed set-up, the watchdog, host values shared between processes
     "infire_jax.kernels": 2,
+    "infire_jax.executables": 3,  # the engine's compiled programs across processes (loading needs the CPU kernels)
     "infire_jax.kv": 2,
     "infire_jax.checkpoint": 2,
     "infire_jax.models": 3,

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import infire_jax
-from infire_jax import boot
+from infire_jax import executables
 from infire_jax.engine.sampling import SamplingParams
 from infire_jax.kernels import cpu, dispatch, pallas_attention
 from infire_jax.kv.paged import PagedLayerCache
@@ -47,7 +47,7 @@ def layouts():
 def kernel_calls(monkeypatch):
     """How often each Pallas kernel was traced (proof that the Pallas path ran, not XLA's): every
     program traced (no executable cache)."""
-    monkeypatch.setattr(boot, "executable_cache_dir", lambda: None)
+    monkeypatch.setattr(executables, "executable_cache_dir", lambda: None)
     calls = {"paged": 0, "causal": 0, "paged_rows": 0}  # and the most query rows of a paged call
     for name, fn in (("paged", pallas_attention.paged_attention), ("causal", pallas_attention.causal_attention)):
         def counted(*args, _fn=fn, _name=name, **kwargs):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from infire_jax.flax_nnx import nnx
 
-from infire_jax import boot, distributed
+from infire_jax import distributed, executables
 from infire_jax.engine import pipeline
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
@@ -100,7 +100,7 @@ class Programs:
     @functools.cached_property
     def _description(self) -> str:
         """What decides this model's programs besides their key and arguments (the executable cache's
-        key, boot.CachedProgram): the module graph with every static attribute (config, dtypes, tables;
+        key, executables.CachedProgram): the module graph with every static attribute (config, dtypes, tables;
         GraphDef's own repr leaves the values out), the layout and its device order, and the kernels a
         trace picks."""
         graph = self.placed.graphdef
@@ -113,9 +113,9 @@ class Programs:
 
     def _compiled(self, key: tuple, build) -> Any:
         """The program of `key`: build() makes its jax.jit, needed only when the executable cache does not
-        have it (boot.CachedProgram)."""
+        have it (executables.CachedProgram)."""
         if key not in self._cache:
-            self._cache[key] = boot.CachedProgram(build, (self._description, key))
+            self._cache[key] = executables.CachedProgram(build, (self._description, key))
         return self._cache[key]
 
     def _timed(self, key: tuple, fn, *args):
