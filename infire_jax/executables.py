@@ -56,10 +56,10 @@ def executable_cache_dir() -> pathlib.Path | None:
 
 
 @functools.cache
-def _environment() -> str:
-    """Everything outside the arguments and the caller's description that decides a compiled
-    program: versions, backend, CPU, XLA flags, jax settings, usable CPUs (the CPU kernels' thread
-    count) and this package's source (its programs are traced from it)."""
+def _platform() -> str:
+    """Everything outside the program, the arguments and the caller's description that decides a
+    compiled executable: versions, backend, CPU, XLA flags, jax settings and usable CPUs (the CPU
+    kernels' thread count)."""
     import jax
     import jaxlib
     import numpy as np
@@ -73,15 +73,27 @@ def _environment() -> str:
             versions.append("-")
     client = jax.devices()[0].client
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return repr((
+        _FORMAT, jax.__version__, jaxlib.__version__, *versions, np.__version__, client.platform,
+        client.platform_version, cpu_signature(), platform.machine(), os.environ.get("XLA_FLAGS", ""),
+        [(name, str(getattr(jax.config, name, None))) for name in _JAX_SETTINGS], cpus,
+    ))
+
+
+@functools.cache
+def _source() -> str:
+    """sha256 of this package's source: the engine's programs are traced from it."""
     source = hashlib.sha256()
     package = pathlib.Path(__file__).resolve().parent
     for f in sorted(p for pattern in ("*.py", "*.cc", "*.h") for p in package.rglob(pattern)):
         source.update(str(f.relative_to(package)).encode() + b"\0" + f.read_bytes() + b"\0")
-    return repr((
-        _FORMAT, jax.__version__, jaxlib.__version__, *versions, np.__version__, client.platform,
-        client.platform_version, cpu_signature(), platform.machine(), os.environ.get("XLA_FLAGS", ""),
-        [(name, str(getattr(jax.config, name, None))) for name in _JAX_SETTINGS], cpus, source.hexdigest(),
-    ))
+    return source.hexdigest()
+
+
+def _environment() -> str:
+    """The platform and this package's source: with the caller's description and the arguments, what
+    names a program without tracing it."""
+    return f"{_platform()} {_source()}"
 
 
 def _argument_signature(args: tuple) -> tuple[Any, list[str]]:
@@ -113,18 +125,24 @@ class CachedProgram:
     """A jitted program whose compiled executable outlives the process.
 
     ``build()`` returns the ``jax.jit`` object; ``description`` must name everything besides the
-    arguments that decides what it traces to (the model graph, layout, program key, ...). The first
+    arguments that decides what it traces to and how its compiler options are chosen (the model graph,
+    layout, program key, ...); ``compiler_options()``, if given, returns the options ``build`` compiles
+    with (asked for only when the program is lowered). The first
     call looks the executable up in :func:`executable_cache_dir` (or takes it from a running
     :func:`prefetch`); on a miss it lowers and compiles (through JAX's persistent cache, as
-    a plain call would) and stores the executable if it was compiled afresh. Later calls run the
+    a plain call would) and stores the executable if it was compiled afresh; a program that lowers to
+    what an entry was compiled from (the usual case after an edit to this package, which changes every
+    key) takes that entry over instead of compiling. Later calls run the
     executable. Without a cache directory it is the jitted function. A key mismatch is a miss; an
     unreadable entry is a miss with one warning (the entry is removed); the loaded executable still
     checks its arguments' types and shardings on every call. Entries are trusted as JAX trusts its own
     cache: loading one runs code from the cache directory."""
 
-    def __init__(self, build: Callable[[], Any], description: Any):
+    def __init__(self, build: Callable[[], Any], description: Any,
+                 compiler_options: Callable[[], dict[str, Any]] | None = None):
         self._build = build
         self._description = description
+        self._compiler_options = compiler_options
         self._jitted: Any = None
         self._call: Callable[..., Any] | None = None
 
@@ -156,13 +174,23 @@ class CachedProgram:
             _record(key)
             return loaded
         lowered = self.jitted.lower(*args)
+        # The lowered program itself: after an edit to this package's source (a new key for every program)
+        # most programs lower to what they were, and the executable compiled from that is taken over.
+        options = sorted(self._compiler_options().items()) if self._compiler_options else []
+        program = hashlib.sha256("\n".join([_platform(), repr(self._description), repr(options), str(lowered.in_tree),
+                                            str(lowered.out_tree), lowered.as_text()]).encode()).hexdigest()
+        adopted = _adopt(directory, program, path, key)
+        if adopted is not None:
+            _record(key)
+            return adopted
         compiles, hits = boot.clock.thread_compiles()
         compiled = lowered.compile()
         after = boot.clock.thread_compiles()
         # Stored only if freshly compiled here: jaxlib serializes an executable that JAX's persistent cache
         # (or an earlier compile in this process) supplied without its machine code (XLA:CPU: "Function ...
-        # not found" when run). A persistent-cache hit stays a hit on later starts, as without this cache.
+        # not found" when run). Such a program stays a persistent-cache hit on later starts.
         if after[0] > compiles and after[1] == hits and _store(path, key, compiled, tree):
+            _name_program(directory, program, key)
             _record(key)
         return compiled
 
@@ -242,8 +270,8 @@ def _load(path: pathlib.Path, key: str) -> Any:
 
 
 def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> bool:
-    """Write the executable (atomically; best effort: a failure costs only the next start's lowering).
-    Whether it was stored."""
+    """Write the executable (best effort: a failure costs only the next start's lowering). Whether it was
+    stored."""
     import pickle
 
     from jax.experimental import serialize_executable
@@ -254,27 +282,68 @@ def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> bool:
         return False
     if in_tree != tree:
         return False
+    devices = [d.id for d in compiled.runtime_executable().local_devices()]
+    header = dict(format=_FORMAT, key=key, sha256=hashlib.sha256(payload).hexdigest(), devices=devices,
+                  in_leaves=in_tree.num_leaves, out_leaves=out_tree.num_leaves,
+                  trees=pickle.dumps((in_tree, out_tree)), cpu_kernels=cpu.registered())
+    return _write_entry(path, header, payload)
+
+
+def _write_entry(path: pathlib.Path, header: dict, payload: bytes) -> bool:
+    """Write one entry atomically, then keep the directory within EXECUTABLES_MAX_BYTES."""
+    import pickle
+
+    if _write_atomically(path, pickle.dumps((header, payload))):
+        _evict(path.parent, EXECUTABLES_MAX_BYTES)
+        return True
+    return False
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> bool:
+    """Best effort: False (after one warning per process) if the cache directory is not writable."""
     tmp = None
     try:
-        devices = [d.id for d in compiled.runtime_executable().local_devices()]
-        header = dict(format=_FORMAT, key=key, sha256=hashlib.sha256(payload).hexdigest(), devices=devices,
-                      in_leaves=in_tree.num_leaves, out_leaves=out_tree.num_leaves,
-                      trees=pickle.dumps((in_tree, out_tree)), cpu_kernels=cpu.registered())
-        blob = pickle.dumps((header, payload))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            f.write(data)
         os.replace(tmp, path)
-        tmp = None
-        _evict(path.parent, EXECUTABLES_MAX_BYTES)
         return True
-    except Exception as e:  # noqa: BLE001 - an unwritable cache must not fail the program
-        _warn_once("store", f"cannot store executables in {path.parent} ({type(e).__name__}: {e})")
+    except OSError as e:  # an unwritable cache must not fail the program
+        _warn_once("store", f"cannot write to {path.parent} ({type(e).__name__}: {e})")
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         return False
+
+
+# -- a program lowered to what an entry was compiled from: the entry is taken over -----------------
+PROGRAMS = "programs"  # subdirectory: one file per lowered program, naming the entry compiled from it
+
+
+def _name_program(directory: pathlib.Path, program: str, key: str) -> None:
+    _write_atomically(directory / PROGRAMS / program, key.encode())
+
+
+def _adopt(directory: pathlib.Path, program: str, path: pathlib.Path, key: str) -> Any:
+    """The executable compiled from `program` under an earlier key (before an edit to this package's
+    source), stored again under `key` and loaded; None if there is none (or it is gone or unreadable)."""
+    import pickle
+
+    name = directory / PROGRAMS / program
+    try:
+        old_key = name.read_text().strip()
+        header, payload = pickle.loads((directory / f"{old_key}.exe").read_bytes())
+        if header["format"] != _FORMAT or header["key"] != old_key:
+            raise ValueError("not the entry it names")
+    except Exception:  # noqa: BLE001 - gone, evicted or unreadable: compile as without it
+        with contextlib.suppress(OSError):
+            name.unlink()
+        return None
+    if not _write_entry(path, dict(header, key=key), payload):
+        return None
+    _name_program(directory, program, key)
+    return _load(path, key)
 
 
 # -- prefetch: a start loads the executables the last start of its deployment used ---------------
@@ -341,19 +410,7 @@ class _Prefetch:
                 return
             self._keys.append(key)
             text = json.dumps(dict(deployment=self.deployment, environment=self._environment, keys=self._keys))
-        tmp = None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, self.path)
-            tmp = None
-        except OSError as e:
-            _warn_once("store", f"cannot store the boot set {self.path} ({e})")
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
+        _write_atomically(self.path, text.encode())
 
 
 _prefetch: _Prefetch | None = None

@@ -160,6 +160,36 @@ def test_prefetch_loads_what_the_last_start_of_the_deployment_used(fresh_cache, 
         np.testing.assert_array_equal(program()(x), expected)
 
 
+def test_an_edit_to_the_source_takes_over_the_executables_of_unchanged_programs(fresh_cache, monkeypatch):
+    """Every key names this package's source, so an edit misses everywhere; a program that lowers to what
+    an entry was compiled from takes that entry over (lowered, not compiled, stored under its new key), and
+    the next start loads it without lowering. A program the edit did change is compiled as usual."""
+    import jax
+
+    def program(fn=lambda x: x * 5 - 2):
+        return executables.CachedProgram(lambda: jax.jit(fn), "edit-test")
+
+    def entries():
+        return sorted((fresh_cache / executables.EXECUTABLES).glob("*.exe"))
+
+    x = jax.device_put(np.arange(7.0, dtype=np.float32))
+    expected = np.arange(7.0) * 5 - 2
+    np.testing.assert_array_equal(program()(x), expected)
+    assert len(entries()) == 1
+    monkeypatch.setattr(executables, "_source", lambda: "the source after an edit")
+    c = boot.clock
+    compiled, requested, loaded = c.programs_compiled, c.programs_requested, c.programs_loaded
+    traced = []
+    np.testing.assert_array_equal(program(lambda x: traced.append(1) or x * 5 - 2)(x), expected)
+    assert traced and (c.programs_requested, c.programs_loaded) == (requested, loaded + 1)  # lowered, not compiled
+    assert len(entries()) == 2
+    np.testing.assert_array_equal(executables.CachedProgram(lambda: pytest.fail("traced"), "edit-test")(x), expected)
+    assert c.programs_requested == requested and c.programs_loaded == loaded + 2
+    monkeypatch.setattr(executables, "_source", lambda: "an edit that changes the program")
+    np.testing.assert_array_equal(program(lambda x: x * 5 - 3)(x), expected - 1)  # compiled
+    assert c.programs_compiled == compiled + 1 and len(entries()) == 3
+
+
 def test_prefetch_without_a_cache_directory_is_off(no_prefetch):
     import jax
 

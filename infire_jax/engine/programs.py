@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -111,11 +111,11 @@ class Programs:
                          self.layout.mesh.device_ids.tolist(), self.placed.dtype, self.placed.compute_dtype,
                          self.decode_steps, kernels))
 
-    def _compiled(self, key: tuple, build) -> Any:
-        """The program of `key`: build() makes its jax.jit, needed only when the executable cache does not
-        have it (executables.CachedProgram)."""
+    def _compiled(self, key: tuple, build, compiler_options: Callable[[], dict[str, Any]] | None = None) -> Any:
+        """The program of `key`: build() makes its jax.jit (with compiler_options(), if given), needed only
+        when the executable cache does not have it (executables.CachedProgram)."""
         if key not in self._cache:
-            self._cache[key] = executables.CachedProgram(build, (self._description, key))
+            self._cache[key] = executables.CachedProgram(build, (self._description, key), compiler_options)
         return self._cache[key]
 
     def _timed(self, key: tuple, fn, *args):
@@ -255,6 +255,7 @@ class Programs:
         decode, chunk and verify programs share this signature and compile options."""
         k_sh, v_sh = self.page_shardings(num_pages, page_size)
         rep = self.layout.replicated
+        options = functools.partial(self.decode_compiler_options, b)  # (it may compile a probe: asked for lazily)
         return self._compiled(
             key,
             lambda: jax.jit(
@@ -262,8 +263,9 @@ class Programs:
                 in_shardings=(self._state_shardings, k_sh, v_sh, rep, rep, rep, rep, {k: rep for k in SAMPLING_KEYS}),
                 out_shardings=(*outs, k_sh, v_sh),
                 donate_argnums=(1, 2),
-                compiler_options=self.decode_compiler_options(b),
+                compiler_options=options(),
             ),
+            options,
         )
 
     # ---- target hidden states (an EAGLE-3 head's input) -------------------------------------
