@@ -5,7 +5,9 @@ hit still traces and lowers it (most of a second start's warm-up). :class:`Cache
 the engine's programs keep their compiled executables in ``<compilation cache dir>/executables``, keyed
 on everything that decides the program (the caller's description of it, the arguments' structure,
 types and shardings, the devices, jax / jaxlib / flax, XLA flags, the CPU and the source of this
-package), and a later process loads them directly.
+package), and a later process loads them directly. An edit to the source changes every key; a program
+that still lowers to what an entry was compiled from (same platform, description, compiler options
+and StableHLO) takes that entry over on its first start after the edit instead of compiling.
 
 What is left of a second start is mostly importing jax and flax. :func:`prefetch` loads the executables
 the last start of the same deployment used, on a background thread (XLA's deserialization runs outside
