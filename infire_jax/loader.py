@@ -19,11 +19,11 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-from infire_jax.flax_nnx import nnx
 
 from infire_jax import mesh as mesh_lib
 from infire_jax.checkpoint import compressed, hf, store
 from infire_jax.config import ModelConfig, load_config
+from infire_jax.flax_nnx import nnx
 from infire_jax.kernels import cpu as cpu_kernels  # native Huffman decode for compressed checkpoints
 from infire_jax.models import BuildOptions, ServingModel, build_options, family_of
 from infire_jax.sharding import DEFAULT_RULES, Layout, use_layout

@@ -31,13 +31,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from infire_jax.flax_nnx import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from infire_jax import boot
 from infire_jax.checkpoint import hf, reads
 from infire_jax.compression import jax_decode
 from infire_jax.compression.jax_decode import Palette12Weight, SavedLayout
+from infire_jax.flax_nnx import nnx
 
 __all__ = ["MARKER", "FORMAT", "is_saved_model", "save", "restore"]
 

@@ -33,7 +33,6 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from infire_jax.flax_nnx import nnx
 from safetensors import safe_open
 
 from infire_jax import distributed
@@ -42,6 +41,7 @@ from infire_jax.config import ConfigError, ModelConfig
 from infire_jax.engine import pipeline
 from infire_jax.engine.programs import Programs, bucket, page_tables
 from infire_jax.engine.speculative import DraftRow, SpecError
+from infire_jax.flax_nnx import nnx
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv.manager import KVManager, Lease
 from infire_jax.kv.paged import PagedLayerCache

@@ -21,10 +21,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from infire_jax.flax_nnx import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.engine.sampling import sample
+from infire_jax.flax_nnx import nnx
 from infire_jax.kernels import dispatch
 from infire_jax.kv.paged import PagedLayerCache, PagedPool, rows_of_pages
 from infire_jax.sharding import Layout, use_layout

@@ -16,10 +16,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from infire_jax.flax_nnx import nnx
 
 from infire_jax import distributed, executables
 from infire_jax.engine import pipeline
+from infire_jax.flax_nnx import nnx
 from infire_jax.kv import cache as kv_cache
 from infire_jax.kv import transfer
 from infire_jax.loader import PlacedModel

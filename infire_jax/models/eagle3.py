@@ -31,9 +31,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from infire_jax.flax_nnx import nnx
 
 from infire_jax.config import ConfigError, rope_scaling_of, rope_theta_of
+from infire_jax.flax_nnx import nnx
 from infire_jax.models import layers
 from infire_jax.models.attention import gqa_attention
 from infire_jax.models.llama import gqa_project

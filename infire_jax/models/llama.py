@@ -17,9 +17,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from infire_jax.flax_nnx import nnx
 
 from infire_jax.config import ModelConfig
+from infire_jax.flax_nnx import nnx
 from infire_jax.kv.paged import scan_layers
 from infire_jax.models import layers
 from infire_jax.models.attention import gqa_attention

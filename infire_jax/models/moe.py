@@ -45,11 +45,11 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from infire_jax.flax_nnx import nnx
 from jax.sharding import PartitionSpec as P
 
 from infire_jax.compression.jax_decode import Palette12Weight
 from infire_jax.config import ModelConfig
+from infire_jax.flax_nnx import nnx
 from infire_jax.kv.paged import scan_layers
 from infire_jax.models import layers
 from infire_jax.models.llama import gqa_params
