@@ -266,7 +266,7 @@ def test_executable_cache_key_names_the_static_config(tmp_path):
     def description(name, **overrides):
         path = tiny.write_tiny_checkpoint(tmp_path / name, overrides=dict(num_hidden_layers=1, **overrides),
                                           tokenizer=False)
-        return infire_jax.load(path, compilation_cache_dir=None).programs._description
+        return infire_jax.load(path, compilation_cache_dir=None).programs.description
 
     base = description("a")
     assert description("b") == base

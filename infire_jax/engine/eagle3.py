@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from infire_jax import distributed
+from infire_jax import distributed, executables
 from infire_jax.checkpoint import hf
 from infire_jax.config import ConfigError, ModelConfig
 from infire_jax.engine import pipeline
-from infire_jax.engine.programs import Programs, bucket, page_tables
+from infire_jax.engine.programs import Programs, bucket, graph_description, page_tables
 from infire_jax.engine.speculative import DraftRow, SpecError
 from infire_jax.flax_nnx import nnx
 from infire_jax.kv import cache as kv_cache
@@ -252,12 +252,15 @@ class Eagle3Proposer:
             row.states.update((p, out[i, p]) for p in range(row.consumed, m) if p not in row.states)
 
     # -- the head program -----------------------------------------------------------------------
-    def _program(self, b: int, c: int, steps: int):
-        """(head state, target state, k_pages, v_pages, table, start, n_new, tokens (b, c), hidden (b, c, 3 T))
-        -> (drafts (1 + steps, b), k_pages, v_pages): catch-up chunk, first draft, `steps` more."""
-        key = (id(self.target), b, c, steps, self.k_pages.shape)
+    def _program(self, b: int, c: int, steps: int, pages: int):
+        """(head state, target state, k_pages, v_pages, table (b, pages), start, n_new, tokens (b, c), hidden
+        (b, c, 3 T)) -> (drafts (1 + steps, b), k_pages, v_pages): catch-up chunk, first draft, `steps` more.
+        One compiled program per key (executables.CachedProgram: a loaded executable takes its shapes only)."""
+        key = (id(self.target), b, c, steps, pages, self.k_pages.shape)
         if key not in self.head.compiled:
-            self.head.compiled[key] = self._build(b, c, steps)
+            description = (self.target.description, "eagle3 head", graph_description(self.head.graphdef),
+                           self.head.aux_layers, key[1:])
+            self.head.compiled[key] = executables.CachedProgram(lambda: self._build(b, c, steps), description)
         return self.head.compiled[key]
 
     def _build(self, b: int, c: int, steps: int):
@@ -307,7 +310,7 @@ class Eagle3Proposer:
         for b, width in shapes:
             zeros = put(np.zeros(b, np.int32))
             for c in sorted({bucket(n, 2) for n in range(1, self.catch_up + 1)}):
-                _, self.k_pages, self.v_pages = self._program(b, c, self.k - 1)(
+                _, self.k_pages, self.v_pages = self._program(b, c, self.k - 1, width)(
                     self.head.state, p.placed.state, self.k_pages, self.v_pages, put(np.zeros((b, width), np.int32)),
                     zeros, zeros, put(np.zeros((b, c), np.int32)), put(np.zeros((b, c, self.width), np.float32)))
 
@@ -359,7 +362,7 @@ class Eagle3Proposer:
         reach = [first + n + steps for _, _, first, n in live]
         _, (table,) = page_tables([[row.lease.blocks] for _, row, _, _ in live], self.pools, reach, b)
         put = lambda x: jax.device_put(x, p.layout.replicated)  # noqa: E731
-        drafts, self.k_pages, self.v_pages = self._program(b, c, steps)(
+        drafts, self.k_pages, self.v_pages = self._program(b, c, steps, table.shape[1])(
             self.head.state, p.placed.state, self.k_pages, self.v_pages, put(table), put(start), put(n_new),
             put(tokens), put(hidden),
         )

@@ -69,6 +69,13 @@ def _xla_accepts(options: tuple[tuple[str, Any], ...]) -> bool:
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "seed")
 
 
+def graph_description(graphdef: Any) -> str:
+    """A module graph with every static attribute (config, dtypes, tables) in full: GraphDef's own repr
+    leaves the values out, and a program traced from the graph depends on them."""
+    with np.printoptions(threshold=sys.maxsize):  # static numpy arrays in full
+        return repr((graphdef.nodes, graphdef.attributes, graphdef.num_leaves))
+
+
 class Programs:
     """Compiled forward / prefill / decode programs for one PlacedModel."""
 
@@ -98,24 +105,21 @@ class Programs:
         return {k: self.put(packed[k], ("batch",)) for k in SAMPLING_KEYS}
 
     @functools.cached_property
-    def _description(self) -> str:
+    def description(self) -> str:
         """What decides this model's programs besides their key and arguments (the executable cache's
-        key, executables.CachedProgram): the module graph with every static attribute (config, dtypes, tables;
-        GraphDef's own repr leaves the values out), the layout and its device order, and the kernels a
-        trace picks."""
-        graph = self.placed.graphdef
+        key, executables.CachedProgram): the module graph with every static attribute, the layout and its
+        device order, and the kernels a trace picks."""
         with use_layout(self.layout):
             kernels = dispatch.backend()  # also registers the CPU kernels, which a loaded program calls
-        with np.printoptions(threshold=sys.maxsize):  # static numpy arrays in full
-            return repr((graph.nodes, graph.attributes, graph.num_leaves, self.layout, self.layout.platform,
-                         self.layout.mesh.device_ids.tolist(), self.placed.dtype, self.placed.compute_dtype,
-                         self.decode_steps, kernels))
+        return repr((graph_description(self.placed.graphdef), self.layout, self.layout.platform,
+                     self.layout.mesh.device_ids.tolist(), self.placed.dtype, self.placed.compute_dtype,
+                     self.decode_steps, kernels))
 
     def _compiled(self, key: tuple, build, compiler_options: Callable[[], dict[str, Any]] | None = None) -> Any:
         """The program of `key`: build() makes its jax.jit (with compiler_options(), if given), needed only
         when the executable cache does not have it (executables.CachedProgram)."""
         if key not in self._cache:
-            self._cache[key] = executables.CachedProgram(build, (self._description, key), compiler_options)
+            self._cache[key] = executables.CachedProgram(build, (self.description, key), compiler_options)
         return self._cache[key]
 
     def _timed(self, key: tuple, fn, *args):
