@@ -8,7 +8,8 @@
 2. second start: generate.py on one deployment twice with a fresh compilation cache directory for
    the first start; boot.first_token_s of the second over the first, and the second's
    programs_compiled (0 = everything came from the cache) and programs_lowered (0 = the engine's
-   programs came from the executable cache, neither traced nor lowered). Repeated --start_rounds
+   programs came from the executable cache, neither traced nor lowered), programs_prefetched (loaded
+   on generate.py's prefetch thread while it imported flax and the engine). Repeated --start_rounds
    times, each with a new directory.
 
   python experiments/bench_cold_start.py --out /tmp/bench_cold_start.json
@@ -140,6 +141,8 @@ def second_start() -> dict:
         ratio=round(statistics.median(r["ratio"] for r in rounds), 3),
         second_programs_compiled=max(r["second"]["programs_compiled"] for r in rounds),
         second_programs_lowered=max(r["second"].get("programs_lowered", 0) for r in rounds),  # 0: executable cache
+        second_programs_loaded=min(r["second"]["programs_loaded"] for r in rounds),
+        second_programs_prefetched=min(r["second"]["programs_prefetched"] for r in rounds),  # = loaded: all ahead
         rounds=rounds,
     )
 
