@@ -701,17 +701,18 @@ class BootCalibration:
     """Constants of the boot estimate that are not bandwidths, measured on this project's 2-core CPU
     (experiments/bench_cold_start.py --calibrate_layers=2,8,16,30; WORKSPACE_NOTES, issue 21), in CPU
     seconds of the process, which other jobs on a shared machine do not inflate: imports before the
-    loader starts; per program compiled (cold cache) a fixed part plus a part per layer the program
-    unrolls (pp=1 layer lists); per program loaded from the persistent cache (tracing, lowering,
-    reading). XLA:CPU stands in for XLA:GPU, whose compiles (with autotuning) take longer, so the
-    cold-cache figure is a floor. `programs`: what generate.py's one request shape compiles before
-    its first token (prefill, KV handoff and insert, decode at its page buckets, page allocation)."""
+    loader starts (with the executables prefetched meanwhile); per program compiled (cold cache) a fixed
+    part plus a part per layer the program unrolls (pp=1 layer lists); per program taken from the
+    executable cache in the warm-up (what the prefetch left). XLA:CPU stands in for XLA:GPU, whose
+    compiles (with autotuning) take longer, so the cold-cache figure is a floor. `programs`: what
+    generate.py's one request shape compiles before its first token (page allocation, prefill, KV
+    canonicalisation and insert, decode). Measured 2026-12-07, quiet machine, 2 / 8 / 16 / 30 layers."""
 
-    init_s: float = 2.8  # Python, JAX (1.6 s) and Flax NNX (0.9 s) imports
-    compile_s_per_program: float = 0.77
-    compile_s_per_layer: float = 0.045
-    cached_s_per_program: float = 0.27
-    programs: int = 7
+    init_s: float = 0.76  # Python, absl, JAX and Flax NNX imports (0.6 s wall), the executables' prefetch
+    compile_s_per_program: float = 0.41
+    compile_s_per_layer: float = 0.0092
+    cached_s_per_program: float = 0.011
+    programs: int = 5
 
 
 BOOT = BootCalibration()
@@ -722,7 +723,7 @@ def boot_time(plan: CapacityPlan, calibration: BootCalibration = BOOT, storage_b
     """Seconds from process start to serving for one replica of `plan`, on paper, stage by stage:
     init (imports), read (each node reads its devices' shards: per-device weight bytes x devices per
     node / storage bandwidth), host_to_device (per-device bytes over PCIe, devices in parallel),
-    compile (cold: every program compiled; warm: loaded from the persistent compilation cache).
+    compile (cold: every program compiled; warm: loaded from the executable cache).
     The stages run one after another, as infire_jax's loader does."""
     hw = plan.hardware
     storage = storage_bw or hw.storage_bw
