@@ -598,11 +598,14 @@ class _Decoding(_Worker):
         """A colocated prefill call's prompt states go to the proposer (no recompute at the first draft)."""
         self.speculator.hidden.observe(row.id, start, states)
 
-    def _observed(self, rows: Sequence[Request], captured: list, kept: Any) -> None:
+    def _observed(self, rows: Sequence[Request], captured: list, kept: Any, steps_first: bool = False) -> None:
         """Hand the proposer each row's captured hidden states of the positions it kept: captured [(b, c,
-        n x hidden)] (empty: none asked), kept(i, r) -> (first position, its columns)."""
+        n x hidden)], or (c, b, ...) with steps_first (swapped on the host: no device program for it);
+        empty: none asked. kept(i, r) -> (first position, its columns)."""
         if captured:
             hidden = distributed.fetch(captured[0])
+            if steps_first:
+                hidden = hidden.swapaxes(0, 1)
             for i, r in enumerate(rows):
                 start, cols = kept(i, r)
                 self.speculator.hidden.observe(r.id, start, hidden[i, cols])
@@ -671,7 +674,7 @@ class _Decoding(_Worker):
             key, p.decode_fn(*shape, capture=capture), p.placed.state, self.k_pages, self.v_pages, p.pack(tables),
             lengths, tokens, active, sp,
         )
-        self._observed(rows, [c.swapaxes(0, 1) for c in captured], lambda i, r: (r.length, slice(0, steps)))
+        self._observed(rows, captured, lambda i, r: (r.length, slice(0, steps)), steps_first=True)
         toks = distributed.fetch(out[0] if with_logits else out, schedule=(*tables, lengths, tokens, active))
         logits = distributed.fetch(out[1]) if with_logits else None
         if self.speculator is not None:

@@ -211,8 +211,8 @@ class Eagle3Proposer:
         module = nnx.merge(head.graphdef, head.state)
         shape = module.kv_shape(num_pages, page_size)
         self._pages_sh = target.layout.sharding(module.kv_logical_axes, shape)
-        zeros = jax.jit(lambda: jnp.zeros(shape, module.compute_dtype), out_shardings=self._pages_sh)
-        self.k_pages, self.v_pages = zeros(), zeros()
+        self.k_pages = target.zeros(shape, module.compute_dtype, self._pages_sh)
+        self.v_pages = target.zeros(shape, module.compute_dtype, self._pages_sh)
         self.rows: dict[Any, _Row] = {}
         self.recomputed_positions = 0  # prompt positions whose states hidden_fn computed (none were captured)
 

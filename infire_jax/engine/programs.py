@@ -249,9 +249,13 @@ class Programs:
         out = [[], []]
         for pair, shs in zip(self.pool_shapes(num_pages, page_size), zip(self.unpack(k_sh), self.unpack(v_sh))):
             for i, (shape, sh) in enumerate(zip(pair, shs)):
-                build = lambda shape=shape, sh=sh: jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sh)  # noqa: E731
-                out[i].append(self._compiled(("zeros", shape, str(sh.spec)), build)())  # k and v alike: one program
+                out[i].append(self.zeros(shape, dtype, sh))  # k and v alike: one program
         return self.pack(out[0]), self.pack(out[1])
+
+    def zeros(self, shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
+        """A zeroed array created directly in its sharding (one cached program per shape, dtype and spec)."""
+        build = lambda: jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)  # noqa: E731
+        return self._compiled(("zeros", tuple(shape), jnp.dtype(dtype).name, str(sharding.spec)), build)()
 
     def _paged_step(self, key: tuple, fn, b: int, num_pages: Any, page_size: Any, outs: tuple) -> Any:
         """One compiled step over the paged KV: fn(state, k_pages, v_pages, page_table, four per-row
