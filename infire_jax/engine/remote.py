@@ -401,6 +401,13 @@ class _PrefillServer(_Server):
             draft = dict(rows=[dc.astuple(row) for row in s.draft.rows], count=s.draft.count, real=s.draft.real,
                          descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in draft_kv])
             kv = tuple(kv) + tuple(draft_kv)
+        hidden = None
+        if s.hidden:  # an EAGLE-3 head's prompt states ride last, one (positions, width) array for every row
+            import numpy as np
+
+            states = np.concatenate([x for _, _, x in s.hidden]).astype(np.float32, copy=False)
+            hidden = dict(rows=[(rid, start, len(x)) for rid, start, x in s.hidden], shape=states.shape)
+            kv = tuple(kv) + (jax.device_put(states, jax.devices()[0]),)
         kv = jax.block_until_ready(kv)
         sums = rt.checksum(kv) if self.opts.get("checksum", True) else None
         if self.tamper.get("corrupt"):
@@ -418,7 +425,7 @@ class _PrefillServer(_Server):
             dest=s.dest, uuid=uuid, address=self.endpoint.address, num_transports=self.endpoint.num_transports,
             kv_spec=spec, descs=[rt.describe(a.sharding, a.shape, a.dtype) for a in kv[:n_target]], checksums=sums,
             rows=[dc.astuple(row) for row in s.rows], counts=s.counts, real=s.real, final=final, draft=draft,
-            hidden=s.hidden, hidden_layers=s.hidden_layers, mode=target["mode"], prefill_s=prefill_s, reshard_s=reshard_s, **self.state(),
+            hidden=hidden, hidden_layers=s.hidden_layers, mode=target["mode"], prefill_s=prefill_s, reshard_s=reshard_s, **self.state(),
         ))
 
     def on_bench_offer(self, p: dict[str, Any]) -> None:
@@ -512,6 +519,10 @@ class _DecodeServer(_Server):
                                                    zip(draft_sh, draft_shapes)], f"decode worker {self.cfg.name!r} (draft)")
             structs += [jax.ShapeDtypeStruct(s, np.dtype(dk.kv_spec.dtype), sharding=sh)
                         for s, sh in zip(draft_shapes, draft_sh)]
+        hidden = p.get("hidden")
+        if hidden is not None:  # the prompt's states for an EAGLE-3 head, after the pages
+            structs.append(jax.ShapeDtypeStruct(tuple(hidden["shape"]), np.float32,
+                                                sharding=jax.sharding.SingleDeviceSharding(jax.local_devices()[0])))
         # 2. the transfer
         res = self.endpoint.pull(p["address"], p["uuid"], structs, float(self.opts.get("pull_timeout", 30.0)))
         kv = tuple(res.arrays)
@@ -520,6 +531,12 @@ class _DecodeServer(_Server):
                 "the pulled KV does not match the sender's checksums (wrong bytes or shards in the wrong "
                 "place); refusing to decode from it"
             )
+        states = []
+        if hidden is not None:
+            values, kv, start = np.asarray(kv[-1]), kv[:-1], 0
+            for rid, first, n in hidden["rows"]:
+                states.append((rid, first, values[start:start + n]))
+                start += n
         # 3. local reshard into the decode layout (one device_put), written into the rows' pages
         t0 = time.perf_counter()
         kv, draft_kv = kv[: len(shapes)], kv[len(shapes):]
@@ -534,7 +551,7 @@ class _DecodeServer(_Server):
                 r.output, r.finish_reason, r.cached_tokens = list(f["output"]), f["finish_reason"], f["cached_tokens"]
                 self.sent[r.id] = len(r.output)
         shipment = Shipment(self.cfg.name, [ShippedRow(*row) for row in p["rows"]], counts, tuple(p["real"]), kv, [], pages,
-                            p["hidden"], tuple(p["hidden_layers"]))
+                            states, tuple(p["hidden_layers"]))
         finished = self.worker.receive(shipment, kv, draft_kv if pages is not None else None)
         jax.block_until_ready((self.worker.k_pages, self.worker.v_pages))
         reshard_s = time.perf_counter() - t0
