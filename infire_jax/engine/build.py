@@ -82,7 +82,7 @@ def prefill_draft_tp(programs: Programs, options: EngineOptions) -> int | None:
     feeds its draft the prompt itself)."""
     spec = parse_speculative(options.speculative)
     devices = list(programs.layout.mesh.devices.flat)
-    if spec is None or spec.method != "draft" or len({d.process_index for d in devices}) > 1:
+    if spec is None or spec.method != "draft" or len(distributed.owner_processes(programs.layout.replicated)) > 1:
         return None
     return min(options.draft_tp, len(devices))
 

@@ -83,7 +83,7 @@ def check_draft(target: ModelConfig, draft: ModelConfig, target_dir: pathlib.Pat
 def draft_mesh(decode: Programs, tp: int) -> str:
     """The draft's mesh spec: tp=`tp` over the first `tp` devices of the decoding worker's mesh."""
     devices = list(decode.layout.mesh.devices.flat)
-    if len({d.process_index for d in devices}) > 1:
+    if len(distributed.owner_processes(decode.layout.replicated)) > 1:
         raise SpecError("a draft model needs its decoding mesh within one process (its proposals are host-side, per "
                         "worker); this decode mesh spans several processes: use 'ngram:K', or a one-process decode mesh")
     ids = sorted(d.id for d in devices)
