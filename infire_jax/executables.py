@@ -5,7 +5,9 @@ hit still traces and lowers it (most of a second start's warm-up). :class:`Cache
 the engine's programs keep their compiled executables in ``<compilation cache dir>/executables``, keyed
 on everything that decides the program (the caller's description of it, the arguments' structure,
 types and shardings, the devices, jax / jaxlib / flax, XLA flags, the CPU and the source of this
-package), and a later process loads them directly. An edit to the source changes every key; a program
+package), and a later process loads them directly. A program JAX's persistent cache supplied is compiled
+once more outside it before it is stored (jaxlib serializes what that cache supplies without its machine
+code). An edit to the source changes every key; a program
 that still lowers to what an entry was compiled from (same platform, description, compiler options
 and StableHLO) takes that entry over on its first start after the edit instead of compiling.
 
@@ -129,13 +131,12 @@ class CachedProgram:
     ``build()`` returns the ``jax.jit`` object; ``description`` must name everything besides the
     arguments that decides what it traces to and how its compiler options are chosen (the model graph,
     layout, program key, ...); ``compiler_options()``, if given, returns the options ``build`` compiles
-    with (asked for only when the program is lowered). The first
-    call looks the executable up in :func:`executable_cache_dir` (or takes it from a running
-    :func:`prefetch`); on a miss it lowers and compiles (through JAX's persistent cache, as
-    a plain call would) and stores the executable if it was compiled afresh; a program that lowers to
-    what an entry was compiled from (the usual case after an edit to this package, which changes every
-    key) takes that entry over instead of compiling. Later calls run the
-    executable. Without a cache directory it is the jitted function. A key mismatch is a miss; an
+    with (asked for only when the program is lowered). The first call looks the executable up in
+    :func:`executable_cache_dir` (or takes it from a running :func:`prefetch`); on a miss it lowers
+    the program and, if it lowers to what an entry was compiled from (the usual case after an edit to
+    this package, which changes every key), takes that entry over; else it compiles (through JAX's
+    persistent cache, and again outside it if that cache supplied it) and stores the executable. Later
+    calls run the executable. Without a cache directory it is the jitted function. A key mismatch is a miss; an
     unreadable entry is a miss with one warning (the entry is removed); the loaded executable still
     checks its arguments' types and shardings on every call. Entries are trusted as JAX trusts its own
     cache: loading one runs code from the cache directory."""
@@ -188,13 +189,40 @@ class CachedProgram:
         compiles, hits = boot.clock.thread_compiles()
         compiled = lowered.compile()
         after = boot.clock.thread_compiles()
-        # Stored only if freshly compiled here: jaxlib serializes an executable that JAX's persistent cache
-        # (or an earlier compile in this process) supplied without its machine code (XLA:CPU: "Function ...
-        # not found" when run). Such a program stays a persistent-cache hit on later starts.
-        if after[0] > compiles and after[1] == hits and _store(path, key, compiled, tree):
+        if after[1] > hits:
+            # JAX's persistent cache supplied it, and jaxlib serializes such an executable without its machine
+            # code (XLA:CPU: "Function ... not found" when run): compiled once more outside that cache, so that
+            # it can be stored (else it would stay a persistent-cache hit, traced and lowered, on every start).
+            compiled = _compile_afresh(lowered)
+            after = boot.clock.thread_compiles()
+        if after[0] > compiles and _store(path, key, compiled, tree):
             _name_program(directory, program, key)
             _record(key)
         return compiled
+
+
+_AFRESH = threading.Lock()
+
+
+# An XLA option at its default value: given explicitly, it makes JAX compile again rather than return the
+# executable its in-memory cache holds for the same program and options.
+_RECOMPILE = {"xla_embed_ir_in_executable": False}
+
+
+def _compile_afresh(lowered: Any) -> Any:
+    """`lowered` compiled again with JAX's persistent cache switched off. The switch is process-wide: a
+    compile on another thread meanwhile skips that cache too (slower, never wrong)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    with _AFRESH:
+        compilation_cache.reset_cache()  # JAX decides once whether its cache is used: make it decide again
+        jax.config.update("jax_enable_compilation_cache", False)
+        try:
+            return lowered.compile(compiler_options=_RECOMPILE)
+        finally:
+            jax.config.update("jax_enable_compilation_cache", True)
+            compilation_cache.reset_cache()
 
 
 class _LoadedProgram:
