@@ -39,7 +39,7 @@ __all__ = ["CachedProgram", "EXECUTABLES", "executable_cache_dir", "prefetch"]
 
 EXECUTABLES = "executables"  # subdirectory of the compilation cache directory (JAX's LRU ignores it)
 EXECUTABLES_MAX_BYTES = 2 << 30  # least recently used entries go past this
-_FORMAT = "infire_jax-executable-3"
+_FORMAT = "infire_jax-executable-4"
 # jax settings that change what a traced program means (the rest is in the arguments and the caller's
 # description); read for the cache key only.
 _JAX_SETTINGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
@@ -189,7 +189,7 @@ class CachedProgram:
         compiles, hits = boot.clock.thread_compiles()
         compiled = lowered.compile()
         after = boot.clock.thread_compiles()
-        if after[1] > hits:
+        if after[1] > hits and _pickled(lowered.out_tree) is not None:
             # JAX's persistent cache supplied it, and jaxlib serializes such an executable without its machine
             # code (XLA:CPU: "Function ... not found" when run): compiled once more outside that cache, so that
             # it can be stored (else it would stay a persistent-cache hit, traced and lowered, on every start).
@@ -246,7 +246,7 @@ class _LoadedProgram:
 
 
 def _deserialize(path: pathlib.Path, key: str) -> tuple[Any, bytes] | None:
-    """(flat executable, pickled (in_tree, out_tree)) of the entry at path; None if there is none.
+    """(flat executable, its pickled result tree) of the entry at path; None if there is none.
     Raises on an unreadable entry. Needs jax and, for programs that call them, the CPU kernels only."""
     import pickle
 
@@ -271,7 +271,7 @@ def _deserialize(path: pathlib.Path, key: str) -> tuple[Any, bytes] | None:
     flat_out = jax.tree.structure(list(range(header["out_leaves"])))
     flat = serialize_executable.deserialize_and_load(payload, flat_in, flat_out, backend=devices[0].client,
                                                      execution_devices=devices)
-    return flat, header["trees"]
+    return flat, header["out_tree"]
 
 
 def _load(path: pathlib.Path, key: str) -> Any:
@@ -286,8 +286,8 @@ def _load(path: pathlib.Path, key: str) -> Any:
             entry = _deserialize(path, key)
         if entry is None:
             return None
-        flat, trees = entry
-        _, out_tree = pickle.loads(trees)
+        flat, out_tree = entry
+        out_tree = pickle.loads(out_tree)
     except Exception as e:  # noqa: BLE001 - whatever is wrong with an entry, compiling again is correct
         _warn_once("corrupt", f"ignoring unreadable entry {path} ({type(e).__name__}: {e}); compiling it again")
         with contextlib.suppress(OSError):
@@ -312,11 +312,25 @@ def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> bool:
         return False
     if in_tree != tree:
         return False
+    result_tree = _pickled(out_tree)
+    if result_tree is None:
+        return False
     devices = [d.id for d in compiled.runtime_executable().local_devices()]
     header = dict(format=_FORMAT, key=key, sha256=hashlib.sha256(payload).hexdigest(), devices=devices,
-                  in_leaves=in_tree.num_leaves, out_leaves=out_tree.num_leaves,
-                  trees=pickle.dumps((in_tree, out_tree)), cpu_kernels=cpu.registered())
+                  in_leaves=in_tree.num_leaves, out_leaves=out_tree.num_leaves, out_tree=result_tree,
+                  cpu_kernels=cpu.registered())
     return _write_entry(path, header, payload)
+
+
+def _pickled(tree: Any) -> bytes | None:
+    """A result tree as an entry keeps it (the argument tree is not kept: the key fixes it), or None when
+    it cannot be pickled (node data holding devices, ...): such a program is not stored."""
+    import pickle
+
+    try:
+        return pickle.dumps(tree)
+    except Exception:  # noqa: BLE001 - any pickling failure means: not storable
+        return None
 
 
 def _write_entry(path: pathlib.Path, header: dict, payload: bytes) -> bool:
