@@ -31,16 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
 import os
 import pathlib
 import platform
-import tempfile
 import threading
 import time
-import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from infire_jax.machine import cpu_signature
 

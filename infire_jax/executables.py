@@ -302,8 +302,6 @@ def _load(path: pathlib.Path, key: str) -> Any:
 def _store(path: pathlib.Path, key: str, compiled: Any, tree: Any) -> bool:
     """Write the executable (best effort: a failure costs only the next start's lowering). Whether it was
     stored."""
-    import pickle
-
     from jax.experimental import serialize_executable
 
     try:
