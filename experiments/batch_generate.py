@@ -83,16 +83,6 @@ flags_common.define_compilation_cache_flag()
 
 flags.adopt_module_key_flags(flags_common)  # --help lists the shared flags too
 
-def _devices_needed(specs: list[str]) -> int:
-    from infire_jax.mesh import parse_mesh
-
-    need = 1
-    for s in specs:
-        m = parse_mesh(s)
-        need = max(need, (m.last_device + 1) if m.last_device is not None else m.num_devices)
-    return need
-
-
 def _fail(message: str) -> None:
     print(f"batch_generate: error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -140,7 +130,7 @@ def main(argv: list[str]) -> None:
             from infire_jax import boot
 
             with boot.gc_paused():  # imports: long-lived objects only
-                flags_common.start_boot("batch_generate.py", _devices_needed(prefill_specs + decode_specs),
+                flags_common.start_boot("batch_generate.py", flags_common.devices_needed(prefill_specs + decode_specs),
                                         ("model_dir", "dtype", *flags_common.ENGINE_FLAGS), prefill=prefill_specs,
                                         decode=decode_specs, rules=FLAGS.deployment)
                 from infire_jax.checkpoint import tiny

@@ -67,6 +67,17 @@ def worker_specs(mesh: str | None = None) -> tuple[list[str], list[str]]:
 ENGINE_FLAGS = ("decode_steps", "kv_pages", "page_size", "max_decode_batch", "prefix_cache", "prefill_chunk", "speculative")
 
 
+def devices_needed(specs: list[str]) -> int:
+    """Simulated CPU devices the mesh specs need (the highest device they name, or their size)."""
+    from infire_jax.mesh import parse_mesh
+
+    need = 1
+    for spec in specs:
+        m = parse_mesh(spec)
+        need = max(need, (m.last_device + 1) if m.last_device is not None else m.num_devices)
+    return need
+
+
 def start_boot(script: str, devices: int, flag_names: tuple[str, ...] | list[str], **more: object):
     """A deployment script's boot: `devices` simulated CPU devices (only the CPU backend reads this), JAX's
     persistent compilation cache (--compilation_cache_dir), and the compiled programs the last run of

@@ -45,10 +45,8 @@ def main(argv: list[str]) -> None:
     from infire_jax import boot
 
     with boot.gc_paused():  # imports: long-lived objects only
-        from infire_jax.mesh import parse_mesh
-
-        specs = [parse_mesh(m) for m in (FLAGS.mesh, FLAGS.prefill_mesh, FLAGS.decode_mesh) if m]
-        needed = FLAGS.devices or max(s.last_device + 1 if s.last_device is not None else s.num_devices for s in specs)
+        specs = [m for m in (FLAGS.mesh, FLAGS.prefill_mesh, FLAGS.decode_mesh) if m]
+        needed = FLAGS.devices or flags_common.devices_needed(specs)
         cache_dir = flags_common.start_boot("generate.py", needed, ("model_dir", "dtype", "mesh", "prefill_mesh",
                                                                     "decode_mesh", "devices", "speculative"))
         from infire_jax import load  # imports flax, the models and the engine (the programs load meanwhile)

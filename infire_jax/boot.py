@@ -20,7 +20,7 @@ The engine's compiled programs also outlive the process as executables (``infire
                    persistent cache supplied (counted from jax.monitoring events)
   programs_from_cache  programs the persistent cache or the executable cache supplied
   programs_loaded  of those, executables loaded from the executable cache (neither traced nor lowered)
-  programs_prefetched  of those, loaded ahead on background threads (:func:`prefetch_executables`)
+  programs_prefetched  of those, loaded ahead on background threads (``executables.prefetch``)
   programs_lowered programs traced and lowered to StableHLO (compiled or persistent-cache hits)
 
 Loaders report into it with ``with boot.clock.phase("read"): ...``; phases are exclusive (a phase
@@ -143,7 +143,7 @@ class BootClock:
         self.cache_hits = 0
         self.programs_lowered = 0  # traced and lowered to StableHLO (a persistent-cache hit needs this too)
         self.programs_loaded = 0  # executables loaded from the executable cache: neither lowered nor compiled
-        self.programs_prefetched = 0  # of those, loaded ahead on prefetch_executables' threads
+        self.programs_prefetched = 0  # of those, loaded ahead on executables.prefetch's thread
         self.first_token: float | None = None  # time.perf_counter() of the first generated token
         self._warming_up = 0
         self._listening = False

@@ -245,23 +245,29 @@ class _LoadedProgram:
         return jax.tree.unflatten(self._out_tree, self._flat(*jax.tree.leaves(args)))
 
 
-def _deserialize(path: pathlib.Path, key: str) -> tuple[Any, bytes] | None:
-    """(flat executable, its pickled result tree) of the entry at path; None if there is none.
-    Raises on an unreadable entry. Needs jax and, for programs that call them, the CPU kernels only."""
+def _read_entry(path: pathlib.Path, key: str) -> tuple[dict, bytes]:
+    """(header, payload) of the entry at path, checked against its name and checksum. Raises OSError
+    when there is none, another exception when it is unreadable."""
     import pickle
 
-    import jax
-    from jax.experimental import serialize_executable
-
-    try:
-        blob = path.read_bytes()
-    except OSError:
-        return None
-    header, payload = pickle.loads(blob)
+    header, payload = pickle.loads(path.read_bytes())
     if header["format"] != _FORMAT or header["key"] != key:
         raise ValueError("its key does not match its name")
     if hashlib.sha256(payload).hexdigest() != header["sha256"]:
         raise ValueError("checksum mismatch")
+    return header, payload
+
+
+def _deserialize(path: pathlib.Path, key: str) -> tuple[Any, bytes] | None:
+    """(flat executable, its pickled result tree) of the entry at path; None if there is none.
+    Raises on an unreadable entry. Needs jax and, for programs that call them, the CPU kernels only."""
+    import jax
+    from jax.experimental import serialize_executable
+
+    try:
+        header, payload = _read_entry(path, key)
+    except OSError:
+        return None
     if header["cpu_kernels"]:
         if not cpu.available():
             raise ValueError("it calls infire_jax's CPU kernels, which are unavailable")
@@ -370,14 +376,10 @@ def _name_program(directory: pathlib.Path, program: str, key: str) -> None:
 def _adopt(directory: pathlib.Path, program: str, path: pathlib.Path, key: str) -> Any:
     """The executable compiled from `program` under an earlier key (before an edit to this package's
     source), stored again under `key` and loaded; None if there is none (or it is gone or unreadable)."""
-    import pickle
-
     name = directory / PROGRAMS / program
     try:
         old_key = name.read_text().strip()
-        header, payload = pickle.loads((directory / f"{old_key}.exe").read_bytes())
-        if header["format"] != _FORMAT or header["key"] != old_key:
-            raise ValueError("not the entry it names")
+        header, payload = _read_entry(directory / f"{old_key}.exe", old_key)
     except Exception:  # noqa: BLE001 - gone, evicted or unreadable: compile as without it
         with contextlib.suppress(OSError):
             name.unlink()
@@ -406,7 +408,6 @@ class _Prefetch:
         self._keys: list[str] = []  # this environment's keys, in first-use order
         self._lock = threading.Lock()
         self._workers = workers
-        self.error: BaseException | None = None
         threading.Thread(target=self._start, name="infire_jax-prefetch", daemon=True).start()
 
     def _start(self) -> None:
@@ -431,8 +432,9 @@ class _Prefetch:
                 for key in self._keys:  # first used, first loaded
                     self._futures[key] = pool.submit(_deserialize, directory / f"{key}.exe", key)
                 pool.shutdown(wait=False)
-        except BaseException as e:  # noqa: BLE001 - prefetching is an optimisation: the calls load themselves
-            self.error = e
+        except Exception as e:  # noqa: BLE001 - prefetching is an optimisation: the calls load themselves
+            _warn_once("prefetch", f"prefetching {self.deployment!r} failed ({type(e).__name__}: {e}); "
+                                   "its programs load as they are needed")
         finally:
             self._ready.set()
 

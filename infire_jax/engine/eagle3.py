@@ -26,6 +26,7 @@ in the target's verify step); exactness is the verify step's (greedy tokens equa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any, Sequence
@@ -258,10 +259,15 @@ class Eagle3Proposer:
         One compiled program per key (executables.CachedProgram: a loaded executable takes its shapes only)."""
         key = (id(self.target), b, c, steps, pages, self.k_pages.shape)
         if key not in self.head.compiled:
-            description = (self.target.description, "eagle3 head", graph_description(self.head.graphdef),
-                           self.head.aux_layers, key[1:])
-            self.head.compiled[key] = executables.CachedProgram(lambda: self._build(b, c, steps), description)
+            self.head.compiled[key] = executables.CachedProgram(lambda: self._build(b, c, steps),
+                                                                (self._description, key[1:]))
         return self.head.compiled[key]
+
+    @functools.cached_property
+    def _description(self) -> tuple:
+        """What decides the head's programs besides their key (executables.CachedProgram): the target's
+        programs' description, the head's graph and the layers it reads."""
+        return self.target.description, "eagle3 head", graph_description(self.head.graphdef), self.head.aux_layers
 
     def _build(self, b: int, c: int, steps: int):
         hg, tg, layout = self.head.graphdef, self.target.placed.graphdef, self.target.layout
